@@ -1,0 +1,2 @@
+"""flowrl: online RL for flow-matching text-to-image models and causal LMs."""
+__version__ = "0.1.0"
