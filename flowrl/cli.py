@@ -1,2 +1,100 @@
-def main(argv=None):
-    raise SystemExit("not yet")
+"""`flowrl` command line: `flowrl sample|make-tiny|score|serve-scorer ...`.
+
+Every user error (a bad config key or value, a missing file, an unknown scorer) is printed as one
+line on stderr and exits with status 2, never with a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from flowrl.config import ConfigError
+from flowrl.inputs import UsageError
+from scorers.registry import UnknownScorerError
+
+log = logging.getLogger("flowrl")
+
+
+def _cmd_make_tiny(args) -> int:
+    from flowrl.flow.tiny import save_tiny
+
+    out = save_tiny(args.kind, args.dir, seed=args.seed)
+    print(f"wrote a tiny {args.kind} model to {out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from flowrl.config import load_run_config
+    from flowrl.inputs import read_prompts
+
+    cfg = load_run_config(args.config, args.overrides)
+    prompts = read_prompts(args.prompts)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    from flowrl.train.evaluate import sample_to_dir
+
+    out = sample_to_dir(cfg, prompts, args.out, seeds=args.seeds, checkpoint=args.checkpoint)
+    print(f"wrote {len(prompts) * args.seeds} images to {out}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from scorers.cli import main as score_main
+
+    return score_main(args.rest)
+
+
+def _cmd_serve_scorer(args) -> int:
+    from scorers.server import main as serve_main
+
+    return serve_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowrl", description="Online RL for flow-matching image models and causal LMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny", help="write a tiny randomly initialised model folder in the real format")
+    s.add_argument("kind", choices=["sd3", "flux"])
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_make_tiny)
+
+    s = sub.add_parser("sample", help="sample images from a config's model with the deterministic sampler")
+    s.add_argument("config", help="YAML run config")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    s.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    s.add_argument("--out", required=True, help="output folder for PNGs and scores.csv")
+    s.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
+    s.add_argument("--checkpoint", default=None, help="a checkpoint folder to load (LoRA or full weights)")
+    s.set_defaults(func=_cmd_sample)
+
+    for name, fn, helptext in (
+        ("score", _cmd_score, "score a folder of images with a registered scorer"),
+        ("serve-scorer", _cmd_serve_scorer, "serve a registered scorer over HTTP (flowrl remote protocol)"),
+    ):
+        s = sub.add_parser(name, help=helptext, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=fn)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UsageError, UnknownScorerError) as e:
+        print(f"flowrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted command-line overrides, validation.
+
+One dataclass per concern (model, sampling, plan, advantages, loss, ...); the YAML file mirrors the
+nesting, and every field has a default and a one-line comment. A command line overrides any field as
+``dotted.key=value`` (the value is parsed as YAML: ``10``, ``0.5``, ``true``, ``[1, 2]``, ``null``).
+
+Every problem with a config (an unknown key, a wrong type, an impossible value) raises
+:class:`ConfigError`, whose message is one line naming the key and, for unknown keys, the closest
+valid key. The command line turns it into that line on stderr and exit status 2, never a traceback.
+
+The machinery here (``from_dict``, ``apply_overrides``, ``to_dict``) is generic over dataclasses:
+a concern's dataclass may live next to the code that uses it (``flowrl.flow.plan.PlanConfig``) and
+only needs a ``validate()`` method (optionally taking the run config) that raises
+``ValueError("<field>: <reason>")``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line that names the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict machinery
+# --------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List, Sequence, tuple, Tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict):
+        args = typing.get_args(tp)
+        return f"mapping of {_type_name(args[1])}" if args else "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def valid_keys(cls, prefix: str = "") -> List[str]:
+    """Every dotted key of a config dataclass (leaves and sections)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if _is_dataclass_type(tp):
+            keys.extend(valid_keys(tp, key + "."))
+    return keys
+
+
+def _unknown_key(key: str, candidates: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # try matching the last component only, within the same section
+        section, _, leaf = key.rpartition(".")
+        leaves = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == section]
+        near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.4)
+        close = [f"{section}.{near[0]}" if section else near[0]] if near else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(key, f"unknown key{hint}")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with the usual YAML leniency: an int is a
+    valid float). Returns the value, converted where that is lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping (section), got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}{hint}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, List, Sequence, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        if origin in (tuple, Tuple) and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin in (tuple, Tuple) else out
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: Optional[dict], prefix: str = ""):
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key(f"{prefix}{k}", valid_keys(cls, prefix))
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a __post_init__ check
+        raise _value_error(prefix, e) from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (lists instead of tuples) of a config dataclass: what YAML dumps."""
+
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def _parse_override(item: str) -> Tuple[str, Any, str]:
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like dotted.key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(item, "an override must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value, raw
+
+
+def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``dotted.key=value`` strings to the raw dict ``data`` of dataclass ``cls``.
+
+    Keys are checked against the schema here, so a misspelt override is reported with the closest
+    valid key. String fields keep the raw text (``model.path=123`` stays the string "123")."""
+    data = dict(data or {})
+    all_keys = valid_keys(cls)
+    for item in overrides:
+        key, value, raw = _parse_override(item)
+        parts = key.split(".")
+        node_cls, node = cls, data
+        for depth, part in enumerate(parts):
+            names = {f.name: f for f in dataclasses.fields(node_cls)}
+            if part not in names:
+                raise _unknown_key(key, all_keys)
+            tp = _hints(node_cls)[part]
+            last = depth == len(parts) - 1
+            if last:
+                if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+                                 and not (raw.strip() in ("null", "~", "None"))):
+                    value = raw
+                node[part] = value
+            else:
+                if not _is_dataclass_type(tp):
+                    if typing.get_origin(tp) in (dict, Dict):  # free-form mapping, e.g. rewards.pickscore=1
+                        sub = dict(node.get(part) or {})
+                        rest = ".".join(parts[depth + 1:])
+                        sub[rest] = value
+                        node[part] = sub
+                        break
+                    raise ConfigError(key, f"'{'.'.join(parts[:depth + 1])}' is not a section")
+                child = node.get(part)
+                child = dict(child) if isinstance(child, dict) else {}
+                node[part] = child
+                node_cls, node = tp, child
+    return data
+
+
+def _value_error(prefix: str, e: ValueError) -> ConfigError:
+    msg = str(e)
+    head, sep, tail = msg.partition(":")
+    if sep and head and " " not in head.strip():
+        return ConfigError(f"{prefix}{head.strip()}", tail.strip())
+    return ConfigError(prefix.rstrip("."), msg)
+
+
+def validate(cfg, root=None, prefix: str = "") -> None:
+    """Call ``validate()`` on ``cfg`` and every nested config dataclass (depth first). A validate
+    method may take the root config as its one argument, for cross-section checks. A ValueError
+    ``"<field>: <reason>"`` becomes a ConfigError naming the dotted key."""
+    root = cfg if root is None else root
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate(v, root, f"{prefix}{f.name}.")
+    fn = getattr(cfg, "validate", None)
+    if fn is None:
+        return
+    try:
+        if len(inspect.signature(fn).parameters) >= 1:
+            fn(root)
+        else:
+            fn()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise _value_error(prefix, e) from None
+
+
+def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()):
+    """Load a config of dataclass ``cls`` from YAML ``path`` (optional), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("", f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError("", f"cannot parse {p}: {first}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("", f"{p} must hold a mapping at the top level")
+    data = apply_overrides(cls, data, overrides)
+    cfg = from_dict(cls, data)
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# The run config
+# --------------------------------------------------------------------------------------------------
+
+DTypeName = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["sd3", "flux"] = "sd3"  # which diffusers pipeline class loads model.path
+    path: str = ""  # hub id or local folder (the same loading code for both)
+    dtype: DTypeName = "float32"  # dtype of the trainable transformer
+    frozen_dtype: Optional[DTypeName] = None  # dtype of the frozen text encoders and VAE (null: same as dtype)
+    device: str = "cpu"  # torch device for sampling and training
+    no_t5: bool = True  # SD3 folders without T5 (text_encoder_3=None, tokenizer_3=None)
+    max_sequence_length: int = 77  # text tokens fed to the T5 encoder (Flux, SD3 with T5)
+
+    def validate(self) -> None:
+        if self.max_sequence_length < 1:
+            raise ValueError("max_sequence_length: must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    height: int = 64  # image height in pixels
+    width: int = 64  # image width in pixels
+    num_steps: int = 10  # denoising steps of a training rollout
+    eval_num_steps: int = 40  # ODE steps at evaluation (more than num_steps: "denoising reduction")
+    guidance_scale: float = 4.5  # CFG scale (SD3) or distilled guidance (Flux); <= 1 disables SD3's CFG branch
+    negative_prompt: str = ""  # SD3 negative prompt for CFG
+    group_size: int = 4  # samples per prompt (the GRPO group); for tree plans, the number of leaves
+    prompts_per_step: int = 2  # distinct prompts per rollout batch (per process)
+    same_noise: bool = False  # group members share their initial noise (DanceGRPO --init_same_noise)
+    store_dtype: DTypeName = "float32"  # dtype of stored latents (log-probs are taken on the rounded values)
+
+    def validate(self) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v < 8 or v % 8:
+                raise ValueError(f"{name}: must be a positive multiple of 8, got {v}")
+        for name in ("num_steps", "eval_num_steps", "group_size", "prompts_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/flowrl"  # the run folder (config.yaml, summary.json, checkpoints/, grids)
+    seed: int = 0  # global seed (also seeds every process's plan generator identically)
+    max_steps: int = 100  # training steps (rollout + updates)
+    resume: str = "auto"  # 'auto' (last complete checkpoint), a checkpoint path, or 'none'
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    eval_every: int = 50  # steps between evaluations (and one at start and end)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the flow model
+    sample: SampleConfig = field(default_factory=SampleConfig)  # rollout settings
+
+    def validate(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
+        for name in ("checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The CLI's entry point: YAML + overrides -> validated :class:`RunConfig`."""
+    return load(RunConfig, path, overrides)
