@@ -1,0 +1,817 @@
+"""Flow-matching text-to-image models as RL policies: a thin adapter over diffusers pipelines.
+
+A :class:`FlowPolicy` exposes exactly what a sampler and a learner need from a rectified-flow
+model (SD3 / SD3.5, arXiv 2403.03206; FLUX.1), in the convention shared by all reviewed
+GRPO-style codebases (Flow-GRPO, arXiv 2505.05470, section 1 of the project's research notes):
+
+* interpolation ``x_sigma = (1 - sigma) * x0 + sigma * eps`` with ``sigma in [0, 1]``, sigma = 1 pure noise;
+* the network predicts the velocity ``v ~ eps - x0``; an ODE (Euler) step is ``x' = x + v * (sigma' - sigma)``;
+* the latent layout the sampler works in is the pipeline's own: SD3 ``[B, C, h, w]``, FLUX packed
+  2x2 patches ``[B, h*w/4, 4C]``.
+
+Only the transformer is trainable; text encoders and the VAE are frozen (``requires_grad=False``)
+and may be kept in a lower precision (``frozen_dtype``). Prompt embeddings are cached per prompt
+string (LRU). :meth:`FlowPolicy.velocity` reproduces one denoiser evaluation of the pipeline's
+``__call__`` (timestep scaling, classifier-free guidance for SD3, guidance embedding for FLUX),
+which ``tests/test_policy.py`` checks against the pipelines' own sampling loops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PromptEmbeds", "FlowPolicy", "SD3Policy", "FluxPolicy"]
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch, as plain tensors whose first dimension is the batch.
+
+    SD3: ``prompt_embeds`` [B, S, D_joint], ``pooled`` [B, D_pool], and for classifier-free
+    guidance ``negative_prompt_embeds`` / ``negative_pooled`` of the same shapes (row i is the
+    negative prompt for sample i). FLUX: ``prompt_embeds`` [B, S, D_t5], ``pooled`` [B, D_clip],
+    ``text_ids`` [B, S, 3] (FLUX's text position ids, identical across rows; stored per row so
+    that every field indexes by sample).
+    """
+
+    prompt_embeds: Tensor
+    pooled: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled: Tensor | None = None
+    text_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_embeds, Tensor) or self.prompt_embeds.dim() != 3:
+            raise ValueError("prompt_embeds must be a [B, S, D] tensor")
+        if not isinstance(self.pooled, Tensor) or self.pooled.dim() != 2:
+            raise ValueError("pooled must be a [B, D] tensor")
+        if (self.negative_prompt_embeds is None) != (self.negative_pooled is None):
+            raise ValueError("negative_prompt_embeds and negative_pooled must be given together")
+        b = self.prompt_embeds.shape[0]
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None and t.shape[0] != b:
+                raise ValueError(f"{f.name} has batch {t.shape[0]}, expected {b} (the batch of prompt_embeds)")
+        if self.negative_prompt_embeds is not None and self.negative_prompt_embeds.shape != self.prompt_embeds.shape:
+            raise ValueError(
+                f"negative_prompt_embeds shape {tuple(self.negative_prompt_embeds.shape)} differs from "
+                f"prompt_embeds shape {tuple(self.prompt_embeds.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def has_negative(self) -> bool:
+        """Whether the negative (unconditional) branch for CFG is present."""
+        return self.negative_prompt_embeds is not None
+
+    def _map(self, fn) -> "PromptEmbeds":
+        return PromptEmbeds(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                               for f in fields(self)})
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> "PromptEmbeds":
+        """Rows by index: a LongTensor / list of row numbers (repeats allowed, e.g.
+        ``torch.arange(B).repeat_interleave(G)`` to expand prompts into groups), a bool mask, or a slice."""
+        if isinstance(index, slice):
+            return self._map(lambda t: t[index])
+        if not isinstance(index, Tensor):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        if index.dtype == torch.bool:
+            if index.shape != (len(self),):
+                raise ValueError(f"bool index must have shape ({len(self)},), got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"index must be a 1-D integer or bool tensor, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise ValueError(f"index out of range for {len(self)} rows: min {int(index.min())}, max {int(index.max())}")
+        index = index.long()
+        return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptEmbeds":
+        """Move to ``device`` and cast floating-point tensors to ``dtype`` (either may be None)."""
+
+        def move(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return self._map(move)
+
+    def detach(self) -> "PromptEmbeds":
+        """A copy with every tensor detached."""
+        return self._map(lambda t: t.detach())
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The present fields as a ``name -> tensor`` dict (for a Rollout or a safetensors file)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, Tensor]) -> "PromptEmbeds":
+        """Inverse of :meth:`tensors`; unknown keys are an error naming the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PromptEmbeds field(s) {unknown}; valid fields are {sorted(known)}")
+        missing = [k for k in ("prompt_embeds", "pooled") if k not in d]
+        if missing:
+            raise ValueError(f"PromptEmbeds.from_tensors: missing required field(s) {missing}")
+        return cls(**d)
+
+    @classmethod
+    def cat(cls, items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        """Concatenate along the batch dimension (all items must have the same fields)."""
+        if not items:
+            raise ValueError("items must be a non-empty sequence of PromptEmbeds")
+        present = [set(e.tensors()) for e in items]
+        if any(p != present[0] for p in present):
+            raise ValueError(f"cannot concatenate PromptEmbeds with different fields: {present}")
+        return cls(**{k: torch.cat([e.tensors()[k] for e in items], dim=0) for k in present[0]})
+
+
+# --------------------------------------------------------------------------------------------
+# Loading helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_local_path(s: str) -> bool:
+    """True when ``s`` can only be a filesystem path (not a hub id ``owner/name``)."""
+    return (
+        os.path.isabs(s)
+        or s.startswith((".", "~"))
+        or "\\" in s
+        or s.count("/") > 1
+        or os.path.exists(s)
+    )
+
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "proxies")
+
+
+def _read_model_index(path: str, hub_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model_index.json`` of a local folder or a hub repository (only that small file is fetched)."""
+    if os.path.isdir(path):
+        f = Path(path) / "model_index.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"model folder {path!r} has no model_index.json (not a diffusers pipeline folder)")
+        return json.loads(f.read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, **(hub_kwargs or {})))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path named
+        raise OSError(
+            f"could not load the pipeline config of {path!r}: not a local folder, and the hub lookup failed "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def _check_model_path(path: str) -> None:
+    if _looks_like_local_path(path):
+        expanded = os.path.expanduser(path)
+        if not os.path.isdir(expanded):
+            raise FileNotFoundError(f"model path {path!r} does not exist or is not a folder")
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``{"dtype": ...}`` for diffusers versions that renamed ``torch_dtype`` (0.42+), else ``{"torch_dtype": ...}``."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        if hasattr(deprecation_utils, "_resolve_dtype"):
+            return {"dtype": dtype}
+    except ImportError:
+        pass
+    return {"torch_dtype": dtype}
+
+
+def _component_absent(index: dict[str, Any], name: str) -> bool:
+    v = index.get(name)
+    return v is None or (isinstance(v, (list, tuple)) and (len(v) < 2 or v[0] is None or v[1] is None))
+
+
+# --------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------
+
+
+class FlowPolicy:
+    """A diffusers flow-matching pipeline seen as a policy; :class:`SD3Policy` and :class:`FluxPolicy`
+    implement it.
+
+    Attributes: ``pipeline`` (the diffusers pipeline), ``transformer`` (the only trainable module),
+    ``device``, ``dtype`` (the transformer's), ``frozen_dtype`` (text encoders and VAE),
+    ``max_sequence_length`` (T5 length), ``nfe`` (velocity evaluations since :meth:`reset_nfe`:
+    one per call of :meth:`velocity`, whether or not it ran the CFG branch; the CFG branch is one
+    transformer call on a 2B batch).
+    """
+
+    pipeline_class_name: ClassVar[str] = ""
+    default_max_sequence_length: ClassVar[int] = 256
+    _frozen_names: ClassVar[tuple[str, ...]] = ()
+    _uses_negative: ClassVar[bool] = False  # whether encode_prompts adds the CFG negative branch
+    _schedule_kind: ClassVar[str] = "sd3"  # which sigmas the pipeline feeds its scheduler (schedule.py)
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        frozen_dtype: torch.dtype | None = None,
+        max_sequence_length: int | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        if type(self) is FlowPolicy:
+            raise TypeError("FlowPolicy is abstract: use FlowPolicy.from_pretrained / from_pipeline, or a subclass")
+        if not _is_subclass_named(type(pipeline), self.pipeline_class_name):
+            raise ValueError(
+                f"pipeline must be a {self.pipeline_class_name}, got {type(pipeline).__name__}"
+            )
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.pipeline = pipeline
+        self.device = torch.device(device)
+        self.dtype: torch.dtype = dtype or pipeline.transformer.dtype
+        self.frozen_dtype: torch.dtype = frozen_dtype or self.dtype
+        msl = self.default_max_sequence_length if max_sequence_length is None else int(max_sequence_length)
+        if msl < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        self.max_sequence_length = msl
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self.nfe = 0
+        self.num_encoded = 0  # prompts sent through the text encoders (cache misses)
+
+        _place(pipeline.transformer, self.device, self.dtype)
+        for name in self._frozen_names:
+            m = getattr(pipeline, name, None)
+            if m is not None:
+                _place(m, self.device, self.frozen_dtype)
+                m.requires_grad_(False)
+                m.eval()
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def _pipeline_cls(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def _load_kwargs(cls, index: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> "FlowPolicy":
+        """Wrap an existing pipeline; on :class:`FlowPolicy` itself, picks the subclass by pipeline class."""
+        if cls is FlowPolicy:
+            sub = _policy_class_for(type(pipeline).__name__, mro=type(pipeline).__mro__)
+            return sub(pipeline, **kwargs)
+        return cls(pipeline, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        frozen_dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        max_sequence_length: int | None = None,
+        cache_size: int = 4096,
+        **pipeline_kwargs: Any,
+    ) -> "FlowPolicy":
+        """Load a pipeline from a hub id or a local folder (same code path) and wrap it.
+
+        ``torch_dtype`` is the transformer's dtype; ``frozen_dtype`` (default: ``torch_dtype``) the
+        text encoders' and VAE's. On :class:`FlowPolicy` the subclass is chosen from
+        ``model_index.json``'s ``_class_name``. For SD3 folders without T5 (``text_encoder_3`` null
+        in ``model_index.json``), ``text_encoder_3=None, tokenizer_3=None`` are passed explicitly.
+        ``pipeline_kwargs`` go to ``<Pipeline>.from_pretrained`` (e.g. ``revision``, ``variant``, or
+        ``text_encoder_3=None`` to drop T5). A missing local folder raises ``FileNotFoundError``
+        naming the path.
+        """
+        path = os.fspath(path_or_hub_id)
+        if not path:
+            raise ValueError("path_or_hub_id must be a non-empty string")
+        _check_model_path(path)
+        path = os.path.expanduser(path) if _looks_like_local_path(path) else path
+        index = _read_model_index(path, {k: v for k, v in pipeline_kwargs.items() if k in _HUB_KWARGS})
+        target = cls
+        if cls is FlowPolicy:
+            target = _policy_class_for(str(index.get("_class_name", "")), path=path)
+        elif index.get("_class_name") not in (None, target.pipeline_class_name):
+            raise ValueError(
+                f"{path!r} holds a {index.get('_class_name')}, but {target.__name__} needs a {target.pipeline_class_name}"
+            )
+        kwargs = dict(target._load_kwargs(index, pipeline_kwargs))
+        kwargs.update(pipeline_kwargs)
+        try:
+            pipe = target._pipeline_cls().from_pretrained(path, **_dtype_kwarg(torch_dtype), **kwargs)
+        except (OSError, ValueError) as e:
+            err = ValueError if isinstance(e, ValueError) else OSError
+            raise err(f"could not load a {target.pipeline_class_name} from {path!r}: {e}") from e
+        return target(
+            pipe,
+            device=device,
+            dtype=torch_dtype,
+            frozen_dtype=frozen_dtype,
+            max_sequence_length=max_sequence_length,
+            cache_size=cache_size,
+        )
+
+    # ---- modules --------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser (the only trainable module). Setting it also sets ``pipeline.transformer``
+        (e.g. to swap in an EMA or a PEFT-wrapped copy)."""
+        return self.pipeline.transformer
+
+    @transformer.setter
+    def transformer(self, module: torch.nn.Module) -> None:
+        self.pipeline.transformer = module
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The frozen modules by pipeline attribute name (text encoders, VAE)."""
+        return {n: getattr(self.pipeline, n) for n in self._frozen_names if getattr(self.pipeline, n, None) is not None}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of the transformer that require grad."""
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device | str) -> "FlowPolicy":
+        """Move every module and the prompt cache to ``device``."""
+        self.device = torch.device(device)
+        self.transformer.to(self.device)
+        for m in self.frozen_modules().values():
+            m.to(self.device)
+        for k, rows in self._cache.items():
+            self._cache[k] = {n: t.to(self.device) for n, t in rows.items()}
+        return self
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipeline.scheduler.config.get("num_train_timesteps", 1000))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipeline.vae_scale_factor)
+
+    def reset_nfe(self) -> None:
+        """Set the velocity-evaluation counter back to 0."""
+        self.nfe = 0
+
+    def clear_prompt_cache(self) -> None:
+        """Forget all cached prompt embeddings."""
+        self._cache.clear()
+
+    # ---- prompts --------------------------------------------------------------------------
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Run the text encoders on ``prompts``; returns batched tensors (no negatives)."""
+        raise NotImplementedError
+
+    def _cached_rows(self, prompts: list[str]) -> list[dict[str, Tensor]]:
+        """Per-prompt embedding rows, encoding (in one batch) only the prompts not cached (LRU)."""
+        missing: list[str] = []
+        for p in prompts:
+            if p not in self._cache and p not in missing:
+                missing.append(p)
+        if missing:
+            with torch.no_grad():
+                out = self._encode_batch(missing)
+            self.num_encoded += len(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = {
+                    k: v[i].detach().to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+                    .clone()
+                    for k, v in out.items()
+                }
+        rows = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            rows.append(self._cache[p])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return rows
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> PromptEmbeds:
+        """Embeddings of ``prompts`` (one row per prompt), in the transformer's dtype on ``device``.
+
+        Embeddings are cached per prompt string (LRU, ``cache_size`` entries); only prompts not in
+        the cache go through the text encoders, in one batch. For SD3 the negative branch for CFG is
+        the embedding of ``negative_prompt`` repeated per row; FLUX (guidance-distilled) has none
+        and ignores ``negative_prompt``.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"prompts must all be strings, got {sorted(set(bad))}")
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        rows = self._cached_rows(prompts)
+        d = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        if self._uses_negative:
+            neg = self._cached_rows([negative_prompt])[0]
+            b = len(prompts)
+            d["negative_prompt_embeds"] = neg["prompt_embeds"].unsqueeze(0).expand(b, *neg["prompt_embeds"].shape).clone()
+            d["negative_pooled"] = neg["pooled"].unsqueeze(0).expand(b, *neg["pooled"].shape).clone()
+        return PromptEmbeds(**d)
+
+    # ---- latent geometry ------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int, multiple: int) -> None:
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if v % multiple:
+                raise ValueError(f"{name} must be divisible by {multiple} for this model, got {v}")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Per-sample shape of ``x`` in the sampler's layout for an image of ``height`` x ``width``."""
+        raise NotImplementedError
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Number of image tokens the transformer sees (used for resolution-dependent shifting)."""
+        raise NotImplementedError
+
+    def initial_noise(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Standard normal ``x`` at sigma = 1, float32 ``[batch, *latent_shape]`` on ``device``.
+
+        Drawn exactly as the pipeline's ``prepare_latents`` draws it (same shape, order and
+        generator use), so the same generator gives the same start as the pipeline's own call.
+        """
+        raise NotImplementedError
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> Tensor:
+        """The pipeline's sigma schedule for ``num_steps`` steps: float32 ``[num_steps + 1]``,
+        decreasing from ~1 and ending with 0 (``flowrl.flow.schedule.sigmas_for_scheduler`` on the
+        scheduler's config, with the image token count for dynamic shifting)."""
+        from flowrl.flow.schedule import sigmas_for_scheduler
+
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        cfg = dict(self.pipeline.scheduler.config)
+        seq = self.image_seq_len(height, width)
+        return sigmas_for_scheduler(cfg, num_steps, image_seq_len=seq, pipeline=self._schedule_kind).to(torch.float32)
+
+    # ---- the denoiser ---------------------------------------------------------------------
+
+    def _sigma_batch(self, sigma: float | Tensor, batch: int) -> Tensor:
+        """``sigma`` as a float32 ``[batch]`` tensor on ``device``."""
+        if isinstance(sigma, Tensor):
+            s = sigma.detach().to(device=self.device, dtype=torch.float32)
+            if s.dim() == 0:
+                s = s.expand(batch)
+            elif s.shape != (batch,):
+                raise ValueError(f"sigma must be a float, a 0-d tensor or a [{batch}] tensor, got shape {tuple(s.shape)}")
+        else:
+            try:
+                s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"sigma must be a float or a tensor, got {type(sigma).__name__}") from None
+        if not bool(((s >= 0) & (s <= 1)).all()):  # one device sync; NaN fails both comparisons
+            raise ValueError(f"sigma must lie in [0, 1], got {s.tolist()}")
+        return s
+
+    def velocity(self, x: Tensor, sigma: float | Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
+        """Velocity ``v(x, sigma | c)`` (float32, shape of ``x``). Differentiable w.r.t. the
+        transformer's parameters when called under grad. Increments ``nfe`` by one."""
+        raise NotImplementedError
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` float32 in [0, 1] from latents in the sampler's layout."""
+        raise NotImplementedError
+
+    def _vae_decode(self, latents: Tensor) -> Tensor:
+        """``(VAE.decode(latents / scaling + shift) / 2 + 0.5).clamp(0, 1)`` in float32."""
+        vae = self.pipeline.vae
+        cfg = vae.config
+        z = latents.to(device=self.device, dtype=vae.dtype)
+        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        img = vae.decode(z, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.transformer.parameters())
+        return (
+            f"{type(self).__name__}(transformer={type(self.transformer).__name__} [{n:,} params], "
+            f"device={self.device}, dtype={self.dtype}, frozen_dtype={self.frozen_dtype})"
+        )
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module`` to ``device`` and cast it to ``dtype`` only when it is not already in it."""
+    module.to(device=device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
+def _is_subclass_named(klass: type, name: str) -> bool:
+    return any(k.__name__ == name for k in klass.__mro__)
+
+
+def _policy_class_for(class_name: str, path: str | None = None, mro: tuple[type, ...] = ()) -> type[FlowPolicy]:
+    names = [class_name] + [k.__name__ for k in mro]
+    for sub in (SD3Policy, FluxPolicy):
+        if sub.pipeline_class_name in names:
+            return sub
+    where = f" in {path!r}" if path else ""
+    raise ValueError(
+        f"unsupported pipeline class {class_name!r}{where}; supported: "
+        f"{[SD3Policy.pipeline_class_name, FluxPolicy.pipeline_class_name]}"
+    )
+
+
+class SD3Policy(FlowPolicy):
+    """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``), arXiv 2403.03206.
+
+    Layout ``[B, C, h, w]``; classifier-free guidance ``v = v_u + g (v_c - v_u)`` computed with one
+    transformer call on the concatenated ``[uncond; cond]`` batch when ``g > 1`` (as the pipeline);
+    the transformer gets ``timestep = sigma * num_train_timesteps``.
+    """
+
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    default_max_sequence_length = 256  # the pipeline's default T5 length (zeros when there is no T5)
+    _frozen_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    _uses_negative = True
+    _schedule_kind = "sd3"
+
+    @classmethod
+    def _pipeline_cls(cls):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    @classmethod
+    def _load_kwargs(cls, index: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        for name in ("text_encoder_3", "tokenizer_3"):
+            if name not in given and _component_absent(index, name):
+                kw[name] = None
+        return kw
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        pe, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": pe, "pooled": pooled}
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        self._check_size(height, width, f * int(self.transformer.config.patch_size))
+        return (int(self.transformer.config.in_channels), height // f, width // f)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        _, h, w = self.latent_shape(height, width)
+        p = int(self.transformer.config.patch_size)
+        return (h // p) * (w // p)
+
+    def initial_noise(self, batch, height, width, generator=None) -> Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        shape = (batch, *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def velocity(self, x: Tensor, sigma: float | Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
+        """SD3 velocity with classifier-free guidance (Ho & Salimans, arXiv 2207.12598):
+        ``v = v_u + g (v_c - v_u)`` if ``g > 1`` (one batched call on ``[uncond; cond]``), else ``v_c``."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a [B, C, h, w] tensor for SD3, got {getattr(x, 'shape', type(x))}")
+        b = x.shape[0]
+        if len(embeds) != b:
+            raise ValueError(f"embeds has {len(embeds)} rows but x has batch {b}")
+        g = float(guidance_scale)
+        if not math.isfinite(g):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        t = self._sigma_batch(sigma, b) * self.num_train_timesteps
+        xin = x.to(device=self.device, dtype=self.dtype)
+        e = embeds.to(device=self.device, dtype=self.dtype)
+        if g > 1.0:
+            if not e.has_negative:
+                raise ValueError("guidance_scale > 1 needs negative embeddings (encode_prompts gives them for SD3)")
+            out = self.transformer(
+                hidden_states=torch.cat([xin, xin]),
+                timestep=torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([e.negative_prompt_embeds, e.prompt_embeds]),
+                pooled_projections=torch.cat([e.negative_pooled, e.pooled]),
+                return_dict=False,
+            )[0]
+            v_u, v_c = out.float().chunk(2)
+            v = v_u + g * (v_c - v_u)
+        else:
+            v = self.transformer(
+                hidden_states=xin,
+                timestep=t,
+                encoder_hidden_states=e.prompt_embeds,
+                pooled_projections=e.pooled,
+                return_dict=False,
+            )[0].float()
+        self.nfe += 1
+        return v
+
+    def decode(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a [B, C, h, w] tensor for SD3, got {getattr(x, 'shape', type(x))}")
+        return self._vae_decode(x)
+
+
+class FluxPolicy(FlowPolicy):
+    """FLUX.1 (``FluxPipeline``): packed latents ``[B, h*w/4, 4C]`` (2x2 patches), guidance given to the
+    transformer as an embedding (FLUX.1-dev is guidance-distilled: no negative branch); the
+    transformer gets ``timestep = sigma`` (the pipeline passes ``t / 1000`` and the model scales by
+    1000 inside). Models without guidance embedding (schnell) ignore ``guidance_scale``.
+    """
+
+    pipeline_class_name = "FluxPipeline"
+    default_max_sequence_length = 512
+    _frozen_names = ("text_encoder", "text_encoder_2", "vae")
+    _uses_negative = False
+    _schedule_kind = "flux"  # FluxPipeline feeds linspace(1, 1/n, n), with or without dynamic shifting
+
+    def __init__(self, pipeline: Any, **kwargs: Any) -> None:
+        super().__init__(pipeline, **kwargs)
+        self._grids: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq len -> (h/2, w/2) of latents
+
+    @classmethod
+    def _pipeline_cls(cls):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        pe, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {
+            "prompt_embeds": pe,
+            "pooled": pooled,
+            "text_ids": text_ids.unsqueeze(0).expand(len(prompts), *text_ids.shape),
+        }
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        self._check_size(height, width, 2 * f)
+        return height // (2 * f), width // (2 * f)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        gh, gw = self._grid(height, width)
+        self._grids[gh * gw] = (gh, gw)
+        self._grids.move_to_end(gh * gw)
+        c = int(self.transformer.config.in_channels)
+        return (gh * gw, c)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        gh, gw = self._grid(height, width)
+        return gh * gw
+
+    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        if height is not None or width is not None:
+            if height is None or width is None:
+                raise ValueError("give both height and width, or neither")
+            gh, gw = self._grid(height, width)
+            if gh * gw != seq_len:
+                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
+            return gh, gw
+        if seq_len in self._grids:
+            return self._grids[seq_len]
+        r = math.isqrt(seq_len)
+        if r * r == seq_len:
+            return r, r
+        raise ValueError(
+            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
+            "first or pass height= and width="
+        )
+
+    def initial_noise(self, batch, height, width, generator=None) -> Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        seq, dim = self.latent_shape(height, width)
+        gh, gw = self._grids[seq]
+        c = dim // 4
+        noise = randn_tensor((batch, c, 2 * gh, 2 * gw), generator=generator, device=self.device, dtype=torch.float32)
+        return self.pack(noise)
+
+    @staticmethod
+    def pack(latents: Tensor) -> Tensor:
+        """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: 2x2 patches, channel-major within a patch (FLUX's layout)."""
+        b, c, h, w = latents.shape
+        x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Inverse of :meth:`pack` for a latent grid of ``grid = (h/2, w/2)`` patches."""
+        b, n, d = x.shape
+        gh, gw = grid
+        if gh * gw != n or d % 4:
+            raise ValueError(f"cannot unpack x of shape {tuple(x.shape)} to a {gh}x{gw} patch grid")
+        y = x.reshape(b, gh, gw, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return y.reshape(b, d // 4, gh * 2, gw * 2)
+
+    def velocity(
+        self,
+        x: Tensor,
+        sigma: float | Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Tensor:
+        """FLUX velocity with distilled guidance: ``v = f(x, sigma, c, g)`` with ``g`` embedded like the
+        timestep (FLUX.1-dev); ``height``/``width`` (pixels) default to the last ``latent_shape`` call
+        with the same token count, else a square grid."""
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a packed [B, L, D] tensor for FLUX, got {getattr(x, 'shape', type(x))}")
+        b, seq = x.shape[0], x.shape[1]
+        if len(embeds) != b:
+            raise ValueError(f"embeds has {len(embeds)} rows but x has batch {b}")
+        g = float(guidance_scale)
+        if not math.isfinite(g):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        gh, gw = self._grid_for(seq, height, width)
+        s = self._sigma_batch(sigma, b)
+        xin = x.to(device=self.device, dtype=self.dtype)
+        e = embeds.to(device=self.device, dtype=self.dtype)
+        # The pipeline passes (sigma * 1000 in the latents' dtype) / 1000; mirror it exactly.
+        timestep = (s * self.num_train_timesteps).to(self.dtype) / self.num_train_timesteps
+        guidance = (
+            torch.full((b,), g, device=self.device, dtype=torch.float32)
+            if self.transformer.config.guidance_embeds
+            else None
+        )
+        img_ids = self.pipeline._prepare_latent_image_ids(b, gh, gw, self.device, self.dtype)
+        if e.text_ids is not None:
+            txt_ids = e.text_ids[0]
+        else:
+            txt_ids = torch.zeros(e.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        v = self.transformer(
+            hidden_states=xin,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=e.pooled,
+            encoder_hidden_states=e.prompt_embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0].float()
+        self.nfe += 1
+        return v
+
+    def decode(self, x: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
+        """Unpack (grid from ``height``/``width`` or as in :meth:`velocity`), then VAE-decode."""
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a packed [B, L, D] tensor for FLUX, got {getattr(x, 'shape', type(x))}")
+        grid = self._grid_for(x.shape[1], height, width)
+        return self._vae_decode(self.unpack(x, grid))

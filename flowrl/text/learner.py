@@ -1,0 +1,112 @@
+"""GRPO for transformers causal LMs through the shared loss core (:mod:`flowrl.core.losses`).
+
+The learner does two things the training loop composes: a rollout (G completions per prompt,
+old and reference token log-probs stored) and the gradient of one optimizer minibatch (token
+log-probs recomputed with grad in chunks, :func:`flowrl.core.losses.policy_loss`, backward).
+The loop owns the optimizer step, the epochs over a rollout and the processes.
+
+Loss variants are the names TRL users know (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``,
+...): :func:`flowrl.core.losses.loss_preset` documents where they match TRL 1.16 and where not.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowrl.core.losses import LossConfig, policy_loss
+from flowrl.core.stats import merge_stats
+from flowrl.text.rollout import TextRollout, generate, token_logps
+
+
+def _ref_context(model, ref_model):
+    """Context in which ``model`` computes reference log-probs: the same model with its LoRA
+    adapter disabled (no second copy of the weights), or ``ref_model`` when given."""
+    if ref_model is not None:
+        return contextlib.nullcontext()
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    raise ValueError("a KL term (beta > 0) needs a LoRA model (reference = adapter disabled) or a ref_model")
+
+
+class TextLearner:
+    """Rollouts and minibatch gradients for a causal LM policy.
+
+    Args:
+        model: a transformers causal LM (optionally a peft ``PeftModel``).
+        tokenizer: its tokenizer (left padding is set).
+        loss: the loss configuration (e.g. ``loss_preset("grpo", beta=0.04)``).
+        max_new_tokens, temperature, top_k, top_p: sampling settings; log-probs use
+            ``logits / temperature`` as TRL does.
+        chunk_size: rows per forward pass when computing log-probs (memory bound).
+        ref_model: a frozen reference for full fine-tuning with KL; LoRA runs leave it None.
+    """
+
+    def __init__(self, model, tokenizer, loss: LossConfig, *, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, chunk_size: int = 16, ref_model=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.loss = loss.validate()
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_k, self.top_p = top_k, top_p
+        self.chunk_size = int(chunk_size)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.loss.beta > 0 or self.loss.beta_schedule != "constant"
+
+    def _logps(self, model, ro: TextRollout) -> Tensor:
+        return token_logps(model, ro.input_ids(), ro.attention_mask(), ro.completion_ids.shape[1],
+                           temperature=self.temperature, chunk_size=self.chunk_size)
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
+        """Sample, then store the sampling policy's log-probs (and the reference's when KL is on),
+        computed with the same chunking as the update so the first inner step is exactly on-policy."""
+        ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
+                      seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        was = self.model.training
+        self.model.eval()  # no dropout in log-probs; the update uses eval mode too
+        try:
+            ro.old_logps = self._logps(self.model, ro).cpu()
+            if self.needs_ref:
+                with _ref_context(self.model, self.ref_model):
+                    ro.ref_logps = self._logps(self.ref_model or self.model, ro).cpu()
+        finally:
+            self.model.train(was)
+        return ro
+
+    def minibatch_gradient(self, ro: TextRollout, advantages: Tensor, *, normalizer, beta: Optional[float] = None,
+                           loss_scale: float = 1.0, backward: Callable[[Tensor], None] = None) -> Dict[str, float]:
+        """Accumulate the gradient of the loss of minibatch ``ro`` (already the rows of one
+        optimizer step on this process) into ``.grad``; returns summed statistics.
+
+        ``normalizer`` comes from :func:`flowrl.core.losses.loss_normalizers` on the whole
+        optimizer batch (all processes), so chunking does not change the gradient. ``loss_scale``
+        multiplies each chunk's loss (e.g. the process count under DDP averaging is already in
+        the normaliser; leave 1). ``backward`` defaults to ``loss.backward()`` (pass
+        ``accelerator.backward`` under accelerate)."""
+        backward = backward or (lambda loss: loss.backward())
+        n = ro.num_samples
+        parts = []
+        device = next(self.model.parameters()).device
+        for s in range(0, n, self.chunk_size):
+            rows = torch.arange(s, min(n, s + self.chunk_size))
+            part = ro.select(rows)
+            logps = token_logps(self.model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
+                                temperature=self.temperature, chunk_size=None)
+            mask = part.completion_mask.to(device)
+            loss, st = policy_loss(
+                logps, part.old_logps.to(device), advantages[rows].to(device), mask, self.loss,
+                normalizer=normalizer, ref_logps=None if part.ref_logps is None else part.ref_logps.to(device), beta=beta,
+            )
+            backward(loss * loss_scale)
+            parts.append(({**{k: float(v) for k, v in st.items()}, "loss": float(loss.detach())}, float(mask.sum())))
+        return merge_stats(parts)

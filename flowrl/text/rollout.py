@@ -1,0 +1,167 @@
+"""Text rollouts: G completions per prompt with ``generate``, and token log-probs in chunks.
+
+Sampling draws each row's randomness from its own generator, seeded from (seed, prompt key,
+member): a completion does not depend on which other prompts share the batch or on how many
+processes split the batch. It uses the Gumbel-max identity (argmax(logits/T + Gumbel) is a sample
+of softmax(logits/T)) inside ``generate``'s greedy search, so the batched, KV-cached generation
+loop of transformers does the work.
+
+Log-probs follow TRL's convention: ``log_softmax(logits / temperature)`` of the taken token, with
+no top-k/top-p renormalisation (TRL ``GRPOTrainer._get_per_token_logps_and_entropies``).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def row_seed(seed: int, *keys) -> int:
+    """A 63-bit seed from ``seed`` and any keys (stable across processes and Python runs)."""
+    h = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class GumbelSampler:
+    """A ``LogitsProcessor`` that turns greedy search into sampling with per-row generators.
+
+    scores -> scores / T, keep the top-k and the top-p nucleus (others -inf), then add
+    Gumbel(0, 1) noise drawn from row i's generator; the greedy argmax is then an exact sample of
+    the temperature/top-k/top-p distribution (Gumbel-max trick)."""
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None):
+        if temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {temperature}")
+        self.generators = list(generators)
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.top_p = top_p
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        s = scores.float() / self.temperature
+        if self.top_k is not None and 0 < self.top_k < s.shape[-1]:
+            kth = torch.topk(s, self.top_k, dim=-1).values[..., -1:]
+            s = s.masked_fill(s < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_s, idx = torch.sort(s, descending=True, dim=-1)
+            probs = torch.softmax(sorted_s, dim=-1)
+            cum = probs.cumsum(-1)
+            drop_sorted = (cum - probs) >= self.top_p  # keep the smallest prefix reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+            s = s.masked_fill(drop, float("-inf"))
+        u = torch.stack([torch.rand(s.shape[-1], generator=g) for g in self.generators]).to(s.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return s + gumbel
+
+
+@dataclass
+class TextRollout:
+    """A batch of N = prompts x G completions, as plain tensors (completions' text kept beside)."""
+
+    prompt_ids: Tensor  # [N, Lp] left-padded prompt tokens
+    prompt_mask: Tensor  # [N, Lp] 1 on real prompt tokens
+    completion_ids: Tensor  # [N, Lc] right-padded completion tokens
+    completion_mask: Tensor  # [N, Lc] 1 on completion tokens up to and including the first EOS
+    prompt_index: Tensor  # [N] index of the prompt in the batch's prompt list
+    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    old_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the sampling policy
+    ref_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the reference policy (KL)
+    completions: List[str] = field(default_factory=list)  # decoded text (for reward functions)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, rows) -> "TextRollout":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return TextRollout(
+            prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows],
+            completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+            prompt_index=self.prompt_index[rows], truncated=self.truncated[rows],
+            old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
+            completions=[self.completions[i] for i in rows.tolist()] if self.completions else [],
+        )
+
+
+def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    """(mask, truncated): mask is 1 up to and including the first EOS of each row; rows without an
+    EOS are ``truncated`` and keep every generated token."""
+    is_eos = completion_ids == eos_token_id
+    any_eos = is_eos.any(dim=1)
+    first = torch.where(any_eos, is_eos.int().argmax(dim=1), torch.full_like(any_eos, completion_ids.shape[1], dtype=torch.long))
+    pos = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
+    mask = (pos <= first.unsqueeze(1)).long()
+    return mask, ~any_eos
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new_tokens: int, seed: int,
+             prompt_keys: Optional[Sequence] = None, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None) -> TextRollout:
+    """Sample ``group_size`` completions for every prompt (rows grouped: prompt i -> rows
+    i*G .. i*G+G-1). Row randomness comes from ``row_seed(seed, key_i, member)`` where ``key_i`` is
+    ``prompt_keys[i]`` (default: the prompt text)."""
+    if group_size < 1:
+        raise ValueError(f"group_size: must be >= 1, got {group_size}")
+    if not prompts:
+        raise ValueError("prompts: empty")
+    keys = list(prompt_keys) if prompt_keys is not None else list(prompts)
+    rows = [p for p in prompts for _ in range(group_size)]
+    gens = [torch.Generator().manual_seed(row_seed(seed, keys[i], j)) for i in range(len(prompts)) for j in range(group_size)]
+    enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, logits_processor=[GumbelSampler(gens, temperature, top_k, top_p)],
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    if completion_ids.shape[1] == 0:
+        completion_ids = torch.full((len(rows), 1), tokenizer.eos_token_id, dtype=torch.long, device=device)
+    mask, truncated = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
+    completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id))
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return TextRollout(
+        prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), completion_ids=completion_ids.cpu(),
+        completion_mask=mask.cpu(), prompt_index=torch.arange(len(prompts)).repeat_interleave(group_size),
+        truncated=truncated.cpu(), completions=texts,
+    )
+
+
+def token_logps(model, input_ids: Tensor, attention_mask: Tensor, num_completion_tokens: int, *,
+                temperature: float = 1.0, chunk_size: Optional[int] = None) -> Tensor:
+    """Log-probs ``[N, Lc]`` of the last ``num_completion_tokens`` tokens of each row:
+    ``log_softmax(logits_t / temperature)[token_{t+1}]``, computed ``chunk_size`` rows at a time
+    (the graph is kept when grad is enabled). Position ids follow the attention mask, so left
+    padding does not shift positions."""
+    n = input_ids.shape[0]
+    chunk = n if not chunk_size else int(chunk_size)
+    device = next(model.parameters()).device
+    outs = []
+    for s in range(0, n, chunk):
+        ids = input_ids[s:s + chunk].to(device)
+        am = attention_mask[s:s + chunk].to(device)
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=num_completion_tokens + 1).logits
+        logits = logits[:, :-1, :].float() / temperature
+        targets = ids[:, -num_completion_tokens:]
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        outs.append(lp)
+    return torch.cat(outs, dim=0)
