@@ -40,16 +40,22 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _cmd_score(args) -> int:
-    from scorers.cli import main as score_main
+def _passthrough(module: str):
+    """Subcommands whose own parser lives with their code (``scorers``): the rest of the command
+    line goes to that module's ``main(argv)``."""
 
-    return score_main(args.rest)
+    def run(argv: List[str]) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(argv) or 0)
+
+    return run
 
 
-def _cmd_serve_scorer(args) -> int:
-    from scorers.server import main as serve_main
-
-    return serve_main(args.rest)
+PASSTHROUGH = {
+    "score": (_passthrough("scorers.cli"), "score a folder of images with a registered scorer"),
+    "serve-scorer": (_passthrough("scorers.server"), "serve a registered scorer over HTTP (flowrl remote protocol)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,21 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None, help="a checkpoint folder to load (LoRA or full weights)")
     s.set_defaults(func=_cmd_sample)
 
-    for name, fn, helptext in (
-        ("score", _cmd_score, "score a folder of images with a registered scorer"),
-        ("serve-scorer", _cmd_serve_scorer, "serve a registered scorer over HTTP (flowrl remote protocol)"),
-    ):
-        s = sub.add_parser(name, help=helptext, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=fn)
+    for name, (_, helptext) in PASSTHROUGH.items():
+        sub.add_parser(name, help=helptext + " (see: flowrl %s --help)" % name, add_help=False)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            return PASSTHROUGH[argv[0]][0](argv[1:])
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
     except (ConfigError, UsageError, UnknownScorerError) as e:
         print(f"flowrl: error: {e}", file=sys.stderr)
