@@ -320,17 +320,15 @@ DTypeName = Literal["float32", "float16", "bfloat16"]
 
 @dataclass
 class ModelConfig:
-    family: Literal["sd3", "flux"] = "sd3"  # which diffusers pipeline class loads model.path
+    family: Literal["sd3", "flux", "lm"] = "sd3"  # which loader reads model.path: diffusers SD3/Flux or a transformers causal LM
     path: str = ""  # hub id or local folder (the same loading code for both)
-    dtype: DTypeName = "float32"  # dtype of the trainable transformer
+    dtype: DTypeName = "float32"  # dtype of the trainable model (transformer / LM)
     frozen_dtype: Optional[DTypeName] = None  # dtype of the frozen text encoders and VAE (null: same as dtype)
-    device: str = "cpu"  # torch device for sampling and training
-    no_t5: bool = True  # SD3 folders without T5 (text_encoder_3=None, tokenizer_3=None)
-    max_sequence_length: int = 77  # text tokens fed to the T5 encoder (Flux, SD3 with T5)
+    device: str = "cpu"  # torch device when not launched by accelerate (accelerate picks its own)
 
     def validate(self) -> None:
-        if self.max_sequence_length < 1:
-            raise ValueError("max_sequence_length: must be >= 1")
+        if self.frozen_dtype is not None and self.family == "lm":
+            raise ValueError("frozen_dtype: only image models have frozen parts")
 
 
 @dataclass
@@ -342,9 +340,10 @@ class SampleConfig:
     guidance_scale: float = 4.5  # CFG scale (SD3) or distilled guidance (Flux); <= 1 disables SD3's CFG branch
     negative_prompt: str = ""  # SD3 negative prompt for CFG
     group_size: int = 4  # samples per prompt (the GRPO group); for tree plans, the number of leaves
-    prompts_per_step: int = 2  # distinct prompts per rollout batch (per process)
+    prompts_per_step: int = 2  # distinct prompts per rollout, over all processes (the global batch is this x group_size)
     same_noise: bool = False  # group members share their initial noise (DanceGRPO --init_same_noise)
     store_dtype: DTypeName = "float32"  # dtype of stored latents (log-probs are taken on the rounded values)
+    chunk_size: Optional[int] = None  # at most this many rows per transformer call while sampling (null: all)
 
     def validate(self) -> None:
         for name in ("height", "width"):
@@ -354,18 +353,120 @@ class SampleConfig:
         for name in ("num_steps", "eval_num_steps", "group_size", "prompts_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size: must be >= 1 or null, got {self.chunk_size}")
+
+
+@dataclass
+class TextConfig:
+    max_new_tokens: int = 16  # completion length limit
+    temperature: float = 1.0  # sampling temperature (log-probs use logits / temperature, as TRL)
+    top_k: Optional[int] = None  # top-k sampling (null: off)
+    top_p: Optional[float] = None  # nucleus sampling (null: off)
+    chunk_size: int = 16  # rows per forward pass when computing token log-probs
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class DataConfig:
+    train: str = "shapes:train"  # training prompts: a .txt (one per line) or .jsonl file, or 'shapes:train' / 'arithmetic:train'
+    eval: str = "shapes:test"  # held-out prompts, same forms ('shapes:test', 'arithmetic:test', a file)
+    max_train_prompts: Optional[int] = None  # use at most this many training prompts (null: all)
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 16  # held-out prompts evaluated (the first N of data.eval)
+    seeds: List[int] = field(default_factory=lambda: [0, 1])  # fixed seeds per prompt (images) or 1 greedy pass (text)
+    guidance_scale: Optional[float] = None  # null: sample.guidance_scale
+    at_start: bool = True  # evaluate the base model before the first step (summary.json first_eval)
+
+    def validate(self) -> None:
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts: must be >= 1, got {self.num_prompts}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-4  # AdamW learning rate (Flow-GRPO LoRA 3e-4)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # gradient clipping (DanceGRPO recommends 0.01 when unstable)
+    warmup_steps: int = 0  # linear LR warm-up (optimizer steps)
+    num_iterations: int = 1  # K inner epochs over each rollout (1: exactly on-policy)
+    num_minibatches: int = 1  # optimizer steps per inner epoch (the rollout split into this many minibatches)
+    lora: bool = True  # train a LoRA adapter (false: full fine-tuning)
+    lora_rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
+    lora_alpha: Optional[float] = None  # null: the family default (2 x rank)
+    lora_targets: Optional[List[str]] = None  # module name suffixes (null: the family default)
+    lora_init: str = "gaussian"  # peft init_lora_weights ('gaussian' as Flow-GRPO, or 'default')
+    ema: bool = False  # keep an EMA of the trainable weights for evaluation and saving
+    ema_decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
+    ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
+    gradient_checkpointing: bool = False  # trade compute for memory in the update
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
+    keep_last: int = 2  # checkpoints kept on disk
+    deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
+    progress: bool = True  # progress bar on stderr
+
+    def validate(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
+        for name in ("num_iterations", "num_minibatches", "ema_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
+
+
+from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
+from flowrl.core.losses import LossConfig  # noqa: E402
+from flowrl.flow.plan import PlanConfig  # noqa: E402
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/flowrl"  # the run folder (config.yaml, summary.json, checkpoints/, grids)
-    seed: int = 0  # global seed (also seeds every process's plan generator identically)
+    output_dir: str = "runs/flowrl"  # the run folder (config.yaml, summary.json, report.html, checkpoints/)
+    seed: int = 0  # global seed; sampling noise and plans derive from (seed, step), identical on every process
     max_steps: int = 100  # training steps (rollout + updates)
-    resume: str = "auto"  # 'auto' (last complete checkpoint), a checkpoint path, or 'none'
+    resume: str = "auto"  # 'auto' (last complete checkpoint in output_dir), a checkpoint path, or 'none'
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
-    eval_every: int = 50  # steps between evaluations (and one at start and end)
-    model: ModelConfig = field(default_factory=ModelConfig)  # the flow model
-    sample: SampleConfig = field(default_factory=SampleConfig)  # rollout settings
+    eval_every: int = 50  # steps between evaluations (and one at the end)
+    loss_preset: Optional[str] = None  # grpo|bnpo|dr_grpo|dapo|gspo|cispo|luspo|sapo: fills loss.* (explicit loss.* keys win)
+    advantage_preset: Optional[str] = None  # flow_grpo|dance_grpo|mixgrpo|trl|dr_grpo|gdpo|ngrpo|dapo|verl: fills advantage.*
+    rewards: Dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})  # reward name -> weight (scorers, or text reward functions)
+    reward_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # reward name -> factory options (checkpoint=, url=, ...)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy model
+    sample: SampleConfig = field(default_factory=SampleConfig)  # rollout settings (images)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # which steps are stochastic / trained / branching
+    text: TextConfig = field(default_factory=TextConfig)  # rollout settings (text)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # rewards -> advantages
+    loss: LossConfig = field(default_factory=LossConfig)  # the policy loss
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, LoRA, EMA, precision, robustness
+    data: DataConfig = field(default_factory=DataConfig)  # prompt sources
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -373,8 +474,92 @@ class RunConfig:
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward")
+        for name, w in self.rewards.items():
+            if not isinstance(w, (int, float)) or w != w:
+                raise ValueError(f"rewards: weight of {name!r} must be a number")
+        unknown = sorted(set(self.reward_options) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"reward_options: options for rewards not in 'rewards': {unknown}")
+        if self.plan.kind == "tree":
+            from flowrl.flow.plan import Plan  # noqa: F401  (leaves of a tree: product of branch factors)
+
+            leaves = 1
+            for b in self.plan.branch_factors:
+                leaves *= b
+            if self.sample.group_size % leaves:
+                raise ValueError(f"sample.group_size: {self.sample.group_size} is not a multiple of the tree's "
+                                 f"{leaves} leaves (plan.branch_factors={self.plan.branch_factors})")
+
+
+_PRESETS = {
+    "loss": ("loss_preset", "flowrl.core.losses", "loss_preset"),
+    "advantage": ("advantage_preset", "flowrl.core.advantages", "advantage_preset"),
+}
+
+
+def _apply_presets(data: dict) -> dict:
+    """``loss_preset: dapo`` fills the ``loss`` section with the preset's values; keys given
+    explicitly under ``loss:`` (in YAML or as overrides) win. Same for ``advantage_preset``."""
+    import importlib
+
+    data = dict(data)
+    for section, (key, module, fn_name) in _PRESETS.items():
+        name = data.get(key)
+        if not name:
+            continue
+        fn = getattr(importlib.import_module(module), fn_name)
+        try:
+            preset = fn(str(name))
+        except ValueError as e:
+            raise ConfigError(key, str(e).partition(": ")[2] or str(e)) from None
+        explicit = data.get(section) or {}
+        if not isinstance(explicit, dict):
+            raise ConfigError(section, f"expected a mapping (section), got {explicit!r}")
+        data[section] = {**to_dict(preset), **explicit}
+    return data
 
 
 def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The CLI's entry point: YAML + overrides -> validated :class:`RunConfig`."""
-    return load(RunConfig, path, overrides)
+    """The CLI's entry point: YAML (with ``include:`` of a base file) + overrides + presets ->
+    validated :class:`RunConfig`."""
+    data = _read_yaml_with_includes(Path(path)) if path is not None else {}
+    data = apply_overrides(RunConfig, data, overrides)
+    data = _apply_presets(data)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("rewards", "reward_options"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml_with_includes(p: Path, seen=()) -> dict:
+    """Read YAML; a top-level ``include: other.yaml`` (relative to this file) is read first and
+    this file's keys are merged over it (method presets are overlays of a base config)."""
+    if not p.is_file():
+        raise ConfigError("", f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError("include", f"include cycle through {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("", f"cannot parse {p}: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{p} must hold a mapping at the top level")
+    inc = data.pop("include", None)
+    if inc is None:
+        return data
+    if not isinstance(inc, str):
+        raise ConfigError("include", f"expected a file name, got {inc!r}")
+    base = _read_yaml_with_includes((p.parent / inc), seen + (p.resolve(),))
+    return _deep_merge(base, data)
