@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -265,6 +265,9 @@ class FlowPolicy:
         self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
         self.nfe = 0
         self.num_encoded = 0  # prompts sent through the text encoders (cache misses)
+        # What velocity() calls: the transformer itself, or a wrapper of it that a training loop
+        # installs (accelerate's DDP/FSDP module), so gradients are synchronised by that wrapper.
+        self.forward_module: Optional[torch.nn.Module] = None
 
         _place(pipeline.transformer, self.device, self.dtype)
         for name in self._frozen_names:
@@ -352,6 +355,11 @@ class FlowPolicy:
         """The denoiser (the only trainable module). Setting it also sets ``pipeline.transformer``
         (e.g. to swap in an EMA or a PEFT-wrapped copy)."""
         return self.pipeline.transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module velocity() calls: ``forward_module`` when set, else the transformer."""
+        return self.forward_module if self.forward_module is not None else self.pipeline.transformer
 
     @transformer.setter
     def transformer(self, module: torch.nn.Module) -> None:
@@ -634,7 +642,7 @@ class SD3Policy(FlowPolicy):
         if g > 1.0:
             if not e.has_negative:
                 raise ValueError("guidance_scale > 1 needs negative embeddings (encode_prompts gives them for SD3)")
-            out = self.transformer(
+            out = self.denoiser(
                 hidden_states=torch.cat([xin, xin]),
                 timestep=torch.cat([t, t]),
                 encoder_hidden_states=torch.cat([e.negative_prompt_embeds, e.prompt_embeds]),
@@ -644,7 +652,7 @@ class SD3Policy(FlowPolicy):
             v_u, v_c = out.float().chunk(2)
             v = v_u + g * (v_c - v_u)
         else:
-            v = self.transformer(
+            v = self.denoiser(
                 hidden_states=xin,
                 timestep=t,
                 encoder_hidden_states=e.prompt_embeds,
@@ -796,7 +804,7 @@ class FluxPolicy(FlowPolicy):
             txt_ids = e.text_ids[0]
         else:
             txt_ids = torch.zeros(e.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
-        v = self.transformer(
+        v = self.denoiser(
             hidden_states=xin,
             timestep=timestep,
             guidance=guidance,

@@ -1,0 +1,660 @@
+"""Sampling plans: which denoising steps are stochastic, which are trained, where trajectories branch.
+
+Every GRPO-family method for flow models is one choice of steps over the same sampler
+(research notes, flow_anchors.md §13.2):
+
+==================  ==========================================================================
+``kind``            method (paper)
+==================  ==========================================================================
+``full``            Flow-GRPO (arXiv 2505.05470): every step SDE, every step but the last trained
+``random_subset``   DanceGRPO (arXiv 2505.07818): every step SDE, a random 60 % of them trained,
+                    drawn per sample
+``window``          MixGRPO (arXiv 2507.21802): SDE + trained inside a window of ``window`` steps
+                    that slides over training (progressive / decay / exp_decay / random), ODE
+                    outside; with ``ode_solver="dpm2m"`` and ``compress_ratio`` it is MixGRPO-Flash
+``random_window``   Flow-GRPO-Fast: a window of ``window`` SDE steps drawn each iteration inside
+                    ``window_range`` (default ``[0, num_steps // 2)``), ODE elsewhere
+``singular``        G²RPO (arXiv 2510.01982): one SDE step, ODE elsewhere; with
+                    ``granularities`` the ODE continuation is run at several step strides
+``tree``            TempFlow-GRPO (arXiv 2508.04324, fixed ``branch_steps``) and Dynamic-TreeRPO
+                    (arXiv 2509.23352, a sliding window of branching depths with a noise level per
+                    depth): trajectories branch into ``branch_factors[d]`` children at depth d
+==================  ==========================================================================
+
+A :class:`Plan` is a handful of small tensors over the ``num_steps`` steps; building one costs
+microseconds. Every random choice in :func:`build_plan` comes from the ``generator`` argument. The
+caller seeds it identically on every process with :func:`plan_generator` ``(seed, iteration)``, so
+all processes agree on the window / branch step of an iteration, and a prompt's group, even when
+spread over GPUs, never mixes different windows (Flow-GRPO-Fast draws its window with each rank's
+own RNG, which lets group members branch at different steps: notes §2.6).
+
+The one random choice that is *not* drawn here is DanceGRPO's per-sample subset of trained steps
+(``random_subset`` with ``per_sample=True``): the number of samples is the sampler's business, so
+the plan records the subset size and :meth:`Plan.trained_mask` draws one subset per sample from the
+sampler's generator. Per-sample subsets need no agreement across processes: every sample lives on
+one process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Literal, Optional
+
+import torch
+
+__all__ = [
+    "PLAN_KINDS",
+    "SDE_KINDS",
+    "ODE_SOLVERS",
+    "WINDOW_SCHEDULES",
+    "PlanConfig",
+    "Plan",
+    "build_plan",
+    "eval_plan",
+    "plan_generator",
+    "shift_interval_at",
+    "scheduled_window_start",
+    "granular_sigmas",
+]
+
+PLAN_KINDS = ("full", "random_subset", "window", "random_window", "singular", "tree")
+SDE_KINDS = ("flow_sde", "dance_sde", "cps")
+ODE_SOLVERS = ("euler", "heun", "dpm2m")
+WINDOW_SCHEDULES = ("progressive", "decay", "exp_decay", "random")
+
+PlanKind = Literal["full", "random_subset", "window", "random_window", "singular", "tree"]
+SdeKind = Literal["flow_sde", "dance_sde", "cps"]
+OdeSolver = Literal["euler", "heun", "dpm2m"]
+WindowSchedule = Literal["progressive", "decay", "exp_decay", "random"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanConfig:
+    """Which steps of a training rollout are stochastic, trained or branching (see module doc).
+
+    ``validate`` checks everything that can be checked without the number of steps; given the
+    number of steps (an ``int``, or the run config whose ``sample.num_steps`` holds it) it also
+    checks windows, ranges and step lists against the trajectory.
+    """
+
+    kind: PlanKind = "full"  # full | random_subset | window | random_window | singular | tree
+    noise_level: float = 0.7  # SDE noise level a (Flow-GRPO 0.7, CPS 0.8, DanceGRPO eta 0.3)
+    sde: SdeKind = "flow_sde"  # dynamics of stochastic steps: flow_sde | dance_sde | cps
+    reduction: Literal["mean", "sum"] = "mean"  # log-prob reduction over latent elements
+    train_last_step: bool = False  # also train the last, near-clean step (Flow-GRPO never does)
+    fraction: float = 0.6  # random_subset: fraction of trainable steps trained (DanceGRPO 0.6)
+    per_sample: bool = True  # random_subset: one subset per sample (DanceGRPO), else one per iteration
+    window: int = 4  # window / random_window: number of consecutive SDE (trained) steps
+    window_start: int = 0  # window / tree: window start at iteration 0 and after a roll-back
+    stride: int = 1  # window / tree: steps the window moves per shift (0: frozen, MixGRPO-Flash*)
+    shift_interval: int = 25  # window / tree: iterations between shifts (MixGRPO tau)
+    schedule: WindowSchedule = "progressive"  # window / tree: progressive | decay | exp_decay | random
+    roll_back: bool = True  # window / tree: past the last start go back to window_start (else stay)
+    min_shift_interval: Optional[int] = None  # decay: tau at the last start (null: max(1, tau // 4))
+    exp_k: float = 0.1  # exp_decay: tau(t) = ceil(shift_interval * exp(-exp_k * relu(t - exp_threshold)))
+    exp_threshold: int = 13  # exp_decay: start step after which tau decays
+    window_range: Optional[List[int]] = None  # random_window: [lo, hi) holding the window (null: [0, num_steps // 2))
+    ode_solver: OdeSolver = "euler"  # solver of deterministic steps: euler | heun | dpm2m
+    compress_ratio: Optional[float] = None  # ODE tail after the last SDE step re-discretised to ratio*n steps (Flash 0.4)
+    compress_shift: float = 3.0  # time shift spacing the compressed tail (MixGRPO-Flash uses its schedule's 3.0; 1 = uniform sigma)
+    singular_steps: Optional[List[int]] = None  # singular: eligible steps (null: [0, num_steps // 2))
+    singular_choice: Literal["random", "cycle"] = "random"  # singular: draw the step, or cycle by iteration
+    granularities: List[int] = field(default_factory=lambda: [1])  # ODE continuation strides after the last SDE step (G²RPO [1, 2])
+    branch_factors: List[int] = field(default_factory=lambda: [2, 2])  # tree: children per node at each depth
+    branch_steps: Optional[List[int]] = None  # tree: branching steps (TempFlow); null: sliding window (Dynamic-TreeRPO)
+    branch_noise: Optional[List[float]] = None  # tree: noise level per depth (null: noise_level everywhere)
+    tree_dedup: bool = True  # tree: train a transition shared by several leaves once, on its first leaf
+
+    # ---------------------------------------------------------------------------------------------
+
+    def validate(self, num_steps: Any = None) -> None:
+        """Raise ``ValueError("<field>: <reason>")`` for impossible settings.
+
+        ``num_steps``: the rollout's number of denoising steps, or a run config (anything with
+        ``.sample.num_steps``, which is how :func:`flowrl.config.validate` calls it), or None to
+        check only what does not depend on it.
+        """
+        if num_steps is not None and not isinstance(num_steps, int):
+            num_steps = getattr(getattr(num_steps, "sample", None), "num_steps", None)
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"kind: unknown plan kind {self.kind!r}; choose one of {', '.join(PLAN_KINDS)}")
+        if self.sde not in SDE_KINDS:
+            raise ValueError(f"sde: unknown SDE kind {self.sde!r}; choose one of {', '.join(SDE_KINDS)}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"ode_solver: unknown solver {self.ode_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+        if self.schedule not in WINDOW_SCHEDULES:
+            raise ValueError(f"schedule: unknown window schedule {self.schedule!r}; choose one of {', '.join(WINDOW_SCHEDULES)}")
+        if self.singular_choice not in ("random", "cycle"):
+            raise ValueError(f"singular_choice: must be 'random' or 'cycle', got {self.singular_choice!r}")
+        _check_noise("noise_level", self.noise_level, self.sde)
+        if not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"fraction: must be in (0, 1], got {self.fraction}")
+        if self.window < 1:
+            raise ValueError(f"window: must be >= 1, got {self.window}")
+        if self.window_start < 0:
+            raise ValueError(f"window_start: must be >= 0, got {self.window_start}")
+        if self.stride < 0:
+            raise ValueError(f"stride: must be >= 0 (0 freezes the window), got {self.stride}")
+        if self.shift_interval < 1:
+            raise ValueError(f"shift_interval: must be >= 1 iteration, got {self.shift_interval}")
+        if self.min_shift_interval is not None and self.min_shift_interval < 1:
+            raise ValueError(f"min_shift_interval: must be >= 1 or null, got {self.min_shift_interval}")
+        if not (self.exp_k >= 0 and math.isfinite(self.exp_k)):
+            raise ValueError(f"exp_k: must be a finite number >= 0, got {self.exp_k}")
+        if self.exp_threshold < 0:
+            raise ValueError(f"exp_threshold: must be >= 0, got {self.exp_threshold}")
+        if self.compress_ratio is not None and not (0.0 < self.compress_ratio <= 1.0):
+            raise ValueError(f"compress_ratio: must be in (0, 1] or null, got {self.compress_ratio}")
+        if not (math.isfinite(self.compress_shift) and self.compress_shift > 0):
+            raise ValueError(f"compress_shift: must be a finite number > 0, got {self.compress_shift}")
+        if len(self.granularities) == 0:
+            raise ValueError("granularities: must hold at least one stride (use [1] for the plain trajectory)")
+        if any(g < 1 for g in self.granularities):
+            raise ValueError(f"granularities: every stride must be >= 1, got {list(self.granularities)}")
+        if len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"granularities: strides must be distinct, got {list(self.granularities)}")
+        if self.compress_ratio is not None and list(self.granularities) != [1]:
+            raise ValueError("compress_ratio: cannot be combined with granularities other than [1]; "
+                             "both re-discretise the ODE tail")
+        if self.window_range is not None:
+            if len(self.window_range) != 2:
+                raise ValueError(f"window_range: must be [lo, hi], got {list(self.window_range)}")
+            lo, hi = self.window_range
+            if lo < 0 or hi <= lo:
+                raise ValueError(f"window_range: need 0 <= lo < hi, got {list(self.window_range)}")
+            if hi - lo < self.window:
+                raise ValueError(f"window_range: [{lo}, {hi}) is shorter than window={self.window}")
+        if self.singular_steps is not None:
+            if len(self.singular_steps) == 0:
+                raise ValueError("singular_steps: must list at least one step (or be null)")
+            if any(s < 0 for s in self.singular_steps):
+                raise ValueError(f"singular_steps: steps must be >= 0, got {list(self.singular_steps)}")
+            if len(set(self.singular_steps)) != len(self.singular_steps):
+                raise ValueError(f"singular_steps: steps must be distinct, got {list(self.singular_steps)}")
+        if len(self.branch_factors) == 0:
+            raise ValueError("branch_factors: a tree needs at least one depth")
+        if any(b < 1 for b in self.branch_factors):
+            raise ValueError(f"branch_factors: every factor must be >= 1, got {list(self.branch_factors)}")
+        if self.branch_steps is not None:
+            if len(self.branch_steps) != len(self.branch_factors):
+                raise ValueError(f"branch_steps: {len(self.branch_steps)} steps for "
+                                 f"{len(self.branch_factors)} branch_factors; give one step per depth")
+            if any(s < 0 for s in self.branch_steps):
+                raise ValueError(f"branch_steps: steps must be >= 0, got {list(self.branch_steps)}")
+            if any(b <= a for a, b in zip(self.branch_steps, self.branch_steps[1:])):
+                raise ValueError(f"branch_steps: must be strictly increasing, got {list(self.branch_steps)}")
+        if self.branch_noise is not None:
+            if len(self.branch_noise) != len(self.branch_factors):
+                raise ValueError(f"branch_noise: {len(self.branch_noise)} levels for "
+                                 f"{len(self.branch_factors)} depths; give one per depth")
+            for a in self.branch_noise:
+                _check_noise("branch_noise", a, self.sde)
+
+        if num_steps is None:
+            return
+        if num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
+        limit = self.trainable_limit(num_steps)
+        if limit < 1:
+            raise ValueError(f"train_last_step: with num_steps={num_steps} and train_last_step=False "
+                             "no step can be trained (need num_steps >= 2)")
+        if self.kind in ("window", "random_window") and self.window > limit:
+            raise ValueError(f"window: {self.window} steps do not fit in the {limit} trainable steps "
+                             f"of a {num_steps}-step trajectory")
+        if self.kind == "window" and self.window_start > limit - 1:
+            raise ValueError(f"window_start: {self.window_start} is past the last trainable step {limit - 1}")
+        if self.kind == "random_window":
+            lo, hi = self.random_window_range(num_steps)
+            if hi > limit:
+                raise ValueError(f"window_range: hi={hi} exceeds the {limit} trainable steps "
+                                 f"(num_steps={num_steps}, train_last_step={self.train_last_step})")
+            if hi - lo < self.window:
+                raise ValueError(f"window: {self.window} steps do not fit in window_range [{lo}, {hi})")
+        if self.kind == "singular":
+            steps = self.singular_eligible(num_steps)
+            if len(steps) == 0:
+                raise ValueError(f"singular_steps: no eligible step for num_steps={num_steps}")
+            bad = [s for s in steps if s >= limit]
+            if bad:
+                raise ValueError(f"singular_steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
+        if self.kind == "tree":
+            depth = len(self.branch_factors)
+            if self.branch_steps is not None:
+                bad = [s for s in self.branch_steps if s >= limit]
+                if bad:
+                    raise ValueError(f"branch_steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
+            else:
+                if depth > limit:
+                    raise ValueError(f"branch_factors: a {depth}-deep tree window does not fit in the "
+                                     f"{limit} trainable steps")
+                if self.window_start > limit - depth:
+                    raise ValueError(f"window_start: {self.window_start} leaves no room for a {depth}-deep "
+                                     f"tree before step {limit}")
+
+    # Derived quantities used by build_plan (public so tests and docs can name them) ---------------
+
+    def trainable_limit(self, num_steps: int) -> int:
+        """Trainable steps are ``0 .. limit-1``: ``num_steps`` with ``train_last_step``, else ``num_steps - 1``."""
+        return num_steps if self.train_last_step else num_steps - 1
+
+    def random_window_range(self, num_steps: int) -> tuple[int, int]:
+        """``[lo, hi)`` of Flow-GRPO-Fast's window: ``window_range`` or ``[0, num_steps // 2)``."""
+        if self.window_range is not None:
+            return int(self.window_range[0]), int(self.window_range[1])
+        return 0, num_steps // 2
+
+    def singular_eligible(self, num_steps: int) -> list[int]:
+        """Steps the singular SDE step is chosen from: ``singular_steps`` or ``[0, max(1, num_steps // 2))``
+        (G²RPO perturbs steps 0..7 of 16)."""
+        if self.singular_steps is not None:
+            return sorted(int(s) for s in self.singular_steps)
+        return list(range(max(1, num_steps // 2)))
+
+
+def _check_noise(name: str, a: float, sde: str) -> None:
+    if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+        raise ValueError(f"{name}: must be a finite number > 0 (use an all-ODE plan for no noise), got {a!r}")
+    if sde == "cps" and a > 1:
+        raise ValueError(f"{name}: CPS needs 0 < noise_level <= 1 (s = sigma_next*sin(a*pi/2)), got {a}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-step choices for one rollout of ``num_steps`` steps (plain tensors, CPU).
+
+    ``sde[i]``: step i is stochastic (its transition has a log-prob); ``noise_level[i]``: its noise
+    level (0 on ODE steps); ``trained[i]``: step i is trained (always a subset of ``sde``);
+    ``branch[i]``: number of children each node gets at step i (1 = no branching; >1 only on SDE
+    steps of tree plans); ``subset_size`` > 0: each sample trains only ``subset_size`` steps drawn
+    among ``trained`` (see :meth:`trained_mask`); ``granularities``: the ODE continuations run after
+    the last SDE step (the first one is the main trajectory); ``compress_ratio``: re-discretise that
+    ODE tail (MixGRPO-Flash; spaced with time shift ``compress_shift``, see
+    :func:`flowrl.flow.steps.compressed_sigmas`); ``ode_solver``: the solver of deterministic steps.
+    """
+
+    kind: str
+    num_steps: int
+    sde: torch.Tensor  # [S] bool
+    noise_level: torch.Tensor  # [S] float32, 0 where the step is ODE
+    trained: torch.Tensor  # [S] bool
+    branch: torch.Tensor  # [S] int64, 1 = no branching
+    sde_kind: str = "flow_sde"
+    reduction: str = "mean"
+    ode_solver: str = "euler"
+    compress_ratio: Optional[float] = None
+    compress_shift: float = 3.0
+    granularities: tuple[int, ...] = (1,)
+    subset_size: int = 0
+    tree_dedup: bool = True
+    iteration: int = 0
+
+    @property
+    def is_tree(self) -> bool:
+        return self.kind == "tree"
+
+    @property
+    def sde_steps(self) -> list[int]:
+        return torch.nonzero(self.sde).flatten().tolist()
+
+    @property
+    def trained_steps(self) -> list[int]:
+        return torch.nonzero(self.trained).flatten().tolist()
+
+    @property
+    def first_sde(self) -> Optional[int]:
+        s = self.sde_steps
+        return s[0] if s else None
+
+    @property
+    def last_sde(self) -> Optional[int]:
+        s = self.sde_steps
+        return s[-1] if s else None
+
+    @property
+    def leaves(self) -> int:
+        """Leaves of one tree: the product of the branch factors (1 when nothing branches)."""
+        return int(torch.prod(self.branch).item())
+
+    @property
+    def depth(self) -> int:
+        """Number of stochastic steps (the length of a leaf's node path in a tree)."""
+        return int(self.sde.sum().item())
+
+    def trained_mask(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``[num_samples, S]`` bool: which steps each sample trains.
+
+        Without a per-sample subset every row is ``trained``. With ``subset_size = k`` (DanceGRPO,
+        arXiv 2505.07818: each sample trains the first ``int(T·fraction)`` entries of its own random
+        permutation of the T trainable steps) each row gets its own k-subset of ``trained``, drawn
+        from ``generator`` (one ``randperm`` per row, in row order).
+        """
+        base = self.trained.unsqueeze(0).expand(num_samples, -1).clone()
+        if self.subset_size <= 0:
+            return base
+        eligible = torch.nonzero(self.trained).flatten()
+        out = torch.zeros(num_samples, self.num_steps, dtype=torch.bool)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        for r in range(num_samples):
+            perm = torch.randperm(eligible.numel(), generator=generator, device=gen_device).cpu()
+            pick = eligible[perm[: self.subset_size]]
+            out[r, pick] = True
+        return out
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``window sde=[3,4,5] trained=[3,4,5] flow_sde a=0.7``."""
+        parts = [self.kind, f"steps={self.num_steps}", f"sde={self.sde_steps}", f"trained={self.trained_steps}"]
+        if self.subset_size:
+            parts.append(f"per-sample subset of {self.subset_size}")
+        if self.is_tree:
+            parts.append(f"branch={[int(b) for b in self.branch[self.sde].tolist()]}")
+        if self.sde_steps:
+            levels = sorted({round(float(a), 6) for a in self.noise_level[self.sde].tolist()})
+            parts.append(f"{self.sde_kind} a={levels if len(levels) > 1 else levels[0]}")
+        if self.ode_solver != "euler":
+            parts.append(f"ode={self.ode_solver}")
+        if self.compress_ratio is not None:
+            parts.append(f"compress={self.compress_ratio}")
+        if self.granularities != (1,):
+            parts.append(f"granularities={list(self.granularities)}")
+        return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random numbers that every process agrees on
+# --------------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def plan_generator(seed: int, iteration: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, iteration)`` only: the same on every process.
+
+    Seed = SplitMix64(SplitMix64(seed) XOR iteration) truncated to 63 bits, so neighbouring
+    iterations and seeds give unrelated streams. Pass it to :func:`build_plan`; never use a
+    process-specific RNG for plan choices, or group members on different GPUs would use
+    different windows.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration: must be >= 0, got {iteration}")
+    mixed = _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(iteration) & _MASK64))
+    g = torch.Generator(device="cpu")
+    g.manual_seed(mixed & ((1 << 63) - 1))
+    return g
+
+
+def _randint(low: int, high_inclusive: int, generator: Optional[torch.Generator]) -> int:
+    return int(torch.randint(low, high_inclusive + 1, (1,), generator=generator).item())
+
+
+# --------------------------------------------------------------------------------------------------
+# MixGRPO's window scheduler (pure functions of the iteration)
+# --------------------------------------------------------------------------------------------------
+
+
+def shift_interval_at(
+    start: int,
+    *,
+    schedule: str,
+    shift_interval: int,
+    max_start: int,
+    min_shift_interval: Optional[int] = None,
+    exp_k: float = 0.1,
+    exp_threshold: int = 13,
+) -> int:
+    """Iterations the window stays at ``start`` before it moves (MixGRPO, arXiv 2507.21802).
+
+    * ``progressive``: constant tau = ``shift_interval``.
+    * ``decay``: linear from tau_max = ``shift_interval`` at step 0 to tau_min =
+      ``min_shift_interval`` (default max(1, tau_max // 4)) at ``max_start``:
+      tau(t) = max(tau_min, floor(tau_max·(1 − t/max_start) + tau_min·t/max_start)).
+    * ``exp_decay``: tau(t) = ceil(tau0·exp(−k·ReLU(t − threshold))), k = 0.1, threshold 13.
+    """
+    if schedule in ("progressive", "random"):
+        return shift_interval
+    if schedule == "decay":
+        tau_min = min_shift_interval if min_shift_interval is not None else max(1, shift_interval // 4)
+        progress = start / max_start if max_start > 0 else 0.0
+        return max(tau_min, int(shift_interval * (1 - progress) + tau_min * progress))
+    if schedule == "exp_decay":
+        return max(1, math.ceil(shift_interval * math.exp(-exp_k * max(0, start - exp_threshold))))
+    raise ValueError(f"schedule: unknown window schedule {schedule!r}")
+
+
+def scheduled_window_start(
+    iteration: int,
+    *,
+    max_start: int,
+    stride: int,
+    shift_interval: int,
+    schedule: str = "progressive",
+    roll_back: bool = True,
+    first: int = 0,
+    min_shift_interval: Optional[int] = None,
+    exp_k: float = 0.1,
+    exp_threshold: int = 13,
+) -> int:
+    """Window start at training ``iteration`` (0-based) for MixGRPO's deterministic schedules.
+
+    The window starts at ``first``; after it has been used for tau(start) iterations
+    (:func:`shift_interval_at`) it moves by ``stride`` steps (0 = frozen). A start beyond
+    ``max_start`` rolls back to ``first`` (``roll_back``), or stays at ``max_start``. This equals
+    stepping MixGRPO's state machine ``iteration`` times (read start, then update), computed over
+    whole stays instead of single iterations: O(number of distinct starts), not O(iteration).
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration: must be >= 0, got {iteration}")
+    if schedule == "random":
+        raise ValueError("schedule: 'random' draws its start from a generator; see build_plan")
+    if first >= max_start:
+        return max_start
+    if stride == 0:
+        return first
+
+    def tau(s: int) -> int:
+        return shift_interval_at(s, schedule=schedule, shift_interval=shift_interval, max_start=max_start,
+                                 min_shift_interval=min_shift_interval, exp_k=exp_k, exp_threshold=exp_threshold)
+
+    starts = list(range(first, max_start + 1, stride))  # the positions of one pass
+    stays = [tau(s) for s in starts]
+    remaining = iteration
+    if roll_back:
+        remaining %= sum(stays)
+    for s, n in zip(starts, stays):
+        if remaining < n:
+            return s
+        remaining -= n
+    return max_start  # no roll-back: clipped at the last start for good
+
+
+# --------------------------------------------------------------------------------------------------
+# build_plan
+# --------------------------------------------------------------------------------------------------
+
+
+def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Optional[torch.Generator]) -> int:
+    if cfg.schedule == "random":
+        return _randint(0, max_start, generator)
+    return scheduled_window_start(
+        iteration,
+        max_start=max_start,
+        stride=cfg.stride,
+        shift_interval=cfg.shift_interval,
+        schedule=cfg.schedule,
+        roll_back=cfg.roll_back,
+        first=cfg.window_start,
+        min_shift_interval=cfg.min_shift_interval,
+        exp_k=cfg.exp_k,
+        exp_threshold=cfg.exp_threshold,
+    )
+
+
+def build_plan(
+    cfg: PlanConfig,
+    num_steps: int,
+    iteration: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> Plan:
+    """The plan of training ``iteration`` for a ``num_steps``-step rollout.
+
+    ``generator``: every random choice (random window position, singular step, shared trained
+    subset) is drawn from it; pass ``plan_generator(seed, iteration)`` so that every process builds
+    the same plan. A deterministic kind ignores it.
+
+    Per kind (S = num_steps, trainable steps ``0..L-1`` with L = S, or S−1 without
+    ``train_last_step``):
+
+    * ``full``: all S steps SDE, steps < L trained (Flow-GRPO, ``timestep_fraction`` 0.99).
+    * ``random_subset``: all steps SDE; k = max(1, int(L·fraction)) of the L trainable steps trained,
+      per sample (``per_sample``) or one subset for the iteration.
+    * ``window``: SDE + trained on ``[t, min(t + window, L))``, t from MixGRPO's schedule with
+      the last start L−1 (= S−2 as in MixGRPO's ``max_timesteps``); ``random``: t uniform in
+      ``[0, L − window]``.
+    * ``random_window``: t uniform in ``[lo, hi − window]`` of ``window_range`` (Flow-GRPO-Fast:
+      ``[0, S // 2)``); SDE + trained on ``[t, t + window)``.
+    * ``singular``: one SDE + trained step, drawn from the eligible steps (``random``) or
+      ``eligible[iteration % len]`` (``cycle``).
+    * ``tree``: SDE + trained + branching at ``branch_steps`` (fixed) or at a window of
+      ``len(branch_factors)`` consecutive steps that slides like ``window`` (last start L − depth);
+      noise level ``branch_noise[d]`` at depth d.
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool):
+        raise ValueError(f"num_steps: must be an int, got {num_steps!r}")
+    if iteration < 0:
+        raise ValueError(f"iteration: must be >= 0, got {iteration}")
+    cfg.validate(num_steps)
+    S = num_steps
+    L = cfg.trainable_limit(S)
+    sde = torch.zeros(S, dtype=torch.bool)
+    trained = torch.zeros(S, dtype=torch.bool)
+    noise = torch.zeros(S, dtype=torch.float32)
+    branch = torch.ones(S, dtype=torch.int64)
+    subset_size = 0
+
+    if cfg.kind == "full":
+        sde[:] = True
+        trained[:L] = True
+    elif cfg.kind == "random_subset":
+        sde[:] = True
+        k = max(1, int(L * cfg.fraction))
+        if cfg.per_sample:
+            trained[:L] = True
+            subset_size = k if k < L else 0
+        else:
+            trained[torch.randperm(L, generator=generator)[:k]] = True
+    elif cfg.kind == "window":
+        start = _window_start(cfg, iteration, L - cfg.window if cfg.schedule == "random" else L - 1, generator)
+        sde[start:min(start + cfg.window, L)] = True
+        trained |= sde
+    elif cfg.kind == "random_window":
+        lo, hi = cfg.random_window_range(S)
+        start = _randint(lo, hi - cfg.window, generator)
+        sde[start:start + cfg.window] = True
+        trained |= sde
+    elif cfg.kind == "singular":
+        eligible = cfg.singular_eligible(S)
+        if cfg.singular_choice == "cycle":
+            k = eligible[iteration % len(eligible)]
+        else:
+            k = eligible[_randint(0, len(eligible) - 1, generator)]
+        sde[k] = True
+        trained[k] = True
+    elif cfg.kind == "tree":
+        depth = len(cfg.branch_factors)
+        if cfg.branch_steps is not None:
+            steps = [int(s) for s in cfg.branch_steps]
+        else:
+            start = _window_start(cfg, iteration, L - depth, generator)
+            steps = list(range(start, start + depth))
+        levels = cfg.branch_noise if cfg.branch_noise is not None else [cfg.noise_level] * depth
+        for d, s in enumerate(steps):
+            sde[s] = True
+            trained[s] = True
+            branch[s] = int(cfg.branch_factors[d])
+            noise[s] = float(levels[d])
+    else:  # pragma: no cover - validate() rejects it
+        raise ValueError(f"kind: unknown plan kind {cfg.kind!r}")
+
+    if cfg.kind != "tree":
+        noise[sde] = float(cfg.noise_level)
+    return Plan(
+        kind=cfg.kind,
+        num_steps=S,
+        sde=sde,
+        noise_level=noise,
+        trained=trained,
+        branch=branch,
+        sde_kind=cfg.sde,
+        reduction=cfg.reduction,
+        ode_solver=cfg.ode_solver,
+        compress_ratio=cfg.compress_ratio,
+        compress_shift=cfg.compress_shift,
+        granularities=tuple(int(g) for g in cfg.granularities),
+        subset_size=subset_size,
+        tree_dedup=cfg.tree_dedup,
+        iteration=iteration,
+    )
+
+
+def eval_plan(num_steps: int, ode_solver: str = "euler") -> Plan:
+    """An all-ODE plan of ``num_steps`` steps (evaluation; Flow-GRPO's "denoising reduction" trains
+    with fewer steps, e.g. 10, than it evaluates with, e.g. 40)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
+    if ode_solver not in ODE_SOLVERS:
+        raise ValueError(f"ode_solver: unknown solver {ode_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+    S = num_steps
+    return Plan(
+        kind="ode",
+        num_steps=S,
+        sde=torch.zeros(S, dtype=torch.bool),
+        noise_level=torch.zeros(S, dtype=torch.float32),
+        trained=torch.zeros(S, dtype=torch.bool),
+        branch=torch.ones(S, dtype=torch.int64),
+        ode_solver=ode_solver,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sigma sub-schedules for the ODE tail
+# --------------------------------------------------------------------------------------------------
+
+
+def granular_sigmas(tail: torch.Tensor, granularity: int) -> torch.Tensor:
+    """The sigmas visited by a continuation of stride ``granularity`` (G²RPO, arXiv 2510.01982).
+
+    ``tail = sigmas[k+1:]`` starts at the state after the last stochastic step k and ends at 0.
+    G²RPO visits ``sigmas[:k+2] + sigmas[k+2::g]``: one fine step to ``sigmas[k+2]``, then every
+    g-th sigma. We do the same, i.e. ``[tail[0]] + tail[1::g]``, and append the final sigma when the
+    stride skips it (G²RPO's slice can end above 0 when (S−k−2) is not a multiple of g; a
+    continuation must end at the clean sample).
+    """
+    if granularity < 1:
+        raise ValueError(f"granularity: must be >= 1, got {granularity}")
+    if tail.numel() <= 2 or granularity == 1:
+        return tail
+    out = torch.cat([tail[:1], tail[1::granularity]])
+    if (tail.numel() - 2) % granularity != 0:
+        out = torch.cat([out, tail[-1:]])
+    return out
+
