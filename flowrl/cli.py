@@ -18,10 +18,34 @@ log = logging.getLogger("flowrl")
 
 
 def _cmd_make_tiny(args) -> int:
-    from flowrl.flow.tiny import save_tiny
+    if args.kind == "lm":
+        from flowrl.text.tiny import save_tiny_lm
 
-    out = save_tiny(args.kind, args.dir, seed=args.seed)
+        out = save_tiny_lm(args.dir, seed=args.seed)
+    else:
+        from flowrl.flow.tiny import save_tiny
+
+        out = save_tiny(args.kind, args.dir, seed=args.seed)
     print(f"wrote a tiny {args.kind} model to {out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from flowrl.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    from flowrl.train.loop import TrainingStopped, train
+
+    try:
+        summary = train(cfg)
+    except TrainingStopped as e:
+        print(f"flowrl: stopped: {e}", file=sys.stderr)
+        return 3
+    first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
+    print(f"done: {summary['steps']} steps in {summary['wall_clock_s']:.0f} s; run folder {cfg.output_dir}")
+    for k in sorted(set(first) | set(last)):
+        if "/" not in k:
+            print(f"  held-out {k}: {first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}")
     return 0
 
 
@@ -63,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("train", help="train a flow model or a causal LM with online RL (GRPO family)")
+    s.add_argument("config", help="YAML run config (configs/*.yaml)")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. max_steps=10 model.path=DIR")
+    s.set_defaults(func=_cmd_train)
+
     s = sub.add_parser("make-tiny", help="write a tiny randomly initialised model folder in the real format")
-    s.add_argument("kind", choices=["sd3", "flux"])
+    s.add_argument("kind", choices=["sd3", "flux", "lm"])
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_make_tiny)

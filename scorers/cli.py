@@ -1,0 +1,199 @@
+"""``flowrl score``: score a folder of images against their prompts with one or more scorers.
+
+    flowrl score --scorer NAME [--checkpoint PATH] --images DIR --prompts FILE
+                 [--output scores.csv] [--device cpu] [--dtype float32] [--batch-size 16]
+                 [--option KEY=VALUE ...]
+
+Matching images to prompts: the image files in DIR (``.png .jpg .jpeg .webp .bmp``, any case; not
+recursive) are sorted by file name (plain string order, as ``ls`` shows them: name them with
+zero-padded numbers, ``0001.png``, ``0002.png``, …), and the i-th image is paired with the i-th line
+of FILE (UTF-8, one prompt per line; the line break is removed, nothing else). The counts must be
+equal, except that a file with a single prompt is used for every image.
+
+``--scorer`` may be repeated to get several columns (``--checkpoint`` then is not allowed; pass
+``--option NAME.checkpoint=PATH``). ``--option KEY=VALUE`` passes a factory option (the value is
+read as JSON when it parses, e.g. ``batch_size=4``, ``scale=0.038``, else as a string);
+``NAME.KEY=VALUE`` targets one scorer when several are given.
+
+Prints a table (file, scores, prompt) and the mean ± std of each scorer, and writes ``scores.csv``
+(columns ``image, prompt, <scorer>...``; non-finite scores are written as ``nan``/``inf``).
+Returns 0 on success, 2 on a usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, TextIO
+
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (reported on stderr, exit status 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowrl score",
+        description="Score images against prompts. The i-th line of --prompts goes with the i-th image "
+        "of --images in file-name order (one prompt for all images if the file has one line).",
+    )
+    p.add_argument("--scorer", action="append", required=True, help="scorer name or dotted path (repeatable)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (file, folder, URL or hub id) for a single scorer")
+    p.add_argument("--images", required=True, help="folder of images (.png .jpg .jpeg .webp .bmp)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line, in image file-name order")
+    p.add_argument("--output", default="scores.csv", help="CSV file to write (default: scores.csv)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                   help="extra scorer option (value parsed as JSON when possible); repeatable")
+    return p
+
+
+def list_images(folder: str) -> List[str]:
+    """Image files directly in ``folder``, sorted by file name (string order)."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--images: not a folder: {folder}")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    if not names:
+        raise UsageError(f"--images: no image files ({' '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return [os.path.join(folder, f) for f in names]
+
+
+def read_prompts(path: str, n_images: int) -> List[str]:
+    """One prompt per line (line breaks removed); a single prompt is repeated for all images."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts: file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if len(lines) == 1:
+        return lines * n_images
+    if len(lines) != n_images:
+        raise UsageError(
+            f"--prompts: {path} has {len(lines)} lines but --images has {n_images} images; "
+            "give one prompt per image (or a single prompt for all)"
+        )
+    return lines
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(items: Sequence[str], scorer_names: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """``KEY=VALUE`` (all scorers) and ``NAME.KEY=VALUE`` (one scorer) → per-scorer option dicts."""
+    per: Dict[str, Dict[str, object]] = {n: {} for n in scorer_names}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
+        target, dot, k = key.rpartition(".")
+        if dot and target in per:
+            per[target][k] = _parse_value(value)
+        elif dot:
+            raise UsageError(f"--option {item!r}: {target!r} is not one of the scorers {list(scorer_names)}")
+        else:
+            for n in per:
+                per[n][key] = _parse_value(value)
+    return per
+
+
+def _load_groups(paths: List[str]):
+    """Open the images; group indices by size (scorers batch images of one size)."""
+    from PIL import Image
+
+    images, groups = [], {}
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                rgb = im.convert("RGB")
+        except Exception as e:
+            raise UsageError(f"--images: cannot read {p}: {e}") from e
+        images.append(rgb)
+        groups.setdefault(rgb.size, []).append(i)
+    return images, groups
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if math.isfinite(x) else str(x)
+
+
+def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
+    """Entry point of ``flowrl score`` (see the module docstring). Returns the exit status."""
+    out = stdout or sys.stdout
+    args = build_parser().parse_args(argv)
+    import scorers
+
+    try:
+        names = list(dict.fromkeys(args.scorer))
+        if args.checkpoint is not None and len(names) > 1:
+            raise UsageError("--checkpoint needs a single --scorer; use --option NAME.checkpoint=PATH")
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        options = parse_options(args.option, names)
+        paths = list_images(args.images)
+        prompts = read_prompts(args.prompts, len(paths))
+        images, groups = _load_groups(paths)
+    except UsageError as e:
+        print(f"flowrl score: error: {e}", file=sys.stderr)
+        return 2
+
+    results: Dict[str, torch.Tensor] = {}
+    for name in names:
+        kw = {"device": args.device, "dtype": _DTYPES[args.dtype], "batch_size": args.batch_size, **options[name]}
+        if args.checkpoint is not None:
+            kw["checkpoint"] = args.checkpoint
+        try:
+            scorer = scorers.get(name, **kw)
+        except (scorers.UnknownScorerError, ValueError, TypeError, OSError) as e:
+            print(f"flowrl score: error: scorer {name!r}: {e}", file=sys.stderr)
+            return 2
+        col = torch.full((len(paths),), float("nan"))
+        for idx in groups.values():
+            s = scorer([images[i] for i in idx], [prompts[i] for i in idx])
+            col[torch.tensor(idx)] = s.detach().float().cpu()
+        results[name] = col
+
+    with open(args.output, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "prompt", *names])
+        for i, p in enumerate(paths):
+            w.writerow([os.path.basename(p), prompts[i], *(repr(float(results[n][i])) for n in names)])
+
+    width = max(len("image"), *(len(os.path.basename(p)) for p in paths))
+    colw = [max(10, len(n)) for n in names]
+    header = f"{'image':<{width}}  " + "  ".join(f"{n:>{c}}" for n, c in zip(names, colw)) + "  prompt"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for i, p in enumerate(paths):
+        prompt = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:57] + "..."
+        vals = "  ".join(f"{_fmt(float(results[n][i])):>{c}}" for n, c in zip(names, colw))
+        print(f"{os.path.basename(p):<{width}}  {vals}  {prompt}", file=out)
+    print("-" * len(header), file=out)
+    for n in names:
+        v = results[n][torch.isfinite(results[n])]
+        bad = len(paths) - v.numel()
+        std = float(v.std()) if v.numel() > 1 else 0.0
+        mean = float(v.mean()) if v.numel() else float("nan")
+        extra = f" ({bad} non-finite)" if bad else ""
+        print(f"{n}: mean {_fmt(mean)} ± {_fmt(std)} over {v.numel()} images{extra}", file=out)
+    print(f"wrote {args.output}", file=out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
