@@ -417,6 +417,9 @@ class TrainConfig:
     ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
     gradient_checkpointing: bool = False  # trade compute for memory in the update
+    per_prompt_stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps
+    stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
+    stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     keep_last: int = 2  # checkpoints kept on disk
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)

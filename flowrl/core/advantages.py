@@ -1,0 +1,753 @@
+"""Group-relative advantages and their 2025 variants (torch only).
+
+Everything here is shared by the image path (one reward per generated image, a group = the images
+of one prompt) and the text path (one reward per completion). Shapes:
+
+* rewards ``[N]`` (one reward) or ``[N, R]`` (R reward models / functions),
+* ``group_ids [N]`` integer ids (any values; equal id = same group),
+* the result is ``[N]`` per trajectory. Trees give ``[L, T]`` per trained step
+  (:func:`tree_step_advantages`).
+
+Conventions (with the library each default comes from):
+
+* ``A_i = (r_i - mu) / (sigma + eps)`` -- eps is *added* to the std, as in TRL, verl and Flow-GRPO.
+* ``sigma`` is the Bessel-corrected std by default (TRL ``nanstd``, verl/DanceGRPO ``torch.std``);
+  ``std_unbiased=False`` gives the population std of Flow-GRPO's ``np.std``.
+* A reward equal to NaN marks an invalid sample: it is excluded from every statistic, gets
+  advantage exactly 0 and ``keep=False``. It is never averaged in.
+* A group whose valid rewards are all equal (``max - min <= zero_std_tol``) carries no signal;
+  with a group baseline its advantages are exactly 0. Groups with fewer than two valid samples
+  count as zero-variance too.
+
+All statistics are computed in float64 and returned in the rewards' floating dtype
+(float32 for integer rewards).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdvantageConfig",
+    "GroupStats",
+    "PerPromptStatTracker",
+    "TreeAdvantages",
+    "advantage_preset",
+    "compute_advantages",
+    "group_stats",
+    "multi_granularity_advantages",
+    "tree_node_advantages",
+    "tree_node_values",
+    "tree_step_advantages",
+]
+
+_CENTERS = ("group", "batch", "none")
+_SCALES = ("group", "batch", "none")
+_MULTI = ("sum_then_normalize", "normalize_then_sum")
+_POST = ("none", "batch")
+_NAN_POLICIES = ("any", "all")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdvantageConfig:
+    """How rewards become advantages. Every field has a default; ``validate()`` checks them."""
+
+    center: str = "group"  # baseline subtracted: "group" mean (GRPO), "batch" mean (global norm), "none"
+    scale: str = "group"  # "group" std, "batch" std (TRL scale_rewards=batch, Flow-GRPO global_std), "none" (Dr. GRPO)
+    eps: float = 1e-4  # added to the std: A = (r - mu)/(sigma + eps); TRL/Flow-GRPO 1e-4, verl/NGRPO 1e-6
+    std_unbiased: bool = True  # Bessel-corrected std (TRL, verl, DanceGRPO); False = population std (Flow-GRPO np.std)
+    multi_reward: str = "sum_then_normalize"  # [N, R]: sum then normalise, or "normalize_then_sum" (MixGRPO, GDPO)
+    reward_weights: tuple[float, ...] | None = None  # one weight per reward column; None = all 1.0
+    post_norm: str = "none"  # after normalize_then_sum: "batch" z-scores the summed advantages (TRL/GDPO)
+    nan_policy: str = "any"  # "any": one NaN reward invalidates a sample; "all": only if all are NaN (TRL)
+    ngrpo_max_reward: float | None = None  # NGRPO (2509.18851): virtual samples with this reward join each group
+    ngrpo_num_virtual: int = 1  # how many virtual maximum-reward samples NGRPO adds per group
+    filter_zero_std: bool = False  # DAPO dynamic sampling (2503.14476): keep=False for groups with zero reward variance
+    zero_std_tol: float = 0.0  # a group is zero-variance when max(r) - min(r) <= this tolerance
+    clip: float | None = None  # clamp advantages to [-clip, clip] (Flow-GRPO/DanceGRPO adv_clip_max = 5)
+
+    def validate(self) -> "AdvantageConfig":
+        """Raise ``ValueError("<field>: <reason>")`` on the first invalid field; return self."""
+        if self.center not in _CENTERS:
+            raise ValueError(f"center: must be one of {_CENTERS}, got {self.center!r}")
+        if self.scale not in _SCALES:
+            raise ValueError(f"scale: must be one of {_SCALES}, got {self.scale!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps: must be a finite number >= 0, got {self.eps!r}")
+        if self.multi_reward not in _MULTI:
+            raise ValueError(f"multi_reward: must be one of {_MULTI}, got {self.multi_reward!r}")
+        if self.reward_weights is not None:
+            if len(self.reward_weights) == 0:
+                raise ValueError("reward_weights: must be None or a non-empty sequence")
+            if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in self.reward_weights):
+                raise ValueError(f"reward_weights: must be finite numbers, got {self.reward_weights!r}")
+        if self.post_norm not in _POST:
+            raise ValueError(f"post_norm: must be one of {_POST}, got {self.post_norm!r}")
+        if self.post_norm != "none" and self.multi_reward != "normalize_then_sum":
+            raise ValueError("post_norm: only applies with multi_reward='normalize_then_sum'")
+        if self.nan_policy not in _NAN_POLICIES:
+            raise ValueError(f"nan_policy: must be one of {_NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.ngrpo_max_reward is not None:
+            if not math.isfinite(self.ngrpo_max_reward):
+                raise ValueError("ngrpo_max_reward: must be finite")
+            if self.center != "group":
+                raise ValueError("ngrpo_max_reward: NGRPO calibrates the group baseline, requires center='group'")
+        if not (isinstance(self.ngrpo_num_virtual, int) and self.ngrpo_num_virtual >= 1):
+            raise ValueError(f"ngrpo_num_virtual: must be an int >= 1, got {self.ngrpo_num_virtual!r}")
+        if not (self.zero_std_tol >= 0):
+            raise ValueError(f"zero_std_tol: must be >= 0, got {self.zero_std_tol!r}")
+        if self.clip is not None and not (self.clip > 0):
+            raise ValueError(f"clip: must be None or > 0, got {self.clip!r}")
+        return self
+
+
+def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
+    """Named advantage recipes as their libraries / papers define them.
+
+    * ``trl`` / ``grpo``: group mean, group Bessel std, eps 1e-4 (TRL ``scale_rewards='group'``).
+    * ``trl_batch``: group mean, batch std (TRL ``scale_rewards='batch'``, PPO-Lite 2508.08221).
+    * ``dr_grpo``: group mean, no std (Dr. GRPO, 2503.20783; TRL ``scale_rewards='none'``).
+    * ``gdpo``: per-reward group z-score, weighted sum, batch z-score (GDPO 2601.05242; TRL
+      ``multi_objective_aggregation='normalize_then_sum'``).
+    * ``mixgrpo``: per-reward group z-score then weighted sum (MixGRPO ``advantage_aggr``, 2507.21802),
+      clipped at 5.
+    * ``flow_grpo``: per-prompt mean, population std, eps 1e-4, clip 5 (Flow-GRPO 2505.05470;
+      its SD3 configs set ``global_std=True`` -> pass ``scale='batch'``).
+    * ``dance_grpo``: group mean, Bessel std, eps 1e-8, clip 5 (DanceGRPO 2505.07818).
+    * ``verl``: group mean, Bessel std, eps 1e-6 (verl ``compute_grpo_outcome_advantage``).
+    * ``ngrpo``: one virtual sample with reward 1.0 in every group, eps 1e-6 (NGRPO 2509.18851).
+    * ``dapo``: GRPO advantages with zero-variance groups filtered (DAPO 2503.14476).
+    """
+    presets: dict[str, dict[str, Any]] = {
+        "trl": {},
+        "grpo": {},
+        "trl_batch": {"scale": "batch"},
+        "dr_grpo": {"scale": "none"},
+        "gdpo": {"multi_reward": "normalize_then_sum", "post_norm": "batch", "nan_policy": "all"},
+        "mixgrpo": {"multi_reward": "normalize_then_sum", "clip": 5.0},
+        "flow_grpo": {"std_unbiased": False, "clip": 5.0},
+        "dance_grpo": {"eps": 1e-8, "clip": 5.0},
+        "verl": {"eps": 1e-6},
+        "ngrpo": {"eps": 1e-6, "ngrpo_max_reward": 1.0, "ngrpo_num_virtual": 1},
+        "dapo": {"filter_zero_std": True},
+    }
+    if name not in presets:
+        raise ValueError(f"name: unknown advantage preset {name!r}; choose from {sorted(presets)}")
+    known = {f.name for f in fields(AdvantageConfig)}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"{key}: not a field of AdvantageConfig")
+    return AdvantageConfig(**{**presets[name], **overrides}).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# per-prompt statistics with history (Flow-GRPO / DDPO)
+# --------------------------------------------------------------------------------------------
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward history for the baseline (DDPO 2305.13301; Flow-GRPO 2505.05470).
+
+    ``update(keys, rewards)`` appends each reward to its prompt's history (keeping at most
+    ``buffer_size`` most recent values, ``None`` = unbounded) and returns, for every sample,
+    the mean and std of its prompt's history *including the current rewards*. Flow-GRPO calls
+    ``clear()`` once per epoch; without ``clear()`` the baseline keeps a history across steps.
+    If a prompt has fewer than ``min_count`` rewards in its history, the caller falls back to
+    batch statistics (DDPO's rule); ``count`` is returned for that purpose.
+
+    State is plain Python (lists of floats) so ``state_dict()`` / ``load_state_dict()``
+    round-trip exactly for resume. Keys must be ``str`` or ``int`` to be serialised.
+    """
+
+    def __init__(self, buffer_size: int | None = None, min_count: int = 0) -> None:
+        if buffer_size is not None and (not isinstance(buffer_size, int) or buffer_size < 1):
+            raise ValueError(f"buffer_size: must be None or an int >= 1, got {buffer_size!r}")
+        if not isinstance(min_count, int) or min_count < 0:
+            raise ValueError(f"min_count: must be an int >= 0, got {min_count!r}")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self._history: dict[Hashable, deque[float]] = {}
+
+    def __len__(self) -> int:
+        """Number of distinct prompts with a history."""
+        return len(self._history)
+
+    def history(self, key: Hashable) -> list[float]:
+        """The stored rewards of one prompt (oldest first); empty list if unseen."""
+        return list(self._history.get(key, ()))
+
+    def clear(self) -> None:
+        """Forget every history (Flow-GRPO calls this at the start of each epoch)."""
+        self._history.clear()
+
+    def update(
+        self, keys: Sequence[Hashable], rewards: Tensor, unbiased: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Append rewards and return per-sample ``(mean, std, count)`` of each prompt's history.
+
+        mean = (1/n) sum_h r_h; std = sqrt(sum_h (r_h - mean)^2 / (n - 1 if unbiased else n)),
+        0 when n < 2 (unbiased) or n < 1. All float64, shape [N].
+        """
+        rewards = torch.as_tensor(rewards)
+        if rewards.ndim != 1 or len(keys) != rewards.shape[0]:
+            raise ValueError(
+                f"keys: need one key per reward, got {len(keys)} keys for rewards of shape {tuple(rewards.shape)}"
+            )
+        vals = rewards.detach().to("cpu", torch.float64).tolist()
+        if any(math.isnan(v) for v in vals):
+            raise ValueError("rewards: NaN rewards must be filtered out before PerPromptStatTracker.update")
+        for key, value in zip(keys, vals):
+            if key not in self._history:
+                self._history[key] = deque(maxlen=self.buffer_size)
+            self._history[key].append(value)
+        cache: dict[Hashable, tuple[float, float, float]] = {}
+        for key in keys:
+            if key in cache:
+                continue
+            hist = torch.tensor(list(self._history[key]), dtype=torch.float64)
+            n = hist.numel()
+            mean = hist.mean().item()
+            ddof = 1 if unbiased else 0
+            std = math.sqrt(((hist - mean) ** 2).sum().item() / (n - ddof)) if n - ddof > 0 else 0.0
+            cache[key] = (mean, std, float(n))
+        out = torch.tensor([cache[k] for k in keys], dtype=torch.float64).reshape(len(keys), 3)
+        return out[:, 0], out[:, 1], out[:, 2]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state: ``{"buffer_size", "min_count", "keys", "history"}``."""
+        for key in self._history:
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"keys: only str/int prompt keys can be serialised, got {type(key).__name__}")
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "keys": list(self._history.keys()),
+            "history": [list(v) for v in self._history.values()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore exactly what :meth:`state_dict` returned."""
+        for name in ("buffer_size", "min_count", "keys", "history"):
+            if name not in state:
+                raise ValueError(f"state: missing entry {name!r}")
+        if len(state["keys"]) != len(state["history"]):
+            raise ValueError("state: 'keys' and 'history' differ in length")
+        self.__init__(buffer_size=state["buffer_size"], min_count=state["min_count"])
+        for key, values in zip(state["keys"], state["history"]):
+            self._history[key] = deque((float(v) for v in values), maxlen=self.buffer_size)
+
+
+# --------------------------------------------------------------------------------------------
+# group statistics
+# --------------------------------------------------------------------------------------------
+
+
+class GroupStats(NamedTuple):
+    """Per-sample broadcast of per-group statistics (all float64 except the index)."""
+
+    mean: Tensor  # [N] group mean of valid values (incl. NGRPO virtual samples)
+    std: Tensor  # [N] group std (0 if fewer than 2 values)
+    count: Tensor  # [N] number of valid values in the group (excl. virtual samples)
+    zero_var: Tensor  # [N] bool: the group's valid values are all equal (or < 2 of them)
+    index: Tensor  # [N] contiguous group index in [0, num_groups)
+    num_groups: int
+
+
+def _group_index(group_ids: Tensor, n: int) -> tuple[Tensor, int]:
+    group_ids = torch.as_tensor(group_ids)
+    if group_ids.ndim != 1 or group_ids.shape[0] != n:
+        raise ValueError(f"group_ids: must have shape [{n}], got {tuple(group_ids.shape)}")
+    if group_ids.is_floating_point() or group_ids.is_complex():
+        raise ValueError("group_ids: must be an integer or bool tensor")
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num = int(inverse.max().item()) + 1 if n > 0 else 0
+    return inverse, num
+
+
+def group_stats(
+    values: Tensor,
+    group_ids: Tensor,
+    valid: Tensor | None = None,
+    *,
+    unbiased: bool = True,
+    virtual_value: float | None = None,
+    num_virtual: int = 0,
+    zero_std_tol: float = 0.0,
+) -> GroupStats:
+    """Mean and std of ``values`` within each group, NaN-free, vectorised with scatter-adds.
+
+    mu_g = (sum_{i in g, valid} v_i + K*v_max) / (n_g + K)
+    sigma_g = sqrt( (sum (v_i - mu_g)^2 + K (v_max - mu_g)^2) / (n_g + K - ddof) ), ddof = 1 if unbiased.
+
+    ``K = num_virtual`` virtual samples of value ``virtual_value`` implement NGRPO's advantage
+    calibration (arXiv 2509.18851: mean/std over the group plus the maximum reward). Without
+    virtual samples a group with n_g < 2 gets sigma = 0.
+    """
+    values = torch.as_tensor(values)
+    n = values.shape[0]
+    index, num_groups = _group_index(group_ids, n)
+    v = values.detach().to(torch.float64)
+    if valid is None:
+        valid = ~torch.isnan(v)
+    valid = valid.to(torch.bool) & ~torch.isnan(v)
+    vz = torch.where(valid, v, torch.zeros_like(v))
+    w = valid.to(torch.float64)
+    dev = v.device
+    cnt = torch.zeros(num_groups, dtype=torch.float64, device=dev).index_add_(0, index, w)
+    tot = torch.zeros(num_groups, dtype=torch.float64, device=dev).index_add_(0, index, vz)
+    k = float(num_virtual) if virtual_value is not None else 0.0
+    if k > 0:
+        tot = tot + k * float(virtual_value)
+    n_all = cnt + k
+    mean_g = tot / n_all.clamp(min=1.0)
+    sq = torch.where(valid, (v - mean_g[index]) ** 2, torch.zeros_like(v))
+    ss = torch.zeros(num_groups, dtype=torch.float64, device=dev).index_add_(0, index, sq)
+    if k > 0:
+        ss = ss + k * (float(virtual_value) - mean_g) ** 2
+    denom = n_all - (1.0 if unbiased else 0.0)
+    std_g = torch.where(denom > 0, ss / denom.clamp(min=1e-300), torch.zeros_like(ss)).sqrt()
+    std_g = torch.where(n_all >= 2, std_g, torch.zeros_like(std_g))
+    big = torch.finfo(torch.float64).max
+    vmax = torch.full((num_groups,), -big, dtype=torch.float64, device=dev).scatter_reduce(
+        0, index, torch.where(valid, v, torch.full_like(v, -big)), reduce="amax"
+    )
+    vmin = torch.full((num_groups,), big, dtype=torch.float64, device=dev).scatter_reduce(
+        0, index, torch.where(valid, v, torch.full_like(v, big)), reduce="amin"
+    )
+    zero_var_g = (cnt < 2) | ((vmax - vmin) <= zero_std_tol)
+    return GroupStats(mean_g[index], std_g[index], cnt[index], zero_var_g[index], index, num_groups)
+
+
+def _batch_moments(v: Tensor, valid: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
+    """Mean and std over the valid entries of a float64 vector (std 0 if fewer than 2)."""
+    x = v[valid]
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float64, device=v.device)
+        return zero, zero
+    mean = x.mean()
+    ddof = 1 if unbiased else 0
+    if x.numel() - ddof <= 0 or x.numel() < 2:
+        return mean, torch.zeros((), dtype=torch.float64, device=v.device)
+    return mean, (((x - mean) ** 2).sum() / (x.numel() - ddof)).sqrt()
+
+
+def _normalize_column(
+    r: Tensor,
+    valid: Tensor,
+    group_ids: Tensor,
+    cfg: AdvantageConfig,
+    tracker: PerPromptStatTracker | None,
+    prompt_keys: Sequence[Hashable] | None,
+) -> tuple[Tensor, GroupStats]:
+    """One reward column -> advantages (float64), following cfg.center / cfg.scale.
+
+    A = (r - baseline) / (sigma + eps)   (or r - baseline when scale='none');
+    baseline = group mean, batch mean or 0; sigma = group std, batch std.
+    With a tracker the group statistics are the prompt's history statistics.
+    """
+    virtual = cfg.ngrpo_max_reward
+    gs = group_stats(
+        r,
+        group_ids,
+        valid,
+        unbiased=cfg.std_unbiased,
+        virtual_value=virtual,
+        num_virtual=cfg.ngrpo_num_virtual if virtual is not None else 0,
+        zero_std_tol=cfg.zero_std_tol,
+    )
+    mean_g, std_g = gs.mean, gs.std
+    if tracker is not None:
+        idx = torch.nonzero(valid, as_tuple=False).flatten().tolist()
+        t_mean = torch.zeros_like(r)
+        t_std = torch.zeros_like(r)
+        t_cnt = torch.zeros_like(r)
+        if idx:
+            m, s, c = tracker.update([prompt_keys[i] for i in idx], r[idx], unbiased=cfg.std_unbiased)
+            sel = torch.tensor(idx, device=r.device)
+            t_mean[sel], t_std[sel], t_cnt[sel] = m.to(r.device), s.to(r.device), c.to(r.device)
+        b_mean, b_std = _batch_moments(r, valid, cfg.std_unbiased)
+        enough = t_cnt >= max(tracker.min_count, 1)
+        mean_g = torch.where(enough, t_mean, b_mean.expand_as(r))
+        std_g = torch.where(enough, t_std, b_std.expand_as(r))
+    if cfg.center == "group":
+        base = mean_g
+    elif cfg.center == "batch":
+        base = _batch_moments(r, valid, cfg.std_unbiased)[0].expand_as(r)
+    else:
+        base = torch.zeros_like(r)
+    adv = torch.where(valid, r - base, torch.zeros_like(r))
+    if cfg.scale == "group":
+        adv = adv / (std_g + cfg.eps)
+    elif cfg.scale == "batch":
+        adv = adv / (_batch_moments(r, valid, cfg.std_unbiased)[1] + cfg.eps)
+    if cfg.center == "group" and tracker is None and virtual is None:
+        # exact zeros for groups without signal (r - mean may otherwise be ~1e-16)
+        adv = torch.where(gs.zero_var, torch.zeros_like(adv), adv)
+    return adv, gs
+
+
+def compute_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    cfg: AdvantageConfig | None = None,
+    tracker: PerPromptStatTracker | None = None,
+    prompt_keys: Sequence[Hashable] | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Group-relative advantages (GRPO, arXiv 2402.03300) with the options of its descendants.
+
+    Single reward:  A_i = (r_i - mu_g(i)) / (sigma_g(i) + eps)   (center/scale per ``cfg``).
+    Multi-reward ``sum_then_normalize``:  r_i = sum_k w_k r_ik, then as above (TRL default).
+    Multi-reward ``normalize_then_sum``:  A_i = sum_k w_k A_ik with A_ik the normalised k-th
+    reward (MixGRPO ``advantage_aggr`` 2507.21802); ``post_norm='batch'`` then z-scores A over the
+    batch (GDPO 2601.05242, TRL ``normalize_then_sum``).
+    Then: NaN samples -> 0, optional DAPO zero-variance filter (keep=False, A=0), optional clip.
+
+    Args:
+        rewards: ``[N]`` or ``[N, R]``; NaN marks an invalid sample (see ``cfg.nan_policy``).
+        group_ids: ``[N]`` integer group ids (a prompt's samples share an id).
+        cfg: options (default: TRL-style group z-score).
+        tracker: per-prompt history (Flow-GRPO); requires ``prompt_keys``.
+        prompt_keys: ``N`` hashable prompt identifiers used as the tracker's keys.
+
+    Returns:
+        ``(advantages [N], stats)`` with stats ``keep`` (bool [N]: valid and not filtered),
+        ``num_groups``, ``zero_std_count``, ``zero_std_frac``, ``filtered_count``,
+        ``invalid_count``, ``clipped_count``, ``reward_mean``, ``reward_std``,
+        ``reward_std_mean`` (mean within-group std) and, with a tracker, ``tracked_prompts``.
+    """
+    cfg = (cfg or AdvantageConfig()).validate()
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards: must have shape [N] or [N, R], got {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    r2 = rewards.detach().to(torch.float64)
+    if r2.ndim == 1:
+        r2 = r2.unsqueeze(1)
+    num_r = r2.shape[1]
+    if num_r == 0:
+        raise ValueError("rewards: need at least one reward column")
+    weights = cfg.reward_weights if cfg.reward_weights is not None else (1.0,) * num_r
+    if len(weights) != num_r:
+        raise ValueError(f"reward_weights: {len(weights)} weights for {num_r} reward columns")
+    if tracker is not None:
+        if prompt_keys is None or len(prompt_keys) != n:
+            raise ValueError("prompt_keys: a tracker needs one prompt key per sample")
+        if cfg.multi_reward == "normalize_then_sum" and num_r > 1:
+            raise ValueError("tracker: not supported with multi_reward='normalize_then_sum'")
+        if cfg.ngrpo_max_reward is not None:
+            raise ValueError("tracker: not supported together with ngrpo_max_reward")
+    w = torch.tensor(weights, dtype=torch.float64, device=r2.device)
+    col_nan = torch.isnan(r2)
+    invalid = col_nan.any(1) if cfg.nan_policy == "any" else col_nan.all(1)
+    valid = ~invalid
+
+    if cfg.multi_reward == "sum_then_normalize" or num_r == 1:
+        total = torch.where(col_nan, torch.zeros_like(r2), r2 * w).sum(1)
+        total = torch.where(valid, total, torch.full_like(total, float("nan")))
+        adv, gs = _normalize_column(total, valid, group_ids, cfg, tracker, prompt_keys)
+        zero_var = gs.zero_var
+        logged = total
+    else:
+        adv = torch.zeros(n, dtype=torch.float64, device=r2.device)
+        zero_var = torch.ones(n, dtype=torch.bool, device=r2.device)
+        for k in range(num_r):
+            col_valid = valid & ~col_nan[:, k]
+            a_k, gs = _normalize_column(r2[:, k], col_valid, group_ids, cfg, None, None)
+            adv = adv + torch.where(col_valid, w[k] * a_k, torch.zeros_like(a_k))
+            zero_var = zero_var & gs.zero_var
+        if cfg.post_norm == "batch":
+            m, s = _batch_moments(adv, valid, cfg.std_unbiased)
+            adv = (adv - m) / (s + cfg.eps)
+        logged = torch.where(col_nan, torch.zeros_like(r2), r2 * w).sum(1)
+        logged = torch.where(valid, logged, torch.full_like(logged, float("nan")))
+
+    index, num_groups = gs.index, gs.num_groups
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    keep = valid.clone()
+    zero_g = torch.zeros(num_groups, dtype=torch.bool, device=r2.device).index_put_(
+        (index,), zero_var, accumulate=False
+    )
+    filtered = torch.zeros(n, dtype=torch.bool, device=r2.device)
+    if cfg.filter_zero_std:
+        filtered = zero_var & valid
+        keep = keep & ~zero_var
+        adv = torch.where(zero_var, torch.zeros_like(adv), adv)
+    clipped = torch.zeros(n, dtype=torch.bool, device=r2.device)
+    if cfg.clip is not None:
+        clipped = adv.abs() > cfg.clip
+        adv = adv.clamp(-cfg.clip, cfg.clip)
+
+    # logging statistics of the (weighted, summed) reward
+    rs = logged[valid]
+    std_g = group_stats(logged, group_ids, valid, unbiased=cfg.std_unbiased)
+    per_group_std = torch.zeros(num_groups, dtype=torch.float64, device=r2.device).index_put_(
+        (std_g.index,), std_g.std
+    )
+    stats: dict[str, Any] = {
+        "keep": keep,
+        "num_groups": num_groups,
+        "zero_std_count": int(zero_g.sum().item()),
+        "zero_std_frac": float(zero_g.float().mean().item()) if num_groups else 0.0,
+        "filtered_count": int(filtered.sum().item()),
+        "invalid_count": int(invalid.sum().item()),
+        "clipped_count": int(clipped.sum().item()),
+        "reward_mean": float(rs.mean().item()) if rs.numel() else float("nan"),
+        "reward_std": float(rs.std(unbiased=cfg.std_unbiased).item()) if rs.numel() > 1 else 0.0,
+        "reward_std_mean": float(per_group_std.mean().item()) if num_groups else 0.0,
+    }
+    if tracker is not None:
+        stats["tracked_prompts"] = len(tracker)
+    return adv.to(out_dtype), stats
+
+
+# --------------------------------------------------------------------------------------------
+# trees, branches and granularities (TempFlow-GRPO, G2RPO, Dynamic-TreeRPO)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_parent(parent: Tensor) -> Tensor:
+    parent = torch.as_tensor(parent)
+    if parent.ndim != 1 or parent.is_floating_point():
+        raise ValueError(f"parent: must be a 1-D integer tensor, got dtype {parent.dtype} shape {tuple(parent.shape)}")
+    m = parent.shape[0]
+    if ((parent < -1) | (parent >= m)).any():
+        raise ValueError("parent: entries must be -1 (root) or a node index in [0, M)")
+    if (parent == torch.arange(m, device=parent.device)).any():
+        raise ValueError("parent: a node cannot be its own parent")
+    # cycle check: following parents must reach -1 within M hops
+    cur = parent.clone()
+    for _ in range(m):
+        alive = cur >= 0
+        if not alive.any():
+            break
+        cur = torch.where(alive, parent[cur.clamp(min=0)], cur)
+    if (cur >= 0).any():
+        raise ValueError("parent: the parent links contain a cycle")
+    return parent
+
+
+def _is_leaf(parent: Tensor) -> Tensor:
+    m = parent.shape[0]
+    has_child = torch.zeros(m, dtype=torch.bool, device=parent.device)
+    kids = parent[parent >= 0]
+    has_child[kids] = True
+    return ~has_child
+
+
+def tree_node_values(parent: Tensor, leaf_rewards: Tensor) -> Tensor:
+    """Value of every tree node = mean reward of the leaves below it (TreeGRPO/Dynamic-TreeRPO 2509.23352).
+
+    V(v) = (1/|L(v)|) sum_{l in L(v)} r_l, L(v) = valid (non-NaN) leaves in the subtree of v
+    (a leaf's value is its own reward). Nodes with no valid leaf below get NaN.
+
+    Args:
+        parent: ``[M]`` parent index of each node, ``-1`` for roots.
+        leaf_rewards: ``[M]`` reward of each leaf; entries of internal nodes are ignored.
+    """
+    parent = _check_parent(parent)
+    r = torch.as_tensor(leaf_rewards).detach().to(torch.float64)
+    m = parent.shape[0]
+    if r.shape != (m,):
+        raise ValueError(f"leaf_rewards: must have shape [{m}], got {tuple(r.shape)}")
+    leaf = _is_leaf(parent) & ~torch.isnan(r)
+    tot = torch.zeros(m, dtype=torch.float64, device=r.device)
+    cnt = torch.zeros(m, dtype=torch.float64, device=r.device)
+    cur = torch.nonzero(leaf, as_tuple=False).flatten()
+    val = r[cur]
+    while cur.numel():
+        tot.index_add_(0, cur, val)
+        cnt.index_add_(0, cur, torch.ones_like(val))
+        nxt = parent[cur]
+        keep = nxt >= 0
+        cur, val = nxt[keep], val[keep]
+    out = tot / cnt.clamp(min=1.0)
+    return torch.where(cnt > 0, out, torch.full_like(out, float("nan")))
+
+
+def tree_node_advantages(
+    parent: Tensor, node_values: Tensor, cfg: AdvantageConfig | None = None
+) -> Tensor:
+    """Advantage of each node against its siblings (same parent) (TempFlow-GRPO 2508.04324, G2RPO 2510.01982).
+
+    A(v) = (V(v) - mean_{u: parent(u)=parent(v)} V(u)) / (std_siblings + eps), per ``cfg``
+    (center/scale/eps/std_unbiased/clip; tracker, NGRPO, filtering and multi-reward do not apply).
+    Roots (parent -1) and nodes with NaN value get 0; an only child gets 0 (no siblings).
+    Returned in float64, shape [M].
+    """
+    cfg = (cfg or AdvantageConfig()).validate()
+    parent = _check_parent(parent)
+    v = torch.as_tensor(node_values).detach().to(torch.float64)
+    if v.shape != parent.shape:
+        raise ValueError(f"node_values: must have shape {tuple(parent.shape)}, got {tuple(v.shape)}")
+    valid = (parent >= 0) & ~torch.isnan(v)
+    plain = AdvantageConfig(
+        center=cfg.center, scale=cfg.scale, eps=cfg.eps, std_unbiased=cfg.std_unbiased,
+        zero_std_tol=cfg.zero_std_tol,
+    )
+    # roots all share group id -1 but are invalid, so they never enter any statistic
+    adv, _ = _normalize_column(v, valid, parent, plain, None, None)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    if cfg.clip is not None:
+        adv = adv.clamp(-cfg.clip, cfg.clip)
+    return adv
+
+
+class TreeAdvantages(NamedTuple):
+    """Per-step advantages of the root-to-leaf trajectories of a tree."""
+
+    advantages: Tensor  # [L, T] advantage of the branch each step belongs to (0 outside branches)
+    covered: Tensor  # [L, T] bool: the step lies in a non-root branch segment
+    leaves: Tensor  # [L] node index of each trajectory's leaf (ascending)
+    node_advantages: Tensor  # [M] sibling-relative advantage of every node
+    node_values: Tensor  # [M] mean leaf reward below every node
+
+
+def tree_step_advantages(
+    parent: Tensor,
+    node_step: Tensor,
+    num_steps: int,
+    leaf_rewards: Tensor | None = None,
+    node_advantages: Tensor | None = None,
+    cfg: AdvantageConfig | None = None,
+) -> TreeAdvantages:
+    """Per-trained-step advantages for tree rollouts (Dynamic-TreeRPO 2509.23352, TempFlow-GRPO 2508.04324).
+
+    Node v is the branch that *starts* at denoising step ``node_step[v]`` (the stochastic step
+    that created it) and runs until its child on the path starts (or to ``num_steps`` for a
+    leaf). Along the trajectory ending at leaf l, every step t in v's segment gets A(v), the
+    sibling-relative advantage of v (:func:`tree_node_advantages` of :func:`tree_node_values`).
+    Steps in a root's segment get 0 and ``covered=False`` (a root has no siblings to compare
+    with). Combine ``covered`` with the sampler's trained-step mask.
+
+    Args:
+        parent: ``[M]`` parent index, -1 for roots.
+        node_step: ``[M]`` first step of each node's branch; a child starts strictly after its parent.
+        num_steps: T, the number of steps of a trajectory.
+        leaf_rewards: ``[M]`` rewards of the leaves (used when ``node_advantages`` is None).
+        node_advantages: optional precomputed ``[M]`` node advantages (e.g. multi-granularity).
+        cfg: normalisation options for the sibling comparison.
+    """
+    parent = _check_parent(parent)
+    m = parent.shape[0]
+    step = torch.as_tensor(node_step).to(device=parent.device)
+    if step.shape != (m,) or step.is_floating_point():
+        raise ValueError(f"node_step: must be an integer tensor of shape [{m}]")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
+    if ((step < 0) | (step >= num_steps)).any():
+        raise ValueError(f"node_step: entries must lie in [0, {num_steps})")
+    child = parent >= 0
+    if (step[child] <= step[parent[child]]).any():
+        raise ValueError("node_step: a child's branch must start strictly after its parent's")
+    if node_advantages is None:
+        if leaf_rewards is None:
+            raise ValueError("leaf_rewards: required when node_advantages is not given")
+        values = tree_node_values(parent, leaf_rewards)
+        node_adv = tree_node_advantages(parent, values, cfg)
+    else:
+        node_adv = torch.as_tensor(node_advantages).detach().to(torch.float64)
+        if node_adv.shape != (m,):
+            raise ValueError(f"node_advantages: must have shape [{m}], got {tuple(node_adv.shape)}")
+        values = (
+            tree_node_values(parent, leaf_rewards)
+            if leaf_rewards is not None
+            else torch.full((m,), float("nan"), dtype=torch.float64)
+        )
+    leaves = torch.nonzero(_is_leaf(parent), as_tuple=False).flatten()
+    num_leaves = leaves.numel()
+    t = torch.arange(num_steps, device=parent.device)
+    adv = torch.zeros(num_leaves, num_steps, dtype=torch.float64, device=parent.device)
+    covered = torch.zeros(num_leaves, num_steps, dtype=torch.bool, device=parent.device)
+    cur = leaves.clone()
+    end = torch.full((num_leaves,), num_steps, dtype=step.dtype, device=parent.device)
+    alive = torch.ones(num_leaves, dtype=torch.bool, device=parent.device)
+    while alive.any():
+        c = cur.clamp(min=0)
+        start = step[c]
+        seg = (t[None, :] >= start[:, None]) & (t[None, :] < end[:, None]) & alive[:, None]
+        nonroot = (parent[c] >= 0) & alive
+        fill = seg & nonroot[:, None]
+        adv = torch.where(fill, node_adv[c][:, None].to(adv.dtype), adv)
+        covered = covered | fill
+        end = torch.where(alive, start, end)
+        cur = torch.where(alive, parent[c], cur)
+        alive = alive & (cur >= 0)
+    return TreeAdvantages(adv, covered, leaves, node_adv, values)
+
+
+def multi_granularity_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    cfg: AdvantageConfig | None = None,
+    reduce: str = "sum",
+) -> tuple[Tensor, dict[str, Any]]:
+    """Multi-granularity advantage integration (G2RPO, arXiv 2510.01982).
+
+    After a branch step the ODE continuation is run at K granularities (step strides); each
+    gives its own image and reward. A_i = sum_k A_ik ("sum", as the G2RPO code does) or
+    (1/K) sum_k A_ik ("mean"), with A_ik = :func:`compute_advantages` of granularity k within
+    the group (multi-reward per ``cfg``; G2RPO normalises each reward, i.e.
+    ``multi_reward='normalize_then_sum'``).
+
+    Args:
+        rewards: ``[N, K]`` (one reward) or ``[N, K, R]`` (R rewards) per granularity.
+        group_ids: ``[N]`` group ids (G2RPO: one group per prompt and branch step).
+        cfg: advantage options, applied per granularity (clip is applied after the reduction).
+        reduce: ``"sum"`` or ``"mean"`` over granularities.
+
+    Returns:
+        ``(advantages [N], stats)``; ``stats["keep"]`` is the AND of the per-granularity keeps,
+        ``stats["per_granularity"]`` the list of per-granularity stats.
+    """
+    cfg = (cfg or AdvantageConfig()).validate()
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce: must be 'sum' or 'mean', got {reduce!r}")
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim not in (2, 3):
+        raise ValueError(f"rewards: must have shape [N, K] or [N, K, R], got {tuple(rewards.shape)}")
+    k = rewards.shape[1]
+    if k < 1:
+        raise ValueError("rewards: need at least one granularity")
+    inner = AdvantageConfig(**{f.name: getattr(cfg, f.name) for f in fields(AdvantageConfig)})
+    inner.clip = None
+    total = None
+    keep = None
+    per: list[dict[str, Any]] = []
+    for j in range(k):
+        a, st = compute_advantages(rewards[:, j], group_ids, inner)
+        total = a.to(torch.float64) if total is None else total + a.to(torch.float64)
+        keep = st["keep"] if keep is None else keep & st["keep"]
+        per.append(st)
+    assert total is not None and keep is not None
+    if reduce == "mean":
+        total = total / k
+    total = torch.where(keep, total, torch.zeros_like(total))
+    clipped = 0
+    if cfg.clip is not None:
+        clipped = int((total.abs() > cfg.clip).sum().item())
+        total = total.clamp(-cfg.clip, cfg.clip)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    stats = {
+        "keep": keep,
+        "per_granularity": per,
+        "clipped_count": clipped,
+        "zero_std_count": sum(p["zero_std_count"] for p in per),
+        "invalid_count": int((~keep).sum().item()),
+    }
+    return total.to(out_dtype), stats

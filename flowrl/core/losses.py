@@ -1,0 +1,796 @@
+"""The policy-loss core shared by the flow (image) path and the LLM (text) path (torch only).
+
+Both paths call :func:`policy_loss` with per-action tensors of shape ``[N, T]``:
+
+* text: N completions, T completion tokens, ``logps`` = per-token log-probs;
+* flow: N trajectories, T trained denoising steps, ``logps`` = per-step Gaussian transition
+  log-probs (mean over latent elements, the convention of Flow-GRPO/DanceGRPO/MixGRPO);
+  the flow learner also passes a :class:`StepTerms` bundle (transition std, |dt|, mean-square
+  differences of the Gaussian means) for GRPO-Guard ratio normalisation and closed-form KLs.
+
+Pipeline (each step a small pure function below)::
+
+    log w   = log pi - log pi_old              (token)   or masked mean over t (GSPO, sequence)
+    log w  <- s (log w / kappa + mean(delta^2)/(2 s^2))            (GRPO-Guard RatioNorm, optional)
+    l_pol   = -min(min(w, delta_2s) A, clip(w, 1-eps_lo, 1+eps_hi) A)  (or CISPO / SAPO)
+    l_pol  *= step weights, 1/|dt| (GRPO-Guard reweighting), ...
+    l       = l_pol + beta * KL                 (k1/k2/k3, optionally x w; or closed-form Gaussian)
+    loss    = sum_{i,t} m l / normalizer       (or sum_i [sum_t m l / sum_t m] / normalizer)
+
+**The normaliser is always an explicit argument.** Compute it once per optimizer step with
+:func:`loss_normalizers` on the mask of the *whole optimizer batch* (all micro-batches, summed
+over processes with ``reduce_fn``), *before* splitting into micro-batches. Then the sum of the
+micro-batch losses equals the full-batch loss exactly, whatever the split. This is the bug
+class TRL and verl users hit most (trl #3021, #5619; verl #5625). Two consequences for callers:
+
+* Do not divide the micro-batch loss by the number of accumulation steps again
+  (``accelerate.Accelerator.backward`` divides by ``gradient_accumulation_steps``; either call
+  ``loss.backward()`` directly or multiply by that number first).
+* Data parallel training averages gradients over P processes; :func:`loss_normalizers`
+  therefore returns the global count divided by ``world_size`` (exactly as TRL does for
+  ``dapo``), so that the averaged gradient equals the gradient of the global loss.
+
+Named presets (:func:`loss_preset`) give TRL 1.16 semantics for ``grpo``, ``bnpo``, ``dr_grpo``,
+``dapo``, ``gspo``, ``cispo``, ``luspo``, ``sapo``; see its docstring for where we differ and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaptiveKLController",
+    "LossConfig",
+    "StepTerms",
+    "aggregate",
+    "cispo_surrogate",
+    "clipped_surrogate",
+    "dt_reweight",
+    "gaussian_mean_kl",
+    "kl_coefficient",
+    "kl_penalty",
+    "log_importance_weights",
+    "loss_normalizers",
+    "loss_preset",
+    "mean_sq_diff",
+    "noise_aware_weights",
+    "policy_loss",
+    "ratio_normalized_log_ratio",
+    "sapo_surrogate",
+    "velocity_kl",
+]
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "token-sum")
+_SURROGATES = ("clip", "cispo", "sapo")
+_RATIO_LEVELS = ("token", "sequence")
+_KL_ESTIMATORS = ("k1", "k2", "k3", "latent", "velocity")
+_KL_RATIO = ("none", "token", "importance")
+_BETA_SCHEDULES = ("constant", "linear", "adaptive")
+_SCOPES = ("optimizer_batch", "micro_batch")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    """Options of :func:`policy_loss`. Every field has a default; ``validate()`` checks them."""
+
+    surrogate: str = "clip"  # "clip" (PPO/GRPO), "cispo" (MiniMax-M1 2506.13585), "sapo" (2511.20347)
+    eps_low: float = 0.2  # lower clip: ratio >= 1 - eps_low (Flow-GRPO uses 1e-4, GRPO-Guard 2e-6)
+    eps_high: float | None = None  # ratio <= 1 + eps_high; None = eps_low (DAPO clip-higher: 0.28); CISPO: absolute cap
+    delta: float | None = None  # two-sided clip (INTELLECT-2, TRL `delta`): unclipped ratio capped at delta
+    dual_clip: float | None = None  # dual-clip c (verl clip_ratio_c, arXiv 1912.09729): for A<0, loss <= -c*A
+    ratio_level: str = "token"  # "token" or "sequence" (GSPO 2507.18071: exp(masked mean of log-ratios))
+    log_ratio_clamp: float | None = None  # clamp log-ratios to +-value before exp (verl uses 20); None = no clamp
+    ratio_norm: bool = False  # GRPO-Guard (2510.22319) RatioNorm: needs StepTerms(std, delta_sq)
+    ratio_norm_reweight: bool = True  # with ratio_norm: divide each step's policy loss by |dt| (needs StepTerms.dt_abs)
+    sapo_tau_pos: float = 1.0  # SAPO temperature for A > 0
+    sapo_tau_neg: float = 1.05  # SAPO temperature for A <= 0
+    aggregation: str = "seq-mean-token-mean"  # one of AGGREGATIONS (names as in verl)
+    normalizer_scope: str = "optimizer_batch"  # mask given to loss_normalizers ("micro_batch" = TRL bnpo)
+    beta: float = 0.0  # KL coefficient (initial value for the schedules)
+    kl_estimator: str = "k3"  # "k1", "k2", "k3" (= verl low_var_kl), "latent" (Gaussian means), "velocity"
+    kl_ratio_weighted: str = "none"  # KL x ratio: "token" (per-token w), "importance" (surrogate's w, TRL 1.16)
+    kl_clamp: float | None = None  # clamp the k-estimator value to +-value (verl clamps k3 to 10)
+    kl_drop_dt: bool = True  # latent KL: multiply the exact KL by |dt| (Flow-GRPO divides by std_t^2, not std_t^2 |dt|)
+    beta_schedule: str = "constant"  # "constant", "linear" (GRPO-D-style ramp), "adaptive" (controller)
+    beta_end: float | None = None  # "linear": value reached after beta_steps
+    beta_steps: int = 0  # "linear": ramp length in optimizer steps
+    kl_target: float | None = None  # "adaptive": target KL per step
+    kl_horizon: int = 10000  # "adaptive": controller horizon (Ziegler et al. 1909.08593)
+
+    @property
+    def eps_high_value(self) -> float:
+        """``eps_high`` with its default (= ``eps_low``) resolved."""
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+    def validate(self) -> "LossConfig":
+        """Raise ``ValueError("<field>: <reason>")`` on the first invalid field; return self."""
+        if self.surrogate not in _SURROGATES:
+            raise ValueError(f"surrogate: must be one of {_SURROGATES}, got {self.surrogate!r}")
+        if not (self.eps_low >= 0 and math.isfinite(self.eps_low)):
+            raise ValueError(f"eps_low: must be a finite number >= 0, got {self.eps_low!r}")
+        if self.surrogate == "clip" and self.eps_low >= 1:
+            raise ValueError(f"eps_low: must be < 1 for the clipped surrogate, got {self.eps_low!r}")
+        if self.eps_high is not None and not (self.eps_high >= 0 and math.isfinite(self.eps_high)):
+            raise ValueError(f"eps_high: must be None or a finite number >= 0, got {self.eps_high!r}")
+        if self.delta is not None and not (self.delta > 1):
+            raise ValueError(f"delta: must be None or > 1, got {self.delta!r}")
+        if self.dual_clip is not None and not (self.dual_clip > 1):
+            raise ValueError(f"dual_clip: must be None or > 1, got {self.dual_clip!r}")
+        if self.ratio_level not in _RATIO_LEVELS:
+            raise ValueError(f"ratio_level: must be one of {_RATIO_LEVELS}, got {self.ratio_level!r}")
+        if self.log_ratio_clamp is not None and not (self.log_ratio_clamp > 0):
+            raise ValueError(f"log_ratio_clamp: must be None or > 0, got {self.log_ratio_clamp!r}")
+        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
+            raise ValueError("sapo_tau_pos: SAPO temperatures must be > 0")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.normalizer_scope not in _SCOPES:
+            raise ValueError(f"normalizer_scope: must be one of {_SCOPES}, got {self.normalizer_scope!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta: must be a finite number >= 0, got {self.beta!r}")
+        if self.kl_estimator not in _KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: must be one of {_KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.kl_ratio_weighted not in _KL_RATIO:
+            raise ValueError(f"kl_ratio_weighted: must be one of {_KL_RATIO}, got {self.kl_ratio_weighted!r}")
+        if self.kl_ratio_weighted != "none" and self.kl_estimator in ("latent", "velocity"):
+            raise ValueError("kl_ratio_weighted: only for the sampled estimators k1/k2/k3")
+        if self.kl_clamp is not None and not (self.kl_clamp > 0):
+            raise ValueError(f"kl_clamp: must be None or > 0, got {self.kl_clamp!r}")
+        if self.beta_schedule not in _BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule: must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.beta_schedule == "linear":
+            if self.beta_end is None or not (self.beta_end >= 0):
+                raise ValueError("beta_end: required (>= 0) for beta_schedule='linear'")
+            if not (isinstance(self.beta_steps, int) and self.beta_steps >= 1):
+                raise ValueError("beta_steps: must be an int >= 1 for beta_schedule='linear'")
+        if self.beta_schedule == "adaptive":
+            if self.kl_target is None or not (self.kl_target > 0):
+                raise ValueError("kl_target: required (> 0) for beta_schedule='adaptive'")
+            if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
+                raise ValueError("kl_horizon: must be an int >= 1")
+        return self
+
+
+def loss_preset(name: str, **overrides: Any) -> LossConfig:
+    """Loss configurations named as users know them, with TRL 1.16 ``GRPOTrainer`` semantics.
+
+    ============  =====================================================================
+    name          TRL 1.16 ``loss_type`` / settings reproduced
+    ============  =====================================================================
+    ``grpo``      ``grpo``: clip surrogate, seq-mean-token-mean
+    ``bnpo``      ``bnpo``: token-mean with the *micro-batch* token count (scope micro_batch)
+    ``dr_grpo``   ``dr_grpo``: sum / (N * L_max) (Dr. GRPO 2503.20783; pair with ``scale='none'``)
+    ``dapo``      ``dapo``: token-mean over the whole optimizer batch, eps_high 0.28 (DAPO 2503.14476)
+    ``gspo``      ``grpo`` + ``importance_sampling_level='sequence'``, eps 3e-4 / 4e-4, beta 0 (TRL docs)
+    ``cispo``     ``cispo``: -sg(min(w, eps_high)) A log pi, token-mean global, eps_high 5.0 (ScaleRL)
+    ``luspo``     ``luspo``: sequence ratio, seq-mean-token-sum (2602.05261)
+    ``sapo``      ``sapo``: soft gate, seq-mean-token-mean (2511.20347)
+    ============  =====================================================================
+
+    Where we match TRL exactly (verified by ``tests/test_trl_parity.py``): per-token loss, the
+    two-sided ``delta`` clip, the k3 KL and its ratio weighting (``use_bias_correction_kl``,
+    default True in 1.16 -> ``kl_ratio_weighted='importance'``), and each aggregation when the
+    optimizer batch is one micro-batch on one process.
+
+    Where we differ, and why:
+
+    * ``grpo``/``dr_grpo``/``luspo``/``sapo``: TRL divides by the *micro-batch* row count and by
+      the accumulation steps; we divide by the optimizer batch's row count. Identical when all
+      micro-batches have the same number of rows (TRL's case); ours stays exact when they don't.
+    * ``dapo``/``cispo``: TRL divides by the token count of the *generation* batch rescaled by
+      GA/S (``num_items_in_batch / P * GA / S``); we use the exact token count of the optimizer
+      batch. Identical when ``steps_per_generation == gradient_accumulation_steps``.
+    * ``bnpo`` is inherently micro-batch dependent in TRL (documented there); ``normalizer_scope``
+      is ``micro_batch`` so callers pass the micro-batch mask times the number of micro-batches.
+    * ``dapo`` sets ``eps_high=0.28`` (the DAPO paper's value; TRL leaves it equal to ``epsilon``).
+      ``cispo`` sets ``eps_high=5.0`` (TRL's documented recommendation; TRL's own fallback is
+      ``epsilon=0.2``, which caps every ratio at 0.2). Override to match a TRL run exactly.
+    """
+    base: dict[str, dict[str, Any]] = {
+        "grpo": {"aggregation": "seq-mean-token-mean"},
+        "bnpo": {"aggregation": "token-mean", "normalizer_scope": "micro_batch"},
+        "dr_grpo": {"aggregation": "constant"},
+        "dapo": {"aggregation": "token-mean", "eps_high": 0.28},
+        "gspo": {"aggregation": "seq-mean-token-mean", "ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4},
+        "cispo": {"surrogate": "cispo", "aggregation": "token-mean", "eps_high": 5.0},
+        "luspo": {"aggregation": "seq-mean-token-sum", "ratio_level": "sequence"},
+        "sapo": {"surrogate": "sapo", "aggregation": "seq-mean-token-mean"},
+    }
+    if name not in base:
+        raise ValueError(f"name: unknown loss preset {name!r}; choose from {sorted(base)}")
+    known = {f.name for f in fields(LossConfig)}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"{key}: not a field of LossConfig")
+    values = {"kl_estimator": "k3", "kl_ratio_weighted": "importance", **base[name], **overrides}
+    return LossConfig(**values).validate()
+
+
+class StepTerms(NamedTuple):
+    """Per-step quantities the flow learner passes for one Gaussian transition per (sample, step).
+
+    All tensors broadcast against ``[N, T]``. Build the mean-square terms with :func:`mean_sq_diff`
+    on the latents of each step (they must carry the gradient of mu_theta / v_theta).
+    """
+
+    std: Tensor | float | None = None  # s: std of the transition x' ~ N(mu, s^2 I) (Flow-SDE: std_t*sqrt|dt|)
+    dt_abs: Tensor | float | None = None  # |dt| of the step (sigma_i - sigma_{i+1})
+    delta_sq: Tensor | None = None  # mean_d (mu_theta - mu_old)^2 (RatioNorm bias)
+    ref_delta_sq: Tensor | None = None  # mean_d (mu_theta - mu_ref)^2 (latent KL)
+    v_ref_delta_sq: Tensor | None = None  # mean_d (v_theta - v_ref)^2 (velocity KL)
+    logp_scale: Tensor | float = 1.0  # kappa: given logps = kappa x true Gaussian log-probs (CPS code: 2 s^2)
+
+
+# --------------------------------------------------------------------------------------------
+# pure building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample mean over all non-batch dimensions of (a - b)^2: ``[N, ...] -> [N]``.
+
+    The reduction DanceGRPO/Flow-GRPO use for Gaussian log-probs and KLs in latent space.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"b: shape {tuple(b.shape)} differs from a's {tuple(a.shape)}")
+    d = (a - b) ** 2
+    return d.reshape(d.shape[0], -1).mean(1)
+
+
+def log_importance_weights(
+    logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token", clamp: float | None = None
+) -> Tensor:
+    """Log importance weights (PPO 1707.06347; GSPO 2507.18071).
+
+    token:    log w_it = log pi_theta(a_it) - log pi_old(a_it)                       -> [N, T]
+    sequence: log w_i  = sum_t m_it log w_it / max(1, sum_t m_it)                     -> [N, 1]
+    Masked positions are set to 0 (never NaN). ``clamp`` bounds the per-token log-ratio.
+    """
+    m = mask.to(torch.bool)
+    lr = torch.where(m, logps - old_logps, torch.zeros_like(logps))
+    if clamp is not None:
+        lr = lr.clamp(-clamp, clamp)
+    if level == "token":
+        return lr
+    if level == "sequence":
+        cnt = m.sum(-1, keepdim=True).clamp(min=1).to(lr.dtype)
+        return lr.sum(-1, keepdim=True) / cnt
+    raise ValueError(f"level: must be 'token' or 'sequence', got {level!r}")
+
+
+def ratio_normalized_log_ratio(
+    log_ratio: Tensor, delta_sq: Tensor, std: Tensor | float, logp_scale: Tensor | float = 1.0
+) -> Tensor:
+    """GRPO-Guard RatioNorm (arXiv 2510.22319), per sample and per step.
+
+    For one Gaussian step x' = mu_old + s*eps with std s, delta = mu_theta - mu_old and log-probs
+    averaged over the D latent elements, the log-ratio is
+        Delta = mean(delta*eps)/s - mean(delta^2)/(2 s^2),
+    whose expectation -mean(delta^2)/(2 s^2) < 0 and whose 1/s scale change from step to step.
+    RatioNorm removes the bias and the scale:
+        log w~ = s * (Delta + mean(delta^2)/(2 s^2)) = mean(delta*eps).
+    ``logp_scale`` kappa covers log-prob conventions that rescale the true one (the CPS code
+    returns -mean (x'-mu)^2, i.e. kappa = 2 s^2): Delta = log_ratio / kappa. Computed per sample
+    (the reference script averages the bias over the whole batch by accident; we don't).
+    """
+    s = torch.as_tensor(std, dtype=log_ratio.dtype, device=log_ratio.device)
+    kappa = torch.as_tensor(logp_scale, dtype=log_ratio.dtype, device=log_ratio.device)
+    return s * (log_ratio / kappa + delta_sq / (2.0 * s * s))
+
+
+def clipped_surrogate(
+    ratio: Tensor,
+    advantages: Tensor,
+    eps_low: float,
+    eps_high: float,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+) -> Tensor:
+    """Per-action clipped surrogate loss (PPO 1707.06347; asymmetric clip DAPO 2503.14476).
+
+    l = -min( min(w, delta) * A, clip(w, 1 - eps_low, 1 + eps_high) * A )
+    The ``min(w, delta)`` cap (INTELLECT-2 2505.07291, TRL ``delta``) bounds the unclipped
+    branch for A < 0. Dual-clip (Ye et al. 1912.09729, verl ``clip_ratio_c``): for A < 0,
+    l <- min(l, -c * A).
+    """
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)
+    loss = -torch.min(unclipped * advantages, clipped * advantages)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
+    return loss
+
+
+def cispo_surrogate(ratio: Tensor, advantages: Tensor, logps: Tensor, eps_high: float) -> Tensor:
+    """CISPO (MiniMax-M1, arXiv 2506.13585), as in TRL 1.16: l = -sg(min(w, eps_high)) * A * log pi.
+
+    ``eps_high`` is an absolute cap on the importance weight (ScaleRL recommends 5.0).
+    """
+    return -ratio.clamp(max=eps_high).detach() * advantages * logps
+
+
+def sapo_surrogate(ratio: Tensor, advantages: Tensor, tau_pos: float = 1.0, tau_neg: float = 1.05) -> Tensor:
+    """SAPO soft gate (arXiv 2511.20347), as in TRL 1.16: l = -(4/tau) sigmoid(tau (w - 1)) * A,
+    tau = tau_pos where A > 0 else tau_neg."""
+    tau = torch.where(advantages > 0, torch.as_tensor(tau_pos), torch.as_tensor(tau_neg)).to(ratio.dtype)
+    return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages
+
+
+def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str = "k3", clamp: float | None = None) -> Tensor:
+    """Sampled estimators of KL(pi_theta || pi_ref) (Schulman, "Approximating KL divergence", 2020).
+
+    With d = log pi_ref - log pi_theta:
+      k1 = -d                       (unbiased, high variance; verl "kl")
+      k2 = d^2 / 2                  (verl "mse")
+      k3 = exp(d) - d - 1 >= 0      (unbiased, low variance; TRL's KL, verl "low_var_kl")
+    ``clamp`` bounds the value to [-clamp, clamp] (verl clamps k3 to 10; TRL does not clamp).
+    """
+    d = ref_logps - logps
+    if estimator == "k1":
+        kl = -d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = torch.exp(d) - d - 1.0
+    else:
+        raise ValueError(f"estimator: must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl
+
+
+def gaussian_mean_kl(
+    ref_delta_sq: Tensor, std: Tensor | float, dt_abs: Tensor | float | None = None, drop_dt: bool = False
+) -> Tensor:
+    """Closed-form KL between two Gaussian transitions with equal std s, per latent element.
+
+    KL(N(mu_theta, s^2) || N(mu_ref, s^2)) / D = mean_d (mu_theta - mu_ref)^2 / (2 s^2).
+    Flow-GRPO (arXiv 2505.05470) divides by std_t^2 instead of s^2 = std_t^2 |dt|, i.e. drops the
+    |dt| factor on purpose so that late (large-|dt|) steps are not under-weighted (flow_grpo #22):
+    ``drop_dt=True`` returns the exact KL times |dt| (needs ``dt_abs``).
+    """
+    s = torch.as_tensor(std, dtype=ref_delta_sq.dtype, device=ref_delta_sq.device)
+    kl = ref_delta_sq / (2.0 * s * s)
+    if drop_dt:
+        if dt_abs is None:
+            raise ValueError("dt_abs: required when drop_dt=True")
+        kl = kl * torch.as_tensor(dt_abs, dtype=kl.dtype, device=kl.device)
+    return kl
+
+
+def velocity_kl(v_ref_delta_sq: Tensor) -> Tensor:
+    """Velocity-space KL surrogate: mean_d (v_theta - v_ref)^2 (Flow-GRPO issue #198, DiffusionNFT 2509.16117).
+
+    Proportional to the latent KL of an ODE/SDE step with the same dt, without the step's
+    dt^2/(2 s^2) factor, hence uniform across noise levels.
+    """
+    return v_ref_delta_sq
+
+
+def dt_reweight(dt_abs: Tensor | float) -> Tensor:
+    """GRPO-Guard gradient reweighting (arXiv 2510.22319): per-step weight 1/|dt|.
+
+    d mu_theta / d theta carries a factor dt, so after RatioNorm the step's gradient scales with
+    |dt|; dividing the clipped loss by |dt| evens out the steps (the reference script divides
+    by ``sqrt_dt.mean()**2``).
+    """
+    d = torch.as_tensor(dt_abs)
+    if d.device.type == "cpu" and bool((d <= 0).any()):  # value check on CPU only (no device sync)
+        raise ValueError("dt_abs: must be > 0 for the 1/|dt| reweighting")
+    return 1.0 / d
+
+
+def noise_aware_weights(std: Tensor, normalize: bool = True) -> Tensor:
+    """Noise-aware per-step weights in the spirit of TempFlow-GRPO (arXiv 2508.04324).
+
+    w_t = s_t (the step's transition std sigma_t sqrt|dt|, its "exploration potential"),
+    normalised to mean 1 over the given steps if ``normalize``. The paper's exact formula was
+    not available to us (no code released); this is the reading of its description that
+    weights high-noise steps more. Pass the result as ``step_weights`` to :func:`policy_loss`.
+    """
+    s = torch.as_tensor(std)
+    if (s < 0).any():
+        raise ValueError("std: must be >= 0")
+    if not normalize:
+        return s
+    mean = s.mean()
+    if mean <= 0:
+        raise ValueError("std: all zero, cannot normalise")
+    return s / mean
+
+
+def loss_normalizers(
+    mask: Tensor,
+    mode: str,
+    *,
+    max_len: int | None = None,
+    world_size: int = 1,
+    reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    count_empty_rows: bool = True,
+) -> Tensor:
+    """The aggregation normaliser of one optimizer step; call it BEFORE micro-batching.
+
+    ``mask`` is the ``[N, T]`` mask of the whole local optimizer batch (all micro-batches of this
+    process). ``reduce_fn`` sums a count across processes (e.g. ``accelerator.reduce(x, "sum")``
+    or ``torch.distributed.all_reduce``); the result is divided by ``world_size`` because data
+    parallelism averages gradients over processes.
+
+    mode                 count (global)                 loss = ...
+    token-mean           sum m                          sum m l / count         (DAPO, verl token-mean)
+    seq-mean-token-mean  N rows                         sum_i (sum_t m l / sum_t m) / count  (GRPO)
+    seq-mean-token-sum   N rows                         sum m l / count         (LUSPO)
+    constant             N rows * max_len               sum m l / count         (Dr. GRPO; max_len = L_max)
+    token-sum            1 (not reduced)                sum m l                 (verl token-sum)
+
+    ``count_empty_rows=False`` counts only rows with at least one unmasked action (verl);
+    TRL counts every row. ``max_len`` defaults to ``mask.shape[1]`` (TRL uses
+    ``max_completion_length``). Counts are clamped to >= 1.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"mode: must be one of {AGGREGATIONS}, got {mode!r}")
+    if mask.ndim != 2:
+        raise ValueError(f"mask: must have shape [N, T], got {tuple(mask.shape)}")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size: must be an int >= 1, got {world_size!r}")
+    m = mask.to(torch.bool)
+    if mode == "token-sum":
+        return torch.tensor(1.0 / world_size, dtype=torch.float64, device=mask.device)
+    if mode == "token-mean":
+        count = m.sum().to(torch.float64)
+    else:
+        if count_empty_rows:
+            count = torch.tensor(float(m.shape[0]), dtype=torch.float64, device=mask.device)
+        else:
+            count = m.any(-1).sum().to(torch.float64)
+        if mode == "constant":
+            length = mask.shape[1] if max_len is None else max_len
+            if not (isinstance(length, int) and length >= 1):
+                raise ValueError(f"max_len: must be an int >= 1, got {max_len!r}")
+            count = count * length
+    if reduce_fn is not None:
+        count = reduce_fn(count)
+    return count.clamp(min=1.0) / world_size
+
+
+def aggregate(per_action: Tensor, mask: Tensor, mode: str, normalizer: Tensor | float) -> Tensor:
+    """Reduce a per-action loss ``[N, T]`` to a scalar with an explicit normaliser.
+
+    seq-mean-token-mean:  sum_i ( sum_t m_it l_it / max(1, sum_t m_it) ) / normalizer
+    every other mode:     sum_{i,t} m_it l_it / normalizer
+    (token-mean, seq-mean-token-sum, constant and token-sum differ only in the normaliser, see
+    :func:`loss_normalizers`.) Masked entries contribute exactly 0, even if they hold NaN/inf.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"mode: must be one of {AGGREGATIONS}, got {mode!r}")
+    m = mask.to(torch.bool)
+    per_action = per_action.expand(m.shape) if per_action.shape != m.shape else per_action
+    x = torch.where(m, per_action, torch.zeros_like(per_action))
+    norm = torch.as_tensor(normalizer, dtype=x.dtype, device=x.device)
+    if mode == "seq-mean-token-mean":
+        cnt = m.sum(-1).clamp(min=1).to(x.dtype)
+        return (x.sum(-1) / cnt).sum() / norm
+    return x.sum() / norm
+
+
+def kl_coefficient(step: int, cfg: LossConfig) -> float:
+    """KL coefficient at an optimizer step for the stateless schedules.
+
+    constant: beta.
+    linear:   beta + (beta_end - beta) * min(step / beta_steps, 1).
+    The linear ramp is our reading of GRPO-D (OThink-MR1, arXiv 2503.16081): a KL weight that is
+    small early (exploration) and grows later (exploitation), "inspired by epsilon-greedy". We
+    could not verify the paper's exact rule; this documented linear ramp stands in for it.
+    For ``adaptive`` use :class:`AdaptiveKLController` (stateful) instead.
+    """
+    cfg.validate()
+    if step < 0:
+        raise ValueError(f"step: must be >= 0, got {step!r}")
+    if cfg.beta_schedule == "constant":
+        return cfg.beta
+    if cfg.beta_schedule == "linear":
+        assert cfg.beta_end is not None
+        frac = min(step / cfg.beta_steps, 1.0)
+        return cfg.beta + (cfg.beta_end - cfg.beta) * frac
+    raise ValueError("beta_schedule: 'adaptive' is stateful, use AdaptiveKLController")
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al., arXiv 1909.08593, as in verl/TRL PPO).
+
+    After each optimizer step with measured KL k:  e = clip(k / target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n_steps / horizon). beta grows when the policy drifts beyond the
+    target, shrinks when it stays inside. This is the documented stand-in for a "dynamic" KL
+    when GRPO-D's exact schedule is not wanted or not known.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: int = 10000) -> None:
+        if not (init_beta >= 0 and math.isfinite(init_beta)):
+            raise ValueError(f"init_beta: must be a finite number >= 0, got {init_beta!r}")
+        if not (target > 0):
+            raise ValueError(f"target: must be > 0, got {target!r}")
+        if not (isinstance(horizon, int) and horizon >= 1):
+            raise ValueError(f"horizon: must be an int >= 1, got {horizon!r}")
+        self.value = float(init_beta)
+        self.target = float(target)
+        self.horizon = horizon
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> "AdaptiveKLController":
+        """Build from a ``LossConfig`` with ``beta_schedule='adaptive'``."""
+        cfg.validate()
+        if cfg.beta_schedule != "adaptive":
+            raise ValueError("beta_schedule: must be 'adaptive' to build an AdaptiveKLController")
+        assert cfg.kl_target is not None
+        return cls(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+
+    def update(self, current_kl: float, n_steps: int = 1) -> float:
+        """Update with the KL measured over the last ``n_steps`` steps; return the new beta."""
+        if not math.isfinite(current_kl):
+            raise ValueError(f"current_kl: must be finite, got {current_kl!r}")
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for exact resume."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`."""
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_stats(x: Tensor, m: Tensor) -> dict[str, Tensor]:
+    """mean / population std / min / max of x over m (float64, 0 if empty); no host sync."""
+    xd = x.detach().to(torch.float64)
+    cnt = m.sum().to(torch.float64)
+    safe = cnt.clamp(min=1.0)
+    mean = torch.where(m, xd, torch.zeros_like(xd)).sum() / safe
+    var = torch.where(m, (xd - mean) ** 2, torch.zeros_like(xd)).sum() / safe
+    inf = torch.full_like(xd, float("inf"))
+    mn = torch.where(m, xd, inf).amin()
+    mx = torch.where(m, xd, -inf).amax()
+    empty = cnt == 0
+    zero = torch.zeros_like(mean)
+    return {
+        "mean": mean,
+        "std": var.sqrt(),
+        "min": torch.where(empty, zero, mn),
+        "max": torch.where(empty, zero, mx),
+    }
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    """Mean of x over m (float64, 0 if empty); no host sync."""
+    xd = x.detach().to(torch.float64)
+    if m.shape != xd.shape:
+        m = m.expand(xd.shape)
+    return torch.where(m, xd, torch.zeros_like(xd)).sum() / m.sum().clamp(min=1).to(torch.float64)
+
+
+def _masked_fill(x: Tensor | float | None, m: Tensor, fill: float) -> Tensor | float | None:
+    """Broadcast ``x`` to the mask's shape and put ``fill`` at masked entries (tensors only)."""
+    if x is None or not isinstance(x, Tensor):
+        return x
+    xb = x.expand(m.shape) if x.shape != m.shape else x
+    return torch.where(m, xb, torch.full_like(xb, fill))
+
+
+def _sanitize_step_terms(terms: StepTerms, m: Tensor) -> StepTerms:
+    """Finite values at masked entries: std, |dt| and kappa -> 1, mean-square terms -> 0."""
+    return StepTerms(
+        std=_masked_fill(terms.std, m, 1.0),
+        dt_abs=_masked_fill(terms.dt_abs, m, 1.0),
+        delta_sq=_masked_fill(terms.delta_sq, m, 0.0),
+        ref_delta_sq=_masked_fill(terms.ref_delta_sq, m, 0.0),
+        v_ref_delta_sq=_masked_fill(terms.v_ref_delta_sq, m, 0.0),
+        logp_scale=_masked_fill(terms.logp_scale, m, 1.0),  # type: ignore[arg-type]
+    )
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    *,
+    normalizer: Tensor | float,
+    ref_logps: Tensor | None = None,
+    step_terms: StepTerms | None = None,
+    step_weights: Tensor | None = None,
+    beta: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO-family policy loss for one micro-batch; see the module docstring for the pipeline.
+
+    Args:
+        logps: ``[N, T]`` log-probs of the taken actions under the current policy (with grad).
+        old_logps: ``[N, T]`` log-probs under the sampling policy (no grad needed).
+        advantages: ``[N]`` (broadcast over T) or ``[N, T]``.
+        mask: ``[N, T]`` bool/0-1 mask of the trained actions (tokens or denoising steps).
+        cfg: a validated :class:`LossConfig`.
+        normalizer: from :func:`loss_normalizers` on the whole optimizer batch (keyword-only,
+            required; never computed here from the micro-batch).
+        ref_logps: ``[N, T]`` reference log-probs for the k1/k2/k3 KL.
+        step_terms: :class:`StepTerms` for RatioNorm and the latent/velocity KL.
+        step_weights: ``[N, T]``/``[T]``/``[N, 1]`` weights on the policy term (e.g.
+            :func:`noise_aware_weights`); the KL term is not reweighted.
+        beta: the current KL coefficient (from a schedule); ``None`` = ``cfg.beta``.
+
+    Returns:
+        ``(loss, stats)``: a scalar loss; stats (detached 0-dim tensors, over the unmasked
+        actions of this micro-batch): ``policy_loss``, ``kl_loss``, ``kl`` (mean KL),
+        ``clip_frac_low`` (w < 1-eps_low and A < 0), ``clip_frac_high`` (w > 1+eps_high and A > 0),
+        ``clip_frac`` (either), ``approx_kl`` (1/2 mean (log pi - log pi_old)^2, as Flow-GRPO logs),
+        ``approx_kl_k3`` (mean w - 1 - log w), ``ratio_mean/std/min/max``, ``num_actions``.
+    """
+    cfg.validate()
+    if logps.ndim != 2:
+        raise ValueError(f"logps: must have shape [N, T], got {tuple(logps.shape)}")
+    shape = logps.shape
+    if old_logps.shape != shape:
+        raise ValueError(f"old_logps: shape {tuple(old_logps.shape)} differs from logps {tuple(shape)}")
+    if mask.shape != shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} differs from logps {tuple(shape)}")
+    if advantages.ndim == 1 and advantages.shape[0] == shape[0]:
+        adv = advantages.unsqueeze(1)
+    elif advantages.shape == shape or (advantages.ndim == 2 and advantages.shape == (shape[0], 1)):
+        adv = advantages
+    else:
+        raise ValueError(
+            f"advantages: must have shape [N] or [N, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
+    adv = adv.detach().to(logps.dtype)
+    norm = torch.as_tensor(normalizer, dtype=logps.dtype, device=logps.device)
+    if norm.ndim != 0 or (norm.device.type == "cpu" and not bool(norm > 0)):  # no sync on accelerators
+        raise ValueError(f"normalizer: must be a positive scalar, got {normalizer!r}")
+    m = mask.to(torch.bool)
+    beta_now = cfg.beta if beta is None else float(beta)
+    if not (math.isfinite(beta_now) and beta_now >= 0):
+        raise ValueError(f"beta: must be a finite number >= 0, got {beta!r}")
+    eps_high = cfg.eps_high_value
+
+    # masked entries may hold anything (padding, -inf, NaN): replace them by finite zeros once, so
+    # that neither values nor gradients (0 * NaN = NaN in backward) can leak out of the mask
+    zeros = torch.zeros_like(logps)
+    logps = torch.where(m, logps, zeros)
+    old_logps = torch.where(m, old_logps.to(logps.dtype), zeros)
+    if adv.shape == shape:
+        adv = torch.where(m, adv, zeros)
+    if step_terms is not None:
+        step_terms = _sanitize_step_terms(step_terms, m)
+    if step_weights is not None:
+        step_weights = _masked_fill(step_weights, m, 0.0)
+
+    # (b) importance weights, raw per-token log-ratio kept for logging
+    raw_lr = log_importance_weights(logps, old_logps, m, "token", cfg.log_ratio_clamp)
+    lr = raw_lr
+    dt_abs = None
+    if cfg.ratio_norm:
+        if step_terms is None or step_terms.std is None or step_terms.delta_sq is None:
+            raise ValueError("step_terms: ratio_norm needs StepTerms with std and delta_sq")
+        lr = ratio_normalized_log_ratio(raw_lr, step_terms.delta_sq, step_terms.std, step_terms.logp_scale)
+        lr = torch.where(m, lr, torch.zeros_like(lr))
+        if cfg.ratio_norm_reweight:
+            if step_terms.dt_abs is None:
+                raise ValueError("step_terms: ratio_norm_reweight needs StepTerms.dt_abs")
+            dt_abs = step_terms.dt_abs
+    if cfg.ratio_level == "sequence":
+        cnt = m.sum(-1, keepdim=True).clamp(min=1).to(lr.dtype)
+        log_w = lr.sum(-1, keepdim=True) / cnt
+        stat_mask = m.any(-1, keepdim=True)
+    else:
+        log_w = lr
+        stat_mask = m
+    w = torch.exp(log_w)
+
+    # (c) surrogate
+    if cfg.surrogate == "clip":
+        pol = clipped_surrogate(w, adv, cfg.eps_low, eps_high, cfg.delta, cfg.dual_clip)
+    elif cfg.surrogate == "cispo":
+        pol = cispo_surrogate(w, adv, logps, eps_high)
+    else:
+        pol = sapo_surrogate(w, adv, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
+    if pol.shape != shape:
+        pol = pol.expand(shape)
+
+    # (d) per-step weights on the policy term
+    if step_weights is not None:
+        pol = pol * torch.as_tensor(step_weights, dtype=pol.dtype, device=pol.device)
+    if dt_abs is not None:
+        pol = pol * dt_reweight(torch.as_tensor(dt_abs, dtype=pol.dtype, device=pol.device))
+
+    # (d) KL to the reference
+    kl = None
+    est = cfg.kl_estimator
+    if est in ("k1", "k2", "k3"):
+        if ref_logps is not None:
+            if ref_logps.shape != shape:
+                raise ValueError(f"ref_logps: shape {tuple(ref_logps.shape)} differs from logps {tuple(shape)}")
+            safe_ref = torch.where(m, ref_logps.to(logps.dtype), zeros)
+            kl = kl_penalty(logps, safe_ref, est, cfg.kl_clamp)
+            if cfg.kl_ratio_weighted == "token":
+                kl = kl * torch.exp(raw_lr)
+            elif cfg.kl_ratio_weighted == "importance":
+                kl = kl * w
+        elif beta_now != 0:
+            raise ValueError(f"ref_logps: required for kl_estimator={est!r} with beta != 0")
+    elif est == "latent":
+        if step_terms is not None and step_terms.ref_delta_sq is not None:
+            if step_terms.std is None:
+                raise ValueError("step_terms: the latent KL needs StepTerms.std")
+            kl = gaussian_mean_kl(step_terms.ref_delta_sq, step_terms.std, step_terms.dt_abs, cfg.kl_drop_dt)
+        elif beta_now != 0:
+            raise ValueError("step_terms: kl_estimator='latent' with beta != 0 needs StepTerms.ref_delta_sq")
+    else:  # velocity
+        if step_terms is not None and step_terms.v_ref_delta_sq is not None:
+            kl = velocity_kl(step_terms.v_ref_delta_sq)
+        elif beta_now != 0:
+            raise ValueError("step_terms: kl_estimator='velocity' with beta != 0 needs StepTerms.v_ref_delta_sq")
+    if kl is not None and kl.shape != shape:
+        kl = kl.expand(shape)
+
+    # (e) aggregation with the explicit normaliser (linear, so the KL part can be reported apart)
+    pol_loss = aggregate(pol, m, cfg.aggregation, norm)
+    if kl is not None and beta_now != 0:
+        kl_loss = aggregate(kl, m, cfg.aggregation, norm)
+        loss = pol_loss + beta_now * kl_loss
+    else:
+        kl_loss = torch.zeros((), dtype=pol_loss.dtype, device=pol_loss.device)
+        loss = pol_loss
+
+    # statistics (local to this micro-batch, over unmasked actions / non-empty sequences)
+    with torch.no_grad():
+        dev = logps.device
+        wb = w.detach()
+        if cfg.ratio_level == "sequence":
+            # one weight per sequence: compare it with the sequence's mean advantage
+            adv_full = adv.expand(shape)
+            ab = (torch.where(m, adv_full, torch.zeros_like(adv_full)).sum(-1, keepdim=True)
+                  / m.sum(-1, keepdim=True).clamp(min=1).to(adv_full.dtype))
+            smask = stat_mask
+        else:
+            ab = adv.expand(shape)
+            smask = m
+        low = (wb < 1.0 - cfg.eps_low) & (ab < 0)
+        high = (wb > 1.0 + eps_high) & (ab > 0)
+        rs = _masked_stats(wb, smask)
+        stats: dict[str, Tensor] = {
+            "loss": loss.detach(),
+            "policy_loss": pol_loss.detach(),
+            "kl_loss": kl_loss.detach(),
+            "kl": _masked_mean(kl, m) if kl is not None else torch.zeros((), dtype=torch.float64, device=dev),
+            "clip_frac_low": _masked_mean(low.to(torch.float64), smask),
+            "clip_frac_high": _masked_mean(high.to(torch.float64), smask),
+            "clip_frac": _masked_mean((low | high).to(torch.float64), smask),
+            "approx_kl": _masked_mean(0.5 * raw_lr.detach() ** 2, m),
+            "approx_kl_k3": _masked_mean(torch.exp(raw_lr.detach()) - 1.0 - raw_lr.detach(), m),
+            "ratio_mean": rs["mean"],
+            "ratio_std": rs["std"],
+            "ratio_min": rs["min"],
+            "ratio_max": rs["max"],
+            "num_actions": m.sum().to(torch.float64),
+            "beta": torch.tensor(beta_now, dtype=torch.float64, device=dev),
+        }
+    return loss, stats

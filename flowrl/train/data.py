@@ -1,0 +1,112 @@
+"""Prompt sources and the per-step choice of prompts, identical on every process.
+
+A source string is one of:
+
+* ``shapes:train`` / ``shapes:test``: the demo's scene grammar (:mod:`scorers.shapes`);
+* ``arithmetic:train`` / ``arithmetic:test`` (optionally ``arithmetic:train:3`` for 3-digit
+  operands): verifiable problems with an ``answer`` column (:mod:`flowrl.text.tasks`);
+* a ``.jsonl`` file: one JSON object per line with a ``prompt`` key and any other columns
+  (passed to reward functions);
+* any other file: UTF-8 text, one prompt per line.
+
+Every record is a dict with at least ``prompt``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from flowrl.inputs import UsageError, read_prompts
+
+Record = Dict[str, str]
+
+
+def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> List[Record]:
+    """The records of ``source`` (see module doc); at most ``limit`` of them."""
+    kind, _, rest = source.partition(":")
+    if kind == "shapes" and rest in ("train", "test"):
+        from scorers.shapes import all_prompts
+
+        records = [{"prompt": p} for p in all_prompts(rest)]
+    elif kind == "arithmetic" and rest.split(":")[0] in ("train", "test"):
+        from flowrl.text.tasks import arithmetic_records
+
+        parts = rest.split(":")
+        digits = int(parts[1]) if len(parts) > 1 else 2
+        records = arithmetic_records(parts[0], limit or 512, seed=seed, digits=digits)
+    else:
+        path = Path(source)
+        if path.suffix == ".jsonl":
+            records = _read_jsonl(path)
+        else:
+            records = [{"prompt": p} for p in read_prompts(path)]
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise UsageError(f"prompt source {source!r} holds no prompts")
+    return records
+
+
+def _read_jsonl(path: Path) -> List[Record]:
+    if not path.is_file():
+        raise UsageError(f"prompt file not found: {path}")
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise UsageError(f"{path}:{i}: each line must be an object with a string 'prompt'")
+        out.append(rec)
+    return out
+
+
+def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, step, purpose): the same on every process."""
+    import hashlib
+
+    h = hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+def choose_prompts(num_records: int, count: int, seed: int, step: int) -> List[int]:
+    """Indices of the ``count`` prompts of training step ``step``: a walk through a seeded
+    permutation of all records (an epoch order), so every prompt is seen once per epoch and the
+    choice depends only on (seed, step)."""
+    if num_records < 1:
+        raise ValueError("no records to choose from")
+    out: List[int] = []
+    start = step * count
+    while len(out) < count:
+        epoch, pos = divmod(start + len(out), num_records)
+        perm = torch.randperm(num_records, generator=step_generator(seed, epoch, "epoch-order")).tolist()
+        take = min(count - len(out), num_records - pos)
+        out.extend(perm[pos:pos + take])
+    return out
+
+
+def local_layout(num_prompts: int, num_minibatches: int, world_size: int, rank: int) -> List[List[int]]:
+    """Which of a step's global prompt positions this process samples, per minibatch.
+
+    Minibatch m holds the contiguous block m of the step's prompts; inside it, process r takes
+    sub-block r. So every process trains the same number of groups in every minibatch, and the
+    union over processes of minibatch m is the same set of groups whatever the number of
+    processes: the gradient of an optimizer step does not depend on it."""
+    per_mb, rem = divmod(num_prompts, num_minibatches)
+    if rem:
+        raise UsageError(f"sample.prompts_per_step={num_prompts} is not divisible by train.num_minibatches={num_minibatches}")
+    per_rank, rem = divmod(per_mb, world_size)
+    if rem:
+        raise UsageError(f"each minibatch's {per_mb} prompts cannot be split evenly over {world_size} processes "
+                         f"(make sample.prompts_per_step a multiple of num_minibatches x processes)")
+    return [[m * per_mb + rank * per_rank + j for j in range(per_rank)] for m in range(num_minibatches)]

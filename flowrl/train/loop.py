@@ -1,0 +1,480 @@
+"""The one training loop for both paths: rollout -> score -> advantages -> K inner updates ->
+log -> maybe evaluate -> maybe checkpoint.
+
+Processes (accelerate). ``sample.prompts_per_step`` prompts make one step's global batch; the
+choice of prompts, the plan, and every sample's noise derive from (seed, step, prompt) only, so a
+prompt's group is the same whichever process samples it. Minibatch m of an inner epoch is the
+contiguous block m of the step's prompts, split evenly over processes
+(:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes before advantages
+are computed (a group's statistics see the whole group; batch statistics the whole batch), and the
+loss normaliser is the count over the whole optimizer batch (all processes), so neither the
+advantages nor the updated weights depend on the number of processes.
+
+Robustness. Invalid samples (a scorer's NaN/inf, a failed remote batch) get advantage 0 and are
+masked out of the loss, and counted. A NaN/inf loss or gradient skips the optimizer step (logged);
+``train.max_bad_steps`` of them in a row stop the run with a clear message, the last good
+checkpoint intact. Checkpoints are atomic (:mod:`flowrl.train.checkpoint`); ``resume=auto``
+continues from the newest complete one. All randomness is a function of (seed, step), so a resumed
+run repeats exactly the steps after its checkpoint and ends with the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from flowrl.config import RunConfig, dump, to_dict
+from flowrl.inputs import UsageError
+from flowrl.train.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from flowrl.train.data import choose_prompts, load_records, local_layout, step_generator
+
+log = logging.getLogger("flowrl.train")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (too many non-finite steps in a row)."""
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` executes ``max_steps`` steps (resuming if asked)."""
+
+    def __init__(self, cfg: RunConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        tc = cfg.train
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if accelerator is None:
+            log_with = None if tc.tracker == "none" else tc.tracker
+            accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
+                                      log_with=log_with, project_dir=str(self.run_dir))
+        self.acc = accelerator
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.main = accelerator.is_main_process
+        local_layout(cfg.sample.prompts_per_step, tc.num_minibatches, self.world, self.rank)  # validate early
+        self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
+        self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed + 1)
+
+        from flowrl.train.tasks import build_task
+
+        torch.manual_seed(cfg.seed)
+        self.task = build_task(cfg, accelerator.device)
+        params = [p for p in self.task.module.parameters() if p.requires_grad]
+        if not params:
+            raise UsageError("nothing to train: the model has no trainable parameters")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=tuple(tc.adam_betas),
+                                           eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        warm = tc.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        wrapped, self.optimizer, self.scheduler = accelerator.prepare(self.task.module, self.optimizer, self.scheduler)
+        self.wrapped = wrapped
+        self.task.set_forward_module(wrapped if wrapped is not self.task.module else None)
+        self.ema = None
+        if tc.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=False)
+        from flowrl.core.advantages import PerPromptStatTracker
+        from flowrl.core.losses import AdaptiveKLController
+
+        self.tracker = (PerPromptStatTracker(tc.stat_buffer_size, tc.stat_min_count)
+                        if tc.per_prompt_stat_tracking else None)
+        self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
+        self.step = 0
+        self.optimizer_steps = 0
+        self.bad_in_row = 0
+        self.total_nfe = 0
+        self.wall_before = 0.0  # wall clock of earlier (resumed) segments
+        self.first_eval: Optional[Dict[str, float]] = None
+        self.last_eval: Optional[Dict[str, float]] = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.task.module.named_parameters() if p.requires_grad}
+
+    def save(self) -> Path:
+        from flowrl.train.model import lora_meta
+
+        tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.ema is not None:
+            tensor_state["ema"] = self.ema.state_dict()
+        meta = {
+            "lora": lora_meta(self.task.module) if self.cfg.train.lora and self.task.kind == "flow" else None,
+            "optimizer_steps": self.optimizer_steps, "bad_in_row": self.bad_in_row, "total_nfe": self.total_nfe,
+            "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
+            "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
+            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
+        }
+        path = None
+        if self.main:
+            path = save_checkpoint(self.run_dir, self.step, weights=self._trainable_state(), tensor_state=tensor_state,
+                                   meta=meta, rng=capture_rng(), keep_last=self.cfg.train.keep_last)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _resume_path(self) -> Optional[Path]:
+        r = self.cfg.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            return latest_checkpoint(self.run_dir)
+        p = Path(r)
+        if not p.is_dir():
+            raise UsageError(f"resume: checkpoint folder not found: {p}")
+        return p
+
+    def maybe_resume(self) -> None:
+        from flowrl.train.lora import load_trainable_state_dict
+
+        path = self._resume_path()
+        if path is None:
+            return
+        ck = load_checkpoint(path)
+        load_trainable_state_dict(self.task.module, ck["weights"])
+        self.optimizer.load_state_dict(ck["tensor_state"]["optimizer"])
+        self.scheduler.load_state_dict(ck["tensor_state"]["scheduler"])
+        if self.ema is not None and "ema" in ck["tensor_state"]:
+            self.ema.load_state_dict(ck["tensor_state"]["ema"])
+        m = ck["meta"]
+        self.step = int(m["step"])
+        self.optimizer_steps = int(m.get("optimizer_steps", 0))
+        self.bad_in_row = int(m.get("bad_in_row", 0))
+        self.total_nfe = int(m.get("total_nfe", 0))
+        self.wall_before = float(m.get("wall_clock_s", 0.0))
+        self.first_eval, self.last_eval = m.get("first_eval"), m.get("last_eval")
+        if self.tracker is not None and m.get("tracker"):
+            self.tracker.load_state_dict(m["tracker"])
+        if self.kl_ctl is not None and m.get("kl_ctl"):
+            self.kl_ctl.load_state_dict(m["kl_ctl"])
+        restore_rng(ck["rng"])
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -------------------------------------------------------------------------------- one step
+    def _beta(self) -> float:
+        from flowrl.core.losses import kl_coefficient
+
+        if self.kl_ctl is not None:
+            return float(self.kl_ctl.value)
+        return kl_coefficient(self.optimizer_steps, self.cfg.loss)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.gather(t.to(self.acc.device)).cpu() if self.world > 1 else t
+
+    def _advantages(self, rewards, batch, row_group: torch.Tensor, row_key: torch.Tensor):
+        """Advantages for the local rows. Flat groups: rewards are gathered from all processes
+        and normalised globally. Trees: node values and sibling comparisons stay within a
+        prompt's tree, which never spans processes."""
+        from flowrl.core.advantages import compute_advantages, multi_granularity_advantages, tree_step_advantages
+
+        cfg = self.cfg
+        n_local = rewards.shape[0]
+        if getattr(batch, "node_parent", None) is not None:
+            w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
+            total = (rewards.double() * w).sum(-1)
+            adv, valid = self.task.tree_advantages(batch, total, cfg.advantage)
+            return adv.float(), {"keep": valid, "invalid_count": int((~valid).sum())}
+        g_rewards = self._gather(rewards.float())
+        g_groups = self._gather(row_group)
+        if rewards.ndim == 3:  # multi-granularity [N, K, R]
+            adv, stats = multi_granularity_advantages(g_rewards, g_groups, cfg.advantage)
+        else:
+            keys = self._gather(row_key).tolist() if self.tracker is not None else None
+            adv, stats = compute_advantages(g_rewards, g_groups, cfg.advantage, tracker=self.tracker, prompt_keys=keys)
+        # this process's rows are the rank-th slice of the gathered tensors
+        start = self.rank * n_local
+        sl = slice(start, start + n_local)
+        stats = dict(stats)
+        keep = stats.pop("keep")
+        stats["keep"] = keep[sl]
+        return adv[sl].float(), stats
+
+    def train_step(self) -> Dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        t_start = time.time()
+        P = cfg.sample.prompts_per_step
+        chosen = choose_prompts(len(self.train_records), P, cfg.seed, self.step)  # global, same on all ranks
+        layout = local_layout(P, tc.num_minibatches, self.world, self.rank)
+        positions = [pos for mb in layout for pos in mb]
+        records = [self.train_records[chosen[pos]] for pos in positions]
+        keys = [chosen[pos] * 1_000_003 + pos for pos in positions]  # prompt identity at this step
+        self.task.module.eval()
+        batch = self.task.rollout(records, keys, self.step)
+        t_sample = time.time()
+        rewards, names, info = self.task.score(batch, records)
+        self._reward_names = names
+        t_score = time.time()
+        G = cfg.sample.group_size
+        row_group = torch.tensor(positions).repeat_interleave(G)  # global group id = position in the step
+        row_key = torch.tensor([chosen[pos] for pos in positions]).repeat_interleave(G)  # the prompt's identity
+        adv, adv_stats = self._advantages(rewards, batch, row_group, row_key)
+        keep = adv_stats["keep"]
+
+        mask_all = self.task.action_mask(batch).bool() & keep.unsqueeze(1)
+        beta = self._beta()
+        from flowrl.core.losses import loss_normalizers
+
+        mode = cfg.loss.aggregation
+        per_rank_groups = len(layout[0])
+        loss_stats: List[Dict[str, float]] = []
+        grad_norms, skipped = [], 0
+        for epoch in range(tc.num_iterations):
+            order = torch.randperm(tc.num_minibatches, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
+            for m in order:
+                rows = torch.arange(m * per_rank_groups * G, (m + 1) * per_rank_groups * G)
+                sub = self.task.select(batch, rows)
+                sub_mask = mask_all[rows]
+                norm = loss_normalizers(sub_mask, mode, world_size=self.world,
+                                        reduce_fn=(lambda x: self.acc.reduce(x.to(self.acc.device), "sum").cpu()) if self.world > 1 else None)
+                _apply_mask(sub, sub_mask, self.task.kind)
+                self.optimizer.zero_grad(set_to_none=True)
+
+                def backward(loss, last, _w=self.wrapped):
+                    ctx = contextlib.nullcontext() if (last or self.world == 1) else self.acc.no_sync(_w)
+                    with ctx:
+                        self.acc.backward(loss)
+
+                with self.acc.autocast():
+                    st = self.task.minibatch_gradient(sub, adv[rows], normalizer=norm, beta=beta, backward=backward)
+                gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+                gn = float(gn) if gn is not None else float("nan")
+                finite = math.isfinite(gn) and math.isfinite(st.get("loss", 0.0))
+                if not finite:
+                    skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    log.warning("step %d: non-finite loss or gradient (grad norm %s); optimizer step skipped", self.step, gn)
+                    continue
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer_steps += 1
+                if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
+                    self.ema.step(self.params)
+                grad_norms.append(gn)
+                loss_stats.append(st)
+        self.bad_in_row = self.bad_in_row + 1 if skipped else 0
+        if self.kl_ctl is not None and loss_stats:
+            self.kl_ctl.update(_mean([s.get("kl") for s in loss_stats]))
+        nfe = self.task.nfe(batch)
+        self.total_nfe += nfe * self.world
+        t_end = time.time()
+
+        metrics: Dict[str, Any] = {"step": self.step + 1}
+        w = torch.tensor([cfg.rewards[n] for n in names])
+        flat = rewards if rewards.ndim == 2 else rewards[:, 0]
+        total = (flat * w).sum(1)
+        g_total = self._gather(total)
+        metrics["reward/total"] = float(torch.nanmean(g_total))
+        metrics["reward/total_std"] = float(g_total[torch.isfinite(g_total)].std()) if torch.isfinite(g_total).sum() > 1 else 0.0
+        for i, n in enumerate(names):
+            col = self._gather(flat[:, i].contiguous())
+            metrics[f"reward/{n}"] = float(torch.nanmean(col))
+            metrics[f"reward/{n}_std"] = float(col[torch.isfinite(col)].std()) if torch.isfinite(col).sum() > 1 else 0.0
+        metrics["invalid_samples"] = int(self._gather((~torch.isfinite(total)).long()).sum())
+        metrics["zero_std_frac"] = float(adv_stats.get("zero_std_frac", float("nan")))
+        metrics["filtered_samples"] = int(adv_stats.get("filtered_count", 0))
+        for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss"):
+            metrics[key] = _mean([s.get(key) for s in loss_stats])
+        metrics["ratio_min"] = min([s["ratio_min"] for s in loss_stats if "ratio_min" in s], default=float("nan"))
+        metrics["ratio_max"] = max([s["ratio_max"] for s in loss_stats if "ratio_max" in s], default=float("nan"))
+        if loss_stats and "ratio_min" in loss_stats[0]:
+            metrics["ratio_first_min"] = loss_stats[0]["ratio_min"]  # on-policy first pass: exactly 1
+            metrics["ratio_first_max"] = loss_stats[0]["ratio_max"]
+        metrics["grad_norm"] = _mean(grad_norms)
+        metrics["skipped_optimizer_steps"] = skipped
+        metrics["beta"] = beta
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["nfe"] = nfe * self.world
+        metrics["time/sampling"] = t_sample - t_start
+        metrics["time/scoring"] = t_score - t_sample
+        metrics["time/update"] = t_end - t_score
+        metrics["time/step"] = t_end - t_start
+        if info.get("issues"):
+            for issue in info["issues"]:
+                log.warning("step %d: reward issue: %s", self.step, issue)
+        self.step += 1
+        if self.bad_in_row >= tc.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradient; stopping. "
+                f"The last good checkpoint is in {self.run_dir / 'checkpoints'} (lower train.learning_rate or "
+                f"train.max_grad_norm, or check the rewards)"
+            )
+        return metrics
+
+    # ------------------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out evaluation (deterministic sampler, fixed seeds) on the main process."""
+        from flowrl.train.evaluate import save_eval
+
+        out: Dict[str, float] = {}
+        if self.main:
+            self.task.module.eval()
+            with self._ema_weights(), torch.no_grad():
+                res = self.task.evaluate(self.eval_records, self.cfg.eval.seeds)
+            save_eval(self.run_dir, self.step, res)
+            out = dict(_means(res))
+        self.acc.wait_for_everyone()
+        return out
+
+    # ---------------------------------------------------------------------------------- driver
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self._t0 = time.time()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump(cfg, self.run_dir / "config.yaml")
+        self.maybe_resume()
+        if cfg.train.tracker != "none":
+            self.acc.init_trackers("flowrl", config=_flat_config(cfg))
+        if self.first_eval is None and cfg.eval.at_start and self.step == 0:
+            self.first_eval = self.evaluate()
+            self.last_eval = self.first_eval
+        bar = None
+        if self.main and cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="flowrl train", dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    ev = self.evaluate()
+                    if self.main:
+                        self.last_eval = ev
+                        if self.first_eval is None:
+                            self.first_eval = ev
+                        metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                if self.main:
+                    _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+                if cfg.train.tracker != "none":
+                    self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['approx_kl']:.2e}",
+                                    clip=f"{metrics['clip_frac']:.2f}", s_step=f"{metrics['time/step']:.1f}")
+                    bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.step == cfg.max_steps and (latest_checkpoint(self.run_dir) is None
+                                           or not (self.run_dir / "checkpoints" / f"step-{self.step:08d}").is_dir()):
+            self.save()
+        summary = self.finish()
+        if cfg.train.tracker != "none":
+            self.acc.end_training()
+        return summary
+
+    def finish(self) -> Dict[str, Any]:
+        summary = {
+            "steps": self.step,
+            "wall_clock_s": round(self.wall_before + (time.time() - self._t0), 3),
+            "nfe": self.total_nfe,
+            "first_eval": self.first_eval or {},
+            "last_eval": self.last_eval or {},
+            "processes": self.world,
+        }
+        if self.main:
+            with self._ema_weights():
+                result = self.task.save_result(self.run_dir)
+            summary["result"] = str(result)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            try:
+                from flowrl.train.report import write_report
+
+                write_report(self.run_dir)
+            except Exception as e:  # the report is a convenience; never lose a finished run over it
+                log.warning("could not write report.html: %s", e)
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def _means(res) -> Dict[str, float]:
+    if isinstance(res, dict):
+        means = dict(res.get("means", {}))
+        for k, v in (res.get("categories") or {}).items():
+            means[k] = v
+        return means
+    means = dict(getattr(res, "means", {}))
+    means.update(getattr(res, "categories", {}) or {})
+    return means
+
+
+def _apply_mask(batch, mask: torch.Tensor, kind: str) -> None:
+    """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
+    if kind == "flow":
+        batch.trained = mask
+    else:
+        batch.completion_mask = batch.completion_mask * mask.long()
+
+
+def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records of steps after ``step`` (they will be repeated after a resume)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (ValueError, json.JSONDecodeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flat_config(cfg) -> Dict[str, Any]:
+    out = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float, str, bool)):
+                out[f"{prefix}{k}"] = v
+            else:
+                out[f"{prefix}{k}"] = str(v)
+
+    walk(to_dict(cfg))
+    return out
+
+
+def train(cfg: RunConfig) -> Dict[str, Any]:
+    """Run the training loop for a validated config; returns ``summary.json``'s content."""
+    return Trainer(cfg).run()

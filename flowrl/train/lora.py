@@ -1,0 +1,122 @@
+"""LoRA through peft, saved so that diffusers and transformers/peft load it as-is.
+
+Defaults per model family follow the anchors' recipes (Flow-GRPO ``scripts/train_sd3.py`` and
+``scripts/train_flux.py``; TRL's usual attention projections for causal LMs):
+
+* SD3: r=32, alpha=64 on the joint-attention projections.
+* Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
+* LM: r=16, alpha=32 on q/k/v/o.
+
+Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
+metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
+same ``LoraConfig``: without that metadata diffusers assumes alpha = rank and silently rescales a
+LoRA trained with alpha != rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+SD3_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+DEFAULTS = {
+    "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
+    "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
+    "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
+}
+
+
+def lora_config(family: str, rank: Optional[int] = None, alpha: Optional[float] = None,
+                targets: Optional[Sequence[str]] = None, init: str = "gaussian", dropout: float = 0.0):
+    """A peft ``LoraConfig`` with the family's defaults for whatever is left as None."""
+    from peft import LoraConfig
+
+    if family not in DEFAULTS:
+        raise ValueError(f"family: unknown model family {family!r} (expected one of {sorted(DEFAULTS)})")
+    d = DEFAULTS[family]
+    kwargs = dict(
+        r=int(rank if rank is not None else d["rank"]),
+        lora_alpha=float(alpha if alpha is not None else d["alpha"]),
+        target_modules=list(targets if targets else d["targets"]),
+        lora_dropout=float(dropout),
+        init_lora_weights=True if init == "default" else init,
+    )
+    if family == "lm":
+        kwargs["task_type"] = "CAUSAL_LM"
+    return LoraConfig(**kwargs)
+
+
+def add_lora_to_transformer(transformer: torch.nn.Module, config, adapter_name: str = "default") -> None:
+    """Attach a LoRA adapter to a diffusers transformer in place (diffusers' PEFT integration) and
+    freeze everything else."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    # add_adapter makes the LoRA parameters trainable; make sure nothing else is.
+    for name, p in transformer.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def trainable_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Name -> tensor of every parameter that requires grad (LoRA or full fine-tuning)."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable weights back in place; every key must match a trainable parameter."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"trainable weights do not match: missing {missing[:5]} ({len(missing)}), "
+                       f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model shape {tuple(p.shape)}")
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` as its base model (the KL reference of a LoRA run: no second copy of the
+    weights). Works for diffusers models and peft-wrapped transformers models."""
+    if hasattr(module, "disable_adapter") and callable(getattr(module, "disable_adapter")) and not hasattr(module, "disable_adapters"):
+        with module.disable_adapter():  # PeftModel
+            yield
+        return
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()
+
+
+def save_diffusers_lora(pipeline_cls, transformer: torch.nn.Module, out_dir, adapter_name: str = "default") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` loads,
+    with the adapter's LoraConfig (alpha included) in the file's metadata."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    config = transformer.peft_config[adapter_name]
+    meta = config.to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"]) if meta.get("target_modules") else meta.get("target_modules")
+    pipeline_cls.save_lora_weights(
+        out, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta, safe_serialization=True,
+    )
+    return out
+
+
+def lora_targets_present(module: torch.nn.Module, targets: Sequence[str]) -> List[str]:
+    """The target suffixes that match at least one module (to report targets that match nothing)."""
+    names = [n for n, _ in module.named_modules()]
+    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]

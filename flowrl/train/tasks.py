@@ -1,0 +1,296 @@
+"""The two things the training loop can train: a flow image policy or a causal LM.
+
+A task owns the model and what is specific to its path; the loop (:mod:`flowrl.train.loop`) owns
+everything they share: prompts per step, processes, advantages, the optimizer, checkpoints,
+evaluation schedule, logging. A task provides:
+
+* ``module``: the trainable ``nn.Module`` (diffusers transformer or causal LM), and
+  ``set_forward_module(m)`` to route forward passes through accelerate's wrapper (DDP/FSDP);
+* ``rollout(records, keys, step) -> batch`` (no grad) and ``score(batch, records) -> Rewards``;
+* ``action_mask(batch) -> [N, T]`` (the trained actions, for the loss normaliser) and
+  ``minibatch_gradient(batch, rows, advantages, normalizer, beta, backward)``;
+* ``evaluate(records, seeds) -> (means, per-category, images or None, captions)``;
+* ``save_result(dir)``: the final LoRA / model in the format diffusers or transformers loads.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from flowrl.inputs import UsageError
+from flowrl.train.data import step_generator
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FlowTask:
+    """SD3 / Flux policy trained with a sampling plan (:mod:`flowrl.flow`)."""
+
+    kind = "flow"
+
+    def __init__(self, cfg, device):
+        from flowrl.flow.learner import FlowLearner
+        from flowrl.train.model import build_flow_policy
+
+        self.cfg = cfg
+        self.policy = build_flow_policy(cfg.model, device=str(device))
+        self.device = device
+        self._setup_trainable()
+        self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
+                                   chunk_size=cfg.sample.chunk_size)
+        self._reward = None
+
+    # -- model ------------------------------------------------------------------------------------
+    def _setup_trainable(self) -> None:
+        from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present
+
+        t = self.policy.transformer
+        tc = self.cfg.train
+        if tc.lora:
+            lc = lora_config(self.cfg.model.family, tc.lora_rank, tc.lora_alpha, tc.lora_targets, tc.lora_init)
+            present = lora_targets_present(t, sorted(lc.target_modules))
+            if not present:
+                raise UsageError(f"train.lora_targets: none of {sorted(lc.target_modules)} matches a module of the transformer")
+            lc.target_modules = set(present)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed)  # the same LoRA init on every process
+                add_lora_to_transformer(t, lc)
+        else:
+            t.requires_grad_(True)
+        if tc.gradient_checkpointing and hasattr(t, "enable_gradient_checkpointing"):
+            t.enable_gradient_checkpointing()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.policy.transformer
+
+    def set_forward_module(self, m) -> None:
+        self.policy.forward_module = m
+
+    # -- rollout / reward ---------------------------------------------------------------------------
+    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
+        """Sample ``group_size`` trajectories for each record. The randomness of prompt ``k`` at
+        this step comes from a generator seeded by (seed, step, k), so a prompt's samples do not
+        depend on which process samples it or what else is in the batch."""
+        from flowrl.flow.plan import build_plan, plan_generator
+        from flowrl.flow.sampler import sample
+
+        c = self.cfg
+        plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
+        gens = [step_generator(c.seed, step, f"sample/{k}") for k in keys]
+        ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
+                    height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
+                    generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
+                    store_dtype=DTYPES[c.sample.store_dtype], chunk_size=c.sample.chunk_size, progress=False,
+                    store_means=True)
+        return ro
+
+    def reward_model(self):
+        if self._reward is None:
+            from scorers.multi import MultiReward
+
+            self._reward = MultiReward(self.cfg.rewards, device=self.device, options=self.cfg.reward_options)
+        return self._reward
+
+    def score(self, ro, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
+        """Rewards ``[N, R]`` (NaN = invalid) of the rollout's images (every granularity for
+        multi-granularity plans: ``[N, K, R]``)."""
+        rm = self.reward_model()
+        names = list(rm.weights)
+        prompts = [ro.prompts[i] for i in ro.prompt_index.tolist()]
+        meta = _row_metadata(records, ro.prompt_index)
+        imgs = ro.images_per_granularity if ro.images_per_granularity is not None else ro.images.unsqueeze(1)
+        cols, issues = [], []
+        for k in range(imgs.shape[1]):
+            res = rm(imgs[:, k], prompts, **meta)
+            cols.append(torch.stack([res.components[n] for n in names], dim=1))
+            issues.extend(str(i) for i in res.issues)
+        r = torch.stack(cols, dim=1)  # [N, K, R]
+        return (r[:, 0] if r.shape[1] == 1 else r), names, {"issues": issues}
+
+    def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Tuple[Tensor, Tensor]:
+        """Granular advantages ``[N, T]`` of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO): a
+        node's value is the mean reward of the leaves under it, its advantage is taken against
+        its siblings, and each stored transition gets the advantage of the node it creates (the
+        branch it starts). A node without siblings (an SDE step that did not branch) inherits its
+        parent's advantage. Returns (advantages, valid rows)."""
+        from flowrl.core.advantages import tree_node_advantages, tree_node_values
+
+        parent = ro.node_parent.cpu()
+        m = parent.shape[0]
+        valid = torch.isfinite(total)
+        leaf_r = torch.full((m,), float("nan"), dtype=torch.float64)
+        leaf_r[ro.leaf_path[:, -1].cpu()] = torch.where(valid, total, torch.full_like(total, float("nan")))
+        node_adv = tree_node_advantages(parent, tree_node_values(parent, leaf_r), adv_cfg)
+        n_children = torch.zeros(m, dtype=torch.long)
+        n_children.index_add_(0, parent[parent >= 0], torch.ones(int((parent >= 0).sum()), dtype=torch.long))
+        only = (parent >= 0) & (n_children[parent.clamp(min=0)] == 1)
+        child = parent >= 0
+        if (parent[child] >= torch.arange(m)[child]).any():
+            raise ValueError("tree rollout: nodes must be numbered parents first")
+        for v in range(m):  # parents precede children, so a chain of only children inherits in one pass
+            if only[v]:
+                node_adv[v] = node_adv[parent[v]]
+        step_node = ro.step_node.cpu()
+        adv = torch.where(step_node >= 0, node_adv[step_node.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+        adv = torch.where(valid.unsqueeze(1), adv, torch.zeros_like(adv))
+        return adv.float(), valid
+
+    # -- update -------------------------------------------------------------------------------------
+    def action_mask(self, ro) -> Tensor:
+        return ro.trained
+
+    def select(self, ro, rows: Tensor):
+        return ro.select(rows)
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
+        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
+
+    def nfe(self, ro) -> int:
+        return int(ro.nfe)
+
+    # -- evaluation / saving ------------------------------------------------------------------------
+    def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
+        from flowrl.train.evaluate import evaluate_policy
+
+        c = self.cfg
+        g = c.eval.guidance_scale if c.eval.guidance_scale is not None else c.sample.guidance_scale
+        return evaluate_policy(self.policy, [r["prompt"] for r in records], list(seeds), num_steps=c.sample.eval_num_steps,
+                               height=c.sample.height, width=c.sample.width, guidance_scale=g,
+                               negative_prompt=c.sample.negative_prompt, reward=self.reward_model())
+
+    def save_result(self, out_dir: Path) -> Path:
+        from flowrl.train.lora import save_diffusers_lora
+
+        out_dir = Path(out_dir)
+        if self.cfg.train.lora:
+            return save_diffusers_lora(type(self.policy.pipeline), self.policy.transformer, out_dir / "lora")
+        self.policy.transformer.save_pretrained(out_dir / "transformer")
+        return out_dir / "transformer"
+
+
+def _row_metadata(records: Sequence[Dict], prompt_index: Tensor) -> Dict[str, List]:
+    """Dataset columns other than the prompt, one entry per rollout row."""
+    keys = sorted({k for r in records for k in r if k != "prompt"})
+    idx = prompt_index.tolist()
+    return {k: [records[i].get(k) for i in idx] for k in keys}
+
+
+class TextTask:
+    """A transformers causal LM trained with GRPO (:mod:`flowrl.text`)."""
+
+    kind = "text"
+
+    def __init__(self, cfg, device):
+        from flowrl.text.learner import TextLearner
+        from flowrl.text.rewards import resolve_reward
+        from flowrl.text.tiny import load_lm
+
+        self.cfg = cfg
+        self.device = device
+        model, tok = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
+        self.model = self._setup_trainable(model)
+        self.tokenizer = tok
+        try:
+            self.reward_fns = {name: resolve_reward(name) for name in cfg.rewards}
+        except KeyError as e:
+            raise UsageError(str(e.args[0])) from None
+        tc = cfg.text
+        ref = None
+        if not cfg.train.lora and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
+            ref, _ = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
+        self.learner = TextLearner(self.model, tok, cfg.loss, max_new_tokens=tc.max_new_tokens, temperature=tc.temperature,
+                                   top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref)
+
+    def _setup_trainable(self, model):
+        from peft import get_peft_model
+
+        from flowrl.train.lora import lora_config
+
+        tc = self.cfg.train
+        if tc.lora:
+            lc = lora_config("lm", tc.lora_rank, tc.lora_alpha, tc.lora_targets, tc.lora_init)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed)
+                model = get_peft_model(model, lc)
+        else:
+            model.requires_grad_(True)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.eval()  # no dropout: on-policy log-probs must match the rollout's exactly
+        return model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def set_forward_module(self, m) -> None:
+        self.learner.forward_model = m
+
+    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
+        from flowrl.text.rollout import row_seed
+
+        return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
+                                    seed=row_seed(self.cfg.seed, step), prompt_keys=list(keys))
+
+    def score(self, ro, records: Sequence[Dict]):
+        from flowrl.text.rewards import score_completions
+
+        prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
+        r, names = score_completions(self.reward_fns, prompts, ro.completions, _row_metadata(records, ro.prompt_index))
+        return r, names, {"issues": []}
+
+    def action_mask(self, ro) -> Tensor:
+        return ro.completion_mask.bool()
+
+    def select(self, ro, rows: Tensor):
+        return ro.select(rows)
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
+        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
+
+    def nfe(self, ro) -> int:
+        return int(ro.completion_mask.sum())  # generated tokens
+
+    def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
+        """Greedy completions of the held-out prompts; the mean of each reward (e.g. exact-match
+        accuracy)."""
+        from flowrl.text.rewards import score_completions
+        from flowrl.text.rollout import completion_mask_from_ids
+
+        tok, model = self.tokenizer, self.model
+        prompts = [r["prompt"] for r in records]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device),
+                                 do_sample=False, max_new_tokens=self.cfg.text.max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        comp = out[:, enc["input_ids"].shape[1]:].cpu()
+        mask, _ = completion_mask_from_ids(comp, tok.eos_token_id)
+        texts = tok.batch_decode(comp * mask + tok.pad_token_id * (1 - mask), skip_special_tokens=True)
+        r, names = score_completions(self.reward_fns, prompts, texts, _row_metadata(records, torch.arange(len(records))))
+        means = {n: float(torch.nanmean(r[:, i])) for i, n in enumerate(names)}
+        w = torch.tensor([self.cfg.rewards[n] for n in names])
+        means["total"] = float(torch.nanmean((r * w).sum(1)))
+        samples = [{"prompt": p, "completion": t, **{n: float(r[i, j]) for j, n in enumerate(names)}}
+                   for i, (p, t) in enumerate(zip(prompts, texts))]
+        return {"means": means, "categories": {}, "samples": samples, "images": None}
+
+    def save_result(self, out_dir: Path) -> Path:
+        out = Path(out_dir) / ("lora" if self.cfg.train.lora else "model")
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+
+def build_task(cfg, device):
+    """The task for ``cfg.model.family``."""
+    if cfg.model.family == "lm":
+        return TextTask(cfg, device)
+    return FlowTask(cfg, device)
