@@ -55,6 +55,7 @@ class TextLearner:
         self.top_k, self.top_p = top_k, top_p
         self.chunk_size = int(chunk_size)
         self.ref_model = ref_model
+        self.forward_model = None  # accelerate's wrapper of ``model`` (DDP/FSDP) for the update's forward passes
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
 
@@ -84,29 +85,31 @@ class TextLearner:
         return ro
 
     def minibatch_gradient(self, ro: TextRollout, advantages: Tensor, *, normalizer, beta: Optional[float] = None,
-                           loss_scale: float = 1.0, backward: Callable[[Tensor], None] = None) -> Dict[str, float]:
+                           loss_scale: float = 1.0, backward: Optional[Callable[[Tensor, bool], None]] = None) -> Dict[str, float]:
         """Accumulate the gradient of the loss of minibatch ``ro`` (already the rows of one
         optimizer step on this process) into ``.grad``; returns summed statistics.
 
         ``normalizer`` comes from :func:`flowrl.core.losses.loss_normalizers` on the whole
         optimizer batch (all processes), so chunking does not change the gradient. ``loss_scale``
         multiplies each chunk's loss (e.g. the process count under DDP averaging is already in
-        the normaliser; leave 1). ``backward`` defaults to ``loss.backward()`` (pass
-        ``accelerator.backward`` under accelerate)."""
-        backward = backward or (lambda loss: loss.backward())
+        the normaliser; leave 1). ``backward(loss, last)`` defaults to ``loss.backward()``;
+        ``last`` is True for the minibatch's final backward pass (where a data-parallel wrapper
+        should synchronise gradients; the others can run under ``no_sync``)."""
+        backward = backward or (lambda loss, last: loss.backward())
+        model = self.forward_model or self.model
         n = ro.num_samples
         parts = []
         device = next(self.model.parameters()).device
         for s in range(0, n, self.chunk_size):
             rows = torch.arange(s, min(n, s + self.chunk_size))
             part = ro.select(rows)
-            logps = token_logps(self.model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
+            logps = token_logps(model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
                                 temperature=self.temperature, chunk_size=None)
             mask = part.completion_mask.to(device)
             loss, st = policy_loss(
                 logps, part.old_logps.to(device), advantages[rows].to(device), mask, self.loss,
                 normalizer=normalizer, ref_logps=None if part.ref_logps is None else part.ref_logps.to(device), beta=beta,
             )
-            backward(loss * loss_scale)
+            backward(loss * loss_scale, s + self.chunk_size >= n)
             parts.append(({**{k: float(v) for k, v in st.items()}, "loss": float(loss.detach())}, float(mask.sum())))
         return merge_stats(parts)
