@@ -59,9 +59,12 @@ class Trainer:
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         if accelerator is None:
+            from accelerate.utils import ProjectConfiguration
+
             log_with = None if tc.tracker == "none" else tc.tracker
+            project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
             accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
-                                      log_with=log_with, project_dir=str(self.run_dir))
+                                      log_with=log_with, project_config=project)
         self.acc = accelerator
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -330,17 +333,15 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
-    def evaluate(self) -> Dict[str, float]:
-        """Held-out evaluation (deterministic sampler, fixed seeds) on the main process."""
-        from flowrl.train.evaluate import save_eval
-
-        out: Dict[str, float] = {}
+    def evaluate(self) -> Dict[str, Any]:
+        """Held-out evaluation (deterministic sampler or greedy decoding, fixed seeds) on the main
+        process: ``{"means": reward name -> mean, "details": per-category numbers}``."""
+        out: Dict[str, Any] = {}
         if self.main:
             self.task.module.eval()
             with self._ema_weights(), torch.no_grad():
                 res = self.task.evaluate(self.eval_records, self.cfg.eval.seeds)
-            save_eval(self.run_dir, self.step, res)
-            out = dict(_means(res))
+            out = self.task.save_eval(self.run_dir, self.step, res)
         self.acc.wait_for_everyone()
         return out
 
@@ -355,8 +356,7 @@ class Trainer:
         if cfg.train.tracker != "none":
             self.acc.init_trackers("flowrl", config=_flat_config(cfg))
         if self.first_eval is None and cfg.eval.at_start and self.step == 0:
-            self.first_eval = self.evaluate()
-            self.last_eval = self.first_eval
+            self.first_eval = self.last_eval = self.evaluate()
         bar = None
         if self.main and cfg.train.progress:
             from tqdm.auto import tqdm
@@ -371,7 +371,7 @@ class Trainer:
                         self.last_eval = ev
                         if self.first_eval is None:
                             self.first_eval = ev
-                        metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                        metrics.update({f"eval/{k}": v for k, v in ev.get("means", {}).items()})
                 if self.main:
                     _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
                 if cfg.train.tracker != "none":
@@ -394,12 +394,15 @@ class Trainer:
         return summary
 
     def finish(self) -> Dict[str, Any]:
+        first, last = self.first_eval or {}, self.last_eval or {}
         summary = {
             "steps": self.step,
             "wall_clock_s": round(self.wall_before + (time.time() - self._t0), 3),
             "nfe": self.total_nfe,
-            "first_eval": self.first_eval or {},
-            "last_eval": self.last_eval or {},
+            "first_eval": first.get("means", {}),
+            "last_eval": last.get("means", {}),
+            "first_eval_details": first.get("details", {}),
+            "last_eval_details": last.get("details", {}),
             "processes": self.world,
         }
         if self.main:
@@ -415,17 +418,6 @@ class Trainer:
                 log.warning("could not write report.html: %s", e)
         self.acc.wait_for_everyone()
         return summary
-
-
-def _means(res) -> Dict[str, float]:
-    if isinstance(res, dict):
-        means = dict(res.get("means", {}))
-        for k, v in (res.get("categories") or {}).items():
-            means[k] = v
-        return means
-    means = dict(getattr(res, "means", {}))
-    means.update(getattr(res, "categories", {}) or {})
-    return means
 
 
 def _apply_mask(batch, mask: torch.Tensor, kind: str) -> None:

@@ -165,6 +165,14 @@ class FlowTask:
                                height=c.sample.height, width=c.sample.width, guidance_scale=g,
                                negative_prompt=c.sample.negative_prompt, reward=self.reward_model())
 
+    def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
+        """Grid + scores under ``eval/``; returns the means and per-category details."""
+        from flowrl.train.evaluate import save_eval
+
+        save_eval(run_dir, step, res)
+        s = res.summary()
+        return {"means": s["means"], "details": s["details"]}
+
     def save_result(self, out_dir: Path) -> Path:
         from flowrl.train.lora import save_diffusers_lora
 
@@ -280,7 +288,19 @@ class TextTask:
         means["total"] = float(torch.nanmean((r * w).sum(1)))
         samples = [{"prompt": p, "completion": t, **{n: float(r[i, j]) for j, n in enumerate(names)}}
                    for i, (p, t) in enumerate(zip(prompts, texts))]
-        return {"means": means, "categories": {}, "samples": samples, "images": None}
+        return {"means": means, "samples": samples}
+
+    def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
+        """Completions under ``eval/step-N/samples.jsonl`` and a record in ``eval.jsonl``."""
+        import json
+
+        d = Path(run_dir) / "eval" / f"step-{step:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in res["samples"]), encoding="utf-8")
+        with open(Path(run_dir) / "eval.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "means": res["means"], "details": {},
+                                "samples": f"eval/{d.name}/samples.jsonl"}) + "\n")
+        return {"means": res["means"], "details": {}}
 
     def save_result(self, out_dir: Path) -> Path:
         out = Path(out_dir) / ("lora" if self.cfg.train.lora else "model")
