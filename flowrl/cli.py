@@ -79,6 +79,8 @@ def _passthrough(module: str):
 PASSTHROUGH = {
     "score": (_passthrough("scorers.cli"), "score a folder of images with a registered scorer"),
     "serve-scorer": (_passthrough("scorers.server"), "serve a registered scorer over HTTP (flowrl remote protocol)"),
+    "grid": (_passthrough("flowrl.train.evaluate"), "side-by-side grid of the base model vs a checkpoint (PNG + HTML)"),
+    "report": (_passthrough("flowrl.train.report"), "write plots and report.html for a run folder"),
 }
 
 

@@ -962,6 +962,10 @@ class ShapesScorer(Scorer):
             out[k] = r.score if self.reward == "partial" else float(r.correct)
         return out
 
+    def evaluate(self, images: Any, prompts_: Sequence[str]) -> Dict[str, float]:
+        """Evaluation summary with per-GenEval-category accuracy (see :func:`evaluate`)."""
+        return evaluate(images, prompts_, self.cfg)
+
 
 @register("shapes")
 def make_shapes_scorer(

@@ -26,11 +26,19 @@ Record = Dict[str, str]
 
 def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> List[Record]:
     """The records of ``source`` (see module doc); at most ``limit`` of them."""
+    if not isinstance(source, str) or not source:
+        raise UsageError("prompt source is empty: give a prompt file, 'shapes:<split>' or 'arithmetic:<split>'")
+    if limit is not None and limit < 1:
+        raise UsageError(f"the number of prompts must be >= 1, got {limit}")
     kind, _, rest = source.partition(":")
+    if kind in ("shapes", "arithmetic") and rest.split(":")[0] not in ("train", "test") and not Path(source).exists():
+        raise UsageError(f"prompt source {source!r}: the {kind} split must be 'train' or 'test'")
     if kind == "shapes" and rest in ("train", "test"):
-        from scorers.shapes import all_prompts
+        from scorers import shapes
 
-        records = [{"prompt": p} for p in all_prompts(rest)]
+        # a limited draw is balanced over the GenEval categories
+        chosen = shapes.prompts(rest, limit, seed) if limit else shapes.all_prompts(rest)
+        records = [{"prompt": p} for p in chosen]
     elif kind == "arithmetic" and rest.split(":")[0] in ("train", "test"):
         from flowrl.text.tasks import arithmetic_records
 

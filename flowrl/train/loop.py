@@ -71,7 +71,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         local_layout(cfg.sample.prompts_per_step, tc.num_minibatches, self.world, self.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
-        self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed + 1)
+        self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
 
         from flowrl.train.tasks import build_task
 
