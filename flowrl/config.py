@@ -217,6 +217,23 @@ def _parse_override(item: str) -> Tuple[str, Any, str]:
     return key, value, raw
 
 
+def _is_literal_union(tp) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and any(
+        typing.get_origin(a) is Literal for a in typing.get_args(tp))
+
+
+def _keeps_raw_text(tp) -> bool:
+    """String-valued fields take an override's text as it is: ``model.path=123`` is the string
+    "123", and ``train.mixed_precision=no`` is "no" (YAML would read it as false)."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_keeps_raw_text(a) for a in typing.get_args(tp) if a is not type(None))
+    return False
+
+
 def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``dotted.key=value`` strings to the raw dict ``data`` of dataclass ``cls``.
 
@@ -235,9 +252,8 @@ def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
             tp = _hints(node_cls)[part]
             last = depth == len(parts) - 1
             if last:
-                if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
-                                 and not (raw.strip() in ("null", "~", "None"))):
-                    value = raw
+                if _keeps_raw_text(tp) and raw.strip() not in ("null", "~", "None"):
+                    value = raw.strip() if typing.get_origin(tp) is Literal or _is_literal_union(tp) else raw
                 node[part] = value
             else:
                 if not _is_dataclass_type(tp):
@@ -325,6 +341,7 @@ class ModelConfig:
     dtype: DTypeName = "float32"  # dtype of the trainable model (transformer / LM)
     frozen_dtype: Optional[DTypeName] = None  # dtype of the frozen text encoders and VAE (null: same as dtype)
     device: str = "cpu"  # torch device when not launched by accelerate (accelerate picks its own)
+    shift: Optional[float] = None  # fixed sigma shift replacing the scheduler's (e.g. 3.0 for Flux as DanceGRPO/MixGRPO); null: the model's own
 
     def validate(self) -> None:
         if self.frozen_dtype is not None and self.family == "lm":

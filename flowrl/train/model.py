@@ -38,10 +38,22 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
         device=device or model_cfg.device,
     )
     try:
-        return cls.from_pretrained(model_cfg.path, **kwargs)
+        policy = cls.from_pretrained(model_cfg.path, **kwargs)
     except (FileNotFoundError, OSError, ValueError) as e:
         where = "local folder" if p.is_dir() else "hub id (no local folder of that name)"
         raise UsageError(f"cannot load model.path {model_cfg.path!r} as a {where}: {str(e).splitlines()[0]}") from None
+    if getattr(model_cfg, "shift", None) is not None:
+        set_fixed_shift(policy, model_cfg.shift)
+    return policy
+
+
+def set_fixed_shift(policy, shift: float) -> None:
+    """Replace the pipeline's scheduler by the same scheduler with a fixed time shift (no
+    resolution-dependent shifting), as the DanceGRPO/MixGRPO/G2RPO Flux scripts use shift 3."""
+    if not shift > 0:
+        raise UsageError(f"model.shift must be > 0, got {shift}")
+    sched = policy.pipeline.scheduler
+    policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False)
 
 
 def apply_checkpoint(policy, checkpoint) -> str:

@@ -1,0 +1,398 @@
+"""Every shipped recipe (``configs/*.yaml``, ``configs/methods/*.yaml``) stays loadable and buildable.
+
+Each config is loaded through :func:`flowrl.config.load_run_config` with its model replaced by a tiny
+randomly initialised stand-in of the same family (``flowrl.flow.tiny.save_tiny`` /
+``flowrl.text.tiny.save_tiny_lm``), tiny sizes (32 px, the fewest denoising steps the recipe's plan
+accepts, small groups), cheap stand-in rewards where the recipe names a learned or remote scorer, CPU
+precision, and its run is built (``flowrl.train.loop.Trainer``). A few recipes also train one step.
+Separately, the published hyper-parameters of each recipe are pinned (a table below, values from the
+papers / their code as given in the recipes' headers), so an edit that changes a recipe's meaning
+fails here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import runpy
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from flowrl.config import RunConfig, load_run_config
+from flowrl.flow.plan import build_plan, plan_generator
+from flowrl.text.rewards import register_reward
+from flowrl.train.lora import DEFAULTS as LORA_DEFAULTS
+from scorers.registry import register as register_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml"}
+
+# Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
+# multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
+# jpeg_compressibility together with jpeg_incompressibility: normalised, they cancel exactly.)
+CHEAP_IMAGE = ["jpeg_compressibility", "test_brightness", "shapes"]
+
+
+@register_scorer("test_brightness")
+def brightness_scorer(device="cpu", dtype=torch.float32, checkpoint=None, **_):
+    """Mean pixel value of each image: a cheap reward that differs between random-model samples."""
+    return lambda images, prompts, **metadata: images.detach().float().mean(dim=(1, 2, 3)).cpu()
+
+
+@register_reward("test_digit_fraction")
+def digit_fraction(prompts, completions, **_) -> List[float]:
+    """Fraction of digit characters in the completion: a random tiny LM's completions differ in it,
+    so its groups have reward spread (the recipes' verifiable rewards are ~0 for random weights)."""
+    return [sum(c.isdigit() for c in s) / max(1, len(s)) for s in completions]
+
+
+def _raw(path: Path) -> RunConfig:
+    return load_run_config(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Dict[str, str]:
+    from flowrl.flow.tiny import save_tiny
+    from flowrl.text.tiny import save_tiny_lm
+
+    d = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "sd3": str(save_tiny("sd3", d / "sd3")),
+        "flux": str(save_tiny("flux", d / "flux")),
+        "lm": str(save_tiny_lm(d / "lm")),
+    }
+
+
+def _fewest_steps(cfg: RunConfig) -> int:
+    """The fewest denoising steps (>= 4) for which the recipe's own plan is valid."""
+    for n in range(4, cfg.sample.num_steps + 1):
+        try:
+            cfg.plan.validate(n)
+        except ValueError:
+            continue
+        return n
+    raise AssertionError(f"plan {cfg.plan} is not valid for any step count up to {cfg.sample.num_steps}")
+
+
+def _leaves(cfg: RunConfig) -> int:
+    return math.prod(cfg.plan.branch_factors) if cfg.plan.kind == "tree" else 1
+
+
+def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_rewards: bool = False) -> List[str]:
+    """Overrides that turn recipe ``path`` into a tiny CPU run of the same method."""
+    cfg = _raw(path)
+    fam = cfg.model.family
+    ov = [
+        f"model.path={models[fam]}", f"output_dir={out_dir}", "resume=none", "model.dtype=float32",
+        "model.device=cpu", "train.mixed_precision='no'",  # quoted: YAML reads a bare no as false
+        "train.tracker=none", "train.progress=false",
+        "train.gradient_checkpointing=false", "eval.num_prompts=1", "eval.seeds=[0]", "max_steps=1",
+        "checkpoint_every=1", "eval_every=1",
+    ]
+    mb = cfg.train.num_minibatches
+    if fam == "lm":
+        ov += [f"sample.prompts_per_step={2 * mb}", "sample.group_size=4", "text.max_new_tokens=4",
+               "data.train=arithmetic:train", "data.eval=arithmetic:test"]
+        if signal_rewards:
+            ov += ["rewards={test_digit_fraction: 1.0}"]
+        return ov
+    ov += ["model.frozen_dtype=null", "sample.height=32", "sample.width=32", "sample.chunk_size=null",
+           f"sample.num_steps={_fewest_steps(cfg)}", "sample.eval_num_steps=2",
+           f"sample.group_size={max(2, _leaves(cfg))}", f"sample.prompts_per_step={mb}",
+           "data.train=shapes:train", "data.eval=shapes:test"]
+    names = list(cfg.rewards)
+    if not set(names) <= set(CHEAP_IMAGE):
+        if len(names) > len(CHEAP_IMAGE):
+            raise AssertionError(f"{path.name}: {len(names)} rewards, only {len(CHEAP_IMAGE)} stand-ins")
+        stand_in = {CHEAP_IMAGE[i]: float(cfg.rewards[n]) for i, n in enumerate(names)}
+        ov += ["rewards=" + json.dumps(stand_in), "reward_options={}"]
+    return ov
+
+
+# --------------------------------------------------------------------------------------------------
+# every config: loads raw, names real things, loads tiny, builds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_configs_are_found():
+    names = {p.name for p in CONFIGS}
+    expected = {
+        "flow_grpo_sd35m_pickscore.yaml", "flow_grpo_fast_sd35m.yaml", "grpo_guard_sd35m.yaml",
+        "dance_grpo_flux.yaml", "mixgrpo_flux.yaml", "g2rpo_flux.yaml", "tempflow_grpo_sd35m.yaml",
+        "dynamic_treerpo_flux.yaml", "llm_grpo.yaml", "tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml",
+    }
+    assert expected <= names, f"missing recipes: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_recipe_loads_and_names_real_models_and_rewards(path):
+    cfg = _raw(path)
+    text = path.read_text(encoding="utf-8")
+    if path.name in TINY:
+        assert cfg.model.path.startswith("runs/"), "tiny configs train a `flowrl make-tiny` folder"
+    elif path.name in PUBLISHED:  # a published recipe (other configs, e.g. CPU demos, may use local assets)
+        assert re.search(r"arXiv \d{4}\.\d{4,5}", text), "a recipe names its paper's arXiv id"
+        assert re.fullmatch(r"[A-Za-z0-9-]+/[A-Za-z0-9._-]+", cfg.model.path), \
+            f"model.path should be a hub id, got {cfg.model.path!r}"
+    if cfg.model.family == "lm":
+        from flowrl.text.rewards import resolve_reward
+
+        for name in cfg.rewards:
+            assert callable(resolve_reward(name))
+    else:
+        from scorers.registry import get_factory
+
+        for name in cfg.rewards:
+            assert callable(get_factory(name))  # registered (not built: that would need the weights)
+    # the plan is valid for the recipe's own trajectory and builds
+    if cfg.model.family != "lm":
+        plan = build_plan(cfg.plan, cfg.sample.num_steps, 0, plan_generator(cfg.seed, 0))
+        assert plan.trained.any() and bool((plan.trained <= plan.sde).all())
+        assert cfg.sample.group_size % plan.leaves == 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
+    from flowrl.train.loop import Trainer
+
+    raw = _raw(path)
+    cfg = load_run_config(path, tiny_overrides(path, tiny_models, tmp_path / "run"))
+    # only the overridden keys changed: the method (plan kind, SDE, loss, advantages, LoRA) is the recipe's
+    assert cfg.plan.kind == raw.plan.kind and cfg.plan.sde == raw.plan.sde
+    assert cfg.plan.noise_level == raw.plan.noise_level and cfg.plan.branch_factors == raw.plan.branch_factors
+    assert cfg.loss == raw.loss and cfg.advantage == raw.advantage
+    assert cfg.train.lora == raw.train.lora and cfg.train.learning_rate == raw.train.learning_rate
+
+    tr = Trainer(cfg)
+    assert tr.task.kind == ("text" if raw.model.family == "lm" else "flow")
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(raw.train.learning_rate)
+    trainable = {n for n, p in tr.task.module.named_parameters() if p.requires_grad}
+    assert trainable, "nothing to train"
+    if raw.train.lora:
+        fam = raw.model.family
+        pc = tr.task.module.peft_config["default"]
+        assert pc.r == (raw.train.lora_rank or LORA_DEFAULTS[fam]["rank"])
+        assert pc.lora_alpha == (raw.train.lora_alpha or LORA_DEFAULTS[fam]["alpha"])
+        assert all("lora_" in n for n in trainable)
+    else:  # full fine-tuning: every weight of the transformer / LM trains
+        assert trainable == {n for n, _ in tr.task.module.named_parameters()}
+    if raw.model.family != "lm":
+        from flowrl.flow.policy import FluxPolicy, SD3Policy
+
+        assert isinstance(tr.task.policy, {"sd3": SD3Policy, "flux": FluxPolicy}[raw.model.family])
+
+
+# --------------------------------------------------------------------------------------------------
+# the published hyper-parameters of each recipe
+# --------------------------------------------------------------------------------------------------
+
+PUBLISHED = {
+    "flow_grpo_sd35m_pickscore.yaml": {
+        "model.path": "stabilityai/stable-diffusion-3.5-medium", "sample.num_steps": 10, "sample.eval_num_steps": 40,
+        "sample.group_size": 24, "sample.prompts_per_step": 48, "sample.guidance_scale": 4.5, "sample.height": 512,
+        "plan.kind": "full", "plan.sde": "flow_sde", "plan.noise_level": 0.7, "plan.train_last_step": False,
+        "loss.eps_low": 1e-4, "loss.beta": 0.01, "loss.kl_estimator": "latent", "loss.kl_drop_dt": True,
+        "train.lora": True, "train.lora_rank": 32, "train.lora_alpha": 64, "train.learning_rate": 3e-4,
+        "train.num_minibatches": 2, "train.ema": True, "train.ema_decay": 0.9, "train.ema_every": 8,
+        "train.mixed_precision": "fp16", "advantage.scale": "batch", "advantage.clip": 5.0,
+        "advantage.std_unbiased": False, "rewards": {"pickscore": 1.0},
+    },
+    "flow_grpo_fast_sd35m.yaml": {
+        "plan.kind": "random_window", "plan.sde": "cps", "plan.noise_level": 0.8, "plan.window": 3,
+        "plan.window_range": [0, 5], "sample.guidance_scale": 1.0, "sample.group_size": 18,
+        "sample.prompts_per_step": 64, "loss.beta": 0.0, "train.learning_rate": 3e-4, "train.lora_rank": 32,
+    },
+    "grpo_guard_sd35m.yaml": {
+        "loss.ratio_norm": True, "loss.ratio_norm_reweight": True, "loss.eps_low": 4e-6, "loss.beta": 0.0,
+        "train.learning_rate": 1e-4, "advantage.scale": "group", "plan.sde": "flow_sde", "plan.noise_level": 0.7,
+        "sample.num_steps": 10, "sample.guidance_scale": 4.5,
+    },
+    "dance_grpo_flux.yaml": {
+        "model.path": "black-forest-labs/FLUX.1-dev", "plan.kind": "random_subset", "plan.sde": "dance_sde",
+        "plan.noise_level": 0.3, "plan.fraction": 0.6, "plan.per_sample": True, "sample.num_steps": 16,
+        "sample.group_size": 12, "sample.height": 720, "sample.same_noise": True, "loss.eps_low": 1e-4,
+        "loss.beta": 0.0, "train.learning_rate": 1e-5, "train.lora": False, "advantage.clip": 5.0,
+        "advantage.eps": 1e-8, "rewards": {"hpsv21": 1.0, "clipscore": 1.0}, "max_steps": 300,
+    },
+    "mixgrpo_flux.yaml": {
+        "plan.kind": "window", "plan.window": 4, "plan.shift_interval": 25, "plan.stride": 1,
+        "plan.schedule": "progressive", "plan.roll_back": True, "plan.sde": "flow_sde", "plan.noise_level": 0.7,
+        "sample.num_steps": 25, "sample.group_size": 12, "train.learning_rate": 1e-5, "train.lora": False,
+        "advantage.multi_reward": "normalize_then_sum", "loss.beta": 0.0,
+        "rewards": {"hpsv21": 1.0, "imagereward": 1.0, "pickscore": 1.0},
+    },
+    "g2rpo_flux.yaml": {
+        "plan.kind": "singular", "plan.singular_steps": list(range(8)), "plan.granularities": [1, 2],
+        "plan.noise_level": 0.7, "sample.num_steps": 16, "sample.group_size": 12, "sample.same_noise": True,
+        "train.learning_rate": 2e-6, "train.lora": False, "rewards": {"hpsv21": 1.0},
+    },
+    "tempflow_grpo_sd35m.yaml": {
+        "plan.kind": "tree", "plan.branch_steps": [0, 2, 4], "sample.num_steps": 10, "sample.same_noise": True,
+        "model.path": "stabilityai/stable-diffusion-3.5-medium",
+    },
+    "dynamic_treerpo_flux.yaml": {
+        "plan.kind": "tree", "plan.branch_steps": None, "plan.branch_noise": [0.9, 0.7, 0.5],
+        "model.path": "black-forest-labs/FLUX.1-dev", "sample.group_size": 12,
+    },
+    "llm_grpo.yaml": {
+        "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,
+        "loss.aggregation": "token-mean", "loss.eps_low": 0.2, "loss.eps_high": 0.28, "loss.beta": 0.0,
+        "advantage.scale": "group", "advantage.eps": 1e-4, "rewards": {"first_number_match": 1.0},
+    },
+}
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return list(obj) if isinstance(obj, tuple) else obj
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipe_matches_published_values(name):
+    cfg = _raw(ROOT / "configs" / name)
+    wrong = {k: (_get(cfg, k), v) for k, v in PUBLISHED[name].items() if _get(cfg, k) != v}
+    assert not wrong, f"{name}: (recipe, published) differ: {wrong}"
+
+
+def test_overlays_inherit_their_base():
+    """The Fast / Guard / TempFlow overlays keep Flow-GRPO's settings they do not change."""
+    base = _raw(ROOT / "configs" / "flow_grpo_sd35m_pickscore.yaml")
+    for name in ("flow_grpo_fast_sd35m.yaml", "grpo_guard_sd35m.yaml", "tempflow_grpo_sd35m.yaml"):
+        cfg = _raw(ROOT / "configs" / name)
+        assert cfg.output_dir != base.output_dir
+        assert cfg.model == base.model and cfg.data == base.data and cfg.rewards == base.rewards
+        assert cfg.train.lora_rank == 32 and cfg.train.lora_alpha == 64 and cfg.train.ema
+    fast = _raw(ROOT / "configs" / "flow_grpo_fast_sd35m.yaml")
+    plan = build_plan(fast.plan, fast.sample.num_steps, 3, plan_generator(fast.seed, 3))
+    assert len(plan.trained_steps) == 3 and all(0 <= s < 5 for s in plan.trained_steps)
+    assert plan.sde_steps == plan.trained_steps  # ODE outside the window
+
+
+def test_flow_grpo_plan_trains_nine_of_ten_steps():
+    cfg = _raw(ROOT / "configs" / "flow_grpo_sd35m_pickscore.yaml")
+    plan = build_plan(cfg.plan, cfg.sample.num_steps, 0, plan_generator(cfg.seed, 0))
+    assert plan.trained_steps == list(range(9)) and plan.sde_steps == list(range(10))
+
+
+# (recipe, iteration) -> (SDE steps, trained steps, per-sample subset size, noise per SDE step,
+# children per SDE step, ODE granularities), as each paper describes its sampling
+PLANS = {
+    ("dance_grpo_flux.yaml", 0): (list(range(16)), list(range(15)), 9, [0.3] * 16, [1] * 16, (1,)),
+    ("mixgrpo_flux.yaml", 0): ([0, 1, 2, 3], [0, 1, 2, 3], 0, [0.7] * 4, [1] * 4, (1,)),
+    ("mixgrpo_flux.yaml", 24): ([0, 1, 2, 3], [0, 1, 2, 3], 0, [0.7] * 4, [1] * 4, (1,)),
+    ("mixgrpo_flux.yaml", 25): ([1, 2, 3, 4], [1, 2, 3, 4], 0, [0.7] * 4, [1] * 4, (1,)),
+    ("g2rpo_flux.yaml", 3): ([3], [3], 0, [0.7], [1], (1, 2)),
+    ("g2rpo_flux.yaml", 8): ([0], [0], 0, [0.7], [1], (1, 2)),
+    ("tempflow_grpo_sd35m.yaml", 0): ([0, 2, 4], [0, 2, 4], 0, [0.7] * 3, [4, 3, 2], (1,)),
+    ("dynamic_treerpo_flux.yaml", 0): ([0, 1, 2], [0, 1, 2], 0, [0.9, 0.7, 0.5], [3, 2, 2], (1,)),
+    ("dynamic_treerpo_flux.yaml", 25): ([1, 2, 3], [1, 2, 3], 0, [0.9, 0.7, 0.5], [3, 2, 2], (1,)),
+}
+
+
+@pytest.mark.parametrize("name,iteration", sorted(PLANS), ids=[f"{n}@{i}" for n, i in sorted(PLANS)])
+def test_recipe_plan_follows_the_paper(name, iteration):
+    cfg = _raw(ROOT / "configs" / name)
+    p = build_plan(cfg.plan, cfg.sample.num_steps, iteration, plan_generator(cfg.seed, iteration))
+    sde, trained, subset, noise, branch, gran = PLANS[(name, iteration)]
+    assert p.sde_steps == sde and p.trained_steps == trained and p.subset_size == subset
+    assert p.noise_level[p.sde].tolist() == pytest.approx(noise)
+    assert p.branch[p.sde].tolist() == branch and tuple(p.granularities) == gran
+
+
+def test_fast_clip_matches_upstream_cps_clip():
+    """Upstream's CPS clip 1e-5 acts on 2 s^2 x the true log-ratio; the recipe's eps is its mean
+    equivalent over the window range [0, 5) of SD3.5's 10-step shift-3 schedule."""
+    from flowrl.flow.schedule import sd3_sigmas
+    from flowrl.flow.steps import cps_log_ratio_scale
+
+    cfg = _raw(ROOT / "configs" / "flow_grpo_fast_sd35m.yaml")
+    sig = sd3_sigmas(cfg.sample.num_steps, shift=3.0)
+    lo, hi = cfg.plan.window_range
+    equiv = 1e-5 / cps_log_ratio_scale(sig[lo + 1:hi + 1], cfg.plan.noise_level)
+    assert cfg.loss.eps_low == pytest.approx(float(equiv.mean()), rel=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# a few recipes train one step on the tiny stand-ins
+# --------------------------------------------------------------------------------------------------
+
+RUN = ["flow_grpo_sd35m_pickscore.yaml", "grpo_guard_sd35m.yaml", "g2rpo_flux.yaml",
+       "tempflow_grpo_sd35m.yaml", "mixgrpo_flux.yaml", "llm_grpo.yaml"]
+
+
+@pytest.mark.parametrize("name", RUN)
+def test_recipe_trains_one_step(name, tiny_models, tmp_path):
+    from flowrl.train.loop import Trainer
+
+    path = ROOT / "configs" / name
+    out = tmp_path / "run"
+    cfg = load_run_config(path, tiny_overrides(path, tiny_models, out, signal_rewards=True))
+    tr = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in tr.task.module.named_parameters() if p.requires_grad}
+    summary = tr.run()
+    assert summary["steps"] == 1
+    assert (out / "summary.json").is_file() and (out / "config.yaml").is_file()
+    assert list((out / "checkpoints").glob("step-00000001*")), "no checkpoint written"
+    metrics = _metrics(out)
+    assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"]) and metrics[0]["skipped_optimizer_steps"] == 0
+    assert metrics[0]["grad_norm"] > 0, "zero gradient: the stand-in rewards gave no signal"
+    # the first pass over a fresh rollout is on-policy: every ratio is 1 (up to float rounding)
+    assert abs(metrics[0]["ratio_first_min"] - 1) < 1e-4 and abs(metrics[0]["ratio_first_max"] - 1) < 1e-4
+    after = dict(tr.task.module.named_parameters())
+    changed = sum(int(not torch.equal(before[n], after[n].detach())) for n in before)
+    assert changed > 0, "no trainable weight changed after one optimizer step"
+    if raw_lora_zero_init(cfg):  # LoRA B starts at 0 (weight decay cannot move it): only the gradient did
+        assert any(not torch.equal(before[n], after[n].detach()) for n in before if "lora_B" in n)
+    assert Path(summary["result"]).is_dir()
+
+
+def raw_lora_zero_init(cfg: RunConfig) -> bool:
+    """peft's 'gaussian' and default inits both start lora_B at zero."""
+    return cfg.train.lora and cfg.train.lora_init in ("gaussian", "default")
+
+
+def _run_script(script: str, argv: List[str]) -> int:
+    ns = runpy.run_path(str(ROOT / "scripts" / script))
+    return ns["main"](argv)
+
+
+def _metrics(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_llm_script_runs_the_tiny_config(tiny_models, tmp_path, capsys):
+    out = tmp_path / "llm"
+    rc = _run_script("train_llm.py", [str(ROOT / "configs" / "tiny_llm.yaml"), f"model.path={tiny_models['lm']}",
+                                      f"output_dir={out}", "max_steps=1", "train.tracker=none",
+                                      "train.progress=false", "resume=none"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and "digit_accuracy" in summary["last_eval"]
+    assert math.isfinite(_metrics(out)[0]["loss"])
+    assert '"steps": 1' in capsys.readouterr().out  # the script prints the summary
+
+
+def test_train_flux_script_runs_the_tiny_config(tiny_models, tmp_path):
+    out = tmp_path / "flux"
+    rc = _run_script("train_flux.py", [str(ROOT / "configs" / "tiny_flux.yaml"), f"model.path={tiny_models['flux']}",
+                                       f"output_dir={out}", "max_steps=1", "train.tracker=none",
+                                       "train.progress=false", "resume=none", "sample.eval_num_steps=2",
+                                       "eval.num_prompts=1", "eval.seeds=[0]", "rewards={jpeg_compressibility: 1.0}"])
+    assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 1
+    m = _metrics(out)[0]
+    assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["skipped_optimizer_steps"] == 0
+
+
+def test_scripts_reject_the_wrong_family_and_bad_keys(capsys):
+    assert _run_script("train_sd3.py", [str(ROOT / "configs" / "tiny_flux.yaml")]) == 2
+    assert "family" in capsys.readouterr().err
+    assert _run_script("train_llm.py", [str(ROOT / "configs" / "tiny_llm.yaml"), "train.learnig_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learnig_rate" in err and "train.learning_rate" in err and "Traceback" not in err
