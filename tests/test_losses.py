@@ -666,3 +666,14 @@ def test_policy_loss_input_errors():
         log_importance_weights(logps, old, mask, "step")
     with pytest.raises(ValueError, match="^b:"):
         mean_sq_diff(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_k3_keeps_its_value_for_tiny_flow_log_ratios():
+    """Flow log-ratios are ~1e-4; exp(d) - d - 1 in float32 rounds to 0 there, expm1(d) - d does not."""
+    from flowrl.core.losses import kl_penalty
+
+    d = torch.tensor([1e-4, -3e-4, 2e-3], dtype=torch.float32)
+    k3 = kl_penalty(torch.zeros(3), d, "k3")
+    exact = (torch.exp(d.double()) - d.double() - 1).float()
+    torch.testing.assert_close(k3, exact, rtol=1e-3, atol=0)
+    assert (k3 > 0).all()

@@ -336,7 +336,8 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str = "k3", clamp: f
     With d = log pi_ref - log pi_theta:
       k1 = -d                       (unbiased, high variance; verl "kl")
       k2 = d^2 / 2                  (verl "mse")
-      k3 = exp(d) - d - 1 >= 0      (unbiased, low variance; TRL's KL, verl "low_var_kl")
+      k3 = exp(d) - d - 1 >= 0      (unbiased, low variance; TRL's KL, verl "low_var_kl"); computed as
+                                    expm1(d) - d, which keeps its value for the |d| ~ 1e-4 of flow steps
     ``clamp`` bounds the value to [-clamp, clamp] (verl clamps k3 to 10; TRL does not clamp).
     """
     d = ref_logps - logps
@@ -345,7 +346,7 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str = "k3", clamp: f
     elif estimator == "k2":
         kl = 0.5 * d * d
     elif estimator == "k3":
-        kl = torch.exp(d) - d - 1.0
+        kl = torch.expm1(d) - d
     else:
         raise ValueError(f"estimator: must be 'k1', 'k2' or 'k3', got {estimator!r}")
     if clamp is not None:

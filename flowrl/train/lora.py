@@ -14,9 +14,8 @@ LoRA trained with alpha != rank.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -82,21 +81,6 @@ def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Te
             if p.shape != state[n].shape:
                 raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model shape {tuple(p.shape)}")
             p.copy_(state[n].to(p.device, p.dtype))
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module) -> Iterator[None]:
-    """Run ``module`` as its base model (the KL reference of a LoRA run: no second copy of the
-    weights). Works for diffusers models and peft-wrapped transformers models."""
-    if hasattr(module, "disable_adapter") and callable(getattr(module, "disable_adapter")) and not hasattr(module, "disable_adapters"):
-        with module.disable_adapter():  # PeftModel
-            yield
-        return
-    module.disable_adapters()
-    try:
-        yield
-    finally:
-        module.enable_adapters()
 
 
 def save_diffusers_lora(pipeline_cls, transformer: torch.nn.Module, out_dir, adapter_name: str = "default") -> Path:
