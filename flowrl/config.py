@@ -434,6 +434,7 @@ class TrainConfig:
     ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
     gradient_checkpointing: bool = False  # trade compute for memory in the update
+    step_weighting: Literal["none", "noise_aware"] = "none"  # flow: per-step loss weights (TempFlow-GRPO noise-aware: the step's std s_t)
     per_prompt_stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps
     stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
     stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
