@@ -252,7 +252,7 @@ def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
             tp = _hints(node_cls)[part]
             last = depth == len(parts) - 1
             if last:
-                if _keeps_raw_text(tp) and raw.strip() not in ("null", "~", "None"):
+                if _keeps_raw_text(tp) and raw.strip() not in ("null", "~", "None") and not isinstance(value, str):
                     value = raw.strip() if typing.get_origin(tp) is Literal or _is_literal_union(tp) else raw
                 node[part] = value
             else:
@@ -472,6 +472,7 @@ class RunConfig:
     output_dir: str = "runs/flowrl"  # the run folder (config.yaml, summary.json, report.html, checkpoints/)
     seed: int = 0  # global seed; sampling noise and plans derive from (seed, step), identical on every process
     max_steps: int = 100  # training steps (rollout + updates)
+    time_budget_s: Optional[float] = None  # also stop after the step at which training time (without evaluation) exceeds this
     resume: str = "auto"  # 'auto' (last complete checkpoint in output_dir), a checkpoint path, or 'none'
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
     eval_every: int = 50  # steps between evaluations (and one at the end)

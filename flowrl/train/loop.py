@@ -10,6 +10,14 @@ are computed (a group's statistics see the whole group; batch statistics the who
 loss normaliser is the count over the whole optimizer batch (all processes), so neither the
 advantages nor the updated weights depend on the number of processes.
 
+Gradients under DDP. The loop does not call the DDP wrapper: each process computes its share of a
+minibatch's gradient on the model itself and the gradients are averaged with one all-reduce per
+optimizer step (:meth:`Trainer._average_gradients`). DDP's reducer synchronises inside backward,
+which needs every process to run the same number of backward passes; the flow learner's number
+depends on the data (which rows train which step, invalid samples, chunks), and a DDP forward run
+by the main process alone (evaluation) blocks on its buffer broadcast. Other wrappers (FSDP) are
+called as they are, with ``backward(loss, last)`` synchronising on the minibatch's last pass.
+
 Robustness. Invalid samples (a scorer's NaN/inf, a failed remote batch) get advantage 0 and are
 masked out of the loss, and counted. A NaN/inf loss or gradient skips the optimizer step (logged);
 ``train.max_bad_steps`` of them in a row stop the run with a clear message, the last good
@@ -75,7 +83,9 @@ class Trainer:
 
         from flowrl.train.tasks import build_task
 
-        torch.manual_seed(cfg.seed)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # Python, numpy and torch: the whole RNG state is a function of the seed
         self.task = build_task(cfg, accelerator.device)
         params = [p for p in self.task.module.parameters() if p.requires_grad]
         if not params:
@@ -85,9 +95,15 @@ class Trainer:
                                            eps=tc.adam_eps, weight_decay=tc.weight_decay)
         warm = tc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        wrapped, self.optimizer, self.scheduler = accelerator.prepare(self.task.module, self.optimizer, self.scheduler)
+        # The LR scheduler is deliberately not prepared: accelerate's AcceleratedScheduler steps the
+        # wrapped scheduler num_processes times per optimizer step (it assumes a per-process
+        # dataloader split), which would make the LR (warm-up) depend on the number of processes.
+        wrapped, self.optimizer = accelerator.prepare(self.task.module, self.optimizer)
         self.wrapped = wrapped
-        self.task.set_forward_module(wrapped if wrapped is not self.task.module else None)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.local_grads = self.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see module doc
+        self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None
         if tc.ema:
             from diffusers.training_utils import EMAModel
@@ -103,6 +119,7 @@ class Trainer:
         self.optimizer_steps = 0
         self.bad_in_row = 0
         self.total_nfe = 0
+        self.train_time = 0.0  # seconds of training (no evaluation) in this segment, for time_budget_s
         self.wall_before = 0.0  # wall clock of earlier (resumed) segments
         self.first_eval: Optional[Dict[str, float]] = None
         self.last_eval: Optional[Dict[str, float]] = None
@@ -147,6 +164,10 @@ class Trainer:
 
         path = self._resume_path()
         if path is None:
+            if self.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
+                _truncate_jsonl(self.run_dir / "metrics.jsonl", -1)
+                _truncate_jsonl(self.run_dir / "eval.jsonl", -1)
+            log.info("no checkpoint to resume from (resume=%s): training from step 0", self.cfg.resume)
             return
         ck = load_checkpoint(path)
         load_trainable_state_dict(self.task.module, ck["weights"])
@@ -166,8 +187,9 @@ class Trainer:
         if self.kl_ctl is not None and m.get("kl_ctl"):
             self.kl_ctl.load_state_dict(m["kl_ctl"])
         restore_rng(ck["rng"])
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
+        if self.main:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+            _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     # -------------------------------------------------------------------------------- one step
@@ -187,20 +209,25 @@ class Trainer:
         prompt's tree, which never spans processes."""
         from flowrl.core.advantages import compute_advantages, multi_granularity_advantages, tree_step_advantages
 
+        import dataclasses
+
         cfg = self.cfg
         n_local = rewards.shape[0]
+        adv_cfg = cfg.advantage
+        if adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
+            adv_cfg = dataclasses.replace(adv_cfg, reward_weights=tuple(float(cfg.rewards[n]) for n in self._reward_names))
         if getattr(batch, "node_parent", None) is not None:
             w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
             total = (rewards.double() * w).sum(-1)
-            adv, valid = self.task.tree_advantages(batch, total, cfg.advantage)
+            adv, valid = self.task.tree_advantages(batch, total, adv_cfg)
             return adv.float(), {"keep": valid, "invalid_count": int((~valid).sum())}
         g_rewards = self._gather(rewards.float())
         g_groups = self._gather(row_group)
         if rewards.ndim == 3:  # multi-granularity [N, K, R]
-            adv, stats = multi_granularity_advantages(g_rewards, g_groups, cfg.advantage)
+            adv, stats = multi_granularity_advantages(g_rewards, g_groups, adv_cfg)
         else:
             keys = self._gather(row_key).tolist() if self.tracker is not None else None
-            adv, stats = compute_advantages(g_rewards, g_groups, cfg.advantage, tracker=self.tracker, prompt_keys=keys)
+            adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
         # this process's rows are the rank-th slice of the gathered tensors
         start = self.rank * n_local
         sl = slice(start, start + n_local)
@@ -208,6 +235,71 @@ class Trainer:
         keep = stats.pop("keep")
         stats["keep"] = keep[sl]
         return adv[sl].float(), stats
+
+    def _average_gradients(self, bucket_numel: int = 1 << 24) -> None:
+        """Average ``.grad`` over processes (what DDP's reducer does), one all-reduce per bucket of
+        at most ``bucket_numel`` elements of one dtype. A parameter without a gradient on every
+        process keeps none (as in a 1-process run); one with a gradient somewhere gets zeros where
+        it has none before averaging."""
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=self.acc.device)
+        present = self.acc.reduce(present, "sum").cpu()
+        grads: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for p, n in zip(self.params, present.tolist()):
+            if n == 0:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.setdefault(p.grad.dtype, []).append(p.grad)
+
+        def flush(bucket: List[torch.Tensor]) -> None:
+            flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in bucket]), "mean")
+            off = 0
+            for g in bucket:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+
+        for group in grads.values():
+            bucket, size = [], 0
+            for g in group:
+                if bucket and size + g.numel() > bucket_numel:
+                    flush(bucket)
+                    bucket, size = [], 0
+                bucket.append(g)
+                size += g.numel()
+            if bucket:
+                flush(bucket)
+
+    _MEAN_STATS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean")
+
+    def _global_stats(self, loss_stats: List[Dict[str, float]]) -> List[Dict[str, float]]:
+        """Per-minibatch loss statistics over all processes (one process: unchanged): the means
+        in ``_MEAN_STATS`` weighted by each process's ``num_actions``, ``ratio_min``/``ratio_max``
+        the min/max over processes. The adaptive KL controller is fed from these, so every
+        process keeps the same beta; ``loss``/``policy_loss`` stay this process's share."""
+        if self.world == 1 or not loss_stats:
+            return loss_stats
+        keys = self._MEAN_STATS
+        w = [float(s.get("num_actions", 1.0)) for s in loss_stats]
+        sums = torch.tensor([[float(s.get(k, 0.0)) * wi for k in keys] + [wi] for s, wi in zip(loss_stats, w)],
+                            dtype=torch.float64, device=self.acc.device)
+        sums = self.acc.reduce(sums, "sum").cpu()
+        dev = self.acc.device
+        lo = torch.tensor([float(s.get("ratio_min", math.inf)) for s in loss_stats], dtype=torch.float64, device=dev)
+        hi = torch.tensor([float(s.get("ratio_max", -math.inf)) for s in loss_stats], dtype=torch.float64, device=dev)
+        lo = -self.acc.reduce(-lo, "max").cpu()
+        hi = self.acc.reduce(hi, "max").cpu()
+        out = []
+        for i, s in enumerate(loss_stats):
+            s = dict(s)
+            total = float(sums[i, -1])
+            for j, k in enumerate(keys):
+                if k in s:
+                    s[k] = float(sums[i, j]) / total if total > 0 else float("nan")
+            if "ratio_min" in s:
+                s["ratio_min"], s["ratio_max"] = float(lo[i]), float(hi[i])
+            s["num_actions"] = total
+            out.append(s)
+        return out
 
     def train_step(self) -> Dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
@@ -249,16 +341,26 @@ class Trainer:
                 _apply_mask(sub, sub_mask, self.task.kind)
                 self.optimizer.zero_grad(set_to_none=True)
 
-                def backward(loss, last, _w=self.wrapped):
-                    ctx = contextlib.nullcontext() if (last or self.world == 1) else self.acc.no_sync(_w)
+                def backward(loss, last=True, _w=self.wrapped):
+                    # ``last``: the minibatch's final backward, the one a wrapper that synchronises in
+                    # backward (FSDP) must not skip; a learner that does not say (``backward(loss)``)
+                    # gets a synchronised backward every time: correct, only slower. Under DDP the
+                    # gradients are averaged after the minibatch instead (module doc).
+                    ctx = (contextlib.nullcontext() if (last or self.world == 1 or self.local_grads)
+                           else self.acc.no_sync(_w))
                     with ctx:
                         self.acc.backward(loss)
 
                 with self.acc.autocast():
                     st = self.task.minibatch_gradient(sub, adv[rows], normalizer=norm, beta=beta, backward=backward)
+                if self.local_grads:
+                    self._average_gradients()
                 gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
                 gn = float(gn) if gn is not None else float("nan")
                 finite = math.isfinite(gn) and math.isfinite(st.get("loss", 0.0))
+                if self.world > 1:  # every process must take the same decision, or the replicas drift apart
+                    flag = torch.tensor([0.0 if finite else 1.0], device=self.acc.device)
+                    finite = float(self.acc.reduce(flag, "sum").sum()) == 0.0
                 if not finite:
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -272,10 +374,13 @@ class Trainer:
                 grad_norms.append(gn)
                 loss_stats.append(st)
         self.bad_in_row = self.bad_in_row + 1 if skipped else 0
+        loss_stats = self._global_stats(loss_stats)
         if self.kl_ctl is not None and loss_stats:
             self.kl_ctl.update(_mean([s.get("kl") for s in loss_stats]))
-        nfe = self.task.nfe(batch)
-        self.total_nfe += nfe * self.world
+        nfe = self.task.nfe(batch)  # this process's evaluations (generated tokens for text): sum them
+        if self.world > 1:
+            nfe = int(self.acc.reduce(torch.tensor(nfe, dtype=torch.long, device=self.acc.device), "sum"))
+        self.total_nfe += nfe
         t_end = time.time()
 
         metrics: Dict[str, Any] = {"step": self.step + 1}
@@ -303,7 +408,7 @@ class Trainer:
         metrics["skipped_optimizer_steps"] = skipped
         metrics["beta"] = beta
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["nfe"] = nfe * self.world
+        metrics["nfe"] = nfe
         metrics["time/sampling"] = t_sample - t_start
         metrics["time/scoring"] = t_score - t_sample
         metrics["time/update"] = t_end - t_score
@@ -365,7 +470,11 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self.train_time += metrics["time/step"]
+                out_of_time = cfg.time_budget_s is not None and self.train_time >= cfg.time_budget_s
+                if out_of_time:
+                    log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
                     ev = self.evaluate()
                     if self.main:
                         self.last_eval = ev
@@ -380,8 +489,10 @@ class Trainer:
                     bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['approx_kl']:.2e}",
                                     clip=f"{metrics['clip_frac']:.2f}", s_step=f"{metrics['time/step']:.1f}")
                     bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time:
                     self.save()
+                if out_of_time:
+                    break
         finally:
             if bar is not None:
                 bar.close()

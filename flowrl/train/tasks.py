@@ -37,13 +37,19 @@ class FlowTask:
     def __init__(self, cfg, device):
         from flowrl.flow.learner import FlowLearner
         from flowrl.train.model import build_flow_policy
+        from scorers.registry import get_factory
 
         self.cfg = cfg
+        for name in cfg.rewards:  # an unknown scorer is a usage error: report it before loading the model
+            get_factory(name)
         self.policy = build_flow_policy(cfg.model, device=str(device))
         self.device = device
         self._setup_trainable()
+        from flowrl.flow.learner import reference_transformer
+
         self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
-                                   chunk_size=cfg.sample.chunk_size)
+                                   chunk_size=cfg.sample.chunk_size, step_weighting=cfg.train.step_weighting,
+                                   ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
         self._reward = None
 
     # -- model ------------------------------------------------------------------------------------
@@ -61,6 +67,10 @@ class FlowTask:
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)  # the same LoRA init on every process
                 add_lora_to_transformer(t, lc)
+            if t.dtype != torch.float32:  # LoRA weights train in fp32 beside a half-precision base
+                from diffusers.training_utils import cast_training_params
+
+                cast_training_params(t, dtype=torch.float32)
         else:
             t.requires_grad_(True)
         if tc.gradient_checkpointing and hasattr(t, "enable_gradient_checkpointing"):
@@ -202,13 +212,13 @@ class TextTask:
 
         self.cfg = cfg
         self.device = device
-        model, tok = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
-        self.model = self._setup_trainable(model)
-        self.tokenizer = tok
-        try:
+        try:  # before loading the model: an unknown reward is reported at once
             self.reward_fns = {name: resolve_reward(name) for name in cfg.rewards}
         except KeyError as e:
             raise UsageError(str(e.args[0])) from None
+        model, tok = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
+        self.model = self._setup_trainable(model)
+        self.tokenizer = tok
         tc = cfg.text
         ref = None
         if not cfg.train.lora and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
