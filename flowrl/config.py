@@ -341,11 +341,14 @@ class ModelConfig:
     dtype: DTypeName = "float32"  # dtype of the trainable model (transformer / LM)
     frozen_dtype: Optional[DTypeName] = None  # dtype of the frozen text encoders and VAE (null: same as dtype)
     device: str = "cpu"  # torch device when not launched by accelerate (accelerate picks its own)
+    max_sequence_length: Optional[int] = None  # T5 tokens (SD3: zero padding when there is no T5); null: the pipeline's default (256/512)
     shift: Optional[float] = None  # fixed sigma shift replacing the scheduler's (e.g. 3.0 for Flux as DanceGRPO/MixGRPO); null: the model's own
 
     def validate(self) -> None:
         if self.frozen_dtype is not None and self.family == "lm":
             raise ValueError("frozen_dtype: only image models have frozen parts")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length: must be >= 1, got {self.max_sequence_length}")
 
 
 @dataclass

@@ -37,6 +37,8 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
         frozen_dtype=DTYPES[model_cfg.frozen_dtype] if model_cfg.frozen_dtype else None,
         device=device or model_cfg.device,
     )
+    if getattr(model_cfg, "max_sequence_length", None) is not None:
+        kwargs["max_sequence_length"] = int(model_cfg.max_sequence_length)
     try:
         policy = cls.from_pretrained(model_cfg.path, **kwargs)
     except (FileNotFoundError, OSError, ValueError) as e:
