@@ -31,22 +31,9 @@ def _cmd_make_tiny(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from flowrl.config import load_run_config
+    from flowrl.train.loop import train_command
 
-    cfg = load_run_config(args.config, args.overrides)
-    from flowrl.train.loop import TrainingStopped, train
-
-    try:
-        summary = train(cfg)
-    except TrainingStopped as e:
-        print(f"flowrl: stopped: {e}", file=sys.stderr)
-        return 3
-    first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
-    print(f"done: {summary['steps']} steps in {summary['wall_clock_s']:.0f} s; run folder {cfg.output_dir}")
-    for k in sorted(set(first) | set(last)):
-        if "/" not in k:
-            print(f"  held-out {k}: {first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}")
-    return 0
+    return train_command(args.config, args.overrides)
 
 
 def _cmd_sample(args) -> int:

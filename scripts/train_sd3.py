@@ -13,7 +13,6 @@ Any config key can be overridden as ``dotted.key=value``. The run folder (``outp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,24 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. max_steps=10 model.path=DIR")
     args = parser.parse_args(argv)
 
-    from flowrl.config import ConfigError, load_run_config
-    from flowrl.inputs import UsageError
-    from flowrl.train.loop import TrainingStopped, train
+    from flowrl.train.loop import train_command
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        if cfg.model.family != FAMILY:
-            raise UsageError(f"model.family is {cfg.model.family!r}; this script trains {FAMILY!r} "
-                             f"(use scripts/train_{'llm' if cfg.model.family == 'lm' else cfg.model.family}.py)")
-        summary = train(cfg)
-    except (ConfigError, UsageError) as e:
-        print(f"{Path(__file__).stem}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"{Path(__file__).stem}: stopped: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps(summary, indent=2))
-    return 0
+    return train_command(args.config, args.overrides, family=FAMILY, prog=Path(__file__).stem)
 
 
 if __name__ == "__main__":

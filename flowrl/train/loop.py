@@ -581,3 +581,32 @@ def _flat_config(cfg) -> Dict[str, Any]:
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Run the training loop for a validated config; returns ``summary.json``'s content."""
     return Trainer(cfg).run()
+
+
+def train_command(config: Optional[str], overrides=(), *, family: Optional[str] = None, prog: str = "flowrl") -> int:
+    """What ``flowrl train`` and the ``scripts/train_*.py`` entry points do: load the config with its
+    overrides, check the model family (scripts are per family), train, print the held-out
+    before/after numbers. Config and usage errors print one line and return 2; a run stopped for
+    non-finite steps returns 3."""
+    import sys
+
+    from flowrl.config import ConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(config, overrides)
+        if family is not None and cfg.model.family != family:
+            other = "llm" if cfg.model.family == "lm" else cfg.model.family
+            raise UsageError(f"model.family is {cfg.model.family!r}; this script trains {family!r} (use scripts/train_{other}.py)")
+        summary = train(cfg)
+    except (ConfigError, UsageError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        return 3
+    first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
+    print(f"done: {summary['steps']} steps in {summary['wall_clock_s']:.0f} s; run folder {cfg.output_dir}")
+    for k in sorted(set(first) | set(last)):
+        print(f"  held-out {k}: {first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}")
+    print(json.dumps(summary, indent=2))
+    return 0
