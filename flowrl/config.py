@@ -302,21 +302,13 @@ def validate(cfg, root=None, prefix: str = "") -> None:
         raise _value_error(prefix, e) from None
 
 
-def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()):
-    """Load a config of dataclass ``cls`` from YAML ``path`` (optional), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("", f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError("", f"cannot parse {p}: {first}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("", f"{p} must hold a mapping at the top level")
+def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), preprocess=None):
+    """Load a config of dataclass ``cls`` from YAML ``path`` (optional; ``include:`` overlays are
+    followed), apply overrides, then ``preprocess(data)`` (e.g. presets), build and validate."""
+    data = _read_yaml_with_includes(Path(path)) if path is not None else {}
     data = apply_overrides(cls, data, overrides)
+    if preprocess is not None:
+        data = preprocess(data)
     cfg = from_dict(cls, data)
     validate(cfg)
     return cfg
@@ -507,9 +499,7 @@ class RunConfig:
         unknown = sorted(set(self.reward_options) - set(self.rewards))
         if unknown:
             raise ValueError(f"reward_options: options for rewards not in 'rewards': {unknown}")
-        if self.plan.kind == "tree":
-            from flowrl.flow.plan import Plan  # noqa: F401  (leaves of a tree: product of branch factors)
-
+        if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
             for b in self.plan.branch_factors:
                 leaves *= b
@@ -549,12 +539,7 @@ def _apply_presets(data: dict) -> dict:
 def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:
     """The CLI's entry point: YAML (with ``include:`` of a base file) + overrides + presets ->
     validated :class:`RunConfig`."""
-    data = _read_yaml_with_includes(Path(path)) if path is not None else {}
-    data = apply_overrides(RunConfig, data, overrides)
-    data = _apply_presets(data)
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
-    return cfg
+    return load(RunConfig, path, overrides, preprocess=_apply_presets)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

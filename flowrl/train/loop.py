@@ -207,7 +207,7 @@ class Trainer:
         """Advantages for the local rows. Flat groups: rewards are gathered from all processes
         and normalised globally. Trees: node values and sibling comparisons stay within a
         prompt's tree, which never spans processes."""
-        from flowrl.core.advantages import compute_advantages, multi_granularity_advantages, tree_step_advantages
+        from flowrl.core.advantages import compute_advantages, multi_granularity_advantages
 
         import dataclasses
 
