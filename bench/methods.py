@@ -8,19 +8,32 @@ the held-out prompts every ``--eval-every`` steps. Prints one table:
     vanilla Flow-GRPO's final reward
 
 and saves the reward-versus-training-time curves as one PNG (``--out``/methods.png), plus the raw
-numbers as JSON. All methods run in this one process, one after the other, on the same machine state.
+numbers as JSON.
+
+Every (method, seed) run is a ``flowrl train`` subprocess with ``--threads`` torch threads
+(``OMP_NUM_THREADS``); ``--jobs`` of them run side by side. On a 2-core laptop keep ``--jobs 1
+--threads 2``; on a many-core machine ``--jobs N --threads 1`` runs N methods at once on equal
+footing (each run is charged only its own training time, so the budget is the same for all).
 
     python bench/methods.py --budget 240 --seeds 0 1 [--methods flow_grpo mixgrpo ...] [--out runs/methods]
+    python bench/methods.py --jobs 12 --threads 1 --methods-dir my_presets/   # any folder of overlays
+
+A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
+(``flow_grpo``) is always run, from that folder or else from ``configs/methods/``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_DIR = ROOT / "configs" / "methods"
@@ -57,18 +70,45 @@ def time_to_reach(c: Dict[str, List[float]], target: float) -> float:
     return math.inf
 
 
-def run_one(method: str, seed: int, budget: float, eval_every: int, out: Path, extra: List[str]) -> Dict:
-    from flowrl.config import load_run_config
-    from flowrl.train.loop import train
+def preset_path(method: str, methods_dir: Path) -> Path:
+    """The YAML file of a method: ``methods_dir/<method>.yaml``, else ``configs/methods/<method>.yaml``."""
+    for d in (methods_dir, METHODS_DIR):
+        p = d / f"{method}.yaml"
+        if p.is_file():
+            return p
+    raise SystemExit(f"no preset {method!r} in {methods_dir} or {METHODS_DIR}")
 
-    run_dir = out / f"{method}-seed{seed}"
-    cfg = load_run_config(METHODS_DIR / f"{method}.yaml", [
+
+def run_command(preset: Path, seed: int, budget: float, eval_every: int, run_dir: Path, extra: List[str]) -> List[str]:
+    """The ``flowrl train`` command line of one (method, seed) run."""
+    return [
+        sys.executable, "-c", "import sys; from flowrl.cli import main; sys.exit(main())", "train", str(preset),
         f"seed={seed}", f"output_dir={run_dir}", f"time_budget_s={budget}", "max_steps=100000",
         f"eval_every={eval_every}", "checkpoint_every=100000", "train.tracker=none", "train.progress=false",
         "resume=none", *extra,
-    ])
-    train(cfg)
-    return curve(run_dir)
+    ]
+
+
+def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, extra: List[str],
+            threads: Optional[int] = None) -> Dict:
+    """Train one preset with one seed in a subprocess (its log in ``<run>.log``) and return its curve."""
+    run_dir = out / f"{preset.stem}-seed{seed}"
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    log_path = out / f"{preset.stem}-seed{seed}.log"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(run_command(preset, seed, budget, eval_every, run_dir, extra), stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{preset.stem} seed {seed} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
+    c = curve(run_dir)
+    c["wall_s"] = time.perf_counter() - t0
+    print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}",
+          flush=True)
+    return c
 
 
 def main(argv=None) -> int:
@@ -78,22 +118,37 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="preset names (default: every configs/methods/*.yaml)")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--out", default="runs/methods")
+    ap.add_argument("--methods-dir", default=str(METHODS_DIR), help="folder of method presets (YAML overlays)")
+    ap.add_argument("--reference", default=REFERENCE, help="the method whose final reward the others must reach")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
-    methods = args.methods or sorted(p.stem for p in METHODS_DIR.glob("*.yaml"))
-    if REFERENCE not in methods:
-        methods = [REFERENCE] + methods
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    methods_dir = Path(args.methods_dir)
+    methods = args.methods or sorted(p.stem for p in methods_dir.glob("*.yaml"))
+    ref = args.reference
+    if ref not in methods:
+        methods = [ref] + methods
+    presets = {m: preset_path(m, methods_dir) for m in methods}
+    threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results: Dict[str, List[Dict]] = {}
-    for m in methods:
-        results[m] = [run_one(m, s, args.budget, args.eval_every, out, args.overrides) for s in args.seeds]
-        (out / "methods.json").write_text(json.dumps(results, indent=1))
+    jobs = [(m, s) for m in methods for s in args.seeds]
+    print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
+          f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides, threads)
+                   for m, s in jobs}
+        results: Dict[str, List[Dict]] = {m: [futures[(m, s)].result() for s in args.seeds] for m in methods}
+    (out / "methods.json").write_text(json.dumps(results, indent=1))
 
-    ref_final = statistics.mean(c["reward"][-1] for c in results[REFERENCE])
-    ref_time = statistics.mean(time_to_reach(c, ref_final) for c in results[REFERENCE])
-    print(f"budget {args.budget:.0f} s of training per run, seeds {args.seeds}; Flow-GRPO final reward {ref_final:.3f}")
+    ref_final = statistics.mean(c["reward"][-1] for c in results[ref])
+    ref_time = statistics.mean(time_to_reach(c, ref_final) for c in results[ref])
+    print(f"budget {args.budget:.0f} s of training per run, seeds {args.seeds}; {ref} final reward {ref_final:.3f}")
     print(f"{'method':20s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±sd)':>17s} "
           f"{'t to FG final':>14s} {'x FG time':>10s}")
     rows = []
@@ -108,7 +163,7 @@ def main(argv=None) -> int:
         print(f"{m:20s} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "
               f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {sd:5.3f}   {t_reach:12.0f} s {ratio:9.2f}x")
     best = min(rows, key=lambda r: (r[2], -r[1]))
-    print(f"fastest to Flow-GRPO's final reward: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s)")
+    print(f"fastest to {ref}'s final reward: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s)")
 
     import matplotlib
 
@@ -118,7 +173,7 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(8, 5))
     for m, cs in results.items():
         for i, c in enumerate(cs):
-            ax.plot(c["time"], c["reward"], label=m if i == 0 else None, lw=2.2 if m == REFERENCE else 1.2,
+            ax.plot(c["time"], c["reward"], label=m if i == 0 else None, lw=2.2 if m == ref else 1.2,
                     color=f"C{list(results).index(m) % 10}", alpha=0.9)
     ax.axhline(ref_final, color="k", ls=":", lw=1)
     ax.set_xlabel("training time (s)")

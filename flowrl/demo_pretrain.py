@@ -102,7 +102,8 @@ class PretrainConfig:
     num_heads: int = 2  # attention heads
     head_dim: int = 32  # width of one head (transformer width = num_heads * head_dim)
     dual_attention: bool = True  # SD3.5-style dual attention in the first block
-    clip_max_length: int = 48  # CLIP tokens (character-level tokenizer: the longest prompt has 44 chars)
+    tokenizer: str = "words"  # "words": every word of the shapes grammar is one token; "chars": one token per character
+    clip_max_length: int = 16  # CLIP tokens ("words": the longest prompt has 8 words + bos/eos; "chars" needs 48)
     max_sequence_length: int = 1  # "T5" tokens: zeros appended to the CLIP tokens (the model has no T5)
     shift: float = 1.5  # FlowMatchEulerDiscreteScheduler shift used for sampling
     # --- VAE training ---
@@ -152,6 +153,8 @@ class PretrainConfig:
             raise ValueError(
                 f"image_size must be >= 16 and divisible by {2 * factor} (VAE factor {factor} x patch 2), got {self.image_size}"
             )
+        if self.tokenizer not in ("words", "chars"):
+            raise ValueError(f"tokenizer must be 'words' or 'chars', got {self.tokenizer!r}")
         if self.clip_max_length < 3:
             raise ValueError(f"clip_max_length must be >= 3, got {self.clip_max_length}")
         for name in ("vae_lr", "lr", "grad_clip", "logit_std"):
@@ -384,6 +387,7 @@ def build_demo_pipeline(cfg: PretrainConfig):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flowrl.flow.tiny import build_tiny_sd3_pipeline
+    from scorers.shapes import vocabulary
 
     cfg.validate()
     pipe = build_tiny_sd3_pipeline(
@@ -396,6 +400,7 @@ def build_demo_pipeline(cfg: PretrainConfig):
         clip_max_length=cfg.clip_max_length,
         vae_blocks=cfg.vae_blocks,
         dual_attention=cfg.dual_attention,
+        clip_words=vocabulary() if cfg.tokenizer == "words" else (),
     )
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=float(cfg.shift))
     pipe.register_modules(scheduler=sched)
@@ -888,7 +893,7 @@ flowrl image demo: it follows prompts only imperfectly, so that RL has something
   x{2 ** (cfg['vae_blocks'] - 1)} ({size} px images, {size // 2 ** (cfg['vae_blocks'] - 1)}x{size // 2 ** (cfg['vae_blocks'] - 1)} latents),
   scaling_factor {summary['vae_scaling_factor']:.4f}, shift_factor {summary['vae_shift_factor']:.4f}
 - text: two random (untrained) CLIP text encoders ({p['text_encoder']:,} and {p['text_encoder_2']:,} parameters)
-  with character-level tokenizers of length {cfg['clip_max_length']}; no T5
+  with {'whole-word' if cfg.get('tokenizer', 'chars') == 'words' else 'character-level'} tokenizers of length {cfg['clip_max_length']}; no T5
 - scheduler: `FlowMatchEulerDiscreteScheduler(shift={cfg['shift']})`
 
 ```python

@@ -331,6 +331,12 @@ def all_prompts(split: Optional[str] = None, category: Optional[str] = None) -> 
     return sorted(out)
 
 
+def vocabulary() -> List[str]:
+    """Every word of every prompt of the grammar (both splits), sorted: the whole-word vocabulary of
+    the demo model's tokenizers (:func:`flowrl.flow.tiny.tiny_clip_tokenizer`)."""
+    return sorted({w for p in all_prompts() for w in p.split()})
+
+
 def split_of(prompt: str) -> str:
     """``"train"`` or ``"test"`` for a prompt of the grammar.
 

@@ -187,6 +187,32 @@ def test_random_text_encoders_separate_all_prompts():
     assert torch.count_nonzero(pe[:, cfg.clip_max_length:]) == 0
 
 
+def test_word_tokenizer_gives_every_grammar_word_one_token_and_survives_a_reload(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from flowrl.flow.tiny import tiny_clip_tokenizer
+    from scorers.shapes import all_prompts, vocabulary
+
+    words = vocabulary()
+    assert {"a", "an", "and", "circle", "triangles", "purple", "left", "of", "four"} <= set(words)
+    tok = tiny_clip_tokenizer(16, words)
+    for w in words:  # one token per word (the merges of overlapping words do not pre-empt each other)
+        assert tok.convert_ids_to_tokens(tok(w)["input_ids"]) == ["<|startoftext|>", w + "</w>", "<|endoftext|>"], w
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    longest = 0
+    for p in all_prompts():
+        ids = tok(p)["input_ids"]
+        assert again(p)["input_ids"] == ids
+        assert len(ids) == len(p.split()) + 2, p  # bos, one token per word, eos
+        longest = max(longest, len(ids))
+    assert longest <= D.PretrainConfig.clip_max_length  # the default length holds every prompt
+    # A word outside the vocabulary falls back to characters; bad vocabulary words are refused.
+    assert tok.convert_ids_to_tokens(tok("hexagon")["input_ids"])[1:-1] == list("hexago") + ["n</w>"]
+    with pytest.raises(ValueError, match="words"):
+        tiny_clip_tokenizer(16, ["Circle"])
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="image_size"):
         D.PretrainConfig(image_size=60).validate()

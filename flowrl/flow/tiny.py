@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import string
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -69,13 +70,18 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def tiny_clip_tokenizer(max_length: int = 16):
-    """A ``CLIPTokenizer`` built offline from a byte-level, merge-free BPE vocabulary.
+def tiny_clip_tokenizer(max_length: int = 16, words: Sequence[str] = ()):
+    """A ``CLIPTokenizer`` built offline from a byte-level BPE vocabulary.
 
     The vocabulary holds every byte symbol, every byte symbol with CLIP's end-of-word suffix
     ``</w>``, and the two special tokens (``<|startoftext|>``, ``<|endoftext|>`` last, as in CLIP).
-    Without merges every word is split into characters, which is all a random-weight test model
-    needs. ``max_length`` becomes ``model_max_length`` (the pipelines pad CLIP input to it).
+    Without ``words`` there are no merges and every word is split into characters, which is all a
+    random-weight test model needs. Each of ``words`` (lower-case ASCII) becomes one token: merges join
+    its characters left to right (``c i`` -> ``ci``, ``ci r`` -> ``cir``, ..., ``circl e</w>`` ->
+    ``circle</w>``), and every prefix is in the vocabulary, so a word the merges cannot finish still
+    tokenizes the same way wherever it appears (longer words' merges rank first, which resolves the
+    overlaps of the short vocabularies this is meant for). Other words fall back to characters. ``max_length``
+    becomes ``model_max_length`` (the pipelines pad CLIP input to it).
     """
     from transformers import CLIPTokenizer
 
@@ -87,9 +93,22 @@ def tiny_clip_tokenizer(max_length: int = 16):
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for w in sorted(dict.fromkeys(words), key=lambda w: (-len(w), w)):
+        if not w or not w.isascii() or not w.isalpha() or w != w.lower():
+            raise ValueError(f"words: expected lower-case ASCII letters, got {w!r}")
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = parts[0]
+        for nxt in parts[1:]:
+            if (cur, nxt) not in seen:
+                seen.add((cur, nxt))
+                merges.append((cur, nxt))
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def tiny_t5_tokenizer(max_length: int = 512):
@@ -176,6 +195,7 @@ def build_tiny_sd3_pipeline(
     vae_blocks: int = 2,
     dual_attention: bool = True,
     qk_norm: str | None = "rms_norm",
+    clip_words: Sequence[str] = (),
 ):
     """A tiny ``StableDiffusion3Pipeline`` (SD3.5-Medium architecture) with random weights.
 
@@ -183,13 +203,14 @@ def build_tiny_sd3_pipeline(
     ``sample_size * vae_scale_factor`` with ``vae_scale_factor = 2 ** (vae_blocks - 1)`` (32 px by
     default). ``text_encoder_3``/``tokenizer_3`` are ``None`` (the pipeline then uses zero T5
     embeddings of ``joint_attention_dim`` width, as it does for SD3 without T5).
-    ``dual_attention=False, qk_norm=None`` gives the SD3-Medium variant.
+    ``dual_attention=False, qk_norm=None`` gives the SD3-Medium variant. ``clip_words``: whole-word
+    tokens of both CLIP tokenizers (:func:`tiny_clip_tokenizer`; default character-level).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    tok1 = tiny_clip_tokenizer(clip_max_length)
-    tok2 = tiny_clip_tokenizer(clip_max_length)
+    tok1 = tiny_clip_tokenizer(clip_max_length, clip_words)
+    tok2 = tiny_clip_tokenizer(clip_max_length, clip_words)
     # CLIP-L-like (quick GELU) and CLIP-G-like (GELU) of different widths, so that a wrong concat fails.
     hid1, hid2 = 32, 48
     te1 = _seeded(
