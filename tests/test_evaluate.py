@@ -197,6 +197,21 @@ def test_evaluate_from_config(tiny_dir, policy):
     assert list(r.scores) == ["jpeg_compressibility"]
 
 
+def test_shapes_training_prompts_are_balanced_over_categories():
+    """All of ``shapes:train`` is drawn balanced over the GenEval categories like the held-out
+    prompts; the raw pools differ 300x in size, and uniform strings would be ~77% position prompts."""
+    from collections import Counter
+
+    from flowrl.train.data import load_records
+    from scorers import shapes
+
+    recs = load_records("shapes:train", seed=0)
+    counts = Counter(shapes.parse(r["prompt"]).category for r in recs)
+    assert set(counts) == set(shapes.CATEGORIES) and len(set(counts.values())) == 1, counts
+    assert {r["prompt"] for r in recs} == set(shapes.all_prompts("train"))  # every string, no test string
+    assert load_records("shapes:train", seed=0) == recs  # deterministic
+
+
 def test_prompt_source(tmp_path):
     from scorers import shapes
 

@@ -36,8 +36,12 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
     if kind == "shapes" and rest in ("train", "test"):
         from scorers import shapes
 
-        # a limited draw is balanced over the GenEval categories
-        chosen = shapes.prompts(rest, limit, seed) if limit else shapes.all_prompts(rest)
+        # Balanced over the GenEval categories, like the held-out draw: the category pools differ in
+        # size by 300x (2 single-object vs 691 position strings), so all of the strings would make
+        # training almost all position prompts. Unlimited: every string of the largest pool once and
+        # those of the smaller pools repeated to the same count per category.
+        n = limit or len(shapes.CATEGORIES) * max(len(shapes.all_prompts(rest, c)) for c in shapes.CATEGORIES)
+        chosen = shapes.prompts(rest, n, seed)
         records = [{"prompt": p} for p in chosen]
     elif kind == "arithmetic" and rest.split(":")[0] in ("train", "test"):
         from flowrl.text.tasks import arithmetic_records
