@@ -106,6 +106,7 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
         raise RuntimeError(f"{preset.stem} seed {seed} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
     c = curve(run_dir)
     c["wall_s"] = time.perf_counter() - t0
+    c["budget_s"] = budget
     print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}",
           flush=True)
     return c
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the table and plot the curves of an earlier run's --out/methods.json (no training)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -137,6 +140,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.report_only:
+        results = json.loads((out / "methods.json").read_text())
+        if ref not in results:
+            raise SystemExit(f"{out / 'methods.json'} has no {ref!r} runs")
+        return report(results, ref, out, args.budget)
     jobs = [(m, s) for m in methods for s in args.seeds]
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
@@ -145,12 +153,24 @@ def main(argv=None) -> int:
                    for m, s in jobs}
         results: Dict[str, List[Dict]] = {m: [futures[(m, s)].result() for s in args.seeds] for m in methods}
     (out / "methods.json").write_text(json.dumps(results, indent=1))
+    return report(results, ref, out, args.budget)
 
+
+def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -> int:
+    """Print the table of ``results`` (method -> one curve per seed) and save ``out/methods.png``."""
+    seeds = len(next(iter(results.values())))
+    budget = next(iter(results.values()))[0].get("budget_s", budget)
     ref_final = statistics.mean(c["reward"][-1] for c in results[ref])
-    ref_time = statistics.mean(time_to_reach(c, ref_final) for c in results[ref])
-    print(f"budget {args.budget:.0f} s of training per run, seeds {args.seeds}; {ref} final reward {ref_final:.3f}")
+    ref_start = statistics.mean(c["reward"][0] for c in results[ref])
+    # "time to reach the reference's final reward" means something only if the reference improved
+    ref_improved = ref_final > ref_start
+    ref_time = statistics.mean(time_to_reach(c, ref_final) for c in results[ref]) if ref_improved else math.nan
+    print(f"budget {budget:.0f} s of training per run, {seeds} seed(s); {ref} held-out reward "
+          f"{ref_start:.3f} -> {ref_final:.3f}")
+    if not ref_improved:
+        print(f"{ref} did not improve on its start, so the time-to-reach columns are left empty")
     print(f"{'method':20s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±sd)':>17s} "
-          f"{'t to FG final':>14s} {'x FG time':>10s}")
+          f"{'t to ref final':>14s} {'x ref time':>10s}")
     rows = []
     for m, cs in results.items():
         finals = [c["reward"][-1] for c in cs]
@@ -159,11 +179,18 @@ def main(argv=None) -> int:
         reach = [time_to_reach(c, ref_final) for c in cs]
         t_reach = statistics.mean(reach) if all(math.isfinite(x) for x in reach) else math.inf
         rows.append((m, mean, t_reach))
-        ratio = t_reach / ref_time if math.isfinite(t_reach) and ref_time > 0 else math.inf
+        if ref_improved:
+            ratio = t_reach / ref_time if math.isfinite(t_reach) and ref_time > 0 else math.inf
+            reach_cols = f"{t_reach:12.0f} s {ratio:9.2f}x"
+        else:
+            reach_cols = f"{'-':>14s} {'-':>10s}"
         print(f"{m:20s} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "
-              f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {sd:5.3f}   {t_reach:12.0f} s {ratio:9.2f}x")
-    best = min(rows, key=lambda r: (r[2], -r[1]))
-    print(f"fastest to {ref}'s final reward: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s)")
+              f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {sd:5.3f} {reach_cols}")
+    if ref_improved:
+        best = min(rows, key=lambda r: (r[2], -r[1]))
+        print(f"fastest to {ref}'s final reward: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s)")
+    best_final = max(rows, key=lambda r: r[1])
+    print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f})")
 
     import matplotlib
 

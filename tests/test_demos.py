@@ -46,6 +46,9 @@ def test_image_demo_config_runs_as_shipped_with_fewer_steps(tmp_path, capsys, mo
     assert [e["step"] for e in evals] == [0, 2]
     assert (out / "eval" / "step-00000000" / "grid.png").is_file()
     assert (out / "eval" / "step-00000002" / "grid.png").is_file()
+    rows = (out / "before_after" / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("prompt,seed,base/shapes") and len(rows) == 1 + 3  # 3 prompts x 1 seed
+    assert (out / "before_after" / "grid.png").stat().st_size > 1000
     assert (out / "lora").is_dir() or (out / "transformer").is_dir()
 
 
@@ -68,7 +71,7 @@ def test_methods_bench_runs_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
         runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="__main__")
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "flow_grpo" in printed and "window_tree_guard" in printed and "x FG time" in printed
+    assert "flow_grpo" in printed and "window_tree_guard" in printed and "x ref time" in printed
     results = json.loads((out / "methods.json").read_text())
     assert set(results) == {"flow_grpo", "window_tree_guard"}
     for curves in results.values():

@@ -51,6 +51,7 @@ class FlowTask:
                                    chunk_size=cfg.sample.chunk_size, step_weighting=cfg.train.step_weighting,
                                    ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
         self._reward = None
+        self._first_eval = None  # (step, EvalResult) of the first evaluation, for before_after/
 
     # -- model ------------------------------------------------------------------------------------
     def _setup_trainable(self) -> None:
@@ -176,10 +177,18 @@ class FlowTask:
                                negative_prompt=c.sample.negative_prompt, reward=self.reward_model())
 
     def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
-        """Grid + scores under ``eval/``; returns the means and per-category details."""
-        from flowrl.train.evaluate import save_eval
+        """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,
+        index.html, scores.csv: this process's first evaluation, normally the base model, next to this
+        one, same prompts and seeds); returns the means and per-category details."""
+        from flowrl.train.evaluate import save_eval, write_comparison
 
         save_eval(run_dir, step, res)
+        if self._first_eval is None:
+            self._first_eval = (step, res)
+        elif self._first_eval[0] != step:
+            first_step, first = self._first_eval
+            write_comparison(Path(run_dir) / "before_after", first, res,
+                             labels=(f"step {first_step}", f"step {step}"), title="flowrl: before / after")
         s = res.summary()
         return {"means": s["means"], "details": s["details"]}
 
