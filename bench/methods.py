@@ -180,8 +180,10 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
         t_reach = statistics.mean(reach) if all(math.isfinite(x) for x in reach) else math.inf
         rows.append((m, mean, t_reach))
         if ref_improved:
-            ratio = t_reach / ref_time if math.isfinite(t_reach) and ref_time > 0 else math.inf
-            reach_cols = f"{t_reach:12.0f} s {ratio:9.2f}x"
+            if math.isfinite(t_reach) and ref_time > 0:
+                reach_cols = f"{t_reach:12.0f} s {t_reach / ref_time:9.2f}x"
+            else:  # never reached within the budget
+                reach_cols = f"{'never':>14s} {'-':>10s}"
         else:
             reach_cols = f"{'-':>14s} {'-':>10s}"
         print(f"{m:20s} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "

@@ -2,7 +2,7 @@
 
 ``scripts/pretrain_demo.py`` calls :func:`pretrain`, which builds a ``StableDiffusion3Pipeline`` with
 :func:`flowrl.flow.tiny.build_tiny_sd3_pipeline` (MMDiT transformer, an ``AutoencoderKL`` with SD3's
-layout but 4 latent channels, two CLIP text encoders with offline character-level tokenizers, no T5) and
+layout but 4 latent channels, two CLIP text encoders with offline whole-word tokenizers, no T5) and
 trains it from scratch on scenes drawn by :func:`scorers.shapes.render`:
 
 1. **VAE.** The autoencoder is trained on rendered scenes with ``MSE + kl_weight * KL`` (the VAE
@@ -17,6 +17,11 @@ trains it from scratch on scenes drawn by :func:`scorers.shapes.render`:
    guidance (Ho & Salimans, arXiv 2207.12598) works. Prompts come from
    ``scorers.shapes.prompts("train", ...)``; the latents of a fixed set of rendered scenes are
    computed once. The weights saved are an exponential moving average of the trained ones.
+   The data is deliberately imperfect, like web-scale image-text pairs: a fraction
+   ``caption_noise`` of the scenes contradicts its caption in one attribute (:func:`noisy_scenes`:
+   another colour, count or shape, a missing object, swapped colours or positions -- the errors
+   GenEval counts) and a fraction ``faded`` is washed out (:func:`wash_out`). The model therefore
+   makes these errors sometimes, and RL against the ``shapes`` reward has them to correct.
 3. **Evaluation.** Held-out prompts (``prompts("test", ...)``) are sampled with the pipeline's own
    ``__call__`` (Euler ODE, CFG) and scored by the ``shapes`` checker, per GenEval category, next to
    three references: the model with the empty prompt (a model that ignores the prompt), perfect
@@ -51,6 +56,8 @@ __all__ = [
     "PretrainConfig",
     "build_demo_pipeline",
     "render_batch",
+    "noisy_scenes",
+    "wash_out",
     "sample_sigmas",
     "flow_matching_pair",
     "flow_matching_loss",
@@ -120,6 +127,9 @@ class PretrainConfig:
     warmup_steps: int = 200  # linear warmup of both phases
     grad_clip: float = 1.0  # gradient-norm clip
     prompt_dropout: float = 0.1  # fraction of samples trained with the empty prompt (for CFG)
+    caption_noise: float = 0.45  # fraction of training scenes that contradict their prompt in one attribute (scorers.shapes.corrupt)
+    faded: float = 0.35  # fraction of training scenes washed out (objects blended towards the background)
+    fade_contrast: float = 0.4  # contrast left in a washed-out scene (1: none removed)
     timestep_sampling: str = "logit_normal"  # "logit_normal" (SD3) or "uniform"
     logit_mean: float = 0.0  # logit-normal location
     logit_std: float = 1.0  # logit-normal scale
@@ -165,6 +175,12 @@ class PretrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+        if not 0.0 <= self.faded < 1.0:
+            raise ValueError(f"faded must lie in [0, 1), got {self.faded}")
+        if not 0.0 <= self.fade_contrast <= 1.0:
+            raise ValueError(f"fade_contrast must lie in [0, 1], got {self.fade_contrast}")
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"caption_noise must lie in [0, 1), got {self.caption_noise}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -348,8 +364,9 @@ def _generator(seed: int, phase: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(_step_seed(seed, phase, step))
 
 
-def render_batch(prompts: Sequence[str], size: int, rng: np.random.Generator | int | None) -> Tensor:
-    """Rendered scenes of ``prompts`` as a uint8 ``[B, 3, size, size]`` tensor (``scorers.shapes.render``)."""
+def render_batch(prompts: Sequence[Any], size: int, rng: np.random.Generator | int | None) -> Tensor:
+    """Rendered scenes of ``prompts`` (strings or ``SceneSpec``) as a uint8 ``[B, 3, size, size]`` tensor
+    (``scorers.shapes.render``)."""
     from scorers.shapes import render
 
     if isinstance(prompts, str) or len(prompts) == 0:
@@ -357,6 +374,41 @@ def render_batch(prompts: Sequence[str], size: int, rng: np.random.Generator | i
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     arr = np.stack([np.asarray(render(p, size, rng), dtype=np.uint8) for p in prompts])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def noisy_scenes(prompts: Sequence[str], noise: float, seed: int) -> list[Any]:
+    """What to render for each caption: the caption itself, or with probability ``noise`` a scene that
+    contradicts it in one attribute (``scorers.shapes.corrupt``: another colour, count or shape, a
+    missing object, swapped colours or positions).
+
+    Web captions describe their images imperfectly; a model trained on them follows prompts
+    imperfectly in these same ways, which is what RL against a verifiable reward then corrects.
+    ``noise=0`` returns ``prompts`` unchanged (and draws nothing).
+    """
+    from scorers.shapes import corrupt
+
+    if noise <= 0:
+        return list(prompts)
+    rng = np.random.default_rng(seed)
+    flip = rng.random(len(prompts)) < noise
+    return [corrupt(p, rng) if f else p for p, f in zip(prompts, flip)]
+
+
+def wash_out(images_u8: Tensor, fraction: float, contrast: float, seed: int) -> Tensor:
+    """Blend a random ``fraction`` of the scenes towards the background colour:
+    ``x' = g + contrast * (x - g)`` (``g`` = ``scorers.shapes.BACKGROUND``), the washed-out,
+    low-contrast images that a web-scale training set also holds. At ``contrast = 0.4`` the ``shapes``
+    checker finds no object in them. ``fraction=0`` returns ``images_u8`` itself (and draws nothing).
+    """
+    from scorers.shapes import BACKGROUND
+
+    if fraction <= 0:
+        return images_u8
+    pick = torch.from_numpy(np.random.default_rng(seed).random(images_u8.shape[0]) < fraction)
+    g = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)
+    out = images_u8.clone()
+    out[pick] = (g + contrast * (images_u8[pick].float() - g)).round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def _to_model_range(images_u8: Tensor) -> Tensor:
@@ -775,7 +827,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     t0 = time.time()
     ds_seed = _step_seed(cfg.seed, _PHASE_DATA, 0)
     scene_prompts = shape_prompts("train", cfg.num_scenes, seed=ds_seed % (2**32))
-    images = render_batch(scene_prompts, cfg.image_size, np.random.default_rng(ds_seed))
+    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1)),
+                          cfg.image_size, np.random.default_rng(ds_seed))
+    images = wash_out(images, cfg.faded, cfg.fade_contrast, _step_seed(cfg.seed, _PHASE_DATA, 2))
     raw = encode_latents(pipe.vae, images)
     del images
     scaling, shift = latent_normalization(raw)
@@ -886,6 +940,11 @@ def write_model_card(summary: dict[str, Any], out_dir: str | Path) -> Path:
 A small Stable Diffusion 3 pipeline in diffusers' own format, trained from scratch on CPU on synthetic
 `shapes` scenes (`scorers/shapes.py`) by `scripts/pretrain_demo.py`. It is the base model of the
 flowrl image demo: it follows prompts only imperfectly, so that RL has something to align.
+
+Its training data is deliberately imperfect, as web-scale image-text data is: {cfg.get('caption_noise', 0.0):.0%} of the
+{cfg['num_scenes']} training scenes contradict their caption in one attribute (another colour, count or shape, a
+missing object, swapped colours or positions: `scorers.shapes.corrupt`) and {cfg.get('faded', 0.0):.0%} are washed out
+(objects blended towards the background, contrast {cfg.get('fade_contrast', 1.0)}: `flowrl.demo_pretrain.wash_out`).
 
 - transformer: `SD3Transformer2DModel`, {p['transformer']:,} parameters ({cfg['num_layers']} MMDiT blocks,
   width {cfg['num_heads'] * cfg['head_dim']}, patch 2, {'dual attention in block 0, ' if cfg['dual_attention'] else ''}QK RMS-norm)

@@ -24,6 +24,8 @@ image analysis only, no learned weights):
 * **Renderer.** :func:`render` draws a matching scene with random sizes and positions, objects never
   overlapping (a gap between bounding boxes) and position relations held with a margin; edges are
   anti-aliased by 4x supersampling. Colourless objects get a random palette colour.
+  :func:`corrupt` gives a scene that contradicts a prompt in the one attribute its category tests
+  (the caption noise the demo model is pretrained with).
 * **Checker.** :func:`check` classifies pixels against the palette (a background-blend model, robust
   to soft edges and blur), labels connected components, drops tiny ones, gives each its majority
   colour, classifies its shape by overlap with moment-fitted soft templates (:func:`classify_shape`),
@@ -564,6 +566,48 @@ def draw(
 def render(spec: Union[SceneSpec, str], size: int = 64, rng: RngLike = None) -> Image.Image:
     """A random ``size`` x ``size`` image of ``spec`` (a SceneSpec or a prompt): ``draw(sample_layout(...))``."""
     return draw(sample_layout(spec, size, rng), size)
+
+
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def corrupt(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
+    """A scene that contradicts ``spec`` in one attribute: the error GenEval counts for its category.
+
+    The caption noise of web-scale image-text data, which is why real text-to-image models follow
+    prompts imperfectly (and what the demo model is pretrained with, ``caption_noise``):
+
+    ==============  ==========================================================
+    single_object   another shape
+    two_object      one of the two objects missing
+    counting        another count (2..4)
+    colors          another colour
+    position        the opposite relation (the two objects swapped)
+    color_attr      the two colours swapped between the objects (attribute binding)
+    ==============  ==========================================================
+
+    Every result fails :func:`check` of the original prompt when rendered (the checker's strict test).
+    """
+    spec = _as_spec(spec)
+    g = _as_rng(rng)
+    o = spec.objects
+
+    def other(options: Sequence, current):
+        rest = [x for x in options if x != current]
+        return rest[int(g.integers(len(rest)))]
+
+    cat = spec.category
+    if cat == "single_object":
+        return SceneSpec(cat, (ObjectSpec(None, other(SHAPES, o[0].shape)),))
+    if cat == "two_object":
+        return SceneSpec("single_object", (o[int(g.integers(2))],))
+    if cat == "counting":
+        return SceneSpec(cat, (ObjectSpec(o[0].color, o[0].shape, other(sorted(NUMBER_WORDS), o[0].count)),))
+    if cat == "colors":
+        return SceneSpec(cat, (ObjectSpec(other(_COLOR_NAMES, o[0].color), o[0].shape),))
+    if cat == "position":
+        return SceneSpec(cat, o, _OPPOSITE[spec.relation])
+    return SceneSpec(cat, (ObjectSpec(o[1].color, o[0].shape), ObjectSpec(o[0].color, o[1].shape)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ The model is a small Stable Diffusion 3 pipeline in diffusers' own format -- an 
 scenes ("a red circle above a blue square", "three green triangles", ...) drawn by
 ``scorers.shapes.render``. The text encoders stay random; their tokenizers give every word of the
 scene grammar one token (``--tokenizer words``, the default; ``chars`` splits words into characters; with
-whole words the same 6000 steps reach a held-out score of 0.60 instead of 0.54). It loads with the same code that loads SD3.5 from the hub::
+whole words the same 6000 steps reach a held-out score of 0.60 instead of 0.54 on clean captions). The
+training data is imperfect on purpose, as web data is (``--caption-noise``: scenes that contradict their
+caption in one attribute; ``--faded``: washed-out scenes), so that the model makes GenEval's errors
+sometimes and RL has them to correct. It loads with the same code that loads SD3.5 from the hub::
 
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained("assets/demo_sd3", text_encoder_3=None, tokenizer_3=None)
@@ -17,7 +20,8 @@ What this script does (the code is in ``flowrl/demo_pretrain.py``):
 1. trains the VAE as an autoencoder on rendered scenes (MSE + a small KL term), then sets its
    ``scaling_factor``/``shift_factor`` so that latents have zero mean and unit variance;
 2. renders ``--num-scenes`` training scenes of ``scorers.shapes.prompts("train", ...)``, encodes them
-   once, and trains the transformer with the rectified-flow matching loss (logit-normal timesteps,
+   once (a fraction of them contradicting their caption or washed out), and trains the transformer with
+   the rectified-flow matching loss (logit-normal timesteps,
    10 % empty prompts for classifier-free guidance); the saved weights are an EMA;
 3. saves the pipeline (``save_pretrained``) to ``--output-dir`` and evaluates it on held-out prompts
    (``prompts("test", ...)``) with the ``shapes`` checker, per GenEval category, next to an
@@ -73,6 +77,9 @@ _HELP = {
     "warmup_steps": "linear warmup steps (both phases)",
     "grad_clip": "gradient-norm clip",
     "prompt_dropout": "fraction of empty prompts during training (for CFG)",
+    "faded": "fraction of training scenes washed out (objects blended towards the background)",
+    "fade_contrast": "contrast left in a washed-out scene",
+    "caption_noise": "fraction of training scenes that contradict their prompt in one attribute (web-caption noise)",
     "timestep_sampling": "logit_normal or uniform",
     "logit_mean": "logit-normal location",
     "logit_std": "logit-normal scale",

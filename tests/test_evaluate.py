@@ -31,6 +31,7 @@ from flowrl.train.evaluate import (
     image_grid,
     line_height,
     load_policy,
+    prompt_seeds,
     prompt_source,
     sample_file_name,
     sample_to_dir,
@@ -130,6 +131,18 @@ def test_deterministic_and_batch_independent(policy, reward):
     assert (a.images[0] - a.images[2]).abs().max() > 1e-3  # same seed, two prompts
     # scores of the batch-1 run are the reward of its own images
     torch.testing.assert_close(c.scores["jpeg_compressibility"], reward(c.images, c.row_prompts()).components["jpeg_compressibility"])
+
+
+def test_repeated_prompts_get_new_seeds(policy):
+    """A prompt listed twice is sampled from new noise the second time (not a copy of the first);
+    its first occurrence keeps the listed seeds."""
+    assert prompt_seeds(["a", "b", "a", "a"], [0, 4]) == [[0, 4], [0, 4], [5, 9], [10, 14]]
+    score = lambda im, p: im.mean(dim=(1, 2, 3))  # noqa: E731
+    r = run_eval(policy, score, prompts=[PROMPTS[0], PROMPTS[1], PROMPTS[0]], seeds=[0, 1], batch_size=4)
+    assert r.row_seeds() == [0, 1, 0, 1, 2, 3]
+    assert (r.images[0] - r.images[4]).abs().max() > 1e-2  # the repeat is a new image
+    again = run_eval(policy, score, prompts=[PROMPTS[0]], seeds=[2, 3])
+    torch.testing.assert_close(r.images[4:], again.images, atol=2e-5, rtol=0)  # ... the one seeds 2, 3 give
 
 
 def test_means_over_valid_samples_details_and_nfe(policy):

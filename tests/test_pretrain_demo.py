@@ -324,3 +324,33 @@ def test_script_flags_mirror_the_config():
     assert args.steps == 7 and args.dual_attention is False and args.shift == 2.5
     assert args.output_dir == D.PretrainConfig().output_dir
     assert mod.main(["--image-size", "60", "--no-progress"]) == 2  # invalid: not divisible by 8
+
+
+def test_caption_noise_and_washed_out_scenes():
+    from scorers.shapes import BACKGROUND, SceneSpec, check, prompts
+
+    ps = prompts("train", 400, seed=1)
+    assert D.noisy_scenes(ps, 0.0, 5) == ps
+    scenes = D.noisy_scenes(ps, 0.45, 5)
+    assert scenes == D.noisy_scenes(ps, 0.45, 5)  # deterministic in the seed
+    flipped = [isinstance(s, SceneSpec) for s in scenes]
+    assert 0.35 < np.mean(flipped) < 0.55
+    assert all(s == p for s, p in zip(scenes, ps) if isinstance(s, str))
+
+    images = D.render_batch(ps[:64], 64, 0)
+    assert D.wash_out(images, 0.0, 0.4, 1) is images
+    out = D.wash_out(images, 0.5, 0.4, 1)
+    changed = (out != images).flatten(1).any(1)
+    assert 0.3 < changed.float().mean() < 0.7
+    g = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1)
+    i = int(changed.nonzero()[0])
+    # x' = g + 0.4 (x - g), to uint8 rounding
+    torch.testing.assert_close(out[i].float(), (g + 0.4 * (images[i].float() - g)).round(), atol=0, rtol=0)
+    # the checker finds nothing right in a washed-out scene; the untouched ones keep their score
+    for j in range(16):
+        r = check(out[j].permute(1, 2, 0).numpy(), ps[j]).score
+        assert (r < 0.25) if changed[j] else (r == check(images[j].permute(1, 2, 0).numpy(), ps[j]).score)
+    with pytest.raises(ValueError, match="faded"):
+        D.PretrainConfig(faded=1.0).validate()
+    with pytest.raises(ValueError, match="caption_noise"):
+        D.PretrainConfig(caption_noise=-0.1).validate()

@@ -590,3 +590,28 @@ def test_evaluate_summary_matches_per_image_checks(scenes):
     assert S.evaluate(x, ps) == out
     with pytest.raises(ValueError, match="prompts"):
         S.evaluate(ims, ps[:-1])
+
+
+def test_corrupt_contradicts_the_prompt_in_one_attribute():
+    """Every corrupted scene of every prompt fails the strict check of its own prompt when rendered,
+    and differs from the prompt in the attribute its category tests (and only there)."""
+    rng = np.random.default_rng(0)
+    for prompt in S.all_prompts():
+        spec = S.parse(prompt)
+        bad = S.corrupt(spec, rng)
+        assert bad != spec
+        res = S.check(S.render(bad, 64, rng), prompt)
+        assert not res.correct, (prompt, bad)
+        o, b = spec.objects, bad.objects
+        if spec.category == "two_object":
+            assert len(b) == 1 and b[0] in o
+        elif spec.category == "position":
+            assert b == o and bad.relation != spec.relation
+            assert {spec.relation, bad.relation} in ({"left of", "right of"}, {"above", "below"})
+        elif spec.category == "color_attr":
+            assert [x.shape for x in b] == [x.shape for x in o] and [x.color for x in b] == [o[1].color, o[0].color]
+        else:
+            changed = [a for a in ("color", "shape", "count") if getattr(b[0], a) != getattr(o[0], a)]
+            assert changed == {"single_object": ["shape"], "counting": ["count"], "colors": ["color"]}[spec.category]
+    with pytest.raises(ValueError, match="prompt"):
+        S.corrupt("a circle under a square")

@@ -11,7 +11,9 @@ Seeds. Image ``(prompt p, seed s)`` starts from the noise of its own CPU generat
 with ``generator=torch.Generator().manual_seed(s)``. The noise of a row therefore does not depend on
 which other rows share its batch, so evaluations with different batch sizes (or on different
 machines) start from identical latents; every prompt sees the same ``S`` starting points, which
-makes base-vs-tuned comparisons paired.
+makes base-vs-tuned comparisons paired. A prompt listed more than once (a category with fewer
+held-out prompts than its share of a balanced draw) gets new seeds for every repeat
+(:func:`prompt_seeds`), so its repeats are new images rather than copies.
 
 Layout of a run folder's evaluations (written by :func:`save_eval`, read by
 :mod:`flowrl.train.report`)::
@@ -20,7 +22,8 @@ Layout of a run folder's evaluations (written by :func:`save_eval`, read by
     <run>/eval/step-00000050/grid.png       the captioned grid of that evaluation
     <run>/eval/step-00000050/scores.csv     prompt, seed, every reward, total
 
-Rows of every result are prompt-major: row ``p * S + s`` is prompt ``p`` with seed ``seeds[s]``.
+Rows of every result are prompt-major: row ``p * S + s`` is prompt ``p`` with seed
+``prompt_seeds(prompts, seeds)[p][s]`` (``seeds[s]`` for a prompt's first occurrence).
 """
 from __future__ import annotations
 
@@ -136,8 +139,8 @@ class EvalResult:
         return [p for p in self.prompts for _ in self.seeds]
 
     def row_seeds(self) -> List[int]:
-        """The seed of every row."""
-        return [s for _ in self.prompts for s in self.seeds]
+        """The seed of every row (:func:`prompt_seeds`)."""
+        return [s for ss in prompt_seeds(self.prompts, self.seeds) for s in ss]
 
     def headline(self) -> Tuple[str, Tensor]:
         """The score shown in captions: ``("total", total)``, or the one reward's own name and scores."""
@@ -293,6 +296,23 @@ def reward_from_config(cfg: Any, weights: Optional[Mapping[str, float]] = None,
 # --------------------------------------------------------------------------------------------------
 
 
+def prompt_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> List[List[int]]:
+    """The seeds of each prompt: ``seeds`` for a prompt's first occurrence, and for its ``j``-th repeat
+    ``seeds`` shifted by ``j * (max(seeds) + 1)``, so that a repeated prompt is sampled from new noise.
+
+    >>> prompt_seeds(["a", "b", "a"], [0, 1])
+    [[0, 1], [0, 1], [2, 3]]
+    """
+    stride = max(seeds) + 1
+    seen: Dict[str, int] = {}
+    out = []
+    for p in prompts:
+        j = seen.get(p, 0)
+        seen[p] = j + 1
+        out.append([s + j * stride for s in seeds])
+    return out
+
+
 @dataclass
 class _Batch:
     start: int  # first row
@@ -330,13 +350,15 @@ def _batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLi
     rows_per_call = min(batch_size, per_batch * S)
     transformer = getattr(policy, "transformer", None)
     ctx = _eval_mode(transformer) if isinstance(transformer, torch.nn.Module) else contextlib.nullcontext()
+    all_seeds = prompt_seeds(prompts, seeds)
     with ctx:
         for a in range(0, len(prompts), per_batch):
             chunk = prompts[a:a + per_batch]
             row_prompts = [p for p in chunk for _ in seeds]
+            row_seeds = [s for ss in all_seeds[a:a + per_batch] for s in ss]
             # every row is its own "prompt" with its own generator (the sampler takes one generator
             # per prompt): the noise of (prompt, seed) is manual_seed(seed)'s, whatever the batch
-            gens = [torch.Generator("cpu").manual_seed(s) for _ in chunk for s in seeds]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in row_seeds]
             r = sample(policy, row_prompts, plan, group_size=1, height=height, width=width,
                        guidance_scale=guidance_scale, generator=gens, negative_prompt=negative_prompt,
                        store_means=False, chunk_size=min(chunk_size or rows_per_call, rows_per_call), progress=False)
@@ -344,7 +366,7 @@ def _batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLi
             comps, total, valid, weights = _score(reward, images, row_prompts)
             if bar is not None:
                 bar.update(len(row_prompts))
-            yield _Batch(a * S, row_prompts, [s for _ in chunk for s in seeds], images, comps, total, valid,
+            yield _Batch(a * S, row_prompts, row_seeds, images, comps, total, valid,
                          weights, int(r.nfe))
 
 
