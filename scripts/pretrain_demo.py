@@ -31,7 +31,8 @@ What this script does (the code is in ``flowrl/demo_pretrain.py``):
 Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps; rerunning the same command resumes
 where a crashed run stopped, and gives the same weights as an uninterrupted run.
 
-Example (the command that produced ``assets/demo_sd3``; see its README.md for the time it took)::
+Example (``assets/demo_sd3`` was made this way, written to a scratch folder and copied; its README.md records
+the exact command and the time it took)::
 
     python scripts/pretrain_demo.py --output-dir assets/demo_sd3 --work-dir runs/pretrain_demo --threads 2
 """
