@@ -175,14 +175,12 @@ class PretrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
-        if not 0.0 <= self.faded < 1.0:
-            raise ValueError(f"faded must lie in [0, 1), got {self.faded}")
+        for name in ("prompt_dropout", "caption_noise", "faded"):  # fractions of the training samples
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {v}")
         if not 0.0 <= self.fade_contrast <= 1.0:
             raise ValueError(f"fade_contrast must lie in [0, 1], got {self.fade_contrast}")
-        if not 0.0 <= self.caption_noise < 1.0:
-            raise ValueError(f"caption_noise must lie in [0, 1), got {self.caption_noise}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must lie in [0, 1), got {self.prompt_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.timestep_sampling not in ("logit_normal", "uniform"):
