@@ -17,6 +17,7 @@ footing (each run is charged only its own training time, so the budget is the sa
 
     python bench/methods.py --budget 240 --seeds 0 1 [--methods flow_grpo mixgrpo ...] [--out runs/methods]
     python bench/methods.py --jobs 12 --threads 1 --methods-dir my_presets/   # any folder of overlays
+    python bench/methods.py --budget 240 --seeds 0 1 2 --reuse   # add seeds; finished runs are read, not retrained
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
 (``flow_grpo``) is always run, from that folder or else from ``configs/methods/``.
@@ -89,23 +90,44 @@ def run_command(preset: Path, seed: int, budget: float, eval_every: int, run_dir
     ]
 
 
+def finished_run(run_dir: Path, cmd: List[str]) -> Optional[float]:
+    """The wall-clock seconds of the run in ``run_dir`` if it ended (``summary.json``) and was started by
+    exactly ``cmd`` (same preset, seed, budget, evaluation interval and overrides, as recorded in its
+    ``bench_run.json``); else None."""
+    rec = run_dir / "bench_run.json"
+    if not (run_dir / "summary.json").is_file() or not rec.is_file():
+        return None
+    r = json.loads(rec.read_text())
+    return float(r["wall_s"]) if r.get("command") == cmd[2:] else None
+
+
 def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, extra: List[str],
-            threads: Optional[int] = None) -> Dict:
-    """Train one preset with one seed in a subprocess (its log in ``<run>.log``) and return its curve."""
+            threads: Optional[int] = None, reuse: bool = False) -> Dict:
+    """Train one preset with one seed in a subprocess (its log in ``<run>.log``) and return its curve.
+    ``reuse``: a finished run of the very same command is read instead of trained again."""
     run_dir = out / f"{preset.stem}-seed{seed}"
+    cmd = run_command(preset, seed, budget, eval_every, run_dir, extra)
+    wall = finished_run(run_dir, cmd) if reuse else None
+    if wall is not None:
+        c = curve(run_dir)
+        c["wall_s"] = wall
+        c["budget_s"] = budget
+        print(f"  {preset.stem:22s} seed {seed}: reused {run_dir}", flush=True)
+        return c
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     log_path = out / f"{preset.stem}-seed{seed}.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        rc = subprocess.run(run_command(preset, seed, budget, eval_every, run_dir, extra), stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if rc != 0:
         tail = log_path.read_text().splitlines()[-15:]
         raise RuntimeError(f"{preset.stem} seed {seed} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
     c = curve(run_dir)
     c["wall_s"] = time.perf_counter() - t0
+    # the command without the interpreter's path, so that --reuse also works from another environment
+    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": c["wall_s"]}))
     c["budget_s"] = budget
     print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}",
           flush=True)
@@ -126,6 +148,9 @@ def main(argv=None) -> int:
                     help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
     ap.add_argument("--report-only", action="store_true",
                     help="print the table and plot the curves of an earlier run's --out/methods.json (no training)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read (method, seed) runs that --out already holds from the very same command instead of "
+                         "training them again (to add seeds or methods to a table)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -149,7 +174,8 @@ def main(argv=None) -> int:
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides, threads)
+        futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides, threads,
+                                            args.reuse)
                    for m, s in jobs}
         results: Dict[str, List[Dict]] = {m: [futures[(m, s)].result() for s in args.seeds] for m in methods}
     (out / "methods.json").write_text(json.dumps(results, indent=1))

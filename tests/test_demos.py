@@ -79,3 +79,28 @@ def test_methods_bench_runs_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
         assert c["steps"] >= 1 and len(c["time"]) == len(c["reward"]) >= 2
         assert c["time"] == sorted(c["time"]) and c["time"][0] == 0.0
     assert (out / "methods.png").stat().st_size > 1000
+
+
+def test_methods_bench_reuse_reads_finished_runs_of_the_same_command(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "methods"
+    base = ["bench/methods.py", "--methods", "flow_grpo", "--eval-every", "1", "--jobs", "1", "--threads", "1",
+            "--out", str(out), "eval.num_prompts=2", "eval.seeds=[0]", "sample.prompts_per_step=1",
+            "sample.eval_num_steps=4"]
+
+    def bench(*extra):
+        monkeypatch.setattr(sys, "argv", base + list(extra))
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="__main__")
+        assert e.value.code == 0
+        return capsys.readouterr().out, json.loads((out / "methods.json").read_text())
+
+    _, first = bench("--budget", "1")
+    record = json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())
+    assert record["wall_s"] == first["flow_grpo"][0]["wall_s"] and "seed=0" in record["command"]
+    printed, again = bench("--budget", "1", "--reuse")  # the same command: read, not trained
+    assert "reused" in printed
+    assert again["flow_grpo"][0]["reward"] == first["flow_grpo"][0]["reward"]
+    assert again["flow_grpo"][0]["wall_s"] == first["flow_grpo"][0]["wall_s"]
+    printed, _ = bench("--budget", "2", "--reuse")  # another budget is another command: trained again
+    assert "reused" not in printed
+    assert "time_budget_s=2.0" in json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())["command"]
