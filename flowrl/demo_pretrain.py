@@ -128,6 +128,7 @@ class PretrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip
     prompt_dropout: float = 0.1  # fraction of samples trained with the empty prompt (for CFG)
     caption_noise: float = 0.45  # fraction of training scenes that contradict their prompt in one attribute (scorers.shapes.corrupt)
+    attribute_noise: float = 0.0  # fraction (drawn independently) with one object in another colour/shape (scorers.shapes.misattribute)
     faded: float = 0.35  # fraction of training scenes washed out (objects blended towards the background)
     fade_contrast: float = 0.4  # contrast left in a washed-out scene (1: none removed)
     timestep_sampling: str = "logit_normal"  # "logit_normal" (SD3) or "uniform"
@@ -175,7 +176,7 @@ class PretrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
-        for name in ("prompt_dropout", "caption_noise", "faded"):  # fractions of the training samples
+        for name in ("prompt_dropout", "caption_noise", "attribute_noise", "faded"):  # fractions of the training samples
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {v}")
@@ -374,22 +375,29 @@ def render_batch(prompts: Sequence[Any], size: int, rng: np.random.Generator | i
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def noisy_scenes(prompts: Sequence[str], noise: float, seed: int) -> list[Any]:
+def noisy_scenes(prompts: Sequence[str], noise: float, seed: int, attribute_noise: float = 0.0) -> list[Any]:
     """What to render for each caption: the caption itself, or with probability ``noise`` a scene that
     contradicts it in one attribute (``scorers.shapes.corrupt``: another colour, count or shape, a
-    missing object, swapped colours or positions).
+    missing object, swapped colours or positions), and independently with probability
+    ``attribute_noise`` a scene with one object group in another colour (or shape, when the caption
+    names no colour): ``scorers.shapes.misattribute``.
 
     Web captions describe their images imperfectly; a model trained on them follows prompts
     imperfectly in these same ways, which is what RL against a verifiable reward then corrects.
-    ``noise=0`` returns ``prompts`` unchanged (and draws nothing).
+    Zero fractions draw nothing (``noise=0, attribute_noise=0`` returns ``prompts`` unchanged).
     """
-    from scorers.shapes import corrupt
+    from scorers.shapes import corrupt, misattribute
 
-    if noise <= 0:
-        return list(prompts)
-    rng = np.random.default_rng(seed)
-    flip = rng.random(len(prompts)) < noise
-    return [corrupt(p, rng) if f else p for p, f in zip(prompts, flip)]
+    scenes: list[Any] = list(prompts)
+    if noise > 0:
+        rng = np.random.default_rng(seed)
+        flip = rng.random(len(prompts)) < noise
+        scenes = [corrupt(p, rng) if f else p for p, f in zip(prompts, flip)]
+    if attribute_noise > 0:
+        rng = np.random.default_rng([seed, 1])  # its own stream: the caption noise above is unchanged
+        flip = rng.random(len(prompts)) < attribute_noise
+        scenes = [misattribute(p, rng) if f else p for p, f in zip(scenes, flip)]
+    return scenes
 
 
 def wash_out(images_u8: Tensor, fraction: float, contrast: float, seed: int) -> Tensor:
@@ -825,7 +833,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     t0 = time.time()
     ds_seed = _step_seed(cfg.seed, _PHASE_DATA, 0)
     scene_prompts = shape_prompts("train", cfg.num_scenes, seed=ds_seed % (2**32))
-    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1)),
+    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1),
+                                       cfg.attribute_noise),
                           cfg.image_size, np.random.default_rng(ds_seed))
     images = wash_out(images, cfg.faded, cfg.fade_contrast, _step_seed(cfg.seed, _PHASE_DATA, 2))
     raw = encode_latents(pipe.vae, images)

@@ -610,6 +610,30 @@ def corrupt(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
     return SceneSpec(cat, (ObjectSpec(o[1].color, o[0].shape), ObjectSpec(o[0].color, o[1].shape)))
 
 
+def misattribute(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
+    """A scene with one object group drawn wrong in appearance: another colour when the prompt names
+    one, else a shape the scene does not hold (the group is drawn at random). Layout, counts and relations are kept.
+
+    The attribute errors that text-to-image models make in every category (GenEval's "colour" and
+    "attribute binding" failures); the demo model is pretrained with a fraction of them
+    (``attribute_noise``). Every result fails :func:`check` of the original prompt when rendered.
+    """
+    spec = _as_spec(spec)
+    g = _as_rng(rng)
+    objs = list(spec.objects)
+    k = int(g.integers(len(objs)))
+    o = objs[k]
+
+    def pick(options: Sequence):
+        return options[int(g.integers(len(options)))]
+
+    if o.color is not None:
+        objs[k] = ObjectSpec(pick([c for c in _COLOR_NAMES if c != o.color]), o.shape, o.count)
+    else:  # a shape the scene does not hold yet (the objects of a scene have distinct shapes)
+        objs[k] = ObjectSpec(None, pick([s for s in SHAPES if all(s != x.shape for x in objs)]), o.count)
+    return SceneSpec(spec.category, tuple(objs), spec.relation)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checker: detection
 # ----------------------------------------------------------------------------------------------

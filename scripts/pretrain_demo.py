@@ -81,6 +81,7 @@ _HELP = {
     "faded": "fraction of training scenes washed out (objects blended towards the background)",
     "fade_contrast": "contrast left in a washed-out scene",
     "caption_noise": "fraction of training scenes that contradict their prompt in one attribute (web-caption noise)",
+    "attribute_noise": "fraction of training scenes with one object in another colour (or shape)",
     "timestep_sampling": "logit_normal or uniform",
     "logit_mean": "logit-normal location",
     "logit_std": "logit-normal scale",

@@ -336,6 +336,13 @@ def test_caption_noise_and_washed_out_scenes():
     flipped = [isinstance(s, SceneSpec) for s in scenes]
     assert 0.35 < np.mean(flipped) < 0.55
     assert all(s == p for s, p in zip(scenes, ps) if isinstance(s, str))
+    # attribute noise: its own random stream (the caption noise above is unchanged), the given rate
+    both = D.noisy_scenes(ps, 0.45, 5, attribute_noise=0.4)
+    assert D.noisy_scenes(ps, 0.0, 5, attribute_noise=0.4) != ps
+    attr_only = D.noisy_scenes(ps, 0.0, 5, attribute_noise=0.4)
+    assert 0.3 < np.mean([isinstance(s, SceneSpec) for s in attr_only]) < 0.5
+    assert [isinstance(s, SceneSpec) for s in both] != flipped  # some scenes get both kinds of noise
+    assert all(b == s for b, s, a in zip(both, scenes, attr_only) if isinstance(a, str))
 
     images = D.render_batch(ps[:64], 64, 0)
     assert D.wash_out(images, 0.0, 0.4, 1) is images

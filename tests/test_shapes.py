@@ -615,3 +615,23 @@ def test_corrupt_contradicts_the_prompt_in_one_attribute():
             assert changed == {"single_object": ["shape"], "counting": ["count"], "colors": ["color"]}[spec.category]
     with pytest.raises(ValueError, match="prompt"):
         S.corrupt("a circle under a square")
+
+
+def test_misattribute_changes_one_objects_colour_or_shape_only():
+    """Every prompt: exactly one object group differs, in its colour when the prompt names one (else
+    in its shape, to one the scene does not hold); counts, category and relation are kept, and the
+    rendered scene fails the strict check of its prompt."""
+    rng = np.random.default_rng(0)
+    for prompt in S.all_prompts():
+        spec = S.parse(prompt)
+        bad = S.misattribute(spec, rng)
+        assert (bad.category, bad.relation) == (spec.category, spec.relation)
+        diff = [(a, b) for a, b in zip(spec.objects, bad.objects) if a != b]
+        assert len(diff) == 1 and len(bad.objects) == len(spec.objects)
+        a, b = diff[0]
+        assert a.count == b.count
+        if a.color is not None:
+            assert b.shape == a.shape and b.color != a.color and b.color in S.COLORS
+        else:
+            assert b.color is None and b.shape != a.shape and b.shape not in [o.shape for o in spec.objects]
+        assert not S.check(S.render(bad, 64, rng), prompt).correct, (prompt, bad)
