@@ -20,7 +20,8 @@ trains it from scratch on scenes drawn by :func:`scorers.shapes.render`:
    The data is deliberately imperfect, like web-scale image-text pairs: a fraction
    ``caption_noise`` of the scenes contradicts its caption in one attribute (:func:`noisy_scenes`:
    another colour, count or shape, a missing object, swapped colours or positions -- the errors
-   GenEval counts) and a fraction ``faded`` is washed out (:func:`wash_out`). The model therefore
+   GenEval counts; optionally also ``attribute_noise``: one object in another colour or shape) and a
+   fraction ``faded`` is washed out (:func:`wash_out`). The model therefore
    makes these errors sometimes, and RL against the ``shapes`` reward has them to correct.
 3. **Evaluation.** Held-out prompts (``prompts("test", ...)``) are sampled with the pipeline's own
    ``__call__`` (Euler ODE, CFG) and scored by the ``shapes`` checker, per GenEval category, next to
@@ -942,6 +943,8 @@ def write_model_card(summary: dict[str, Any], out_dir: str | Path) -> Path:
             f"\n![samples](samples.png)\n\n`samples.png`: the model's images for the first {len(shown)} held-out "
             "prompts (row by row, same seeds as the table): " + "; ".join(f"{i + 1}. {q}" for i, q in enumerate(shown)) + "\n"
         )
+    attr = (f", {cfg['attribute_noise']:.0%} (drawn independently) show one object in another colour or shape "
+            f"(`scorers.shapes.misattribute`)") if cfg.get("attribute_noise", 0.0) > 0 else ""
     card = f"""# flowrl demo model (SD3 format)
 
 A small Stable Diffusion 3 pipeline in diffusers' own format, trained from scratch on CPU on synthetic
@@ -950,7 +953,7 @@ flowrl image demo: it follows prompts only imperfectly, so that RL has something
 
 Its training data is deliberately imperfect, as web-scale image-text data is: {cfg.get('caption_noise', 0.0):.0%} of the
 {cfg['num_scenes']} training scenes contradict their caption in one attribute (another colour, count or shape, a
-missing object, swapped colours or positions: `scorers.shapes.corrupt`) and {cfg.get('faded', 0.0):.0%} are washed out
+missing object, swapped colours or positions: `scorers.shapes.corrupt`){attr} and {cfg.get('faded', 0.0):.0%} are washed out
 (objects blended towards the background, contrast {cfg.get('fade_contrast', 1.0)}: `flowrl.demo_pretrain.wash_out`).
 
 - transformer: `SD3Transformer2DModel`, {p['transformer']:,} parameters ({cfg['num_layers']} MMDiT blocks,
