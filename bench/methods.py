@@ -228,8 +228,9 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     fig, ax = plt.subplots(figsize=(8, 5))
     for m, cs in results.items():
         for i, c in enumerate(cs):
+            k = list(results).index(m)  # ten colours, then the same colours dashed
             ax.plot(c["time"], c["reward"], label=m if i == 0 else None, lw=2.2 if m == ref else 1.2,
-                    color=f"C{list(results).index(m) % 10}", alpha=0.9)
+                    color=f"C{k % 10}", ls="-" if k < 10 else "--", alpha=0.9)
     ax.axhline(ref_final, color="k", ls=":", lw=1)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("held-out shapes reward")
