@@ -114,6 +114,7 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
         c["budget_s"] = budget
         print(f"  {preset.stem:22s} seed {seed}: reused {run_dir}", flush=True)
         return c
+    (run_dir / "bench_run.json").unlink(missing_ok=True)  # the folder is being rewritten: never reuse it half-done
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
