@@ -612,7 +612,8 @@ def corrupt(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
 
 def misattribute(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
     """A scene with one object group drawn wrong in appearance: another colour when the prompt names
-    one, else a shape the scene does not hold (the group is drawn at random). Layout, counts and relations are kept.
+    one, else a shape the scene does not hold (the group is drawn at random). Layout, counts and
+    relations are kept.
 
     The attribute errors that text-to-image models make in every category (GenEval's "colour" and
     "attribute binding" failures); the demo model is pretrained with a fraction of them
