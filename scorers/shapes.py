@@ -568,6 +568,12 @@ def render(spec: Union[SceneSpec, str], size: int = 64, rng: RngLike = None) -> 
     return draw(sample_layout(spec, size, rng), size)
 
 
+def _draw_other(g: np.random.Generator, options: Sequence, exclude: Sequence):
+    """One of ``options`` not in ``exclude``, drawn uniformly with ``g`` (keeps the options' order)."""
+    rest = [x for x in options if x not in exclude]
+    return rest[int(g.integers(len(rest)))]
+
+
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
@@ -591,20 +597,15 @@ def corrupt(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
     spec = _as_spec(spec)
     g = _as_rng(rng)
     o = spec.objects
-
-    def other(options: Sequence, current):
-        rest = [x for x in options if x != current]
-        return rest[int(g.integers(len(rest)))]
-
     cat = spec.category
     if cat == "single_object":
-        return SceneSpec(cat, (ObjectSpec(None, other(SHAPES, o[0].shape)),))
+        return SceneSpec(cat, (ObjectSpec(None, _draw_other(g, SHAPES, [o[0].shape])),))
     if cat == "two_object":
         return SceneSpec("single_object", (o[int(g.integers(2))],))
     if cat == "counting":
-        return SceneSpec(cat, (ObjectSpec(o[0].color, o[0].shape, other(sorted(NUMBER_WORDS), o[0].count)),))
+        return SceneSpec(cat, (ObjectSpec(o[0].color, o[0].shape, _draw_other(g, sorted(NUMBER_WORDS), [o[0].count])),))
     if cat == "colors":
-        return SceneSpec(cat, (ObjectSpec(other(_COLOR_NAMES, o[0].color), o[0].shape),))
+        return SceneSpec(cat, (ObjectSpec(_draw_other(g, _COLOR_NAMES, [o[0].color]), o[0].shape),))
     if cat == "position":
         return SceneSpec(cat, o, _OPPOSITE[spec.relation])
     return SceneSpec(cat, (ObjectSpec(o[1].color, o[0].shape), ObjectSpec(o[0].color, o[1].shape)))
@@ -624,14 +625,10 @@ def misattribute(spec: Union[SceneSpec, str], rng: RngLike = None) -> SceneSpec:
     objs = list(spec.objects)
     k = int(g.integers(len(objs)))
     o = objs[k]
-
-    def pick(options: Sequence):
-        return options[int(g.integers(len(options)))]
-
     if o.color is not None:
-        objs[k] = ObjectSpec(pick([c for c in _COLOR_NAMES if c != o.color]), o.shape, o.count)
+        objs[k] = ObjectSpec(_draw_other(g, _COLOR_NAMES, [o.color]), o.shape, o.count)
     else:  # a shape the scene does not hold yet (the objects of a scene have distinct shapes)
-        objs[k] = ObjectSpec(None, pick([s for s in SHAPES if all(s != x.shape for x in objs)]), o.count)
+        objs[k] = ObjectSpec(None, _draw_other(g, SHAPES, [x.shape for x in objs]), o.count)
     return SceneSpec(spec.category, tuple(objs), spec.relation)
 
 
