@@ -108,31 +108,36 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
     run_dir = out / f"{preset.stem}-seed{seed}"
     cmd = run_command(preset, seed, budget, eval_every, run_dir, extra)
     wall = finished_run(run_dir, cmd) if reuse else None
-    if wall is not None:
-        c = curve(run_dir)
-        c["wall_s"] = wall
-        c["budget_s"] = budget
-        print(f"  {preset.stem:22s} seed {seed}: reused {run_dir}", flush=True)
-        return c
+    if wall is None:
+        wall = _train(cmd, run_dir, out / f"{preset.stem}-seed{seed}.log", threads)
+        note = ""
+    else:
+        note = f" (reused {run_dir})"
+    c = curve(run_dir)
+    c["wall_s"] = wall
+    c["budget_s"] = budget
+    print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}"
+          f"{note}", flush=True)
+    return c
+
+
+def _train(cmd: List[str], run_dir: Path, log_path: Path, threads: Optional[int]) -> float:
+    """Run ``cmd`` (one ``flowrl train``) with its output in ``log_path``; record it in ``run_dir/bench_run.json``
+    for ``--reuse`` and return its wall-clock seconds."""
     (run_dir / "bench_run.json").unlink(missing_ok=True)  # the folder is being rewritten: never reuse it half-done
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    log_path = out / f"{preset.stem}-seed{seed}.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if rc != 0:
         tail = log_path.read_text().splitlines()[-15:]
-        raise RuntimeError(f"{preset.stem} seed {seed} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
-    c = curve(run_dir)
-    c["wall_s"] = time.perf_counter() - t0
+        raise RuntimeError(f"{run_dir.name} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
+    wall = time.perf_counter() - t0
     # the command without the interpreter's path, so that --reuse also works from another environment
-    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": c["wall_s"]}))
-    c["budget_s"] = budget
-    print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}",
-          flush=True)
-    return c
+    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": wall}))
+    return wall
 
 
 def main(argv=None) -> int:
@@ -227,9 +232,8 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for m, cs in results.items():
+    for k, (m, cs) in enumerate(results.items()):  # ten colours, then the same colours dashed
         for i, c in enumerate(cs):
-            k = list(results).index(m)  # ten colours, then the same colours dashed
             ax.plot(c["time"], c["reward"], label=m if i == 0 else None, lw=2.2 if m == ref else 1.2,
                     color=f"C{k % 10}", ls="-" if k < 10 else "--", alpha=0.9)
     ax.axhline(ref_final, color="k", ls=":", lw=1)
