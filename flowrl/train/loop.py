@@ -322,7 +322,8 @@ class Trainer:
         adv, adv_stats = self._advantages(rewards, batch, row_group, row_key)
         keep = adv_stats["keep"]
 
-        mask_all = self.task.action_mask(batch).bool() & keep.unsqueeze(1)
+        mask = self.task.action_mask(batch).bool()
+        mask_all = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
         beta = self._beta()
         from flowrl.core.losses import loss_normalizers
 
