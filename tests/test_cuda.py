@@ -7,6 +7,7 @@ run it by hand on a GPU machine (README, "Scaling out").
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,4 +35,6 @@ def test_demo_configs_train_on_cuda(config, tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
+    assert [m["step"] for m in metrics] == [1, 2]  # one line per training step, each with a finite update
+    for m in metrics:
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["skipped_optimizer_steps"] == 0, m
