@@ -74,11 +74,11 @@ def test_window_pattern_sde_inside_ode_outside():
     p = _plan(10, iteration=0, kind="window", window=4, shift_interval=5, stride=1)
     assert _steps(p.sde) == [0, 1, 2, 3] == _steps(p.trained)
     assert (p.noise_level[~p.sde] == 0).all() and (p.noise_level[p.sde] == 0.7).all()
+    p = _plan(10, iteration=5 * 6, kind="window", window=4, shift_interval=5, stride=1)
+    assert _steps(p.sde) == [6, 7]  # cut before num_steps - 2 = 8 (MixGRPO's max_timesteps)
     p = _plan(10, iteration=5 * 7, kind="window", window=4, shift_interval=5, stride=1)
-    assert _steps(p.sde) == [7, 8]  # start 7, clipped before the last step (9)
+    assert _steps(p.sde) == [7]  # the last start that trains a step
     p = _plan(10, iteration=5 * 8, kind="window", window=4, shift_interval=5, stride=1)
-    assert _steps(p.sde) == [8]  # the last start, num_steps - 2 (MixGRPO's max_timesteps)
-    p = _plan(10, iteration=5 * 9, kind="window", window=4, shift_interval=5, stride=1)
     assert _steps(p.sde) == [0, 1, 2, 3]  # past the last start: rolled back
 
 
@@ -147,9 +147,12 @@ def test_last_step_never_trained_unless_asked(kind):
         assert bool((p.trained <= p.sde).all())  # trained steps are stochastic
         m = p.trained_mask(5, torch.Generator().manual_seed(it))
         assert not m[:, -1].any()
-    reaches = any(bool(_plan(8, iteration=it, kind="window", window=2, shift_interval=1,
-                             train_last_step=True).trained[-1]) for it in range(20))
-    assert reaches  # with train_last_step the window does reach the last step
+    assert bool(_plan(8, kind="full", train_last_step=True).trained[-1])  # unless asked
+    # MixGRPO's window ends before its last start (max_timesteps), so even with train_last_step it never
+    # reaches the last step; it does reach the one before
+    reached = {s for it in range(20) for s in _steps(_plan(8, iteration=it, kind="window", window=2,
+                                                             shift_interval=1, train_last_step=True).trained)}
+    assert max(reached) == 6
 
 
 def test_eval_plan_is_all_ode():
@@ -202,7 +205,7 @@ def test_shift_interval_formulas():
     assert shift_interval_at(20, schedule="exp_decay", shift_interval=25, max_start=23) == 13  # ceil(12.41)
     # decay: linear from tau_max at 0 to tau_min at max_start
     assert shift_interval_at(0, schedule="decay", shift_interval=20, max_start=10) == 20
-    assert shift_interval_at(10, schedule="decay", shift_interval=20, max_start=10) == 5  # default 20 // 4
+    assert shift_interval_at(10, schedule="decay", shift_interval=20, max_start=10) == 1  # MixGRPO's min default 1
     assert shift_interval_at(5, schedule="decay", shift_interval=20, max_start=10, min_shift_interval=4) == 12
     assert shift_interval_at(3, schedule="progressive", shift_interval=7, max_start=10) == 7
 
@@ -227,8 +230,9 @@ def test_build_plan_window_follows_schedule():
     cfg = dict(kind="window", window=4, shift_interval=25, stride=1, schedule="exp_decay")
     for it in (0, 24, 25, 400, 1234):
         p = _plan(25, iteration=it, **cfg)
-        start = scheduled_window_start(it, max_start=23, stride=1, shift_interval=25, schedule="exp_decay")
-        assert _steps(p.sde) == list(range(start, min(start + 4, 24)))
+        start = scheduled_window_start(it, max_start=23, stride=1, shift_interval=25, schedule="exp_decay",
+                                       last_start=22)
+        assert _steps(p.sde) == list(range(start, min(start + 4, 23)))
 
 
 def test_random_schedule_window_fits():
@@ -273,16 +277,21 @@ def test_plan_generator_streams():
 
 
 def test_granular_sigmas():
+    """G2RPO (bcmi/Granular-GRPO fastvideo/train_g2rpo_hps.py, checked at ef6ec9f) visits
+    sigmas[:k+2] + sigmas[k+2::g] but never evaluates the last kept sigma: it decodes the x0
+    prediction at the one before, i.e. jumps from there to 0."""
     tail = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0])  # 6 steps
     assert torch.equal(granular_sigmas(tail, 1), tail)
-    assert granular_sigmas(tail, 2).tolist() == pytest.approx([0.9, 0.8, 0.6, 0.4, 0.0])  # (7-2) % 2 = 1: 0 appended
+    assert granular_sigmas(tail, 2).tolist() == pytest.approx([0.9, 0.8, 0.6, 0.0])  # 0.4 kept last -> 0
+    assert granular_sigmas(tail, 3).tolist() == pytest.approx([0.9, 0.8, 0.0])  # 0.5 kept last -> 0
     assert granular_sigmas(tail, 5).tolist() == pytest.approx([0.9, 0.8, 0.0])  # 1 + 5 = 6 is the last
+    assert granular_sigmas(tail, 6).tolist() == pytest.approx([0.9, 0.0])  # only 0.8 kept: x0 from 0.9
     assert granular_sigmas(tail[:-1], 2).tolist() == pytest.approx([0.9, 0.8, 0.6, 0.4])
     for g in range(1, 8):
         s = granular_sigmas(tail, g)
         assert s[0] == tail[0] and s[-1] == tail[-1] and bool((s[1:] < s[:-1]).all())
-        if tail.numel() > 2:
-            assert s[1] == tail[1]  # G²RPO: one fine step first, then every g-th sigma
+        if g < tail.numel() - 2:
+            assert s[1] == tail[1]  # one fine step first, then every g-th sigma
 
 
 # ---------------------------------------------------------------------------------------------

@@ -217,19 +217,19 @@ PUBLISHED = {
         "plan.noise_level": 0.3, "plan.fraction": 0.6, "plan.per_sample": True, "sample.num_steps": 16,
         "sample.group_size": 12, "sample.height": 720, "sample.same_noise": True, "loss.eps_low": 1e-4,
         "loss.beta": 0.0, "train.learning_rate": 1e-5, "train.lora": False, "advantage.clip": 5.0,
-        "advantage.eps": 1e-8, "rewards": {"hpsv21": 1.0, "clipscore": 1.0}, "max_steps": 300,
+        "advantage.eps": 1e-8, "rewards": {"hpsv21": 1.0, "clipscore": 1.0}, "max_steps": 300, "model.shift": 3.0,
     },
     "mixgrpo_flux.yaml": {
         "plan.kind": "window", "plan.window": 4, "plan.shift_interval": 25, "plan.stride": 1,
         "plan.schedule": "progressive", "plan.roll_back": True, "plan.sde": "flow_sde", "plan.noise_level": 0.7,
         "sample.num_steps": 25, "sample.group_size": 12, "train.learning_rate": 1e-5, "train.lora": False,
-        "advantage.multi_reward": "normalize_then_sum", "loss.beta": 0.0,
-        "rewards": {"hpsv21": 1.0, "imagereward": 1.0, "pickscore": 1.0},
+        "advantage.multi_reward": "normalize_then_sum", "advantage.normalize_weights": True, "advantage.eps": 1e-8,
+        "loss.beta": 0.0, "model.shift": 3.0, "rewards": {"hpsv21": 1.0, "imagereward": 1.0, "pickscore": 1.0},
     },
     "g2rpo_flux.yaml": {
         "plan.kind": "singular", "plan.singular_steps": list(range(8)), "plan.granularities": [1, 2],
         "plan.noise_level": 0.7, "sample.num_steps": 16, "sample.group_size": 12, "sample.same_noise": True,
-        "train.learning_rate": 2e-6, "train.lora": False, "rewards": {"hpsv21": 1.0},
+        "train.learning_rate": 2e-6, "train.lora": False, "rewards": {"hpsv21": 1.0}, "model.shift": 3.0,
     },
     "tempflow_grpo_sd35m.yaml": {
         "plan.kind": "tree", "plan.branch_steps": [0, 2, 4], "sample.num_steps": 10, "sample.same_noise": True,

@@ -73,6 +73,7 @@ class AdvantageConfig:
     std_unbiased: bool = True  # Bessel-corrected std (TRL, verl, DanceGRPO); False = population std (Flow-GRPO np.std)
     multi_reward: str = "sum_then_normalize"  # [N, R]: sum then normalise, or "normalize_then_sum" (MixGRPO, GDPO)
     reward_weights: tuple[float, ...] | None = None  # one weight per reward column; None = all 1.0
+    normalize_weights: bool = False  # divide reward_weights by their sum before mixing (MixGRPO)
     post_norm: str = "none"  # after normalize_then_sum: "batch" z-scores the summed advantages (TRL/GDPO)
     nan_policy: str = "any"  # "any": one NaN reward invalidates a sample; "all": only if all are NaN (TRL)
     ngrpo_max_reward: float | None = None  # NGRPO (2509.18851): virtual samples with this reward join each group
@@ -96,6 +97,8 @@ class AdvantageConfig:
                 raise ValueError("reward_weights: must be None or a non-empty sequence")
             if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in self.reward_weights):
                 raise ValueError(f"reward_weights: must be finite numbers, got {self.reward_weights!r}")
+            if self.normalize_weights and not sum(self.reward_weights) > 0:
+                raise ValueError(f"normalize_weights: the reward weights must have a positive sum, got {self.reward_weights!r}")
         if self.post_norm not in _POST:
             raise ValueError(f"post_norm: must be one of {_POST}, got {self.post_norm!r}")
         if self.post_norm != "none" and self.multi_reward != "normalize_then_sum":
@@ -124,8 +127,9 @@ def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
     * ``dr_grpo``: group mean, no std (Dr. GRPO, 2503.20783; TRL ``scale_rewards='none'``).
     * ``gdpo``: per-reward group z-score, weighted sum, batch z-score (GDPO 2601.05242; TRL
       ``multi_objective_aggregation='normalize_then_sum'``).
-    * ``mixgrpo``: per-reward group z-score then weighted sum (MixGRPO ``advantage_aggr``, 2507.21802),
-      clipped at 5.
+    * ``mixgrpo``: per-reward group z-score (Bessel std, eps 1e-8) then the sum weighted by the reward
+      weights divided by their sum, clipped at 5 (MixGRPO ``advantage_aggr``, 2507.21802; checked
+      against Tencent-Hunyuan/MixGRPO ``fastvideo/train_grpo_flux.py`` at e5cdd6a).
     * ``flow_grpo``: per-prompt mean, population std, eps 1e-4, clip 5 (Flow-GRPO 2505.05470;
       its SD3 configs set ``global_std=True`` -> pass ``scale='batch'``).
     * ``dance_grpo``: group mean, Bessel std, eps 1e-8, clip 5 (DanceGRPO 2505.07818).
@@ -139,7 +143,7 @@ def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
         "trl_batch": {"scale": "batch"},
         "dr_grpo": {"scale": "none"},
         "gdpo": {"multi_reward": "normalize_then_sum", "post_norm": "batch", "nan_policy": "all"},
-        "mixgrpo": {"multi_reward": "normalize_then_sum", "clip": 5.0},
+        "mixgrpo": {"multi_reward": "normalize_then_sum", "normalize_weights": True, "eps": 1e-8, "clip": 5.0},
         "flow_grpo": {"std_unbiased": False, "clip": 5.0},
         "dance_grpo": {"eps": 1e-8, "clip": 5.0},
         "verl": {"eps": 1e-6},
@@ -453,6 +457,8 @@ def compute_advantages(
         if cfg.ngrpo_max_reward is not None:
             raise ValueError("tracker: not supported together with ngrpo_max_reward")
     w = torch.tensor(weights, dtype=torch.float64, device=r2.device)
+    if cfg.normalize_weights:
+        w = w / w.sum()
     col_nan = torch.isnan(r2)
     invalid = col_nan.any(1) if cfg.nan_policy == "any" else col_nan.all(1)
     valid = ~invalid

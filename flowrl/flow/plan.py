@@ -96,11 +96,12 @@ class PlanConfig:
     shift_interval: int = 25  # window / tree: iterations between shifts (MixGRPO tau)
     schedule: WindowSchedule = "progressive"  # window / tree: progressive | decay | exp_decay | random
     roll_back: bool = True  # window / tree: past the last start go back to window_start (else stay)
-    min_shift_interval: Optional[int] = None  # decay: tau at the last start (null: max(1, tau // 4))
+    min_shift_interval: Optional[int] = None  # decay: tau at the last start (null: 1, MixGRPO's --min_iters_per_group)
     exp_k: float = 0.1  # exp_decay: tau(t) = ceil(shift_interval * exp(-exp_k * relu(t - exp_threshold)))
     exp_threshold: int = 13  # exp_decay: start step after which tau decays
     window_range: Optional[List[int]] = None  # random_window: [lo, hi) holding the window (null: [0, num_steps // 2))
     ode_solver: OdeSolver = "euler"  # solver of deterministic steps: euler | heun | dpm2m
+    head_solver: Optional[OdeSolver] = None  # solver of the ODE steps before the first SDE step (null: ode_solver; MixGRPO-Flash: euler)
     compress_ratio: Optional[float] = None  # ODE tail after the last SDE step re-discretised to ratio*n steps (Flash 0.4)
     compress_shift: float = 3.0  # time shift spacing the compressed tail (MixGRPO-Flash uses its schedule's 3.0; 1 = uniform sigma)
     singular_steps: Optional[List[int]] = None  # singular: eligible steps (null: [0, num_steps // 2))
@@ -130,6 +131,8 @@ class PlanConfig:
             raise ValueError(f"reduction: must be 'mean' or 'sum', got {self.reduction!r}")
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"ode_solver: unknown solver {self.ode_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+        if self.head_solver is not None and self.head_solver not in ODE_SOLVERS:
+            raise ValueError(f"head_solver: unknown solver {self.head_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
         if self.schedule not in WINDOW_SCHEDULES:
             raise ValueError(f"schedule: unknown window schedule {self.schedule!r}; choose one of {', '.join(WINDOW_SCHEDULES)}")
         if self.singular_choice not in ("random", "cycle"):
@@ -206,11 +209,20 @@ class PlanConfig:
         if limit < 1:
             raise ValueError(f"train_last_step: with num_steps={num_steps} and train_last_step=False "
                              "no step can be trained (need num_steps >= 2)")
-        if self.kind in ("window", "random_window") and self.window > limit:
+        if self.kind == "random_window" and self.window > limit:
             raise ValueError(f"window: {self.window} steps do not fit in the {limit} trainable steps "
                              f"of a {num_steps}-step trajectory")
-        if self.kind == "window" and self.window_start > limit - 1:
-            raise ValueError(f"window_start: {self.window_start} is past the last trainable step {limit - 1}")
+        if self.kind == "window":
+            cap = limit - 1  # MixGRPO cuts its window at its last start, max_timesteps = limit - 1
+            if self.window > cap:
+                raise ValueError(f"window: {self.window} steps do not fit before step {cap}, where a "
+                                 f"{num_steps}-step trajectory's window ends (num_steps - 2 without train_last_step)")
+            if self.window_start > cap - 1:
+                raise ValueError(f"window_start: {self.window_start} trains no step; the last start that "
+                                 f"trains one is {cap - 1} (windows end before step {cap})")
+            if self.schedule == "random" and self.window_start > cap - self.window:
+                raise ValueError(f"window_start: the random schedule starts at most at {cap - self.window}, "
+                                 f"got {self.window_start}")
         if self.kind == "random_window":
             lo, hi = self.random_window_range(num_steps)
             if hi > limit:
@@ -282,7 +294,8 @@ class Plan:
     among ``trained`` (see :meth:`trained_mask`); ``granularities``: the ODE continuations run after
     the last SDE step (the first one is the main trajectory); ``compress_ratio``: re-discretise that
     ODE tail (MixGRPO-Flash; spaced with time shift ``compress_shift``, see
-    :func:`flowrl.flow.steps.compressed_sigmas`); ``ode_solver``: the solver of deterministic steps.
+    :func:`flowrl.flow.steps.compressed_sigmas`); ``ode_solver``: the solver of deterministic steps,
+    ``head_solver`` the one of those before the first SDE step (None: ``ode_solver``).
     """
 
     kind: str
@@ -294,6 +307,7 @@ class Plan:
     sde_kind: str = "flow_sde"
     reduction: str = "mean"
     ode_solver: str = "euler"
+    head_solver: Optional[str] = None
     compress_ratio: Optional[float] = None
     compress_shift: float = 3.0
     granularities: tuple[int, ...] = (1,)
@@ -365,6 +379,8 @@ class Plan:
             parts.append(f"{self.sde_kind} a={levels if len(levels) > 1 else levels[0]}")
         if self.ode_solver != "euler":
             parts.append(f"ode={self.ode_solver}")
+        if self.head_solver not in (None, self.ode_solver):
+            parts.append(f"head={self.head_solver}")
         if self.compress_ratio is not None:
             parts.append(f"compress={self.compress_ratio}")
         if self.granularities != (1,):
@@ -426,14 +442,15 @@ def shift_interval_at(
 
     * ``progressive``: constant tau = ``shift_interval``.
     * ``decay``: linear from tau_max = ``shift_interval`` at step 0 to tau_min =
-      ``min_shift_interval`` (default max(1, tau_max // 4)) at ``max_start``:
-      tau(t) = max(tau_min, floor(tau_max·(1 − t/max_start) + tau_min·t/max_start)).
+      ``min_shift_interval`` (default 1) at ``max_start``:
+      tau(t) = max(tau_min, floor(tau_max·(1 − t/max_start) + tau_min·t/max_start)). (MixGRPO's
+      decay reads tau_max from ``--max_iters_per_group``, default 10, not ``--iters_per_group``.)
     * ``exp_decay``: tau(t) = ceil(tau0·exp(−k·ReLU(t − threshold))), k = 0.1, threshold 13.
     """
     if schedule in ("progressive", "random"):
         return shift_interval
     if schedule == "decay":
-        tau_min = min_shift_interval if min_shift_interval is not None else max(1, shift_interval // 4)
+        tau_min = min_shift_interval if min_shift_interval is not None else 1
         progress = start / max_start if max_start > 0 else 0.0
         return max(tau_min, int(shift_interval * (1 - progress) + tau_min * progress))
     if schedule == "exp_decay":
@@ -453,21 +470,24 @@ def scheduled_window_start(
     min_shift_interval: Optional[int] = None,
     exp_k: float = 0.1,
     exp_threshold: int = 13,
+    last_start: Optional[int] = None,
 ) -> int:
     """Window start at training ``iteration`` (0-based) for MixGRPO's deterministic schedules.
 
     The window starts at ``first``; after it has been used for tau(start) iterations
-    (:func:`shift_interval_at`) it moves by ``stride`` steps (0 = frozen). A start beyond
-    ``max_start`` rolls back to ``first`` (``roll_back``), or stays at ``max_start``. This equals
-    stepping MixGRPO's state machine ``iteration`` times (read start, then update), computed over
-    whole stays instead of single iterations: O(number of distinct starts), not O(iteration).
+    (:func:`shift_interval_at`, whose ``decay`` measures progress against ``max_start``) it moves by
+    ``stride`` steps (0 = frozen). A start beyond ``last_start`` (default ``max_start``) rolls back
+    to ``first`` (``roll_back``), or stays at ``last_start``. This equals stepping MixGRPO's state
+    machine ``iteration`` times (read start, then update), computed over whole stays instead of
+    single iterations: O(number of distinct starts), not O(iteration).
     """
     if iteration < 0:
         raise ValueError(f"iteration: must be >= 0, got {iteration}")
     if schedule == "random":
         raise ValueError("schedule: 'random' draws its start from a generator; see build_plan")
-    if first >= max_start:
-        return max_start
+    last = max_start if last_start is None else min(last_start, max_start)
+    if first >= last:
+        return last
     if stride == 0:
         return first
 
@@ -475,7 +495,7 @@ def scheduled_window_start(
         return shift_interval_at(s, schedule=schedule, shift_interval=shift_interval, max_start=max_start,
                                  min_shift_interval=min_shift_interval, exp_k=exp_k, exp_threshold=exp_threshold)
 
-    starts = list(range(first, max_start + 1, stride))  # the positions of one pass
+    starts = list(range(first, last + 1, stride))  # the positions of one pass
     stays = [tau(s) for s in starts]
     remaining = iteration
     if roll_back:
@@ -484,7 +504,7 @@ def scheduled_window_start(
         if remaining < n:
             return s
         remaining -= n
-    return max_start  # no roll-back: clipped at the last start for good
+    return last  # no roll-back: clipped at the last start for good
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,9 +512,12 @@ def scheduled_window_start(
 # --------------------------------------------------------------------------------------------------
 
 
-def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Optional[torch.Generator]) -> int:
+def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Optional[torch.Generator],
+                  last_start: Optional[int] = None) -> int:
+    """``random``: ``window_start`` at iteration 0 (MixGRPO reads its window before its first
+    update), then uniform in ``[0, max_start]``; otherwise :func:`scheduled_window_start`."""
     if cfg.schedule == "random":
-        return _randint(0, max_start, generator)
+        return cfg.window_start if iteration == 0 else _randint(0, max_start, generator)
     return scheduled_window_start(
         iteration,
         max_start=max_start,
@@ -506,6 +529,7 @@ def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Op
         min_shift_interval=cfg.min_shift_interval,
         exp_k=cfg.exp_k,
         exp_threshold=cfg.exp_threshold,
+        last_start=last_start,
     )
 
 
@@ -527,9 +551,11 @@ def build_plan(
     * ``full``: all S steps SDE, steps < L trained (Flow-GRPO, ``timestep_fraction`` 0.99).
     * ``random_subset``: all steps SDE; k = max(1, int(L·fraction)) of the L trainable steps trained,
       per sample (``per_sample``) or one subset for the iteration.
-    * ``window``: SDE + trained on ``[t, min(t + window, L))``, t from MixGRPO's schedule with
-      the last start L−1 (= S−2 as in MixGRPO's ``max_timesteps``); ``random``: t uniform in
-      ``[0, L − window]``.
+    * ``window``: SDE + trained on ``[t, min(t + window, M))`` with M = L − 1 (= S − 2, MixGRPO's
+      ``max_timesteps``, which both caps the window and bounds its start), t from MixGRPO's
+      schedule over the starts ``0 .. M − 1`` (``decay`` measures progress against M); ``random``:
+      ``window_start`` at iteration 0, then t uniform in ``[0, M − window]``. (MixGRPO's own start
+      M has an empty window, on which its loop raises: flowrl rolls back after M − 1 instead.)
     * ``random_window``: t uniform in ``[lo, hi − window]`` of ``window_range`` (Flow-GRPO-Fast:
       ``[0, S // 2)``); SDE + trained on ``[t, t + window)``.
     * ``singular``: one SDE + trained step, drawn from the eligible steps (``random``) or
@@ -563,8 +589,12 @@ def build_plan(
         else:
             trained[torch.randperm(L, generator=generator)[:k]] = True
     elif cfg.kind == "window":
-        start = _window_start(cfg, iteration, L - cfg.window if cfg.schedule == "random" else L - 1, generator)
-        sde[start:min(start + cfg.window, L)] = True
+        cap = L - 1  # MixGRPO's max_timesteps
+        if cfg.schedule == "random":
+            start = _window_start(cfg, iteration, cap - cfg.window, generator)
+        else:
+            start = _window_start(cfg, iteration, cap, generator, last_start=cap - 1)
+        sde[start:min(start + cfg.window, cap)] = True
         trained |= sde
     elif cfg.kind == "random_window":
         lo, hi = cfg.random_window_range(S)
@@ -607,6 +637,7 @@ def build_plan(
         sde_kind=cfg.sde,
         reduction=cfg.reduction,
         ode_solver=cfg.ode_solver,
+        head_solver=cfg.head_solver,
         compress_ratio=cfg.compress_ratio,
         compress_shift=cfg.compress_shift,
         granularities=tuple(int(g) for g in cfg.granularities),
@@ -645,16 +676,17 @@ def granular_sigmas(tail: torch.Tensor, granularity: int) -> torch.Tensor:
 
     ``tail = sigmas[k+1:]`` starts at the state after the last stochastic step k and ends at 0.
     G²RPO visits ``sigmas[:k+2] + sigmas[k+2::g]``: one fine step to ``sigmas[k+2]``, then every
-    g-th sigma. We do the same, i.e. ``[tail[0]] + tail[1::g]``, and append the final sigma when the
-    stride skips it (G²RPO's slice can end above 0 when (S−k−2) is not a multiple of g; a
-    continuation must end at the clean sample).
+    g-th sigma, and decodes the x0 prediction ``x - sigma v`` taken at the second-to-last kept
+    sigma: the last kept sigma is never evaluated, and when the stride skips 0 the continuation
+    jumps to 0 from the point before it. An Euler step to 0 is that x0 prediction, so this returns
+    ``[tail[0]] + tail[1::g]`` with its last entry replaced by the final sigma (bcmi/Granular-GRPO
+    ``fastvideo/train_g2rpo_hps.py``, ``run_ode_sample_step``; checked at ef6ec9f).
     """
     if granularity < 1:
         raise ValueError(f"granularity: must be >= 1, got {granularity}")
     if tail.numel() <= 2 or granularity == 1:
         return tail
     out = torch.cat([tail[:1], tail[1::granularity]])
-    if (tail.numel() - 2) % granularity != 0:
-        out = torch.cat([out, tail[-1:]])
+    out[-1] = tail[-1]
     return out
 

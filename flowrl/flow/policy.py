@@ -406,21 +406,26 @@ class FlowPolicy:
         raise NotImplementedError
 
     def _cached_rows(self, prompts: list[str]) -> list[dict[str, Tensor]]:
-        """Per-prompt embedding rows, encoding (in one batch) only the prompts not cached (LRU)."""
+        """Per-prompt embedding rows, encoding only the prompts not cached (LRU).
+
+        Each missing prompt is encoded in a batch of its own: a GEMM's rounding can depend on the
+        number of rows (the pooled CLIP projection of a prompt encoded beside others differs in
+        the last bits on some CPUs), so encoding one at a time makes a prompt's embedding a
+        function of the prompt alone, whatever else was cached before (exact resume, reloads).
+        """
         missing: list[str] = []
         for p in prompts:
             if p not in self._cache and p not in missing:
                 missing.append(p)
-        if missing:
+        for p in missing:
             with torch.no_grad():
-                out = self._encode_batch(missing)
-            self.num_encoded += len(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {
-                    k: v[i].detach().to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
-                    .clone()
-                    for k, v in out.items()
-                }
+                out = self._encode_batch([p])
+            self.num_encoded += 1
+            self._cache[p] = {
+                k: v[0].detach().to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+                .clone()
+                for k, v in out.items()
+            }
         rows = []
         for p in prompts:
             self._cache.move_to_end(p)
@@ -433,7 +438,7 @@ class FlowPolicy:
         """Embeddings of ``prompts`` (one row per prompt), in the transformer's dtype on ``device``.
 
         Embeddings are cached per prompt string (LRU, ``cache_size`` entries); only prompts not in
-        the cache go through the text encoders, in one batch. For SD3 the negative branch for CFG is
+        the cache go through the text encoders, one prompt per call (batch-independent results). For SD3 the negative branch for CFG is
         the embedding of ``negative_prompt`` repeated per row; FLUX (guidance-distilled) has none
         and ignores ``negative_prompt``.
         """
@@ -544,11 +549,28 @@ class FlowPolicy:
         )
 
 
+_CPU_ALIGNMENT = 64  # bytes; torch's own CPU allocator aligns every new storage to this
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move ``module`` to ``device`` and cast it to ``dtype`` only when it is not already in it."""
+    """Move ``module`` to ``device``, cast it to ``dtype`` only when it is not already in it, and
+    give every CPU tensor storage aligned as torch's allocator aligns it.
+
+    Weights loaded from a safetensors file can sit at any 8-byte offset of the file's buffer, and
+    a CPU GEMM may round differently on a misaligned operand (seen on AMD EPYC: the CLIP text
+    projection of a reloaded model differed by 2e-7 from the model that was saved). With aligned
+    copies a reloaded model computes exactly as the model it was saved from.
+    """
     module.to(device=device)
     if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
         module.to(dtype=dtype)
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and p.device.type == "cpu" and p.data_ptr() % _CPU_ALIGNMENT:
+                p.data = p.data.clone()
+        for name, b in m._buffers.items():
+            if b is not None and b.device.type == "cpu" and b.data_ptr() % _CPU_ALIGNMENT:
+                m._buffers[name] = b.clone()
 
 
 def _is_subclass_named(klass: type, name: str) -> bool:

@@ -43,7 +43,10 @@ recomputing a transition from the stored tensors scores exactly what was stored 
 exactly 1 when the recomputed velocity is bitwise the same).
 
 The ODE tail after the last SDE step is run once per continuation granularity (G²RPO) or on the
-compressed sigmas (MixGRPO-Flash), with the plan's ODE solver.
+compressed sigmas (MixGRPO-Flash), with the plan's ODE solver; deterministic steps before the first
+SDE step use ``plan.head_solver`` (default: the same solver). A multistep solver's history (the last
+x0 prediction) is updated at every step, stochastic ones included, and carried into the tail, as
+MixGRPO-Flash does: the first tail step after the window is already second order.
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ def tail_sigmas(plan: Plan, sigmas: Tensor, start: int, granularity: int) -> Ten
 
 
 class _Deterministic:
-    """The plan's ODE solver over one deterministic stretch (multistep history resets per stretch)."""
+    """The plan's ODE solvers, with the multistep history (the last x0 prediction and its sigma)
+    that every step updates, deterministic or not (MixGRPO-Flash's DPM-Solver++ state)."""
 
     def __init__(self, solver: str, velocity: _Velocity):
         self.solver = solver
@@ -262,17 +266,29 @@ class _Deterministic:
         self.x0_prev: Optional[Tensor] = None
         self.sigma_prev: Optional[Tensor] = None
 
-    def step(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        if self.solver == "euler":
-            return ode_step(x, v, sigma, sigma_next)
-        if self.solver == "heun":
-            return heun_step(x, v, sigma, sigma_next, self.velocity)
+    def observe(self, x: Tensor, v: Tensor, sigma: Tensor) -> None:
+        """Record the x0 prediction of a step taken by another rule (an SDE or head step)."""
         if self.solver == "dpm2m":
+            self.x0_prev, self.sigma_prev = x0_from_velocity(x, v, sigma), sigma
+
+    def expand(self, idx: Tensor) -> None:
+        """Follow rows that branch (``x[idx]``)."""
+        if self.x0_prev is not None:
+            self.x0_prev, self.sigma_prev = self.x0_prev[idx], self.sigma_prev[idx]
+
+    def step(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, solver: Optional[str] = None) -> Tensor:
+        solver = solver or self.solver
+        if solver == "euler":
+            out = ode_step(x, v, sigma, sigma_next)
+        elif solver == "heun":
+            out = heun_step(x, v, sigma, sigma_next, self.velocity)
+        elif solver == "dpm2m":
             x0 = x0_from_velocity(x, v, sigma)
             out = dpm_solver_2m_step(x, x0, sigma, sigma_next, self.x0_prev, self.sigma_prev)
-            self.x0_prev, self.sigma_prev = x0, sigma
-            return out
-        raise ValueError(f"ode_solver: unknown solver {self.solver!r}")
+        else:
+            raise ValueError(f"ode_solver: unknown solver {solver!r}")
+        self.observe(x, v, sigma)
+        return out
 
 
 def _progress_bar(total: int, progress: Optional[bool]):
@@ -424,12 +440,13 @@ def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, gener
         sig_n = _full(rows, sigmas[i + 1], device)
         v = vel(x, sig)
         if sde_list[i]:
-            ode.reset()
+            ode.observe(x, v, sig)
             xs_in.append(x)
             f = factors[i]
             if f > 1:
                 idx = torch.arange(rows, device=device).repeat_interleave(f)
                 x, v, row_prompt = x[idx], v[idx], row_prompt[idx]
+                ode.expand(idx)
                 rows *= f
                 sig = _full(rows, sigmas[i], device)
                 sig_n = _full(rows, sigmas[i + 1], device)
@@ -453,7 +470,7 @@ def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, gener
             recs.append((scored.log_prob.float(), mean, _std_rows(scored.std, rows), rows))
             x = x_next
         else:
-            x_next = ode.step(x, v, sig, sig_n)
+            x_next = ode.step(x, v, sig, sig_n, solver=None if in_span else plan.head_solver)
             if in_span:
                 xs_in.append(x)
                 x_next = _round(x_next, store_dtype)
@@ -464,13 +481,14 @@ def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, gener
         if bar is not None:
             bar.update(1)
     head_x, head_rows = x, rows
+    head_history = (ode.x0_prev, ode.sigma_prev)
 
     # ---- tail: one deterministic continuation per granularity ----------------------------------
     finals = []
     for g in plan.granularities:
         tail = tail_sigmas(plan, sigmas, head_end, g)
         xg = head_x
-        ode.reset()
+        ode.x0_prev, ode.sigma_prev = head_history
         for j in range(tail.numel() - 1):
             sig = _full(head_rows, tail[j], device)
             sig_n = _full(head_rows, tail[j + 1], device)

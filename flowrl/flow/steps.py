@@ -553,15 +553,16 @@ def compressed_sigmas(sigmas_tail: Tensor, ratio: float, *, shift: float = 1.0) 
 
     ``sigmas_tail`` holds the ``n + 1`` sigmas of the remaining ODE part, ``sigmas_tail[0]`` (its
     start, e.g. the sigma right after the last SDE step) down to ``sigmas_tail[-1]`` (usually 0).
-    It is replaced by ``m + 1`` sigmas with ``m = max(1, int(n * ratio))`` steps, the same two
-    endpoints, spaced uniformly in the *unshifted* time ``u``:
+    It is replaced by ``m + 1`` sigmas with ``m = max(1, int(max((n + 1) * ratio, 1)) - 1)`` steps,
+    the same two endpoints, spaced uniformly in the *unshifted* time ``u``:
     ``u = sigma / (shift - (shift - 1) sigma)`` (the inverse of SD3's shift
     ``sigma = shift u / (1 + (shift - 1) u)``), then shifted back. With ``shift = 1`` (the default)
     the spacing is uniform in sigma; pass the schedule's shift (3.0 for SD3/MixGRPO's Flux recipe)
     to reproduce MixGRPO's re-discretisation, which is a linspace in unshifted time followed by the
-    shift. (MixGRPO's own code counts one more remaining step than the tail has and then builds that
-    many *points*, i.e. one interval fewer; here ``m`` is the number of steps.) The endpoints are
-    copied exactly; the result has ``sigmas_tail``'s dtype and device. Solve it with
+    shift. The step count is MixGRPO's (``sampling_utils.py``: ``int(max((S - L) * r, 1))`` points
+    after the last SDE step L, where ``S - L = n + 1``), except that where that leaves no step
+    (late windows) MixGRPO stops above sigma 0 and decodes a noisy latent, and this takes one step
+    to the end. The endpoints are copied exactly; the result has ``sigmas_tail``'s dtype and device. Solve it with
     :func:`dpm_solver_2m_step` (MixGRPO-Flash's DPM-Solver++ 2nd order).
     """
     if not isinstance(sigmas_tail, Tensor) or sigmas_tail.ndim != 1 or sigmas_tail.numel() < 2:
@@ -574,7 +575,7 @@ def compressed_sigmas(sigmas_tail: Tensor, ratio: float, *, shift: float = 1.0) 
     if bool(torch.any(tail[1:] >= tail[:-1])):
         raise ValueError("sigmas_tail must be strictly decreasing")
     n = tail.numel() - 1
-    m = max(1, int(n * ratio))
+    m = max(1, int(max((n + 1) * ratio, 1)) - 1)
     u = unshift_sigmas(tail[[0, -1]], shift)
     grid = torch.linspace(float(u[0]), float(u[1]), m + 1, dtype=torch.float64)
     out = shift_sigmas(grid, shift)
