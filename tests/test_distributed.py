@@ -191,7 +191,8 @@ def compare_runs(one: Path, two: Path, *, r_atol: float, adv_atol: float, w_atol
     moved = max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k)  # B starts at 0
     assert moved > 10 * w_atol, "degenerate test: the weights hardly moved"
     assert w_diff <= w_atol, (w_diff, moved)
-    # DDP keeps the replicas identical: rank 1's weights are rank 0's, bit for bit
+    # DDP keeps the replicas identical: rank 1's weights are rank 0's, bit for bit (every rank applies the
+    # same all-reduced gradient with the same ops, in one run on one machine)
     r0 = load_file(str(two / "probe" / "final-rank0.safetensors"))
     r1 = load_file(str(two / "probe" / "final-rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
@@ -262,6 +263,7 @@ def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
     rc1, err1 = wait(p1, "1 process")
     assert rc1 == 0, err1[-3000:]
     assert rc2 == 0, err2[-3000:]
+    # r_atol=0: the text rewards are Python functions of the sampled strings (per-row seeded), not float kernels
     d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-6, w_atol=1e-6)
     m = metrics(tmp_path / "one")
     change = m[1]["beta"] / m[0]["beta"] - 1.0  # the controller's step: err / horizon, |err| <= 0.2

@@ -515,7 +515,7 @@ def test_lora_reference_is_the_base_model_and_kl_grows_after_an_update():
         x, sig = r.latents[:, 0].float(), r.sigmas[:, 0]
         with torch.no_grad(), learner._reference():
             v_ref = policy.velocity(x, sig, emb, r.guidance_scale)
-        with torch.no_grad():
+        with torch.no_grad():  # exact: the same layers, bit-identical weights, the same inputs and shapes
             assert torch.equal(v_ref, base.velocity(x, sig, emb, r.guidance_scale))
         # a fresh LoRA (B = 0) is the base model: KL exactly 0 and the KL adds no gradient
         g_kl, st = _learner_grad(policy, r, adv, cfg)

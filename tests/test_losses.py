@@ -492,7 +492,7 @@ def test_ratio_norm_policy_loss_value_and_gradient(kind):
 @pytest.mark.parametrize("kind", ["flow_sde", "dance_sde", "cps"])
 def test_ratio_norm_with_the_package_sde_step(kind):
     """Same identity on transitions produced and re-scored by flowrl.flow.steps.sde_step (true log-probs)."""
-    steps = pytest.importorskip("flowrl.flow.steps")
+    from flowrl.flow import steps
     gen = torch.Generator().manual_seed(7)
     n = 4
     x = torch.randn(n, 3, 8, generator=gen, dtype=F64)

@@ -83,7 +83,7 @@ def test_flow_matching_pair_is_the_straight_path_and_its_velocity():
     eps = torch.randn(5, 4, 6, 6, generator=g, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0, 0.25, 0.5, 0.9], dtype=torch.float64)
     xt, target = D.flow_matching_pair(x0, eps, t)
-    assert torch.equal(xt[0], x0[0]) and torch.equal(xt[1], eps[1])
+    assert torch.equal(xt[0], x0[0]) and torch.equal(xt[1], eps[1])  # exact: weights 0 and 1 at the endpoints
     torch.testing.assert_close(xt[2], 0.75 * x0[2] + 0.25 * eps[2])
     # The target is d x_t / d t (the path is linear, so a finite difference is exact up to rounding).
     h = 1e-3
@@ -282,7 +282,7 @@ def test_pretrain_smoke_loads_with_diffusers_and_resumes_bit_exactly(tmp_path):
     saved = {k.split("/", 1)[1]: v for k, v in saved.items()}
     assert set(saved) - set(ema) == {"pos_embed.pos_embed"}  # the one buffer (fixed sin-cos table)
     for k, v in ema.items():
-        assert torch.equal(saved[k], v), k
+        assert torch.equal(saved[k], v), k  # a copy of the tensors
 
     # Evaluation per GenEval category, references included, and the model card.
     ev = summary["evaluation"]
@@ -350,7 +350,8 @@ def test_caption_noise_and_washed_out_scenes():
     assert 0.3 < changed.float().mean() < 0.7
     g = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1)
     i = int(changed.nonzero()[0])
-    # x' = g + 0.4 (x - g), to uint8 rounding
+    # x' = g + 0.4 (x - g), to uint8 rounding; exact: wash_out's own float32 elementwise ops (correctly rounded
+    # on any CPU) in the same order
     torch.testing.assert_close(out[i].float(), (g + 0.4 * (images[i].float() - g)).round(), atol=0, rtol=0)
     # the checker finds nothing right in a washed-out scene; the untouched ones keep their score
     for j in range(16):

@@ -180,8 +180,7 @@ def test_remote_equals_in_process_with_metadata_and_chunking():
 
 
 def test_remote_jpeg_compressibility_equals_in_process():
-    if "jpeg_compressibility" not in scorers.available():
-        pytest.skip("scorers/jpeg.py (jpeg_compressibility) is not in the tree yet")
+    assert "jpeg_compressibility" in scorers.available()  # scorers/jpeg.py registers it
     x = quantized_images(4, size=32, seed=3)
     prompts = ["a"] * 4
     local = scorers.get("jpeg_compressibility")(x, prompts)

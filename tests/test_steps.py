@@ -353,6 +353,7 @@ def test_rescoring_stored_transition_is_bitwise(kind: str, reduction: str, dtype
     sampled = sde_step(x, v, sigma, sigma_next, 0.7, generator=g, kind=kind, reduction=reduction)
     assert sampled.prev_sample.dtype == dtype
     scored = sde_step(x, v, sigma, sigma_next, 0.7, prev_sample=sampled.prev_sample, kind=kind, reduction=reduction)
+    # exact (our promise): scoring the stored sample repeats the sampling call's own float32 ops
     assert torch.equal(scored.log_prob, sampled.log_prob)
     assert torch.equal(scored.mean, sampled.mean) and torch.equal(scored.std, sampled.std)
     assert scored.prev_sample is sampled.prev_sample
@@ -457,7 +458,7 @@ def test_zero_noise_is_the_deterministic_euler_step(kind: str) -> None:
     level = 0.7 if kind == "ode" else 0.0
     out = sde_step(x, v, 0.8, 0.6, level, generator=g, kind=kind)
     torch.testing.assert_close(out.prev_sample, ode_step(x, v, 0.8, 0.6), rtol=1e-6, atol=1e-6)
-    assert torch.all(out.std == 0)
+    assert torch.all(out.std == 0)  # exact zeros: a deterministic step is defined to have std 0 and log-prob 0
     assert torch.equal(out.log_prob.detach(), torch.zeros(2))
     out.log_prob.sum().backward()
     assert torch.equal(v.grad, torch.zeros_like(v))  # attached to the graph, zero gradient, no NaN
@@ -619,6 +620,7 @@ def test_dpm_solver_first_step_is_ddim_and_final_returns_x0() -> None:
     out = dpm_solver_2m_step(x, x0, 0.7, 0.4)
     torch.testing.assert_close(out, 0.6 * x0 + 0.4 * x1)
     torch.testing.assert_close(out, ode_step(x, v, 0.7, 0.4))
+    # exact: the step to sigma_next = 0 returns x0_pred itself (a selection, no arithmetic)
     assert torch.equal(dpm_solver_2m_step(x, x0, 0.2, 0.0, x0_pred_prev=x0 * 2, sigma_prev=0.4), x0)
     # from sigma = 1: x' = sigma' x + (1 - sigma') x0, finite
     out1 = dpm_solver_2m_step(x, x0, 1.0, 0.9)
@@ -711,14 +713,14 @@ def test_heun_euler_at_zero() -> None:
 
 def test_compressed_sigmas_uniform_and_shifted() -> None:
     tail = torch.linspace(0.6, 0.0, 11)  # 10 remaining steps
-    out = compressed_sigmas(tail, 0.4)
-    assert out.shape == (5,) and out.dtype == tail.dtype
-    torch.testing.assert_close(out, torch.linspace(0.6, 0.0, 5))
+    out = compressed_sigmas(tail, 0.4)  # MixGRPO: int(max(11 * 0.4, 1)) = 4 points, 3 steps
+    assert out.shape == (4,) and out.dtype == tail.dtype
+    torch.testing.assert_close(out, torch.linspace(0.6, 0.0, 4))
     # shifted schedule: re-discretised uniformly in the unshifted time, then shifted (MixGRPO)
     t = torch.linspace(0.55, 0.0, 16, dtype=F64)
     shifted_tail = shift_sigmas(t, 3.0).float()
-    out3 = compressed_sigmas(shifted_tail, 0.2, shift=3.0)
-    expected = shift_sigmas(torch.linspace(0.55, 0.0, 4, dtype=F64), 3.0).float()
+    out3 = compressed_sigmas(shifted_tail, 0.2, shift=3.0)  # int(16 * 0.2) = 3 points
+    expected = shift_sigmas(torch.linspace(0.55, 0.0, 3, dtype=F64), 3.0).float()
     torch.testing.assert_close(out3, expected, rtol=0, atol=1e-6)
     assert out3[0] == shifted_tail[0] and out3[-1] == shifted_tail[-1]
     assert torch.all(out3[1:] < out3[:-1])

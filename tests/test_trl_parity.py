@@ -15,10 +15,9 @@ import os
 
 import pytest
 import torch
+import trl  # the dev extra pins it (pyproject.toml): a missing or broken trl fails here, it is not skipped
 
 pytestmark = pytest.mark.trl
-
-trl = pytest.importorskip("trl")
 
 from flowrl.core import (  # noqa: E402
     AdvantageConfig,
