@@ -1,40 +1,77 @@
-"""Torch-only image preprocessing for the learned scorers (differentiable on the tensor path).
+"""Image preprocessing for the learned scorers: torch on float tensors (differentiable), the
+official PIL pipelines on PIL images and uint8 tensors.
 
-Every learned scorer turns a float batch [B, 3, H, W] in [0, 1] into its model's input with the same
-steps its authors use: a bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and
-normalisation with the model's published mean/std. Doing it in torch keeps the autograd graph, so a
-reward can be differentiated w.r.t. the images (``differentiable=True``).
+Every learned scorer turns its images into its model's input with the same steps its authors use:
+a bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and normalisation with the
+model's published mean/std. On a float batch [B, 3, H, W] in [0, 1] this runs in torch, which keeps
+the autograd graph, so a reward can be differentiated w.r.t. the images (``differentiable=True``).
 
 Sources of the constants and behaviour (each model's own release):
 
-* OpenAI CLIP (``openai/CLIP clip/clip.py::_transform``): ``Resize(n_px, BICUBIC)`` of the shorter
-  side, ``CenterCrop(n_px)``, ``Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)`` on PIL images.
+* OpenAI CLIP (``openai/CLIP clip/clip.py::_transform``, checked @ d05afc43): ``Resize(n_px,
+  BICUBIC)`` of the shorter side and ``CenterCrop(n_px)`` on the PIL image, then ``convert("RGB")``,
+  ``ToTensor``, ``Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)``.
   open_clip uses the same constants (``open_clip/constants.py``: ``OPENAI_DATASET_MEAN/STD``) and
   the same transform for ``ViT-L-14`` 'openai' (the LAION aesthetic predictor's backbone):
   :data:`CLIP_224`.
-* HPS v2 / v2.1 (``tgxs002/HPSv2 hpsv2/img_score.py``): ``create_model_and_transforms('ViT-H-14',
-  ..., light_augmentation=True)`` selects the validation transform ``ToTensor()``,
-  ``ResizeMaxSize(224)`` (longer side to 224, bicubic on the float tensor, zero padding to a
-  square), ``Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)``: :data:`HPS_224`.
+* HPS v2 / v2.1 (``tgxs002/HPSv2 hpsv2/img_score.py`` and ``hpsv2/src/open_clip/transform.py``,
+  checked @ 866735ec): ``create_model_and_transforms('ViT-H-14', ..., light_augmentation=True)``
+  selects the validation transform ``ToTensor()``, ``ResizeMaxSize(224)`` (longer side to 224,
+  ``F.resize`` bicubic on the float tensor, zero padding to a square),
+  ``Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)``: :data:`HPS_224`. ``F.resize`` takes
+  torchvision's default ``antialias``: True since torchvision 0.17, False for tensors before — on a
+  512² image the two differ by up to 6.6/255 (smooth) and 175/255 (white noise); we follow
+  today's default.
 * PickScore_v1 is scored with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
   (``preprocessor_config.json``: ``shortest_edge`` 224, ``resample`` 3 = bicubic, ``crop_size`` 224,
-  ``image_mean``/``image_std`` = the OpenAI CLIP constants). transformers' ``center_crop``
-  truncates the offset (``int((H - h) / 2)``), torchvision rounds it: :data:`HF_CLIP_224`.
-* ImageReward v1.0 (BLIP ViT-L, ``THUDM/ImageReward ImageReward/ImageReward.py::_transform``):
-  ``Resize(224, BICUBIC)``, ``CenterCrop(224)``, ``Normalize`` with the OpenAI CLIP constants:
-  :data:`CLIP_224`.
+  ``image_mean``/``image_std`` = the OpenAI CLIP constants; yuvalkirstain/PickScore @ f79607ff pins
+  transformers 4.27.3, whose ``CLIPImageProcessor`` converts to RGB first, resizes with PIL, crops,
+  rescales in float64 and normalises in float32). transformers' ``center_crop`` truncates the offset
+  (``(H - h) // 2``), torchvision rounds it: :data:`HF_CLIP_224`. transformers 5's default
+  ``CLIPImageProcessor`` is a torchvision backend (uint8 tensor resize) that differs from the PIL one
+  by up to 2/255; ``CLIPImageProcessorPil`` keeps the 4.27.3 arithmetic (except that it composites
+  alpha onto white, where 4.27.3 dropped alpha; we follow 4.27.3).
+* ImageReward v1.0 (BLIP ViT-L, ``THUDM/ImageReward ImageReward/ImageReward.py::_transform``,
+  checked @ c1392c6d): the OpenAI CLIP transform above at 224 (PIL input only): :data:`CLIP_224`.
+* LAION aesthetic predictor (christophschuhmann/improved-aesthetic-predictor ``simple_inference.py``
+  @ 6934dd81: ``clip.load("ViT-L/14")``'s ``preprocess`` on a PIL image): :data:`CLIP_224`.
 
-Resizing uses ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, PyTorch's port
-of PIL's antialiased bicubic filter (Keys kernel, a = -0.5); on the PIL pipelines the result is
-clamped to [0, 1] as PIL's uint8 output is. A test compares it with PIL and with torchvision.
+Two paths:
+
+* **float tensors** (what a flow policy decodes; :func:`preprocess`): resizing uses
+  ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, PyTorch's port of PIL's
+  antialiased bicubic filter (Keys kernel, a = -0.5). Differentiable. For ``shortest_crop`` specs
+  (CLIP_224, HF_CLIP_224) it is *not* the official transform, which resamples the uint8 image with
+  PIL: PIL works in fixed point and rounds to uint8 after each of its two 1-D passes. The float
+  path does the two passes with a clamp to [0, 1] in between (as PIL's uint8 saturates) but no
+  rounding. Measured in float64 on random 8-bit images (white noise and smooth fields, 97×150 to
+  1024×768, resized to 224) against the official pixels: ≤ 1.1/255 per pixel, mean 0.26/255
+  (1.6/255 for unquantised float images against the official transform of their 8-bit version);
+  with one 2-D pass clamped only at the end (flowrl before this check) it was 3.0/255 on smooth
+  and 21/255 on white-noise images, same mean (the per-pass clamp fixes the outliers, not the
+  mean, so scores barely change). On tiny random models at 224 px (float64) the float path moves
+  scores by up to 3 % of their spread: ImageReward 1.3e-3 (smooth) / 2.7e-3 (noise), 1.0 % / 2.8 %;
+  PickScore 0.25 % / 0.36 %; aesthetic 0.9 % / 2.5 %. The real models' numbers may differ.
+  ``longest_pad`` (HPS) *is* the official transform on 8-bit pixels (bit-identical), since HPS
+  itself resizes the float tensor.
+* **PIL images and uint8 tensors** (:func:`pil_pixel_values`): the official pipeline itself, run
+  with PIL and the same operation order and arithmetic as the reference code
+  (:attr:`PreprocessSpec.pil_pipeline`), so the pixels equal the official transform's to float32
+  rounding (tests: bit-identical). Not differentiable (the input is 8-bit). :class:`scorers.base.Scorer`
+  turns PIL lists into float tensors before a scorer sees them, so a scorer must route PIL/uint8
+  input here itself (ImageReward does).
+
+Tests (tests/test_scorer_preprocess.py) compare both paths with torchvision, open_clip and
+transformers' PIL image processor.
 
 The shared checkpoint-loading helpers live in :mod:`scorers._loading` and are re-exported here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +119,13 @@ def shorter_side_size(height: int, width: int, size: int) -> Tuple[int, int]:
 def resize_shorter_side(images: torch.Tensor, size: int, clamp: bool = True) -> torch.Tensor:
     """Bicubic resize so that the shorter side equals ``size`` (aspect ratio kept).
 
-    x' = interpolate(x, (h', w'), bicubic, antialias) with (h', w') from :func:`shorter_side_size`;
-    clamped to [0, 1] when ``clamp`` (PIL's uint8 output saturates the bicubic overshoot).
+    (h', w') from :func:`shorter_side_size`; antialiased bicubic ``interpolate`` (PIL's filter).
+    ``clamp=True`` (the PIL pipelines): two 1-D passes, width first then height, each clamped to
+    [0, 1] — PIL resamples horizontally then vertically and saturates to uint8 after each pass, so
+    an overshoot of the first pass never reaches the second. Clamping only once at the end lets
+    that overshoot through: on white noise it moved pixels by up to 21/255 from PIL (3/255 on smooth
+    images); with the per-pass clamp the gap is PIL's uint8 rounding, ≤ 1.1/255 measured.
+    ``clamp=False``: one 2-D pass, unclamped (torchvision's ``Resize`` on a float tensor).
     Matches ``torchvision.transforms.Resize(size, InterpolationMode.BICUBIC)`` as used by CLIP
     (Radford et al., arXiv 2103.00020) and its descendants. Differentiable.
     """
@@ -91,12 +133,20 @@ def resize_shorter_side(images: torch.Tensor, size: int, clamp: bool = True) -> 
     h, w = images.shape[-2:]
     out_hw = shorter_side_size(h, w, size)
     if out_hw == (h, w):
-        x = images
-    else:
-        # interpolate's bicubic kernel is implemented in float32/64; keep half types working.
-        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
-        x = F.interpolate(work, size=out_hw, mode="bicubic", align_corners=False, antialias=True).to(images.dtype)
-    return x.clamp(0.0, 1.0) if clamp else x
+        return images.clamp(0.0, 1.0) if clamp else images
+    # interpolate's bicubic kernel is implemented in float32/64; keep half types working.
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    if not clamp:
+        x = F.interpolate(x, size=out_hw, mode="bicubic", align_corners=False, antialias=True)
+        return x.to(images.dtype)
+    # Pillow src/libImaging/Resample.c::ImagingResampleInner (checked @ 01f132fb): horizontal pass
+    # first into an 8-bit temporary image, then vertical; a pass whose size does not change is
+    # skipped. Each 8-bit pass ends in clip8, i.e. rounds and clamps; we only clamp.
+    if out_hw[1] != w:
+        x = F.interpolate(x, size=(h, out_hw[1]), mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+    if out_hw[0] != h:
+        x = F.interpolate(x, size=out_hw, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+    return x.to(images.dtype)
 
 
 def center_crop(images: torch.Tensor, size: int, rounding: str = "torchvision") -> torch.Tensor:
@@ -159,6 +209,7 @@ def resize_longer_side_and_pad(images: torch.Tensor, size: int, fill: float = 0.
 
 
 _MODES = ("shortest_crop", "longest_pad")
+PIL_PIPELINES = ("torchvision", "transformers", "tensor")
 
 
 @dataclass(frozen=True)
@@ -169,6 +220,14 @@ class PreprocessSpec:
     (offset rounding ``crop_rounding``), clamp to [0, 1] when ``clamp`` (the PIL/uint8 pipelines).
     ``mode="longest_pad"``: letterbox to ``resize`` (:func:`resize_longer_side_and_pad`); ``crop``
     must equal ``resize``. Then normalise with ``mean``/``std``.
+
+    ``pil_pipeline``: which official pipeline :func:`pil_pixel_values` runs on PIL / uint8 input —
+    ``"torchvision"`` (PIL ``Resize`` + ``CenterCrop``, then RGB, ``ToTensor``, ``Normalize``: OpenAI
+    CLIP, open_clip, ImageReward), ``"transformers"`` (RGB first, PIL resize, truncated crop offsets,
+    rescale in float64, normalise in float32: ``CLIPImageProcessor``'s PIL backend, PickScore) or
+    ``"tensor"`` (``ToTensor`` then this spec's float path: HPS v2's ``ResizeMaxSize``). ``None``
+    (default) derives it: ``longest_pad`` → ``"tensor"``, ``crop_rounding="floor"`` →
+    ``"transformers"``, else ``"torchvision"``.
     """
 
     resize: int = 224
@@ -178,8 +237,22 @@ class PreprocessSpec:
     crop_rounding: str = "torchvision"
     mode: str = "shortest_crop"
     clamp: bool = True
+    pil_pipeline: Optional[str] = None
+
+    @property
+    def pil_pipeline_name(self) -> str:
+        """The resolved :attr:`pil_pipeline` (see the class docstring)."""
+        if self.pil_pipeline is not None:
+            return self.pil_pipeline
+        if self.mode == "longest_pad":
+            return "tensor"
+        return "transformers" if self.crop_rounding == "floor" else "torchvision"
 
     def __post_init__(self) -> None:
+        if self.pil_pipeline is not None and self.pil_pipeline not in PIL_PIPELINES:
+            raise ValueError(f"pil_pipeline must be one of {PIL_PIPELINES} or None, got {self.pil_pipeline!r}")
+        if self.pil_pipeline in ("torchvision", "transformers") and self.mode != "shortest_crop":
+            raise ValueError(f"pil_pipeline {self.pil_pipeline!r} needs mode 'shortest_crop', got {self.mode!r}")
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if self.crop > self.resize:
@@ -207,6 +280,10 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec = CLIP_224, dtype: tor
     shortest_crop: x_in = Normalize(CenterCrop(Resize_bicubic(x))) — the CLIP transform of Radford et
     al. (arXiv 2103.00020); longest_pad: x_in = Normalize(Pad(Resize_bicubic(x))) — HPS v2's
     (arXiv 2306.09341). Differentiable w.r.t. ``images``.
+
+    Distance to the official transform of the same 8-bit pixels (float64, random images; module
+    docstring): CLIP_224 and HF_CLIP_224 ≤ 1.1/255 per pixel (mean 0.26/255); HPS_224 exact. For
+    PIL / uint8 input use :func:`pil_pixel_values`, which is exact for all three.
     """
     _check_images(images)
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
@@ -218,4 +295,126 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec = CLIP_224, dtype: tor
         x = resize_shorter_side(x, spec.resize, clamp=spec.clamp)
         x = center_crop(x, spec.crop, spec.crop_rounding)
     x = normalize(x, spec.mean, spec.std)
+    return x if dtype is None else x.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# PIL images and uint8 tensors: the official pipelines themselves
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_pil(obj: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency of torchvision and transformers
+        return False
+    return isinstance(obj, Image.Image)
+
+
+def is_pil_or_uint8(images: Any) -> bool:
+    """True for a PIL image, a non-empty list/tuple of PIL images, or a ``torch.uint8`` tensor —
+    the inputs :func:`pil_pixel_values` preprocesses with the official pipeline."""
+    if isinstance(images, torch.Tensor):
+        return images.dtype == torch.uint8
+    if _is_pil(images):
+        return True
+    return isinstance(images, (list, tuple)) and len(images) > 0 and all(_is_pil(im) for im in images)
+
+
+def as_pil_images(images: Any) -> List[Any]:
+    """PIL image(s) or a uint8 tensor [B, 3, H, W] (or [3, H, W]) → list of PIL images.
+
+    The tensor's values are the image's 8-bit levels (``Image.fromarray`` of the HWC array), so a
+    uint8 tensor and the PIL images it came from give the same pixels. PIL images are passed as
+    they are (any mode, any sizes: each is preprocessed on its own, as upstream)."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images: expected a uint8 tensor, got {images.dtype}")
+        x = images.unsqueeze(0) if images.ndim == 3 else images
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"uint8 images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        from PIL import Image
+
+        arr = x.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+        return [Image.fromarray(a, "RGB") for a in arr]
+    if _is_pil(images):
+        return [images]
+    out = list(images)
+    for i, im in enumerate(out):
+        if not _is_pil(im):
+            raise TypeError(f"images[{i}] is {type(im).__name__}, expected a PIL image")
+    return out
+
+
+def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    """torchvision's PIL pipeline (openai/CLIP clip/clip.py::_transform @ d05afc43, identical in
+    THUDM/ImageReward ImageReward/ImageReward.py::_transform @ c1392c6d and open_clip's
+    ``image_transform(..., is_train=False)``): ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter
+    side to n (long side truncated), ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
+    ``convert("RGB")`` (after the resize, as upstream), ``ToTensor`` (uint8 → float32, ÷ 255).
+    Returns float32 [3, n, n] before normalisation."""
+    from PIL import Image
+
+    w, h = im.size
+    nh, nw = shorter_side_size(h, w, spec.resize)
+    if (nh, nw) != (h, w):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    c = spec.crop
+    top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
+    if (top, left, c, c) != (0, 0, nh, nw):
+        im = im.crop((left, top, left + c, top + c))
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return (arr.astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+
+
+def _pil_transformers(im: Any, spec: PreprocessSpec) -> np.ndarray:
+    """transformers' CLIPImageProcessor on PIL (the "slow" processor of transformers 4.27.3, which
+    yuvalkirstain/PickScore @ f79607ff pins; ``CLIPImageProcessorPil`` in transformers 5):
+    ``convert("RGB")`` first, ``PIL.resize(BICUBIC)`` of the shorter side (long side truncated),
+    crop at ⌊(H − n)/2⌋, rescale ``uint8.astype(float64) · (1/255)`` → float32.
+    Returns float32 [3, n, n] before normalisation."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    nh, nw = shorter_side_size(h, w, spec.resize)
+    if (nh, nw) != (h, w):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8)
+    c = spec.crop
+    top, left = (nh - c) // 2, (nw - c) // 2
+    arr = arr[top : top + c, left : left + c]
+    return (arr.astype(np.float64) * (1.0 / 255.0)).astype(np.float32).transpose(2, 0, 1)
+
+
+def pil_pixel_values(images: Any, spec: PreprocessSpec = CLIP_224, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PIL image(s) or a uint8 tensor → the model input [B, 3, crop, crop] exactly as the official
+    pipeline named by ``spec.pil_pipeline_name`` computes it (float32; cast to ``dtype`` at the end).
+
+    * ``torchvision`` / ``transformers``: the uint8 resize and crop are done by PIL itself with the
+      reference code's operation order, sizes and offsets; then x = (v/255 − mean)/std in float32
+      (torchvision ``Normalize`` / transformers ``normalize`` both subtract then divide in float32).
+    * ``tensor`` (HPS v2): ``ToTensor`` of the RGB image, then :func:`preprocess` — the official
+      ``ResizeMaxSize`` runs on the float tensor too (tgxs002/HPSv2 @ 866735ec
+      hpsv2/src/open_clip/transform.py), so the float path is the official one. HPS keeps RGBA
+      images as 4 channels; here every image is converted to RGB.
+
+    Images of different sizes are allowed (each is resized on its own, as upstream). Not
+    differentiable (the input is 8-bit). The result lies on the CPU.
+    """
+    pil = as_pil_images(images)
+    if not pil:
+        raise ValueError("images: empty batch")
+    name = spec.pil_pipeline_name
+    if name == "tensor":
+        out = []
+        for im in pil:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            t = torch.from_numpy(arr.astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)[None]
+            out.append(preprocess(t.contiguous(), spec))
+        x = torch.cat(out)
+    else:
+        step = _pil_torchvision if name == "torchvision" else _pil_transformers
+        x = torch.from_numpy(np.stack([step(im, spec) for im in pil]))
+        x = normalize(x, spec.mean, spec.std)
     return x if dtype is None else x.to(dtype)

@@ -21,9 +21,21 @@ timm-style ViT: same qkv layout, pre-norm blocks, final norm = ``post_layernorm`
 
 Scoring, as the official ``ImageReward.score``/``score_gard`` do it:
 
-1. image: ``Resize(224, BICUBIC)`` of the shorter side, ``CenterCrop(224)``, ``Normalize`` with the
-   OpenAI CLIP mean/std (``ImageReward/ImageReward.py::_transform``) — done in torch here
-   (:mod:`scorers._preprocess`), so the score can be differentiated w.r.t. the image;
+1. image: ``Resize(224, BICUBIC)`` of the shorter side, ``CenterCrop(224)``, RGB, ``ToTensor``,
+   ``Normalize`` with the OpenAI CLIP mean/std (``ImageReward/ImageReward.py::_transform``, checked
+   against THUDM/ImageReward @ c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb). Upstream runs it on a PIL
+   image, so the resize is PIL's, on uint8. Here:
+
+   * PIL images or a ``torch.uint8`` tensor [B, 3, H, W]: that same pipeline, with PIL
+     (:func:`scorers._preprocess.pil_pixel_values`) — pixels equal the official transform's
+     (bit-identical in float32 in the tests), so scores match the package to model rounding;
+   * a float tensor in [0, 1] (what the training loop decodes): the resize runs in torch
+     (:func:`scorers._preprocess.preprocess`) so the score can be differentiated w.r.t. the image.
+     It is not PIL's uint8 resampling: on random 8-bit images (97×150 … 1024×768 → 224, float64)
+     the pixels differ from the official transform by ≤ 1.1/255 (mean 0.26/255; before the
+     per-pass clamp of :func:`scorers._preprocess.resize_shorter_side`: ≤ 3/255 on smooth images,
+     21/255 on white noise), and a tiny random ImageReward's score by ≤ 1.3e-3 (smooth) / 2.7e-3
+     (noise), 1–3 % of its score spread. Pass uint8/PIL to get the package's numbers;
 2. prompt: bert-base-uncased tokenizer with ``[DEC]`` added as bos token and ``[ENC]`` as an extra
    special token (``models/BLIP/blip.py::init_tokenizer``), ``padding="max_length"``,
    ``truncation=True``, ``max_length=35``. The sequence starts with the ordinary ``[CLS]``: the
@@ -50,8 +62,10 @@ from scorers._preprocess import (
     CheckpointError,
     PreprocessSpec,
     check_state_dict,
+    is_pil_or_uint8,
     load_checkpoint_file,
     load_state_dict_strict,
+    pil_pixel_values,
     preprocess,
 )
 from scorers._loading import strip_prefix, unwrap_state_dict
@@ -439,6 +453,10 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) ->
 class ImageRewardScorer(Scorer):
     """ImageReward v1.0 standardised reward of (image, prompt) pairs; higher is better.
 
+    ``images``: a float tensor [B, 3, H, W] in [0, 1] (torch preprocessing, differentiable), or PIL
+    images / a ``torch.uint8`` tensor [B, 3, H, W] (the official PIL preprocessing; PIL images may
+    differ in size). The two differ by the uint8 resampling of PIL (module docstring, step 1).
+
     Args:
         model: an :class:`ImageRewardModel` with weights loaded.
         tokenizer: a tokenizer prepared by :func:`prepare_tokenizer`.
@@ -462,12 +480,40 @@ class ImageRewardScorer(Scorer):
         self.model.head.float()  # upstream applies the MLP to float32 features
         self.model.requires_grad_(False)
         size = model.config.image_size
-        # ImageReward/ImageReward.py::_transform: Resize(224, BICUBIC), CenterCrop(224), OpenAI CLIP mean/std.
-        self.preprocess_spec = PreprocessSpec(resize=size, crop=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+        # ImageReward/ImageReward.py::_transform: Resize(224, BICUBIC) + CenterCrop(224) on the PIL image,
+        # RGB, ToTensor, Normalize with the OpenAI CLIP mean/std (torchvision's PIL pipeline).
+        self.preprocess_spec = PreprocessSpec(resize=size, crop=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                                              pil_pipeline="torchvision")
 
-    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, 3, H, W] in [0, 1] → the model's normalised [b, 3, S, S] input (differentiable)."""
+    def pixel_values(self, images) -> torch.Tensor:
+        """Images → the model's normalised [b, 3, S, S] input.
+
+        Float [b, 3, H, W] in [0, 1]: torch resize/crop/normalise (differentiable). PIL image(s) or a
+        uint8 tensor: the official PIL pipeline (ImageReward/ImageReward.py::_transform), float32."""
+        if is_pil_or_uint8(images):
+            return pil_pixel_values(images, self.preprocess_spec)
         return preprocess(images, self.preprocess_spec)
+
+    def __call__(self, images, prompts: Sequence[str], **metadata) -> torch.Tensor:
+        """Scores [B] (float32). Float tensors go through :class:`~scorers.base.Scorer` (torch
+        preprocessing); PIL images and uint8 tensors are preprocessed as the official package does,
+        chunk by chunk, then scored the same way (metadata is not used by this scorer)."""
+        if not is_pil_or_uint8(images):
+            return super().__call__(images, prompts, **metadata)
+        if isinstance(images, torch.Tensor) and images.ndim != 4:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        items = images if isinstance(images, torch.Tensor) else (list(images) if isinstance(images, (list, tuple)) else [images])
+        prompts = list(prompts)
+        if len(prompts) != len(items):
+            raise ValueError(f"{self.name}: got {len(items)} images but {len(prompts)} prompts")
+        outs = [torch.zeros(0)]
+        with torch.no_grad():  # 8-bit input: nothing to differentiate
+            for start in range(0, len(items), self.batch_size):
+                stop = start + self.batch_size
+                px = pil_pixel_values(items[start:stop], self.preprocess_spec)
+                outs.append(self.score_pixels(px, prompts[start:stop]).reshape(-1).float().cpu())
+        scores = torch.cat(outs)
+        return scores.to(self.device) if self.differentiable else scores  # as Scorer.__call__
 
     def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Standardised rewards [b] (float32) from already preprocessed pixels."""
