@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -419,6 +420,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear LR warm-up (optimizer steps)
     num_iterations: int = 1  # K inner epochs over each rollout (1: exactly on-policy)
     num_minibatches: int = 1  # optimizer steps per inner epoch (the rollout split into this many minibatches)
+    sweep_split: Literal["branch", "prompt"] = "branch"  # singular sweep: minibatches of whole branch steps (G2RPO) or of whole prompts (TempFlow-GRPO)
     lora: bool = True  # train a LoRA adapter (false: full fine-tuning)
     lora_rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
     lora_alpha: Optional[float] = None  # null: the family default (2 x rank)
@@ -430,6 +432,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
     gradient_checkpointing: bool = False  # trade compute for memory in the update
     step_weighting: Literal["none", "noise_aware"] = "none"  # flow: per-step loss weights (TempFlow-GRPO noise-aware: the step's std s_t)
+    step_weight_scale: Optional[float] = None  # noise_aware: absolute weights scale * s_t (TempFlow-GRPO code 2.25); null: s_t / mean s over the minibatch's trained steps
     per_prompt_stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps
     stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
     stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
@@ -444,6 +447,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
+        if self.sweep_split not in ("branch", "prompt"):
+            raise ValueError(f"sweep_split: must be 'branch' or 'prompt', got {self.sweep_split!r}")
         for name in ("num_iterations", "num_minibatches", "ema_every", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -455,6 +460,11 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.step_weight_scale is not None:
+            if self.step_weighting != "noise_aware":
+                raise ValueError("step_weight_scale: only used with step_weighting: noise_aware (set it, or leave the scale null)")
+            if not (math.isfinite(self.step_weight_scale) and self.step_weight_scale > 0):
+                raise ValueError(f"step_weight_scale: must be a finite number > 0 or null, got {self.step_weight_scale}")
 
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
@@ -499,6 +509,9 @@ class RunConfig:
         unknown = sorted(set(self.reward_options) - set(self.rewards))
         if unknown:
             raise ValueError(f"reward_options: options for rewards not in 'rewards': {unknown}")
+        if self.plan.is_sweep and not self.sample.same_noise:
+            raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular_choice: all): "
+                             "every branch step starts from the prompt's one ODE trunk")
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
             for b in self.plan.branch_factors:

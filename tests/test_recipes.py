@@ -228,12 +228,16 @@ PUBLISHED = {
     },
     "g2rpo_flux.yaml": {
         "plan.kind": "singular", "plan.singular_steps": list(range(8)), "plan.granularities": [1, 2],
+        "plan.singular_choice": "all", "train.num_minibatches": 8, "train.sweep_split": "branch", "max_steps": 301,
         "plan.noise_level": 0.7, "sample.num_steps": 16, "sample.group_size": 12, "sample.same_noise": True,
         "train.learning_rate": 2e-6, "train.lora": False, "rewards": {"hpsv21": 1.0}, "model.shift": 3.0,
     },
-    "tempflow_grpo_sd35m.yaml": {
-        "plan.kind": "tree", "plan.branch_steps": [0, 2, 4], "sample.num_steps": 10, "sample.same_noise": True,
-        "model.path": "stabilityai/stable-diffusion-3.5-medium",
+    "tempflow_grpo_sd35m.yaml": {  # Shredded-Pork/TempFlow-GRPO e66824e, config/dgx.py pickscore_sd3_pr
+        "plan.kind": "singular", "plan.singular_choice": "all", "plan.singular_steps": list(range(9)),
+        "plan.noise_level": 0.7, "sample.num_steps": 10, "sample.same_noise": True, "sample.group_size": 6,
+        "train.step_weighting": "noise_aware", "train.step_weight_scale": 2.25, "train.sweep_split": "prompt",
+        "loss.beta": 0.001, "loss.kl_drop_dt": False, "loss.eps_low": 1e-4, "advantage.scale": "group",
+        "advantage.std_unbiased": False, "model.path": "stabilityai/stable-diffusion-3.5-medium",
     },
     "dynamic_treerpo_flux.yaml": {
         "plan.kind": "tree", "plan.branch_steps": None, "plan.branch_noise": [0.9, 0.7, 0.5],
@@ -288,9 +292,9 @@ PLANS = {
     ("mixgrpo_flux.yaml", 0): ([0, 1, 2, 3], [0, 1, 2, 3], 0, [0.7] * 4, [1] * 4, (1,)),
     ("mixgrpo_flux.yaml", 24): ([0, 1, 2, 3], [0, 1, 2, 3], 0, [0.7] * 4, [1] * 4, (1,)),
     ("mixgrpo_flux.yaml", 25): ([1, 2, 3, 4], [1, 2, 3, 4], 0, [0.7] * 4, [1] * 4, (1,)),
-    ("g2rpo_flux.yaml", 3): ([3], [3], 0, [0.7], [1], (1, 2)),
-    ("g2rpo_flux.yaml", 8): ([0], [0], 0, [0.7], [1], (1, 2)),
-    ("tempflow_grpo_sd35m.yaml", 0): ([0, 2, 4], [0, 2, 4], 0, [0.7] * 3, [4, 3, 2], (1,)),
+    # sweeps: every eligible step is a branch point of every iteration (the sampler gives each its own rows)
+    ("g2rpo_flux.yaml", 3): (list(range(8)), list(range(8)), 0, [0.7] * 8, [1] * 8, (1, 2)),
+    ("tempflow_grpo_sd35m.yaml", 0): (list(range(9)), list(range(9)), 0, [0.7] * 9, [1] * 9, (1,)),
     ("dynamic_treerpo_flux.yaml", 0): ([0, 1, 2], [0, 1, 2], 0, [0.9, 0.7, 0.5], [3, 2, 2], (1,)),
     ("dynamic_treerpo_flux.yaml", 25): ([1, 2, 3], [1, 2, 3], 0, [0.9, 0.7, 0.5], [3, 2, 2], (1,)),
 }

@@ -53,7 +53,9 @@ GRPO-Guard (arXiv 2510.22319) ratio normalisation needs, per step, the std s, |d
 every dynamics kind (our CPS log-prob is the true Gaussian one, so ``logp_scale = 1``; with
 ``reduction="sum"`` the log-prob is D times the mean-reduced one and ``logp_scale = D``).
 TempFlow-GRPO-style noise-aware step weights (arXiv 2508.04324) come from
-:func:`flowrl.core.losses.noise_aware_weights` on the transition stds.
+:func:`flowrl.core.losses.noise_aware_weights` on the transition stds (``s / mean s``), or, with
+``step_weight_scale`` c, are the absolute ``c · s`` of :func:`scaled_noise_weights` (TempFlow-GRPO's
+code: c = 2.25, about 1 / mean s over SD3's 10-step schedule, no per-minibatch normalisation).
 
 Exactly on-policy
 -----------------
@@ -62,7 +64,8 @@ Rows that share their state at step t (a tree's siblings before they branch, a g
 arXiv 2510.01982): consecutive rows with the same prompt, sigma and latent share one velocity row.
 With the whole rollout as one minibatch and the sampler's ``chunk_size``, the learner therefore
 runs the transformer on exactly the sampler's batches and the first pass has every ratio exactly
-1. Other splits evaluate the same rows in different batches; a model that is not batch-invariant
+1 (for a singular sweep, whose branch step k was sampled from the P trunk rows of its own call: a
+minibatch holding one branch step, ``train.num_minibatches = K``). Other splits evaluate the same rows in different batches; a model that is not batch-invariant
 (e.g. CPU GEMM blocking; the reason Flow-GRPO requires train batch = sample batch for SD3) then
 gives ratios 1 up to float rounding (about 1e-7). ``minibatch_gradient(..., on_policy=True)``, for
 minibatches taken before any optimizer step on the rollout, uses the recomputed (detached) log-probs
@@ -94,6 +97,7 @@ __all__ = [
     "has_adapters",
     "kl_enabled",
     "reference_transformer",
+    "scaled_noise_weights",
     "seq_mean_row_counts",
     "shared_state_runs",
 ]
@@ -178,6 +182,27 @@ def seq_mean_row_counts(trained: Tensor) -> Tensor:
     return trained.to(torch.bool).sum(-1).clamp(min=1).to(torch.int64)
 
 
+def scaled_noise_weights(stds: Tensor, trained: Tensor, scale: float) -> Tensor:
+    """Absolute noise-aware step weights ``w_nt = c · s_nt`` on trained transitions, 0 elsewhere.
+
+    TempFlow-GRPO (arXiv 2508.04324; Shredded-Pork/TempFlow-GRPO ``scripts/train_sd3_pr.py``)
+    multiplies each trained transition's clipped surrogate by ``2.25 · s_j``, s_j the transition std
+    (Flow-SDE: ``a sqrt(sigma / (1 - sigma)) sqrt(sigma - sigma_next)``) and 2.25 about
+    ``1 / mean_j s_j`` over the 9 trainable steps of SD3's 10-step shift-3 schedule at a = 0.7
+    (2.2522). Unlike :func:`flowrl.core.losses.noise_aware_weights` nothing is normalised, so a
+    minibatch's weights do not depend on what else it holds. Returns float32 ``[N, T]``.
+    """
+    if not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"scale: must be a finite number > 0, got {scale!r}")
+    s = torch.as_tensor(stds).to(torch.float32)
+    m = torch.as_tensor(trained).to(torch.bool).to(s.device)
+    if s.shape != m.shape:
+        raise ValueError(f"stds: shape {tuple(s.shape)} differs from trained {tuple(m.shape)}")
+    if bool((s[m] < 0).any()):
+        raise ValueError("stds: must be >= 0")
+    return torch.where(m, s * float(scale), torch.zeros_like(s))
+
+
 def shared_state_runs(x: Tensor, *keys: Tensor) -> Tuple[Tensor, Tensor]:
     """Runs of consecutive rows with identical state: ``(keep, inverse)``.
 
@@ -239,6 +264,9 @@ class FlowLearner:
             (:func:`reference_transformer`); leave None for LoRA (adapter disabled = reference).
         step_weighting: ``"none"`` or ``"noise_aware"`` (TempFlow-GRPO-style weights
             ``s_t / mean s`` on the policy term, :func:`flowrl.core.losses.noise_aware_weights`).
+        step_weight_scale: with ``"noise_aware"``, use the absolute weights ``scale · s_t``
+            (:func:`scaled_noise_weights`; TempFlow-GRPO's code: 2.25) instead of ``s_t / mean s``.
+            None (default): the normalised weights.
         dedup: evaluate consecutive rows with the same state once (see :func:`shared_state_runs`).
     """
 
@@ -251,6 +279,7 @@ class FlowLearner:
         chunk_size: Optional[int] = None,
         ref_transformer: Optional[torch.nn.Module] = None,
         step_weighting: str = "none",
+        step_weight_scale: Optional[float] = None,
         dedup: bool = True,
     ) -> None:
         if not callable(getattr(policy, "velocity", None)):
@@ -263,11 +292,18 @@ class FlowLearner:
             raise ValueError(f"chunk_size: must be an int >= 1 or None, got {chunk_size!r}")
         if step_weighting not in STEP_WEIGHTINGS:
             raise ValueError(f"step_weighting: must be one of {STEP_WEIGHTINGS}, got {step_weighting!r}")
+        if step_weight_scale is not None:
+            if step_weighting != "noise_aware":
+                raise ValueError("step_weight_scale: only used with step_weighting='noise_aware'")
+            if isinstance(step_weight_scale, bool) or not (math.isfinite(float(step_weight_scale))
+                                                           and float(step_weight_scale) > 0):
+                raise ValueError(f"step_weight_scale: must be a finite number > 0 or None, got {step_weight_scale!r}")
         self.policy = policy
         self.loss = loss.validate()
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.chunk_size = chunk_size
         self.step_weighting = step_weighting
+        self.step_weight_scale = None if step_weight_scale is None else float(step_weight_scale)
         self.dedup = bool(dedup)
         self.ref_transformer = ref_transformer
         if ref_transformer is not None:
@@ -295,14 +331,18 @@ class FlowLearner:
         return b > 0
 
     def noise_aware_step_weights(self, rollout: Rollout) -> Tensor:
-        """``[N, T]`` weights ``s_nt / mean(s over trained entries)`` (0 where not trained).
+        """``[N, T]`` weights ``s_nt / mean(s over trained entries)`` (0 where not trained), or
+        ``step_weight_scale · s_nt`` when that is set (:func:`scaled_noise_weights`).
 
         TempFlow-GRPO (arXiv 2508.04324) weights steps by their "exploration potential"; we use the
         transition std s = sigma_t sqrt|dt| (:func:`flowrl.core.losses.noise_aware_weights`),
         normalised to mean 1 over the trained transitions of ``rollout``. Compute it once on the
         whole rollout and pass it to every minibatch (``step_weights=``) to make the weights
         independent of the minibatch split; by default each minibatch normalises over its own rows.
+        The scaled weights need no normalisation and are the same whatever the split.
         """
+        if self.step_weight_scale is not None:
+            return scaled_noise_weights(rollout.stds, rollout.trained, self.step_weight_scale)
         m = rollout.trained.to(torch.bool)
         out = torch.zeros(m.shape, dtype=torch.float32, device=rollout.stds.device)
         if bool(m.any()):

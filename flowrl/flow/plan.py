@@ -15,7 +15,10 @@ Every GRPO-family method for flow models is one choice of steps over the same sa
 ``random_window``   Flow-GRPO-Fast: a window of ``window`` SDE steps drawn each iteration inside
                     ``window_range`` (default ``[0, num_steps // 2)``), ODE elsewhere
 ``singular``        G²RPO (arXiv 2510.01982): one SDE step, ODE elsewhere; with
-                    ``granularities`` the ODE continuation is run at several step strides
+                    ``granularities`` the ODE continuation is run at several step strides;
+                    ``singular_choice="all"`` is a *sweep*: every eligible step branches in the
+                    same iteration from one ODE trunk per prompt (G²RPO's ``eta_step_list`` loop,
+                    TempFlow-GRPO's per-step branches), one advantage group per (prompt, step)
 ``tree``            TempFlow-GRPO (arXiv 2508.04324, fixed ``branch_steps``) and Dynamic-TreeRPO
                     (arXiv 2509.23352, a sliding window of branching depths with a noise level per
                     depth): trajectories branch into ``branch_factors[d]`` children at depth d
@@ -38,7 +41,7 @@ one process.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Literal, Optional
 
 import torch
@@ -46,6 +49,7 @@ import torch
 __all__ = [
     "PLAN_KINDS",
     "SDE_KINDS",
+    "SINGULAR_CHOICES",
     "ODE_SOLVERS",
     "WINDOW_SCHEDULES",
     "PlanConfig",
@@ -67,6 +71,8 @@ PlanKind = Literal["full", "random_subset", "window", "random_window", "singular
 SdeKind = Literal["flow_sde", "dance_sde", "cps"]
 OdeSolver = Literal["euler", "heun", "dpm2m"]
 WindowSchedule = Literal["progressive", "decay", "exp_decay", "random"]
+SingularChoice = Literal["random", "cycle", "all"]
+SINGULAR_CHOICES = ("random", "cycle", "all")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +111,7 @@ class PlanConfig:
     compress_ratio: Optional[float] = None  # ODE tail after the last SDE step re-discretised to ratio*n steps (Flash 0.4)
     compress_shift: float = 3.0  # time shift spacing the compressed tail (MixGRPO-Flash uses its schedule's 3.0; 1 = uniform sigma)
     singular_steps: Optional[List[int]] = None  # singular: eligible steps (null: [0, num_steps // 2))
-    singular_choice: Literal["random", "cycle"] = "random"  # singular: draw the step, or cycle by iteration
+    singular_choice: SingularChoice = "random"  # singular: draw the step, cycle by iteration, or all (a sweep: every eligible step each iteration)
     granularities: List[int] = field(default_factory=lambda: [1])  # ODE continuation strides after the last SDE step (G²RPO [1, 2])
     branch_factors: List[int] = field(default_factory=lambda: [2, 2])  # tree: children per node at each depth
     branch_steps: Optional[List[int]] = None  # tree: branching steps (TempFlow); null: sliding window (Dynamic-TreeRPO)
@@ -135,8 +141,8 @@ class PlanConfig:
             raise ValueError(f"head_solver: unknown solver {self.head_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
         if self.schedule not in WINDOW_SCHEDULES:
             raise ValueError(f"schedule: unknown window schedule {self.schedule!r}; choose one of {', '.join(WINDOW_SCHEDULES)}")
-        if self.singular_choice not in ("random", "cycle"):
-            raise ValueError(f"singular_choice: must be 'random' or 'cycle', got {self.singular_choice!r}")
+        if self.singular_choice not in SINGULAR_CHOICES:
+            raise ValueError(f"singular_choice: must be 'random', 'cycle' or 'all', got {self.singular_choice!r}")
         _check_noise("noise_level", self.noise_level, self.sde)
         if not (0.0 < self.fraction <= 1.0):
             raise ValueError(f"fraction: must be in (0, 1], got {self.fraction}")
@@ -263,6 +269,16 @@ class PlanConfig:
             return int(self.window_range[0]), int(self.window_range[1])
         return 0, num_steps // 2
 
+    @property
+    def is_sweep(self) -> bool:
+        """A singular sweep: every eligible step branches in each iteration (``singular_choice="all"``)."""
+        return self.kind == "singular" and self.singular_choice == "all"
+
+    def groups_per_prompt(self, num_steps: int) -> int:
+        """Advantage groups per prompt in one rollout: K = the number of eligible steps for a sweep
+        (one group per (prompt, branch step)), else 1."""
+        return len(self.singular_eligible(num_steps)) if self.is_sweep else 1
+
     def singular_eligible(self, num_steps: int) -> list[int]:
         """Steps the singular SDE step is chosen from: ``singular_steps`` or ``[0, max(1, num_steps // 2))``
         (G²RPO perturbs steps 0..7 of 16)."""
@@ -296,6 +312,11 @@ class Plan:
     ODE tail (MixGRPO-Flash; spaced with time shift ``compress_shift``, see
     :func:`flowrl.flow.steps.compressed_sigmas`); ``ode_solver``: the solver of deterministic steps,
     ``head_solver`` the one of those before the first SDE step (None: ``ode_solver``).
+
+    ``sweep`` (singular sweeps, ``singular_choice="all"``): ``sde``/``trained`` mark every branch
+    step k, but no trajectory takes more than one of them: the sampler runs, per k, the singular
+    plan :meth:`singular_at` ``(k)`` from the prompt's shared ODE trunk (see
+    :mod:`flowrl.flow.sampler`).
     """
 
     kind: str
@@ -314,10 +335,22 @@ class Plan:
     subset_size: int = 0
     tree_dedup: bool = True
     iteration: int = 0
+    sweep: bool = False
 
     @property
     def is_tree(self) -> bool:
         return self.kind == "tree"
+
+    def singular_at(self, step: int) -> "Plan":
+        """The singular plan of one branch of a sweep: SDE + trained at ``step`` only (one of
+        ``sde_steps``), ODE elsewhere, every other choice (dynamics, solvers, granularities) kept."""
+        if not bool(self.sde[step]):
+            raise ValueError(f"step: {step} is not a stochastic step of this plan (sde steps {self.sde_steps})")
+        only = torch.zeros_like(self.sde)
+        only[step] = True
+        noise = torch.zeros_like(self.noise_level)
+        noise[step] = self.noise_level[step]
+        return replace(self, kind="singular", sde=only, trained=only & self.trained, noise_level=noise, sweep=False)
 
     @property
     def sde_steps(self) -> list[int]:
@@ -370,6 +403,8 @@ class Plan:
     def describe(self) -> str:
         """One line for logs, e.g. ``window sde=[3,4,5] trained=[3,4,5] flow_sde a=0.7``."""
         parts = [self.kind, f"steps={self.num_steps}", f"sde={self.sde_steps}", f"trained={self.trained_steps}"]
+        if self.sweep:
+            parts.append("sweep (one branch per step)")
         if self.subset_size:
             parts.append(f"per-sample subset of {self.subset_size}")
         if self.is_tree:
@@ -559,7 +594,8 @@ def build_plan(
     * ``random_window``: t uniform in ``[lo, hi − window]`` of ``window_range`` (Flow-GRPO-Fast:
       ``[0, S // 2)``); SDE + trained on ``[t, t + window)``.
     * ``singular``: one SDE + trained step, drawn from the eligible steps (``random``) or
-      ``eligible[iteration % len]`` (``cycle``).
+      ``eligible[iteration % len]`` (``cycle``); ``all``: every eligible step marked, with
+      ``sweep=True`` (each trajectory still takes one of them: see :meth:`Plan.singular_at`).
     * ``tree``: SDE + trained + branching at ``branch_steps`` (fixed) or at a window of
       ``len(branch_factors)`` consecutive steps that slides like ``window`` (last start L − depth);
       noise level ``branch_noise[d]`` at depth d.
@@ -603,12 +639,14 @@ def build_plan(
         trained |= sde
     elif cfg.kind == "singular":
         eligible = cfg.singular_eligible(S)
-        if cfg.singular_choice == "cycle":
-            k = eligible[iteration % len(eligible)]
+        if cfg.singular_choice == "all":
+            ks = eligible
+        elif cfg.singular_choice == "cycle":
+            ks = [eligible[iteration % len(eligible)]]
         else:
-            k = eligible[_randint(0, len(eligible) - 1, generator)]
-        sde[k] = True
-        trained[k] = True
+            ks = [eligible[_randint(0, len(eligible) - 1, generator)]]
+        sde[ks] = True
+        trained[ks] = True
     elif cfg.kind == "tree":
         depth = len(cfg.branch_factors)
         if cfg.branch_steps is not None:
@@ -644,6 +682,7 @@ def build_plan(
         subset_size=subset_size,
         tree_dedup=cfg.tree_dedup,
         iteration=iteration,
+        sweep=cfg.is_sweep,
     )
 
 

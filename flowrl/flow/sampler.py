@@ -42,6 +42,20 @@ Every state in the span is rounded through ``store_dtype`` *before* it is used, 
 recomputing a transition from the stored tensors scores exactly what was stored (on-policy ratio
 exactly 1 when the recomputed velocity is bitwise the same).
 
+Sweeps (``plan.sweep``: a singular plan with ``singular_choice="all"``; G²RPO's ``eta_step_list``
+loop, TempFlow-GRPO's per-step branches). Every eligible step k branches in the same rollout from
+one deterministic trunk per prompt: the prompt's one initial noise (``same_noise`` is required) is
+integrated by the ODE to x_k, ``G`` rows take ONE stochastic step at k (their own noise, independent
+across k), then continue deterministically to the end (every granularity). It is run as K singular
+samplings (:meth:`~flowrl.flow.plan.Plan.singular_at`) that share the prompt embeddings and the
+initial noise; the SDE noise of branch k comes from a generator seeded by a draw from the caller's
+generator (per prompt for a list), so it differs between k's and a prompt's rows still depend on
+its own generator only. Rows are prompt-major, then branch step (in step order), then member:
+row ``(p, j, g)`` is ``p·K·G + j·G + g``; ``group_id = p·K + j`` (one advantage group per prompt and
+branch step), ``groups_per_prompt = K``, ``branch_step`` the row's k. Every row stores ONE
+transition (T = 1, its own ``sigmas``/``sigma_next``), and ``step_index`` is ``[-1]`` (the step
+differs between rows; read ``branch_step``).
+
 The ODE tail after the last SDE step is run once per continuation granularity (G²RPO) or on the
 compressed sigmas (MixGRPO-Flash), with the plan's ODE solver; deterministic steps before the first
 SDE step use ``plan.head_solver`` (default: the same solver). A multistep solver's history (the last
@@ -96,6 +110,10 @@ class Rollout:
     ``sde_step(x.float(), v, sigma, sigma_next, noise_level, prev_sample=x'.float(), kind=sde_kind,
     reduction=reduction)``.
 
+    Sweeps (``branch_step`` is not None): ``N = P·K·G`` rows, each with the one transition
+    (T = 1) taken at its ``branch_step``; ``group_id = prompt_index·K + j`` for the j-th branch step
+    and ``groups_per_prompt = K`` (see the module doc).
+
     Trees (``node_parent`` is not None): nodes are the distinct states created at stochastic steps
     plus one root per tree (parent −1, step −1). ``node_step[m]`` is the step whose transition
     created node m, ``node_prompt[m]`` its prompt; ``leaf_path[n, d]`` is the node of leaf n at depth
@@ -114,10 +132,10 @@ class Rollout:
     noise_levels: Tensor  # [N, T] float32
     stochastic: Tensor  # [N, T] bool
     trained: Tensor  # [N, T] bool
-    step_index: Tensor  # [T] int64: the global step of each stored transition
+    step_index: Tensor  # [T] int64: the global step of each stored transition ([-1] for a sweep: see branch_step)
     final_latents: Tensor  # [N, n_granularities, *latent_shape] in store_dtype
     prompt_index: Tensor  # [N] int64: row of ``prompts`` / ``embeds``
-    group_id: Tensor  # [N] int64: advantage group (= prompt_index within one call)
+    group_id: Tensor  # [N] int64: advantage group, prompt_index * groups_per_prompt + branch (= prompt_index but for sweeps)
     embeds: dict[str, Tensor]  # PromptEmbeds.tensors() of the P prompts (one row per prompt)
     prompts: list[str]  # the P prompts (per prompt, not per sample)
     images: Optional[Tensor]  # [N, 3, H, W] float32 in [0, 1] (first granularity), None if decode=False
@@ -128,6 +146,8 @@ class Rollout:
     node_prompt: Optional[Tensor] = None  # [M] int64
     leaf_path: Optional[Tensor] = None  # [N, depth] int64
     step_node: Optional[Tensor] = None  # [N, T] int64
+    branch_step: Optional[Tensor] = None  # [N] int64, sweeps only: the step k at which the row branched off the trunk
+    groups_per_prompt: int = 1  # advantage groups per prompt (K branch steps for a sweep)
     nfe: int = 0
     velocity_calls: int = 0
     sde_kind: str = "flow_sde"
@@ -142,7 +162,7 @@ class Rollout:
     _ROW_FIELDS = (
         "latents", "means", "log_probs", "stds", "sigmas", "sigma_next", "noise_levels", "stochastic",
         "trained", "final_latents", "prompt_index", "group_id", "images", "images_per_granularity",
-        "leaf_path", "step_node",
+        "leaf_path", "step_node", "branch_step",
     )
 
     @property
@@ -355,6 +375,13 @@ def sample(
         raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size}")
     if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
         raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), got {len(generator)}")
+    if plan.sweep and not same_noise:
+        raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from ONE "
+                         "ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
+    if plan.sweep:
+        with torch.no_grad():
+            return _sample_sweep(policy, list(prompts), plan, group_size, height, width, float(guidance_scale),
+                                 generator, negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
     with torch.no_grad():
         return _sample(policy, list(prompts), plan, group_size, height, width, float(guidance_scale), generator,
                        same_noise, negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
@@ -368,15 +395,86 @@ def _per_prompt_noise(x: Tensor, generators: Sequence[torch.Generator], num_prom
     return torch.cat(parts).to(x.device)
 
 
+def _initial_noise(policy, per_prompt: int, num_prompts: int, height: int, width: int, generator) -> Tensor:
+    """The ``per_prompt`` initial-noise rows of every prompt (prompt-major), float32: from
+    ``generator[p]`` for prompt p when ``generator`` is a list, else in one draw."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([policy.initial_noise(per_prompt, height, width, g).to(torch.float32) for g in generator])
+    return policy.initial_noise(num_prompts * per_prompt, height, width, generator).to(torch.float32)
+
+
+def _child_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator on ``generator``'s device seeded by one 63-bit draw from it."""
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device).item())
+    return torch.Generator(device=generator.device).manual_seed(seed)
+
+
+def _sample_sweep(policy, prompts, plan: Plan, G, height, width, guidance_scale, generator, negative_prompt,
+                  store_dtype, decode, store_means, chunk_size, progress) -> Rollout:
+    """A sweep (see the module doc): one singular sampling per branch step k, all from the same
+    initial noise (one row per prompt) and prompt embeddings, concatenated prompt-major.
+
+    Cost against an ideal shared trunk: branch k recomputes the trunk up to x_k and its velocity
+    there, (k + 1)·P velocity rows, so the sweep spends P·sum_k (k + 1) trunk rows where one shared
+    trunk would spend P·(k_max + 1). The branches cost G·P·sum_k sum_g (tail steps after k at
+    granularity g) rows whatever the layout: for G²RPO (16 steps, k = 0..7, G = 12, granularities
+    [1, 2]) 36·P trunk rows instead of 8·P, beside 1680·P branch rows (+1.7 %).
+    """
+    P = len(prompts)
+    steps = plan.sde_steps
+    K = len(steps)
+    embeds = policy.encode_prompts(prompts, negative_prompt=negative_prompt)
+    init = _initial_noise(policy, 1, P, height, width, generator)
+    # the SDE noise of branch j: a generator per branch (per prompt and branch for a list)
+    if isinstance(generator, (list, tuple)):
+        per_prompt = [[_child_generator(g) for _ in range(K)] for g in generator]
+        branch_gens: list[Any] = [[per_prompt[p][j] for p in range(P)] for j in range(K)]
+    else:
+        branch_gens = [_child_generator(generator) for _ in range(K)]
+    parts = [_sample(policy, prompts, plan.singular_at(k), G, height, width, guidance_scale, branch_gens[j], True,
+                     negative_prompt, store_dtype, decode, store_means, chunk_size, progress,
+                     embeds=embeds, init_noise=init)
+             for j, k in enumerate(steps)]
+    # rows of part j are prompt-major (p·G + g): reorder to p·K·G + j·G + g
+    cat = {}
+    for name in Rollout._ROW_FIELDS:
+        values = [getattr(r, name) for r in parts]
+        if all(v is not None for v in values):
+            cat[name] = torch.cat(values, dim=0)
+    device = parts[0].prompt_index.device
+    j_idx = torch.arange(K, device=device)
+    order = (j_idx.view(1, K, 1) * (P * G) + torch.arange(P, device=device).view(P, 1, 1) * G
+             + torch.arange(G, device=device).view(1, 1, G)).reshape(-1)
+    rows = {name: v[order.to(v.device)] for name, v in cat.items()}
+    prompt_index = rows["prompt_index"]
+    branch = j_idx.repeat_interleave(G).repeat(P)  # j of each row
+    rows["group_id"] = prompt_index * K + branch
+    rows["branch_step"] = torch.tensor(steps, dtype=torch.long, device=device)[branch]
+    return replace(
+        parts[0],
+        **rows,
+        step_index=torch.full((1,), -1, dtype=torch.long, device=device),
+        groups_per_prompt=K,
+        nfe=sum(r.nfe for r in parts),
+        velocity_calls=sum(r.velocity_calls for r in parts),
+        plan_kind=plan.kind,
+    )
+
+
 def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, generator, same_noise,
-            negative_prompt, store_dtype, decode, store_means, chunk_size, progress) -> Rollout:
+            negative_prompt, store_dtype, decode, store_means, chunk_size, progress, *,
+            embeds: Any = None, init_noise: Optional[Tensor] = None) -> Rollout:
+    """One rollout (see :func:`sample`). ``embeds``: the prompts' embeddings if already encoded;
+    ``init_noise``: the initial rows (``P × rows per prompt``, prompt-major) instead of a draw
+    from ``generator``, which then drives the other draws only."""
     P = len(prompts)
     N = P * G
     S = plan.num_steps
     sigmas = policy.sigmas(S, height, width).detach().to("cpu", torch.float32)
     if sigmas.shape != (S + 1,):
         raise ValueError(f"plan: has {S} steps but policy.sigmas returned shape {tuple(sigmas.shape)}")
-    embeds = policy.encode_prompts(prompts, negative_prompt=negative_prompt)
+    if embeds is None:
+        embeds = policy.encode_prompts(prompts, negative_prompt=negative_prompt)
 
     sde_steps = plan.sde_steps
     first = sde_steps[0] if sde_steps else None
@@ -403,10 +501,12 @@ def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, gener
 
     rows = P * init_per_prompt
     per_prompt = isinstance(generator, (list, tuple))
-    if per_prompt:
-        x = torch.cat([policy.initial_noise(init_per_prompt, height, width, g).to(torch.float32) for g in generator])
+    if init_noise is not None:
+        if init_noise.shape[0] != rows:
+            raise ValueError(f"init_noise: needs {rows} rows ({init_per_prompt} per prompt), got {init_noise.shape[0]}")
+        x = init_noise.to(torch.float32)
     else:
-        x = policy.initial_noise(rows, height, width, generator).to(torch.float32)
+        x = _initial_noise(policy, init_per_prompt, P, height, width, generator)
     device = x.device
     row_prompt = torch.arange(P, device=device).repeat_interleave(init_per_prompt)
     vel = _Velocity(policy, embeds, guidance_scale, chunk_size)

@@ -5,7 +5,13 @@ Processes (accelerate). ``sample.prompts_per_step`` prompts make one step's glob
 choice of prompts, the plan, and every sample's noise derive from (seed, step, prompt) only, so a
 prompt's group is the same whichever process samples it. Minibatch m of an inner epoch is the
 contiguous block m of the step's prompts, split evenly over processes
-(:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes before advantages
+(:func:`flowrl.train.data.local_layout`). Singular sweeps (``plan.singular_choice: all``) give each
+prompt K advantage groups, one per branch step (:mod:`flowrl.flow.sampler`); the loop reads each
+row's prompt and group from the batch (``prompt_index``, ``group_id``, ``groups_per_prompt``), and
+:func:`minibatch_split` splits the branch steps first: ``num_minibatches`` dividing K gives blocks
+of whole branch steps over all prompts, taken in step order (G²RPO: one optimizer step per k, in k
+order, against the pre-update old log-probs); a multiple of K splits each step's prompts further.
+Rewards are gathered from all processes before advantages
 are computed (a group's statistics see the whole group; batch statistics the whole batch), and the
 loss normaliser is the count over the whole optimizer batch (all processes), so neither the
 advantages nor the updated weights depend on the number of processes.
@@ -77,7 +83,10 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.main = accelerator.is_main_process
-        local_layout(cfg.sample.prompts_per_step, tc.num_minibatches, self.world, self.rank)  # validate early
+        # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
+        self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
+        self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, tc.sweep_split)
+        local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.world, self.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
 
@@ -306,7 +315,7 @@ class Trainer:
         t_start = time.time()
         P = cfg.sample.prompts_per_step
         chosen = choose_prompts(len(self.train_records), P, cfg.seed, self.step)  # global, same on all ranks
-        layout = local_layout(P, tc.num_minibatches, self.world, self.rank)
+        layout = local_layout(P, self.mb_prompts, self.world, self.rank)
         positions = [pos for mb in layout for pos in mb]
         records = [self.train_records[chosen[pos]] for pos in positions]
         keys = [chosen[pos] * 1_000_003 + pos for pos in positions]  # prompt identity at this step
@@ -317,8 +326,11 @@ class Trainer:
         self._reward_names = names
         t_score = time.time()
         G = cfg.sample.group_size
-        row_group = torch.tensor(positions).repeat_interleave(G)  # global group id = position in the step
-        row_key = torch.tensor([chosen[pos] for pos in positions]).repeat_interleave(G)  # the prompt's identity
+        K = self.groups_per_prompt
+        row_prompt, row_branch = _row_groups(batch, len(positions), G, K)
+        # global group id = position in the step (x K + branch); tracker key = the prompt's identity (x K + branch)
+        row_group = torch.tensor(positions, dtype=torch.long)[row_prompt] * K + row_branch
+        row_key = torch.tensor([chosen[pos] for pos in positions], dtype=torch.long)[row_prompt] * K + row_branch
         adv, adv_stats = self._advantages(rewards, batch, row_group, row_key)
         keep = adv_stats["keep"]
 
@@ -329,12 +341,15 @@ class Trainer:
 
         mode = cfg.loss.aggregation
         per_rank_groups = len(layout[0])
+        row_block = row_prompt // per_rank_groups  # the prompt block (local_layout's minibatch) of each row
+        row_kblock = row_branch // (K // self.mb_branches)  # its block of branch steps (0 but for sweeps)
         loss_stats: List[Dict[str, float]] = []
         grad_norms, skipped = [], 0
         for epoch in range(tc.num_iterations):
-            order = torch.randperm(tc.num_minibatches, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
-            for m in order:
-                rows = torch.arange(m * per_rank_groups * G, (m + 1) * per_rank_groups * G)
+            perm = torch.randperm(self.mb_prompts, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
+            order = [(b, c) for c in range(self.mb_branches) for b in perm]  # branch blocks in step order
+            for b, c in order:
+                rows = ((row_block == b) & (row_kblock == c)).nonzero().flatten()
                 sub = self.task.select(batch, rows)
                 sub_mask = mask_all[rows]
                 norm = loss_normalizers(sub_mask, mode, world_size=self.world,
@@ -530,6 +545,47 @@ class Trainer:
                 log.warning("could not write report.html: %s", e)
         self.acc.wait_for_everyone()
         return summary
+
+
+def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "branch") -> tuple:
+    """``(prompt blocks, branch blocks)``: how a step's ``num_minibatches`` minibatches cut its
+    groups when every prompt has ``groups_per_prompt`` = K of them (a singular sweep's branch steps).
+
+    K = 1 or ``split="prompt"``: ``(num_minibatches, 1)``, prompt blocks as always, each with all its
+    branch steps (TempFlow-GRPO: an optimizer step covers every branch step of its trunks). With
+    ``split="branch"`` the branch steps are split first: M dividing K gives ``(1, M)`` (minibatch c =
+    branch steps ``[c·K/M, (c+1)·K/M)`` of every prompt; M = K is G²RPO's one optimizer step per k);
+    M a multiple of K gives ``(M/K, K)`` (one branch step and a block of the prompts per minibatch).
+    Any other M is a usage error.
+    """
+    M, K = int(num_minibatches), int(groups_per_prompt)
+    if K <= 1 or split == "prompt":
+        return M, 1
+    if K % M == 0:
+        return 1, M
+    if M % K == 0:
+        return M // K, K
+    raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular_choice: all): "
+                     f"must divide {K} (minibatches of whole branch steps) or be a multiple of it "
+                     f"(each branch step's prompts split further)")
+
+
+def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int):
+    """``(local prompt, branch)`` of every row of a rollout: its ``prompt_index`` and, for a batch
+    with K > 1 groups per prompt (sweeps: ``group_id = prompt_index·K + branch``), its branch."""
+    K = int(groups_per_prompt)
+    got = int(getattr(batch, "groups_per_prompt", 1))
+    if got != K:
+        raise RuntimeError(f"rollout: {got} advantage groups per prompt, the run expects {K}")
+    prompt = batch.prompt_index.detach().cpu().to(torch.long)
+    if prompt.numel() != num_prompts * group_size * K:
+        raise RuntimeError(f"rollout: {prompt.numel()} rows, expected {num_prompts} prompts x {K} groups x {group_size}")
+    if K == 1:
+        return prompt, torch.zeros_like(prompt)
+    branch = batch.group_id.detach().cpu().to(torch.long) - prompt * K
+    if bool(((branch < 0) | (branch >= K)).any()):
+        raise RuntimeError("rollout: group_id is not prompt_index * groups_per_prompt + branch")
+    return prompt, branch
 
 
 def _apply_mask(batch, mask: torch.Tensor, kind: str) -> None:

@@ -49,6 +49,7 @@ class FlowTask:
 
         self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
                                    chunk_size=cfg.sample.chunk_size, step_weighting=cfg.train.step_weighting,
+                                   step_weight_scale=cfg.train.step_weight_scale,
                                    ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
         self._reward = None
         self._first_eval = None  # (step, EvalResult) of the first evaluation, for before_after/
