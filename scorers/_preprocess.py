@@ -58,8 +58,8 @@ Two paths:
   with PIL and the same operation order and arithmetic as the reference code
   (:attr:`PreprocessSpec.pil_pipeline`), so the pixels equal the official transform's to float32
   rounding (tests: bit-identical). Not differentiable (the input is 8-bit). :class:`scorers.base.Scorer`
-  turns PIL lists into float tensors before a scorer sees them, so a scorer must route PIL/uint8
-  input here itself (ImageReward does).
+  hands PIL lists and uint8 tensors unchanged to scorers that set ``pil_input`` (PickScore, HPS,
+  aesthetic, clipscore, remote); ImageReward routes them here in its own ``__call__``.
 
 Tests (tests/test_scorer_preprocess.py) compare both paths with torchvision, open_clip and
 transformers' PIL image processor.

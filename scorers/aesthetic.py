@@ -13,6 +13,9 @@ How the official checkpoint maps onto the code (checked against
   ``encode_image``), L2-normalised (a zero vector is left unchanged). We use open_clip
   ``ViT-L-14`` with the ``openai`` weights (QuickGELU) and the CLIP preprocessing (224, bicubic
   resize of the shorter side, centre crop, OpenAI mean/std; :data:`scorers._preprocess.CLIP_224`).
+  PIL images and uint8 tensors go through that transform as ``clip.load``'s ``preprocess`` runs it
+  (PIL resize and crop, then RGB; :func:`scorers._preprocess.pil_pixel_values`), float tensors
+  through the differentiable torch path (≤ 1.1/255 per pixel from PIL's uint8 rounding).
 * score = MLP(ê) — roughly 1–10 (the AVA rating scale). The prompt is not used.
 """
 from __future__ import annotations
@@ -69,6 +72,7 @@ def load_aesthetic_mlp(checkpoint: str, input_size: int = 768, what: str = "aest
 
 class AestheticScorer(Scorer):
     name = "aesthetic"
+    pil_input = True  # PIL / uint8 reach score_batch as they are: the encoder runs the official pipeline
 
     def __init__(self, encoder: OpenClipEncoder, mlp: AestheticMLP, **kw):
         super().__init__(**kw)

@@ -15,6 +15,12 @@ equal, except that a file with a single prompt is used for every image.
 read as JSON when it parses, e.g. ``batch_size=4``, ``scale=0.038``, else as a string);
 ``NAME.KEY=VALUE`` targets one scorer when several are given.
 
+Images are passed to the scorers as PIL images, as loaded (their own mode: RGB, RGBA, L, P, ...), so
+the learned scorers preprocess them exactly as their official packages do on ``Image.open(path)``
+(for the torchvision-style pipelines the conversion to RGB comes after the resize, which matters for
+RGBA images; :mod:`scorers._preprocess`). Scorers without an official PIL pipeline convert them to
+RGB floats in [0, 1].
+
 Prints a table (file, scores, prompt) and the mean ± std of each scorer, and writes ``scores.csv``
 (columns ``image, prompt, <scorer>...``; non-finite scores are written as ``nan``/``inf``).
 Returns 0 on success, 2 on a usage or input error.
@@ -113,18 +119,20 @@ def parse_options(items: Sequence[str], scorer_names: Sequence[str]) -> Dict[str
 
 
 def _load_groups(paths: List[str]):
-    """Open the images; group indices by size (scorers batch images of one size)."""
+    """Open the images as they are (no mode conversion: the official pipelines convert to RGB
+    themselves, some after resizing); group indices by size (scorers without an official PIL
+    pipeline batch images of one size)."""
     from PIL import Image
 
     images, groups = [], {}
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                rgb = im.convert("RGB")
+                im.load()  # read the pixels now; the file is closed on leaving the block
         except Exception as e:
             raise UsageError(f"--images: cannot read {p}: {e}") from e
-        images.append(rgb)
-        groups.setdefault(rgb.size, []).append(i)
+        images.append(im)
+        groups.setdefault(im.size, []).append(i)
     return images, groups
 
 

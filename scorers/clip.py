@@ -11,8 +11,19 @@ and local paths:
   any missing/unexpected/mismatched key turned into an error, plus the tokenizer and the image
   preprocessing constants of a named processor. Used by PickScore.
 
-Both take images as a float tensor [B, 3, H, W] in [0, 1] and preprocess in torch
-(:mod:`scorers._preprocess`), so features are differentiable w.r.t. the pixels.
+Both take images in two forms (:meth:`OpenClipEncoder.pixel_values`):
+
+* a float tensor [B, 3, H, W] in [0, 1] (what the training loop decodes): preprocessed in torch
+  (:func:`scorers._preprocess.preprocess`), so features are differentiable w.r.t. the pixels;
+* PIL images (any mode, any sizes) or a ``torch.uint8`` tensor [B, 3, H, W]: the official PIL
+  pipeline of the encoder's :class:`~scorers._preprocess.PreprocessSpec`
+  (:func:`scorers._preprocess.pil_pixel_values`; OpenAI CLIP / open_clip's ``_transform`` for
+  ``CLIP_224``, transformers' ``CLIPImageProcessor`` for a processor's spec, HPS v2's transform for
+  ``HPS_224``), so the pixels equal the official package's. The scorers built on these encoders set
+  :attr:`scorers.base.Scorer.pil_input`, so such input reaches them as it is.
+
+The two paths give the same pixels for HPS (its official resize runs on the float tensor) and differ
+by PIL's uint8 rounding for the others (≤ 1.1/255 per pixel; :mod:`scorers._preprocess`).
 
 ``clipscore`` (Radford et al., arXiv 2103.00020; CLIP-S of Hessel et al., arXiv 2104.08718):
 the cosine similarity of the L2-normalised image and text embeddings, reported in one of three
@@ -40,7 +51,7 @@ from scorers._loading import (
     strip_prefix,
     unwrap_state_dict,
 )
-from scorers._preprocess import CLIP_224, PreprocessSpec, preprocess
+from scorers._preprocess import CLIP_224, PreprocessSpec, is_pil_or_uint8, pil_pixel_values, preprocess
 from scorers.base import Scorer
 from scorers.registry import register
 
@@ -87,6 +98,15 @@ def _features(out: Any) -> torch.Tensor:
     if pooled is None:
         raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
     return pooled
+
+
+def _pixel_values(images, spec: PreprocessSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Float [b, 3, H, W] in [0, 1] → :func:`preprocess` (torch, differentiable; unchanged device);
+    PIL image(s) / uint8 tensor → :func:`pil_pixel_values` (the official pipeline of ``spec``, on the
+    CPU) moved to ``device``."""
+    if is_pil_or_uint8(images):
+        return pil_pixel_values(images, spec, dtype=dtype).to(device)
+    return preprocess(images, spec, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,10 +218,16 @@ class OpenClipEncoder:
         self.dtype = dtype
         self.path = path
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, 3, H, W] in [0, 1] → L2-normalised image embeddings (float32)."""
-        x = preprocess(images, self.spec, dtype=self.dtype)
-        return l2_normalize(self.model.encode_image(x).float())
+    def pixel_values(self, images) -> torch.Tensor:
+        """Images → the model input [b, 3, S, S] in ``self.dtype`` (module docstring): float [b, 3, H, W]
+        in [0, 1] through the torch path (differentiable); PIL image(s) or a uint8 tensor through the
+        official PIL pipeline of ``self.spec``, moved to the model's device."""
+        return _pixel_values(images, self.spec, self.dtype, self.device)
+
+    def encode_images(self, images) -> torch.Tensor:
+        """Images (float [b, 3, H, W] in [0, 1], PIL image(s) or uint8 [b, 3, H, W]; see
+        :meth:`pixel_values`) → L2-normalised image embeddings (float32)."""
+        return l2_normalize(self.model.encode_image(self.pixel_values(images)).float())
 
     def encode_texts(self, prompts: List[str]) -> torch.Tensor:
         """Prompts → L2-normalised text embeddings (float32)."""
@@ -293,9 +319,14 @@ class HFClipEncoder:
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        x = preprocess(images, self.spec, dtype=self.dtype)
-        return l2_normalize(_features(self.model.get_image_features(pixel_values=x)).float())
+    def pixel_values(self, images) -> torch.Tensor:
+        """As :meth:`OpenClipEncoder.pixel_values`; the PIL pipeline here is the processor's
+        (``CLIPImageProcessor`` on PIL, as transformers 4.27.3: RGB first, PIL resize, floored crop)."""
+        return _pixel_values(images, self.spec, self.dtype, self.device)
+
+    def encode_images(self, images) -> torch.Tensor:
+        """Images (see :meth:`pixel_values`) → L2-normalised image embeddings (float32)."""
+        return l2_normalize(_features(self.model.get_image_features(pixel_values=self.pixel_values(images))).float())
 
     def encode_texts(self, prompts: List[str]) -> torch.Tensor:
         tok = self.tokenizer(
@@ -312,9 +343,11 @@ DEFAULT_CLIPSCORE_HF = "openai/clip-vit-large-patch14"
 
 
 class ClipScorer(Scorer):
-    """cos(image, text) of a CLIP model, in the chosen ``convention`` (module docstring)."""
+    """cos(image, text) of a CLIP model, in the chosen ``convention`` (module docstring). PIL images
+    and uint8 tensors are preprocessed with the encoder's official PIL pipeline, float tensors in torch."""
 
     name = "clipscore"
+    pil_input = True  # PIL / uint8 reach score_batch as they are: the encoder runs the official pipeline
 
     def __init__(self, encoder, convention: str = "cosine", **kw):
         super().__init__(**kw)

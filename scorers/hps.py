@@ -15,7 +15,10 @@ How the official checkpoints map onto the code (checked against ``tgxs002/HPSv2`
 * Tokenizer: ``get_tokenizer('ViT-H-14')`` — open_clip's ``SimpleTokenizer`` (context 77).
 * Preprocessing: ``create_model_and_transforms(..., light_augmentation=True)`` → ``ToTensor``,
   ``ResizeMaxSize(224)`` (longer side to 224, bicubic, zero-pad to a square), ``Normalize`` with the
-  OpenAI CLIP mean/std (:data:`scorers._preprocess.HPS_224`).
+  OpenAI CLIP mean/std (:data:`scorers._preprocess.HPS_224`). The official resize runs on the float
+  tensor, so our float path is the official transform; PIL images and uint8 tensors are converted
+  to RGB and ``ToTensor``-ed first (:func:`scorers._preprocess.pil_pixel_values`; upstream would
+  keep an RGBA image's 4 channels), and may differ in size.
 * score = diag(image_features @ text_features.T) with both L2-normalised (``output_dict=True``
   features of open_clip are normalised), i.e. cos(image, text) of matched pairs; typical values
   are 0.2–0.35. The official scorer runs under CUDA autocast (fp16); pass ``dtype`` to match.
@@ -44,6 +47,8 @@ def hps_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torc
 
 
 class HPSScorer(Scorer):
+    pil_input = True  # PIL / uint8 reach score_batch as they are: the encoder runs the official pipeline
+
     def __init__(self, encoder: OpenClipEncoder, name: str, **kw):
         super().__init__(**kw)
         self.encoder = encoder

@@ -8,8 +8,12 @@ How the official checkpoint maps onto the code:
 * The authors score with ``AutoProcessor.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")``:
   its tokenizer (``padding=True, truncation=True, max_length=77``) and its image processor
   (shortest edge 224, bicubic, centre crop 224, OpenAI CLIP mean/std). We use that tokenizer and
-  read the image constants from that processor's config, and run the resize / crop / normalise in
-  torch (:mod:`scorers._preprocess`).
+  read the image constants from that processor's config. PIL images and uint8 tensors go through
+  that processor's own PIL pipeline (as transformers 4.27.3, the authors' pin: RGB, PIL bicubic
+  resize, floored crop offsets; :func:`scorers._preprocess.pil_pixel_values`), so the pixels equal
+  the authors'; float tensors (the training loop's) are resized / cropped / normalised in torch,
+  differentiably, which differs from PIL's uint8 rounding by ≤ 1.1/255 per pixel
+  (:mod:`scorers._preprocess`).
 * score = logit_scale.exp() · cos(image, text), with the image and text embeddings L2-normalised —
   the authors' ``model.logit_scale.exp() * (text_embs @ image_embs.T)``, taking the matched pairs.
   Typical values are around 20–23. Option ``scale`` multiplies the result (Flow-GRPO trains on
@@ -39,6 +43,7 @@ def pickscore_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, l
 
 class PickScoreScorer(Scorer):
     name = "pickscore"
+    pil_input = True  # PIL / uint8 reach score_batch as they are: the encoder runs the official pipeline
 
     def __init__(self, encoder: HFClipEncoder, scale: float = 1.0, **kw):
         super().__init__(**kw)

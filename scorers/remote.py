@@ -16,7 +16,7 @@ Protocol ``flowrl-scorer/1``
 
     {"protocol": 1,                        # optional; a server rejects a version it does not speak
      "prompts": ["a red cube", ...],       # B strings
-     "images": ["<base64 PNG>", ...],      # B standard-base64 PNG files (RGB or RGBA, 8 bit)
+     "images": ["<base64 PNG>", ...],      # B standard-base64 PNG files (8 bit per channel)
      "metadata": {"key": [...B values] or a scalar, ...}}   # optional, passed to the scorer
 
 The reply is 200 with ``{"scores": [B numbers]}`` or, for a scorer with named components,
@@ -33,8 +33,26 @@ Why JSON with base64 PNG rather than multipart: one standard, dependency-free pa
 (the standard library's multipart parser, ``cgi``, is removed in Python 3.13), metadata of any JSON
 shape travels beside the images without a second encoding, and any language can speak it; base64
 adds a third to the size of already-compressed PNGs, small next to the cost of scoring them.
-Images travel as 8-bit PNG, so a remote score equals the in-process score of the image quantised to
-``round(255 * clamp(x, 0, 1)) / 255``.
+What travels, and what a remote score therefore equals:
+
+* a float batch (what the training loop scores) is sent as 8-bit RGB PNGs of
+  ``q = round(255 * clamp(x, 0, 1))`` (:func:`quantize_uint8`); a ``torch.uint8`` batch as its own
+  pixels; PIL images as they are, in their own mode when PNG stores it losslessly (``1``, ``L``,
+  ``LA``, ``P``, ``RGB``, ``RGBA``; other modes are converted to RGB first). A request may mix
+  image sizes only for PIL input and only when the served scorer takes PIL input.
+* the server hands the decoded PIL images to the scorer (:mod:`scorers.server`). A learned scorer
+  (PickScore, HPS v2/v2.1, aesthetic, clipscore, ImageReward) preprocesses them with its model's
+  official PIL pipeline, exactly as for PIL or uint8 input in process; the other scorers (JPEG,
+  ``shapes``, plain callables, ...) get the float tensor ``q / 255``.
+
+So the remote score of a float batch ``x`` is the in-process score of the uint8 tensor
+``quantize_uint8(x)``. For scorers without an official PIL path that is the score of
+``round(255 x) / 255``, as before; for the learned scorers it is the official-package score of those
+8-bit pixels, which is not the float path of ``x``: PickScore, aesthetic, clipscore and ImageReward
+resize with PIL on uint8 (≤ 1.1/255 per pixel from the float path of the same pixels; on tiny
+random test models that moved scores by up to ~3 % of their spread, :mod:`scorers._preprocess`), so
+their remote scores change by that much from before; HPS's official resize runs on the float tensor
+and matches the float path of ``q / 255``.
 """
 from __future__ import annotations
 
@@ -54,7 +72,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from scorers.base import Scorer, as_image_tensor
+from scorers._preprocess import is_pil_or_uint8
+from scorers.base import Scorer, as_8bit_batch, as_image_tensor
 from scorers.registry import register
 
 log = logging.getLogger(__name__)
@@ -115,6 +134,46 @@ def encode_png_b64(image: torch.Tensor) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
 
 
+# PIL modes a PNG stores losslessly and Pillow reads back in the same mode (8 bits per channel).
+PNG_PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+def encode_pil_png(image: Any, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """A PIL image -> PNG bytes of the image as it is (mode, size, palette and transparency kept) when
+    its mode is one of :data:`PNG_PIL_MODES`; any other mode is converted to RGB first. The server
+    decodes the same image, so the official pipelines see what the caller passed."""
+    im = image if image.mode in PNG_PIL_MODES else image.convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_uint8_png(image: torch.Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """One uint8 image [3, H, W] -> the bytes of an 8-bit RGB PNG of exactly these levels."""
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"image must be uint8 [3, H, W], got {image.dtype} of shape {tuple(image.shape)}")
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy(), "RGB").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_images_b64(images: Any) -> List[str]:
+    """A batch -> base64 PNGs: float [B, 3, H, W] in [0, 1] quantised (:func:`encode_png`), a uint8
+    tensor as its levels, PIL images as they are (:func:`encode_pil_png`)."""
+    if is_pil_or_uint8(images):
+        batch = as_8bit_batch(images)
+        if isinstance(batch, torch.Tensor):
+            return [_b64(encode_uint8_png(img)) for img in batch]
+        return [_b64(encode_pil_png(im)) for im in batch]
+    return [encode_png_b64(img) for img in as_image_tensor(images)]
+
+
 def _jsonable(value: Any, key: str) -> Any:
     """Metadata value -> plain JSON types (tensors and numpy arrays become lists)."""
     if isinstance(value, torch.Tensor):
@@ -132,16 +191,17 @@ def _jsonable(value: Any, key: str) -> Any:
     raise ValueError(f"metadata[{key!r}] holds a {type(value).__name__}, which cannot be sent as JSON")
 
 
-def build_score_request(images: torch.Tensor, prompts: Sequence[str], metadata: Optional[Mapping[str, Any]] = None) -> bytes:
-    """The JSON body of ``POST /score`` for a batch ``images`` [B, 3, H, W] in [0, 1]."""
-    x = as_image_tensor(images)
+def build_score_request(images: Any, prompts: Sequence[str], metadata: Optional[Mapping[str, Any]] = None) -> bytes:
+    """The JSON body of ``POST /score`` for a batch ``images``: float [B, 3, H, W] in [0, 1], uint8
+    [B, 3, H, W] or PIL images (see the module docstring for what is sent)."""
+    encoded = encode_images_b64(images)
     prompts = [str(p) for p in prompts]
-    if len(prompts) != x.shape[0]:
-        raise ValueError(f"got {x.shape[0]} images but {len(prompts)} prompts")
+    if len(prompts) != len(encoded):
+        raise ValueError(f"got {len(encoded)} images but {len(prompts)} prompts")
     body = {
         "protocol": PROTOCOL_VERSION,
         "prompts": prompts,
-        "images": [encode_png_b64(img) for img in x],
+        "images": encoded,
         "metadata": {str(k): _jsonable(v, str(k)) for k, v in (metadata or {}).items()},
     }
     return json.dumps(body).encode("utf-8")
@@ -336,6 +396,9 @@ class RemoteScorer(Scorer):
     """
 
     name = "remote"
+    # PIL images and uint8 tensors are sent as they are (no float round trip), so the server's
+    # scorer gets the caller's pixels and mode.
+    pil_input = True
 
     def __init__(
         self,
@@ -388,14 +451,14 @@ class RemoteScorer(Scorer):
             raise RemoteScorerError("remote scorer health check", self.health_url, f"malformed reply: {reply!r:.100}")
         return reply
 
-    def _request(self, images: torch.Tensor, prompts: List[str], metadata: Mapping[str, Any]):
+    def _request(self, images: Any, prompts: List[str], metadata: Mapping[str, Any]):
         body = build_score_request(images, prompts, metadata)
         reply = request_json(
             self.url, body, timeout=self.timeout, retries=self.retries, backoff=self.backoff,
             headers=self.headers, trust_env=self.trust_env,
         )
         try:
-            out = parse_scores(reply, images.shape[0])
+            out = parse_scores(reply, len(images))
         except ValueError as e:
             raise RemoteScorerError("remote scorer", self.url, f"malformed reply: {e}") from None
         if isinstance(out, dict):
@@ -432,8 +495,8 @@ class RemoteScorer(Scorer):
             "remote scorer", self.url, f"the server returned named components {names}: set component= or weights="
         )
 
-    def score_batch(self, images: torch.Tensor, prompts: List[str], **metadata) -> torch.Tensor:
-        n = images.shape[0]
+    def score_batch(self, images: Any, prompts: List[str], **metadata) -> torch.Tensor:
+        n = len(images)
         try:
             return self._select(self._request(images, prompts, metadata))
         except RemoteScorerError as err:
@@ -446,12 +509,12 @@ class RemoteScorer(Scorer):
         With ``on_error="invalid"`` a failed batch gives NaN under the component names seen so far
         (``"score"`` before any reply).
         """
-        x = as_image_tensor(images)
+        x = as_8bit_batch(images) if is_pil_or_uint8(images) else as_image_tensor(images)
         prompts = list(prompts)
-        if len(prompts) != x.shape[0]:
-            raise ValueError(f"{self.name}: got {x.shape[0]} images but {len(prompts)} prompts")
+        if len(prompts) != len(x):
+            raise ValueError(f"{self.name}: got {len(x)} images but {len(prompts)} prompts")
         parts: Dict[str, List[torch.Tensor]] = {}
-        for start in range(0, x.shape[0], self.batch_size):
+        for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size
             chunk = x[start:stop]
             meta = {k: (v[start:stop] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in metadata.items()}
@@ -459,8 +522,8 @@ class RemoteScorer(Scorer):
                 out = self._request(chunk, prompts[start:stop], meta)
                 out = {"score": out} if isinstance(out, torch.Tensor) else out
             except RemoteScorerError as err:
-                self._fail(err, chunk.shape[0])
-                out = {k: torch.full((chunk.shape[0],), math.nan) for k in (self._component_names or ["score"])}
+                self._fail(err, len(chunk))
+                out = {k: torch.full((len(chunk),), math.nan) for k in (self._component_names or ["score"])}
             for k, v in out.items():
                 parts.setdefault(k, []).append(v)
         return {k: torch.cat(v) for k, v in parts.items()}

@@ -6,6 +6,15 @@ thread per connection answers ``/health`` at once; calls into the scorer are ser
 since a model is rarely safe to call from two threads. The server binds 127.0.0.1 unless told
 otherwise and has no authentication: bind another address only on a trusted network.
 
+Images reach the scorer as the PNG files hold them: a :class:`scorers.base.Scorer` (every
+registered scorer) gets the decoded PIL images, in their own mode (RGB, RGBA, L, ...), so a learned
+scorer runs its model's official PIL preprocessing on them (:attr:`scorers.base.Scorer.pil_input`;
+the others convert them to float [B, 3, H, W] in [0, 1] as before), and a plain callable gets that
+float tensor (RGB). A float batch sent by the ``remote`` client arrives as its 8-bit quantisation
+``round(255 · clamp(x, 0, 1))``, so its remote score is the in-process score of that uint8 image
+(see :mod:`scorers.remote`). Images of one request must share one size unless the scorer sets
+``pil_input``.
+
 Every bad request gets a 4xx with ``{"error": "..."}`` and the server keeps serving: a body over
 ``max_request_bytes`` (413; the body is read and dropped when it is at most 4x the limit, so the
 client sees the reply, otherwise the connection is closed at once), no Content-Length (411), a content
@@ -37,7 +46,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from scorers.base import pil_to_tensor
+from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
 from scorers.remote import PROTOCOL, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -61,7 +70,8 @@ class BadRequest(Exception):
 
 
 def _decode_png(s: Any, i: int, max_pixels: int):
-    """``images[i]``: base64 text -> RGB PIL image (400 on anything else)."""
+    """``images[i]``: base64 text -> the PIL image as loaded, in the PNG's own mode (400 on anything
+    else). Not converted to RGB: the official pipelines convert after resizing (matters for RGBA)."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(s, str):
@@ -81,13 +91,15 @@ def _decode_png(s: Any, i: int, max_pixels: int):
         im.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise BadRequest(400, f"images[{i}] is a broken PNG ({e})") from None
-    return im.convert("RGB")
+    return im
 
 
-def parse_score_request(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-    """JSON body of ``POST /score`` -> (images [B, 3, H, W] float in [0, 1], prompts, metadata).
+def parse_score_request(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, same_size: bool = True):
+    """JSON body of ``POST /score`` -> (images: list of PIL images as decoded, prompts, metadata).
 
-    Raises :class:`BadRequest` (status 400) naming the offending field.
+    ``same_size``: all images must have one size (400 otherwise). Raises :class:`BadRequest`
+    (status 400) naming the offending field. :func:`scorer_input` turns the images into what a
+    scorer takes.
     """
     try:
         req = json.loads(body.decode("utf-8"))
@@ -116,10 +128,19 @@ def parse_score_request(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
         if isinstance(v, list) and len(v) != len(prompts):
             raise BadRequest(400, f"metadata[{k!r}] has {len(v)} entries for {len(prompts)} images")
     pil = [_decode_png(s, i, max_pixels) for i, s in enumerate(images)]
-    if len({im.size for im in pil}) > 1:
+    if same_size and len({im.size for im in pil}) > 1:
         raise BadRequest(400, f"images must share one size, got {sorted({im.size for im in pil})}")
-    x = pil_to_tensor(pil) if pil else torch.zeros(0, 3, 1, 1)
-    return x, prompts, metadata
+    return pil, prompts, metadata
+
+
+def scorer_input(scorer: Callable, pil: List[Any]):
+    """What ``scorer`` is called with for the decoded images ``pil``: the PIL list itself for a
+    :class:`scorers.base.Scorer` or anything with ``pil_input = True`` (a learned scorer then
+    preprocesses them as its official package does; the base class converts them to float for the
+    others), else float32 [B, 3, H, W] in [0, 1] of their RGB pixels (one size)."""
+    if isinstance(scorer, Scorer) or takes_8bit_images(scorer):
+        return pil
+    return pil_to_tensor(pil) if pil else torch.zeros(0, 3, 1, 1)
 
 
 def _json_scores(values: Any, n: int, label: str) -> List[Optional[float]]:
@@ -272,14 +293,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drain_if_small()
                 raise BadRequest(404, f"no such path {self.path!r}; use POST /score")
             body = self._read_body()
-            x, prompts, metadata = parse_score_request(body, self.server.max_image_pixels)
+            scorer = self.server.scorer
+            pil, prompts, metadata = parse_score_request(
+                body, self.server.max_image_pixels, same_size=not takes_8bit_images(scorer)
+            )
             n = len(prompts)
             if n == 0:
                 self._reply(200, {"scores": []})
                 return
             try:
                 with self.server.score_lock:
-                    out = self.server.scorer(x, prompts, **metadata)
+                    out = scorer(scorer_input(scorer, pil), prompts, **metadata)
                     self.server.requests_served += 1
                 reply = format_scores(out, n)
             except Exception as e:  # the scorer's failure is the client's 500, never the server's end

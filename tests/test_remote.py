@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import scorers
+from scorers._preprocess import PreprocessSpec, is_pil_or_uint8, pil_pixel_values, preprocess
 from scorers.base import Scorer
 from scorers.registry import register
 from scorers.remote import (
@@ -365,6 +366,155 @@ def test_on_error_invalid_marks_failed_batches_nan(caplog):
     assert any("bad batch" in r.message and "2 samples are marked invalid" in r.message for r in caplog.records)
     dead = RemoteScorer(f"http://127.0.0.1:{free_port()}", on_error="invalid", retries=0)
     assert torch.isnan(dead(quantized_images(3), ["p"] * 3)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG images reach the scorer as decoded: learned scorers take their official PIL path
+# ---------------------------------------------------------------------------------------------
+
+# A small CLIP-style spec (torchvision PIL pipeline: resize, crop, then RGB) keeps these tests fast.
+SPEC_32 = PreprocessSpec(resize=32, crop=32)
+
+
+class OfficialPixelScorer(Scorer):
+    """Stands in for a learned scorer: ``pil_input`` set, PIL / uint8 input preprocessed with the
+    official PIL pipeline of :data:`SPEC_32`, float input with the torch path; score = a fixed random
+    linear function of the model-input pixels (sensitive to every pixel). Records what it received."""
+
+    name = "test_official_pixels"
+    pil_input = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.w = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0))
+        self.seen = []
+
+    def score_batch(self, images, prompts, **metadata):
+        if is_pil_or_uint8(images):
+            self.seen.append("pil" if isinstance(images, list) else "uint8")
+            px = pil_pixel_values(images, SPEC_32)
+        else:
+            self.seen.append("float")
+            px = preprocess(images, SPEC_32)
+        return (px * self.w).sum(dim=(1, 2, 3))
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64_png(im: Image.Image) -> str:
+    return base64.b64encode(_png(im)).decode()
+
+
+def _mixed_mode_images():
+    """RGB, RGBA (alpha varies: PIL resizes it premultiplied, so RGB-then-resize differs), L and P
+    images of different sizes."""
+    g = np.random.default_rng(5)
+    return [
+        Image.fromarray(g.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+        Image.fromarray(g.integers(0, 256, (37, 45, 4), dtype=np.uint8), "RGBA"),
+        Image.fromarray(g.integers(0, 256, (30, 60), dtype=np.uint8), "L"),
+        Image.fromarray(g.integers(0, 256, (44, 44, 3), dtype=np.uint8)).convert("P"),
+    ]
+
+
+def test_server_gives_png_images_to_the_scorer_as_decoded():
+    """Hand-made PNG files (four modes, four sizes) POSTed to the server score as the in-process scorer
+    scores the decoded images (``Image.open`` of each file): the official PIL path on the file's own
+    pixels and mode — identical, the same computation in one process. A scorer without ``pil_input``
+    still gets the RGB float tensor, and images of one size."""
+    ims = _mixed_mode_images()
+    pngs = [_png(im) for im in ims]
+    body = json.dumps({"prompts": ["a", "b", "c", "d"], "images": [base64.b64encode(p).decode() for p in pngs]}).encode()
+    J = {"Content-Type": "application/json"}
+    scorer = OfficialPixelScorer(batch_size=3)
+    with ScorerServer(scorer, port=0) as srv:
+        status, reply = raw_request(srv.url, "POST", "/score", body, J)
+    assert status == 200, reply
+    assert scorer.seen == ["pil", "pil"]  # chunks of 3 and 1, as decoded
+    decoded = [Image.open(io.BytesIO(p)) for p in pngs]
+    assert [im.mode for im in decoded] == ["RGB", "RGBA", "L", "P"]
+    want = OfficialPixelScorer(batch_size=3)(decoded, ["a", "b", "c", "d"])
+    assert torch.equal(torch.tensor(reply["scores"], dtype=torch.float32), want)
+    # converting to RGB before the official pipeline (what the server did before) gives other pixels
+    rgb_first = OfficialPixelScorer()([decoded[1].convert("RGB")], ["b"])
+    assert abs(float(rgb_first[0]) - reply["scores"][1]) > 1e-3
+    # a Scorer without pil_input: RGB floats in [0, 1] of the decoded pixels, one size per request
+    same = [Image.fromarray(np.random.default_rng(6).integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA"), ims[0].resize((8, 8))]
+    body = json.dumps({"prompts": ["p", "q"], "images": [_b64_png(im) for im in same]}).encode()
+    mixed = json.dumps({"prompts": ["p", "q"], "images": [_b64_png(im) for im in ims[:2]]}).encode()
+    with ScorerServer("test_remote_tiny", port=0) as srv:
+        status, reply = raw_request(srv.url, "POST", "/score", body, J)
+        assert raw_request(srv.url, "POST", "/score", mixed, J) == (400, {"error": "images must share one size, got [(45, 37), (50, 40)]"})
+    assert status == 200, reply
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1) for im in same])
+    torch.testing.assert_close(torch.tensor(reply["scores"]), scorers.get("test_remote_tiny")(x, ["p", "q"]), rtol=1e-6, atol=1e-6)
+
+
+def test_remote_float_images_score_as_the_official_path_on_their_png_pixels():
+    """The training loop sends float images; they travel as the 8-bit PNG of ``quantize_uint8(x)`` and
+    a ``pil_input`` scorer on the server takes its official path on those pixels: the remote score is
+    the in-process score of that uint8 tensor (identical), no longer the float path of
+    ``round(255 x) / 255`` (which differs). uint8 tensors and PIL images (any mode, mixed sizes) are
+    sent as they are."""
+    x = torch.rand(5, 3, 45, 61, generator=torch.Generator().manual_seed(7))
+    x[0, 0, 0, 0] = 1.3  # clamped to 1, as PNG stores it
+    prompts = ["a", "b", "c", "d", "e"]
+    q = quantize_uint8(x)
+    local = OfficialPixelScorer(batch_size=2)
+    ims = _mixed_mode_images()
+    with ScorerServer(OfficialPixelScorer(batch_size=2), port=0) as srv:
+        remote = RemoteScorer(srv.url, batch_size=3, retries=0, timeout=20)
+        got = remote(x, prompts)
+        got_u8 = remote(q, prompts)
+        got_pil = remote(ims, prompts[:4])
+        comps = remote.score_components(ims, prompts[:4])
+        served = srv.httpd.scorer.seen
+    assert set(served) == {"pil"}
+    assert torch.equal(got, local(q, prompts)) and torch.equal(got_u8, got)
+    assert (got - local(q.float() / 255, prompts)).abs().max() > 1e-3  # the float path of the same pixels
+    assert torch.equal(got_pil, local(ims, prompts[:4])) and torch.equal(comps["score"], got_pil)
+    # what the client sends for PIL input: the image itself (mode, size, pixels, palette)
+    body = json.loads(build_score_request(ims, prompts[:4]))
+    for im, b64 in zip(ims, body["images"]):
+        back = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert back.mode == im.mode and back.size == im.size
+        assert np.array_equal(np.asarray(back.convert("RGBA")), np.asarray(im.convert("RGBA")))
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 0, 0))  # PNG cannot store CMYK: sent as RGB
+    assert Image.open(io.BytesIO(base64.b64decode(json.loads(build_score_request([cmyk], ["a"]))["images"][0]))).mode == "RGB"
+
+
+def _tiny_imagereward():
+    from transformers import BertTokenizer
+
+    from scorers.imagereward import ImageRewardConfig, ImageRewardModel, ImageRewardScorer, prepare_tokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "photo", "of"]
+    tok = prepare_tokenizer(BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}))
+    model = ImageRewardModel(ImageRewardConfig.tiny(vocab_size=len(vocab) + 2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # O(1) activations, so the score depends visibly on the pixels
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return ImageRewardScorer(model, tok, batch_size=2)
+
+
+def test_remote_imagereward_takes_the_official_path():
+    """ImageReward (its own PIL routing, tests/test_imagereward.py) behind the server: the remote score
+    of a float batch is the in-process score of its uint8 PNG pixels (identical), not of the float
+    path."""
+    s = _tiny_imagereward()
+    x = torch.rand(3, 3, 50, 70, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "a dog", "photo of a cat"]
+    with ScorerServer(s, port=0) as srv:
+        got = RemoteScorer(srv.url, retries=0, timeout=30)(x, prompts)
+    q = quantize_uint8(x)
+    assert torch.equal(got, s(q, prompts))
+    assert (got - s(q.float() / 255, prompts)).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

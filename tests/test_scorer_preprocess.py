@@ -193,3 +193,86 @@ def test_hps_float_path_is_the_official_path():
     for _, im in IMAGES:
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / np.float32(255)).permute(2, 0, 1)[None]
         torch.testing.assert_close(P.preprocess(x.contiguous(), P.HPS_224)[0], hps_transform(im), rtol=0, atol=PIL_ATOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# scorers.base: which input reaches score_batch
+
+
+class _Recorder:
+    """Scorer mixin recording what score_batch receives; score = one number per image."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = []
+
+    def score_batch(self, images, prompts, **metadata):
+        self.seen.append((images, list(prompts), metadata, torch.is_grad_enabled()))
+        return torch.arange(len(images), dtype=torch.float32) + 10 * len(self.seen)
+
+
+def _recorders():
+    from scorers.base import Scorer
+
+    class Plain(_Recorder, Scorer):
+        name = "plain"
+
+    class Official(_Recorder, Scorer):
+        name = "official"
+        pil_input = True
+
+    return Plain, Official
+
+
+def test_scorer_base_gives_pil_and_uint8_input_to_pil_input_scorers_as_they_are():
+    """``pil_input`` scorers get PIL lists (mixed sizes/modes, the same objects) and uint8 tensors in
+    chunks of ``batch_size``, metadata chunked alongside, under no_grad even when differentiable;
+    float tensors still arrive as float32 chunks (the unchanged float path)."""
+    _, Official = _recorders()
+    s = Official(batch_size=2, differentiable=True)
+    pil = [im for _, im in IMAGES[:3]] + [OTHER_MODES["RGBA"]]
+    out = s(pil, list("abcd"), step=3, idx=[0, 1, 2, 3])
+    assert out.shape == (4,) and not out.requires_grad
+    assert [len(c[0]) for c in s.seen] == [2, 2] and all(a is b for a, b in zip(s.seen[0][0] + s.seen[1][0], pil))
+    assert [c[1] for c in s.seen] == [["a", "b"], ["c", "d"]]
+    assert [c[2] for c in s.seen] == [{"step": 3, "idx": [0, 1]}, {"step": 3, "idx": [2, 3]}]
+    assert not any(c[3] for c in s.seen)  # 8-bit input: nothing to differentiate
+    s.seen.clear()
+    u8 = torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8)
+    s(u8, list("abc"))
+    assert [c[0].dtype for c in s.seen] == [torch.uint8] * 2 and torch.equal(torch.cat([c[0] for c in s.seen]), u8)
+    s.seen.clear()
+    x = u8.float() / 255
+    s(x, list("abc"))
+    assert all(c[0].dtype == torch.float32 and c[3] for c in s.seen)  # float path, graph kept
+    assert torch.equal(torch.cat([c[0] for c in s.seen]), x)
+    s.seen.clear()
+    s(pil[0], ["a"])  # one PIL image is a batch of one
+    assert s.seen[0][0] == [pil[0]]
+    with pytest.raises(ValueError, match="official: got 4 images but 3 prompts"):
+        s(pil, list("abc"))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        s(torch.zeros(2, 4, 5, 5, dtype=torch.uint8), ["a", "b"])
+
+
+def test_scorer_base_converts_pil_and_uint8_to_float_for_the_other_scorers():
+    """Without ``pil_input``: PIL images → RGB floats v/255 (as before), and a uint8 tensor → the same
+    v/255 (it used to be rejected); one size per batch."""
+    from scorers.base import as_image_tensor, pil_to_tensor
+
+    Plain, _ = _recorders()
+    s = Plain(batch_size=4)
+    pil = [IMAGES[0][1], IMAGES[1][1]]  # both 224x224
+    s(pil, ["a", "b"])
+    want = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in pil])).permute(0, 3, 1, 2)
+    assert s.seen[0][0].dtype == torch.float32 and torch.equal(s.seen[0][0], want)
+    u8 = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2)
+    s(u8, ["a", "b"])
+    assert torch.equal(s.seen[1][0], want)
+    assert torch.equal(as_image_tensor(u8), pil_to_tensor(pil))
+    rgba = OTHER_MODES["RGBA"]
+    assert torch.equal(as_image_tensor([rgba]), pil_to_tensor([rgba.convert("RGB")]))
+    with pytest.raises(ValueError, match="share one size"):
+        s([IMAGES[0][1], IMAGES[4][1]], ["a", "b"])
+    with pytest.raises(TypeError, match="floating point in \\[0, 1\\] or uint8"):
+        s(torch.zeros(1, 3, 4, 4, dtype=torch.int32), ["a"])

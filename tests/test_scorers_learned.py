@@ -311,19 +311,169 @@ def test_scorer_spec_selects_its_official_pil_pipeline(built, key):
         torch.testing.assert_close(P.pil_pixel_values(im, spec)[0], want, rtol=0, atol=2.0**-21)
 
 
+def _scores_from_pixels(s, px: torch.Tensor, prompts) -> torch.Tensor:
+    """The scorer's model and score formula applied to model-input pixels ``px`` [B, 3, 224, 224],
+    bypassing the scorer's own image handling (``__call__``, ``score_batch``, ``encode_images``)."""
+    from scorers.clip import HFClipEncoder, _features, clip_convention, l2_normalize
+
+    enc = s.encoder
+    with torch.no_grad():
+        px = px.to(enc.device, enc.dtype)
+        if isinstance(enc, HFClipEncoder):
+            img = _features(enc.model.get_image_features(pixel_values=px))
+        else:
+            img = enc.model.encode_image(px)
+        img = l2_normalize(img.float())
+        if s.name == "aesthetic":
+            return s.mlp(img).squeeze(-1)
+        cos = (img * enc.encode_texts(list(prompts))).sum(-1)
+    if s.name == "pickscore":
+        return s.scale * enc.logit_scale.float().exp() * cos
+    if s.name == "clipscore":
+        return clip_convention(cos, s.convention)
+    assert s.name in ("hpsv2", "hpsv21")
+    return cos
+
+
+def _user_images():
+    """8-bit images as users pass them: white noise (landscape, portrait, an upscale) and a smooth
+    field, plus two non-RGB modes (RGBA with varying alpha, L) that the torchvision pipelines convert
+    after resizing: mixed sizes and modes in one list."""
+    g = np.random.default_rng(21)
+    ims = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 500), (517, 381), (97, 150))]
+    ims += _to_pil(_quantise(_smooth_images(1, 240, 320, seed=22)))
+    ims.append(Image.fromarray(g.integers(0, 256, (260, 230, 4), dtype=np.uint8), "RGBA"))
+    ims.append(Image.fromarray(g.integers(0, 256, (230, 300), dtype=np.uint8), "L"))
+    return ims
+
+
+# Tolerance of "the scorer equals its model on these pixels": the pixels are bit-identical
+# (tests/test_scorer_preprocess.py), the model and the chunks are the same, so the computation is
+# identical; 8 float32 ulps of the largest score leave room for kernels that reduce in another order
+# for another memory layout. The float path of the same 8-bit pixels moves the tiny models' scores
+# by > 2x this (asserted; 5.8x for the tiny aesthetic model, whose image dependence is weak, up
+# to 1000x), so a scorer that took the wrong path would fail.
+def _tol(ref: torch.Tensor) -> float:
+    return 8 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+
+
+def _chunked(s, pixels_of, items, prompts, batch_size: int) -> torch.Tensor:
+    """:func:`_scores_from_pixels` chunk by chunk, as the scorer chunks (``pixels_of(chunk)``)."""
+    return torch.cat([
+        _scores_from_pixels(s, pixels_of(items[i : i + batch_size]), prompts[i : i + batch_size])
+        for i in range(0, len(items), batch_size)
+    ])
+
+
 @pytest.mark.parametrize("key", LEARNED)
-def test_tensor_path_equals_pil_path(built, key):
-    """Same pixels → same scores: exactly (1e-5) when the tensor holds uint8 levels, and within
-    2e-3·(1 + |s|) for an unquantised tensor (PIL stores 8 bits per channel). These scorers turn PIL
-    input into a float tensor (``scorers.base.pil_to_tensor``) and take the float path; ImageReward
-    runs the official PIL pipeline on it instead (tests/test_imagereward.py)."""
+def test_pil_and_uint8_inputs_score_as_the_model_on_the_official_pixels(built, key):
+    """PIL lists (any size, any mode) and uint8 tensors reach the scorer as they are and are
+    preprocessed by :func:`scorers._preprocess.pil_pixel_values` with the scorer's spec (the official
+    pipeline); the scores equal the model applied to those pixels. Float tensors keep the torch path
+    (:func:`scorers._preprocess.preprocess`), unchanged."""
+    s = built[key]
+    spec = s.encoder.spec
+    ims = _user_images()
+    prompts = PROMPTS[: len(ims)]
+    g = torch.Generator().manual_seed(23)
+    u8 = torch.cat([torch.randint(0, 256, (3, 3, 300, 500), generator=g, dtype=torch.uint8),
+                    (_smooth_images(3, 300, 500, seed=24) * 255).round().to(torch.uint8)])
+    x = u8.float() / 255
+    s.batch_size = 4  # chunks of 4 and 2; the PIL list mixes sizes and modes within a chunk
+    try:
+        got = s(ims, prompts)
+        got8 = s(u8, prompts)
+        got_float = s(x, prompts)
+    finally:
+        s.batch_size = 8
+    want = _chunked(s, lambda c: P.pil_pixel_values(c, spec), ims, prompts, 4)
+    assert got.shape == (len(ims),) and got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(want))
+    # uint8 [B, 3, H, W]: the 8-bit image it holds, through the same official pipeline
+    want8 = _chunked(s, lambda c: P.pil_pixel_values(c, spec), u8, prompts, 4)
+    torch.testing.assert_close(got8, want8, rtol=0, atol=_tol(want8))
+    # the float tensor of the same pixels keeps the torch path (as before this change) ...
+    torch.testing.assert_close(got_float, _chunked(s, lambda c: P.preprocess(c, spec), x, prompts, 4), rtol=0, atol=_tol(want8))
+    # ... which is the official transform for HPS (it resizes the float tensor), and differs from it
+    # by PIL's uint8 rounding in the resize for the others
+    gap = float((got_float - want8).abs().max())
+    if spec.pil_pipeline_name == "tensor":
+        assert gap <= _tol(want8), gap
+    else:
+        assert gap > 2 * _tol(want8), (gap, _tol(want8))  # measured 5.8x (aesthetic) to 725x (PickScore)
+
+
+@pytest.mark.parametrize("key", LEARNED)
+def test_uint8_tensor_equals_pil_and_float_path_is_close(built, key):
+    """A uint8 tensor and the PIL images it came from are the same input: identical scores (same
+    computation in one process). An unquantised float tensor of those images takes the torch path;
+    its score is within 2e-3·(1 + |s|) of the official one (8-bit quantisation plus PIL's uint8
+    resampling; for HPS only the quantisation)."""
     s = built[key]
     x = _smooth_images(4, 80, 120, seed=12)
     prompts = PROMPTS[:4]
     via_pil = s(_to_pil(x), prompts)
-    torch.testing.assert_close(s(_quantise(x), prompts), via_pil, atol=1e-5, rtol=1e-5)
+    u8 = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(s(u8, prompts), via_pil)
+    if s.encoder.spec.pil_pipeline_name == "tensor":  # HPS: the official transform is the float path
+        torch.testing.assert_close(s(_quantise(x), prompts), via_pil, atol=1e-5, rtol=1e-5)
     diff = (s(x, prompts) - via_pil).abs()
     assert (diff <= 2e-3 * (1 + via_pil.abs())).all(), diff
+
+
+@pytest.mark.parametrize("key", LEARNED)
+def test_remote_scores_a_png_as_the_official_path_on_its_pixels(built, key):
+    """Server round trip: the training loop's float images travel as 8-bit PNG and the server hands
+    the decoded PIL images to the scorer, which takes its official path: the remote score is the
+    in-process score of the uint8 tensor ``quantize_uint8(x)`` (identical: same pixels, same
+    computation in one process), not the float path of ``x``. PIL input travels as it is (an RGBA
+    image keeps its alpha, sizes may differ)."""
+    from scorers.remote import RemoteScorer, quantize_uint8
+    from scorers.server import ScorerServer
+
+    s = built[key]
+    x = torch.rand(3, 3, 150, 210, generator=torch.Generator().manual_seed(24))
+    prompts = PROMPTS[:3]
+    ims = _user_images()[-3:]  # smooth RGB, RGBA, L: three sizes
+    with ScorerServer(s, port=0) as srv:
+        remote = RemoteScorer(srv.url, retries=0, timeout=60)
+        got = remote(x, prompts)
+        got_pil = remote(ims, prompts)
+    assert torch.equal(got, s(quantize_uint8(x), prompts))
+    assert torch.equal(got_pil, s(ims, prompts))
+    if s.encoder.spec.pil_pipeline_name != "tensor":  # the float path of the same pixels differs
+        assert float((got - s(quantize_uint8(x).float() / 255, prompts)).abs().max()) > 2 * _tol(got)
+
+
+@pytest.mark.parametrize("key", ["aesthetic", "clipscore_open_clip", "pickscore"])
+def test_cli_passes_images_as_loaded(art, tmp_path, key):
+    """``flowrl score`` opens each file and passes the PIL image as it is (no ``convert("RGB")``):
+    an RGBA PNG and an RGB JPEG of other sizes score as the scorer scores ``Image.open(path)``."""
+    from scorers.cli import main as score_main
+
+    g = np.random.default_rng(25)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(g.integers(0, 256, (260, 230, 4), dtype=np.uint8), "RGBA").save(d / "0001.png")
+    Image.fromarray(g.integers(0, 256, (240, 300, 3), dtype=np.uint8)).save(d / "0002.jpg", quality=90)
+    Image.fromarray(g.integers(0, 256, (250, 250, 4), dtype=np.uint8), "RGBA").save(d / "0003.png")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\nthree birds\n")
+    name = "clipscore" if key.startswith("clipscore") else key
+    opts = [f"{k}={v}" for k, v in SCORER_KW[key](art).items() if k != "checkpoint"]
+    args = ["--scorer", name, "--checkpoint", SCORER_KW[key](art)["checkpoint"], "--images", str(d),
+            "--prompts", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "s.csv")]
+    for o in opts:
+        args += ["--option", o]
+    assert score_main(args, stdout=io.StringIO()) == 0
+    rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    got = torch.tensor([float(r.rsplit(",", 1)[1]) for r in rows])
+    s = scorers.get(name, batch_size=16, **SCORER_KW[key](art))
+    files = ["0001.png", "0002.jpg", "0003.png"]
+    want = torch.cat([s([Image.open(d / f)], [p]) for f, p in zip(files, ["a cat", "a dog", "three birds"])])
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(want))
+    if key != "pickscore":  # torchvision pipeline: RGB after the resize, so converting first differs
+        rgb_first = s([Image.open(d / "0001.png").convert("RGB")], ["a cat"])
+        assert float((rgb_first - want[0]).abs()) > 20 * _tol(want)
 
 
 @pytest.mark.parametrize("key", LEARNED)
