@@ -6,7 +6,6 @@ are written out here, not computed by the code under test, so a change of meanin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from flowrl.flow.learner import FlowLearner, scaled_noise_weights
 from flowrl.flow.plan import PlanConfig, build_plan, eval_plan, granular_sigmas, plan_generator
 from flowrl.flow.sampler import Rollout, sample
 from flowrl.flow.steps import ode_step, sde_step
+from toy_policies import GaussianPolicy
 
 H = W = 32
 PROMPTS = ["a red cube", "two green dogs on a hill"]
@@ -43,49 +43,7 @@ MSL = 8
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ToyEmbeds:
-    mu: torch.Tensor
-
-    def select(self, index) -> "ToyEmbeds":
-        return ToyEmbeds(self.mu[torch.as_tensor(index, dtype=torch.long)])
-
-    def tensors(self) -> dict:
-        return {"mu": self.mu}
-
-
-class GaussianPolicy:
-    """Exact velocity of the rectified flow of data x0 ~ N(mu_c, s0² I) (as in tests/test_sampler.py):
-    v = E[eps - x0 | x_t], row-wise, so any batching gives bitwise the same rows."""
-
-    def __init__(self, s0: float = 0.5, shift: float = 3.0):
-        self.s0, self.shift = s0, shift
-        self.rows = 0
-
-    def encode_prompts(self, prompts, negative_prompt=""):
-        return ToyEmbeds(torch.tensor([0.1 * len(p) - 1.0 for p in prompts]))
-
-    def latent_shape(self, height, width):
-        return (2, height // 8, width // 8)
-
-    def initial_noise(self, batch, height, width, generator=None):
-        return torch.randn((batch, *self.latent_shape(height, width)), generator=generator)
-
-    def sigmas(self, num_steps, height, width):
-        t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-        return (self.shift * t / (1 + (self.shift - 1) * t)).float()
-
-    def velocity(self, x, sigma, embeds, guidance_scale):
-        self.rows += x.shape[0]
-        t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
-        mu = embeds.mu.reshape(-1, 1, 1, 1)
-        var = (1 - t) ** 2 * self.s0**2 + t**2
-        centred = x - (1 - t) * mu
-        return t / var * centred - (mu + (1 - t) * self.s0**2 / var * centred)
-
-    def decode(self, x):
-        img = torch.sigmoid(x.mean(1, keepdim=True)).expand(-1, 3, -1, -1)
-        return torch.nn.functional.interpolate(img, scale_factor=8, mode="nearest")
+# GaussianPolicy (tests/toy_policies.py): v = E[eps - x0 | x_t] row-wise, so any batching gives bitwise the same rows
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +182,7 @@ def test_sweep_continuations_and_nfe_on_the_gaussian_flow():
     S, G, steps, grans = 7, 2, [0, 2, 3], [1, 2]
     P = len(PROMPTS)
     plan = _sweep_plan(S, steps, granularities=grans)
-    pol.rows = 0
+    pol.calls.clear()
     r = _sweep(pol, plan, G)
     sig = pol.sigmas(S, H, W)
     emb = pol.encode_prompts(PROMPTS).select(r.prompt_index)
