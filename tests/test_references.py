@@ -199,7 +199,8 @@ def test_flash_solver_orders_euler_head_second_order_after_the_window():
     torch.testing.assert_close(ro.latents[:, 0], x, rtol=0, atol=1e-6)  # float32, five steps
     # the tail: DPM-Solver++(2M) whose first step already uses the x0 prediction of the last SDE step
     x_l = ro.latents[:, -2].float()
-    hist = (x0_from_velocity(x_l, pol.velocity(x_l, sig[8], emb, 1.0), sig[8]), sig[8])
+    hist_l = (x0_from_velocity(x_l, pol.velocity(x_l, sig[8], emb, 1.0), sig[8]), sig[8])
+    hist = hist_l
     tail = compressed_sigmas(sig[9:], 0.4, shift=3.0)
     assert tail.numel() - 1 == UPSTREAM_FLASH_TAIL[5]
     x = ro.latents[:, -1].float()
@@ -211,8 +212,7 @@ def test_flash_solver_orders_euler_head_second_order_after_the_window():
     x = ro.latents[:, -1].float()
     x0 = x0_from_velocity(x, pol.velocity(x, tail[0], emb, 1.0), tail[0])
     first_order = dpm_solver_2m_step(x, x0, tail[0], tail[1])
-    second_order = dpm_solver_2m_step(x, x0, tail[0], tail[1], *((x0_from_velocity(
-        x_l, pol.velocity(x_l, sig[8], emb, 1.0), sig[8]), sig[8])))
+    second_order = dpm_solver_2m_step(x, x0, tail[0], tail[1], *hist_l)
     assert (first_order - second_order).abs().max() > 1e-3
 
 

@@ -305,6 +305,9 @@ class _Deterministic:
         elif solver == "dpm2m":
             x0 = x0_from_velocity(x, v, sigma)
             out = dpm_solver_2m_step(x, x0, sigma, sigma_next, self.x0_prev, self.sigma_prev)
+            if self.solver == "dpm2m":  # the history: this step's x0 prediction, computed once
+                self.x0_prev, self.sigma_prev = x0, sigma
+            return out
         else:
             raise ValueError(f"ode_solver: unknown solver {solver!r}")
         self.observe(x, v, sigma)
@@ -375,10 +378,10 @@ def sample(
         raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size}")
     if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
         raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), got {len(generator)}")
-    if plan.sweep and not same_noise:
-        raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from ONE "
-                         "ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
     if plan.sweep:
+        if not same_noise:
+            raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from "
+                             "ONE ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
         with torch.no_grad():
             return _sample_sweep(policy, list(prompts), plan, group_size, height, width, float(guidance_scale),
                                  generator, negative_prompt, store_dtype, decode, store_means, chunk_size, progress)

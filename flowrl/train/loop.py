@@ -10,7 +10,9 @@ prompt K advantage groups, one per branch step (:mod:`flowrl.flow.sampler`); the
 row's prompt and group from the batch (``prompt_index``, ``group_id``, ``groups_per_prompt``), and
 :func:`minibatch_split` splits the branch steps first: ``num_minibatches`` dividing K gives blocks
 of whole branch steps over all prompts, taken in step order (G²RPO: one optimizer step per k, in k
-order, against the pre-update old log-probs); a multiple of K splits each step's prompts further.
+order, against the pre-update old log-probs); a multiple of K splits each step's prompts further;
+with ``train.sweep_split: prompt`` minibatches are blocks of prompts with all their branch steps
+(TempFlow-GRPO).
 Rewards are gathered from all processes before advantages
 are computed (a group's statistics see the whole group; batch statistics the whole batch), and the
 loss normaliser is the count over the whole optimizer batch (all processes), so neither the
