@@ -59,7 +59,7 @@ Two paths:
   (:attr:`PreprocessSpec.pil_pipeline`), so the pixels equal the official transform's to float32
   rounding (tests: bit-identical). Not differentiable (the input is 8-bit). :class:`scorers.base.Scorer`
   hands PIL lists and uint8 tensors unchanged to scorers that set ``pil_input`` (PickScore, HPS,
-  aesthetic, clipscore, remote); ImageReward routes them here in its own ``__call__``.
+  aesthetic, clipscore, ImageReward, remote).
 
 Tests (tests/test_scorer_preprocess.py) compare both paths with torchvision, open_clip and
 transformers' PIL image processor.

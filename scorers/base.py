@@ -14,7 +14,7 @@ What :meth:`Scorer.score_batch` receives:
 * a float tensor is moved to the scorer's device and cast to float32, chunk by chunk (the training
   loop's path; differentiable with ``differentiable=True``);
 * PIL images and uint8 tensors go, when the scorer sets :attr:`Scorer.pil_input` (the learned
-  scorers: PickScore, HPS v2/v2.1, aesthetic, clipscore), to ``score_batch`` as they are — a list
+  scorers: PickScore, HPS v2/v2.1, aesthetic, clipscore, ImageReward), to ``score_batch`` as they are — a list
   of PIL images (any mode, any sizes) or a uint8 tensor chunk on the CPU — so that the scorer runs
   its model's official PIL preprocessing on them (:func:`scorers._preprocess.pil_pixel_values`);
   they carry no gradient, so that call runs under ``torch.no_grad()``;

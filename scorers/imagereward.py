@@ -464,6 +464,7 @@ class ImageRewardScorer(Scorer):
     """
 
     name = "imagereward"
+    pil_input = True  # PIL / uint8 chunks reach score_batch as they are (the official preprocessing)
 
     def __init__(self, model: ImageRewardModel, tokenizer, device="cpu", dtype=torch.float32, batch_size: int = 16, differentiable: bool = False):
         super().__init__(device=device, dtype=dtype, batch_size=batch_size, differentiable=differentiable)
@@ -493,27 +494,6 @@ class ImageRewardScorer(Scorer):
         if is_pil_or_uint8(images):
             return pil_pixel_values(images, self.preprocess_spec)
         return preprocess(images, self.preprocess_spec)
-
-    def __call__(self, images, prompts: Sequence[str], **metadata) -> torch.Tensor:
-        """Scores [B] (float32). Float tensors go through :class:`~scorers.base.Scorer` (torch
-        preprocessing); PIL images and uint8 tensors are preprocessed as the official package does,
-        chunk by chunk, then scored the same way (metadata is not used by this scorer)."""
-        if not is_pil_or_uint8(images):
-            return super().__call__(images, prompts, **metadata)
-        if isinstance(images, torch.Tensor) and images.ndim != 4:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        items = images if isinstance(images, torch.Tensor) else (list(images) if isinstance(images, (list, tuple)) else [images])
-        prompts = list(prompts)
-        if len(prompts) != len(items):
-            raise ValueError(f"{self.name}: got {len(items)} images but {len(prompts)} prompts")
-        outs = [torch.zeros(0)]
-        with torch.no_grad():  # 8-bit input: nothing to differentiate
-            for start in range(0, len(items), self.batch_size):
-                stop = start + self.batch_size
-                px = pil_pixel_values(items[start:stop], self.preprocess_spec)
-                outs.append(self.score_pixels(px, prompts[start:stop]).reshape(-1).float().cpu())
-        scores = torch.cat(outs)
-        return scores.to(self.device) if self.differentiable else scores  # as Scorer.__call__
 
     def score_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Standardised rewards [b] (float32) from already preprocessed pixels."""
