@@ -437,6 +437,7 @@ class TrainConfig:
     stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
     stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
+    max_update_ratio: Optional[float] = 0.5  # stop (without checkpointing) when one optimizer step changes the trainable weights' norm by more than this fraction; null: off
     keep_last: int = 2  # checkpoints kept on disk
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # accelerate tracker
@@ -458,6 +459,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.max_update_ratio is not None and not (math.isfinite(self.max_update_ratio) and self.max_update_ratio > 0):
+            raise ValueError(f"max_update_ratio: must be a finite number > 0 or null, got {self.max_update_ratio}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
         if self.step_weight_scale is not None:

@@ -7,14 +7,21 @@ Layout of one checkpoint folder ``<run>/checkpoints/step-00000010/``::
                           back with ``torch.load(weights_only=True)`` only, so no pickle code runs)
     rng.json              every RNG state: Python, numpy, torch CPU (+ CUDA), named torch generators
     meta.json             step, wall clock, the JSON-able state of the loop (stat tracker, counters)
-    COMPLETE              written last: a folder without it is half-written and ignored on resume
+    COMPLETE              written last: the step and a manifest (size and SHA-256 of every file above);
+                          a folder without it is half-written and ignored on resume
 
 The folder is written under a temporary name in the same directory and renamed into place, so a
 crash at any moment leaves either the previous checkpoints or the new one, never a torn one. The
 previous checkpoint is kept until the new one is complete; ``keep_last`` bounds how many stay.
+
+:func:`verify_checkpoint` checks a folder against its manifest (sizes, checksums, the step in the
+folder name, ``meta.json`` and the marker agreeing) and raises :class:`CheckpointError`, one line
+naming the folder and what is wrong. :func:`latest_checkpoint` returns the newest folder that
+verifies, warning about each newer one it skips; :func:`load_checkpoint` verifies before it reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,10 +35,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowrl.inputs import UsageError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
+FILES = ("weights.safetensors", "state.pt", "rng.json", "meta.json")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint folder that cannot be used (half-written, damaged, not a checkpoint): one line
+    naming the folder and the problem."""
 
 
 # ------------------------------------------------------------------------------------------- RNG
@@ -121,7 +136,7 @@ def save_checkpoint(
         os.fsync(f.fileno())
     _write_json(tmp / "rng.json", dict(rng or {}))
     _write_json(tmp / "meta.json", {"step": int(step), **dict(meta or {})})
-    _write_json(tmp / COMPLETE, {"step": int(step)})
+    _write_json(tmp / COMPLETE, {"step": int(step), "files": {name: _file_entry(tmp / name) for name in FILES}})
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. after resume): replace it atomically enough
         old = parent / f".old-{final.name}-{os.getpid()}"
@@ -164,23 +179,96 @@ def prune_checkpoints(run_dir, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entry(path: Path) -> Dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path.parent}: {what} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path.parent}: {what} is unreadable ({type(e).__name__})") from None
+
+
+def verify_checkpoint(path) -> Dict[str, Any]:
+    """Check folder ``path`` against the manifest in its ``COMPLETE`` marker: every file present
+    with its size and SHA-256, and the step of the folder name, the marker and ``meta.json``
+    agreeing. Returns the marker; raises :class:`CheckpointError` on the first problem. (A marker
+    without a manifest, from before manifests existed, is checked for the files and steps only.)"""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not (p / COMPLETE).is_file():
+        raise CheckpointError(f"{p} is not a complete checkpoint (no {COMPLETE} marker: half-written, or not a checkpoint)")
+    marker = _read_json(p / COMPLETE, f"its {COMPLETE} marker")
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise CheckpointError(f"checkpoint {p}: its {COMPLETE} marker is garbled")
+    m = _NAME.match(p.name)
+    if m and int(m.group(1)) != marker["step"]:
+        raise CheckpointError(f"checkpoint {p}: the folder name says step {int(m.group(1))}, its marker step {marker['step']}")
+    files = marker.get("files")
+    for name in FILES:
+        f = p / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {p}: {name} is missing")
+        if files is None:
+            continue
+        want = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(want, dict):
+            raise CheckpointError(f"checkpoint {p}: {name} is not in its manifest")
+        size = f.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"checkpoint {p}: {name} has {size} bytes, its manifest says {want.get('size')} (truncated or replaced)")
+        if _sha256(f) != want.get("sha256"):
+            raise CheckpointError(f"checkpoint {p}: {name} does not match its manifest checksum (damaged)")
+    meta = _read_json(p / "meta.json", "meta.json")
+    if not isinstance(meta, dict) or meta.get("step") != marker["step"]:
+        raise CheckpointError(f"checkpoint {p}: meta.json says step {meta.get('step') if isinstance(meta, dict) else '?'}, "
+                              f"its marker step {marker['step']}")
+    return marker
+
+
 def latest_checkpoint(run_dir) -> Optional[Path]:
-    """The newest complete checkpoint; half-written ones are skipped with a warning."""
+    """The newest checkpoint that verifies (:func:`verify_checkpoint`); each newer one that does not
+    (half-written, truncated, damaged) is skipped with a warning naming it and why."""
     for p in reversed(list_checkpoints(run_dir, complete_only=False)):
-        if (p / COMPLETE).is_file():
-            return p
-        log.warning("ignoring half-written checkpoint %s (no %s marker)", p, COMPLETE)
+        if not (p / COMPLETE).is_file():
+            log.warning("ignoring half-written checkpoint %s (no %s marker)", p, COMPLETE)
+            continue
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            log.warning("skipping a damaged checkpoint, falling back to the previous one: %s", e)
+            continue
+        return p
     return None
 
 
 def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
-    """Read a checkpoint folder: {'weights', 'tensor_state', 'rng', 'meta'}. Never unpickles code."""
+    """Verify and read a checkpoint folder: {'weights', 'tensor_state', 'rng', 'meta'}. Never
+    unpickles code. Any problem is a :class:`CheckpointError` naming the folder."""
     p = Path(path)
-    if not (p / COMPLETE).is_file():
-        raise FileNotFoundError(f"{p} is not a complete checkpoint (no {COMPLETE} marker)")
-    return {
-        "weights": load_file(str(p / "weights.safetensors"), device=str(map_location)),
-        "tensor_state": torch.load(p / "state.pt", map_location=map_location, weights_only=True),
-        "rng": json.loads((p / "rng.json").read_text(encoding="utf-8")),
-        "meta": json.loads((p / "meta.json").read_text(encoding="utf-8")),
-    }
+    verify_checkpoint(p)
+    try:
+        weights = load_file(str(p / "weights.safetensors"), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types for a malformed file
+        raise CheckpointError(f"checkpoint {p}: weights.safetensors is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        tensor_state = torch.load(p / "state.pt", map_location=map_location, weights_only=True)
+    except Exception as e:  # a corrupt zip / pickle stream
+        raise CheckpointError(f"checkpoint {p}: state.pt is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    rng = _read_json(p / "rng.json", "rng.json")
+    meta = _read_json(p / "meta.json", "meta.json")
+    if not isinstance(rng, dict) or not isinstance(tensor_state, dict):
+        raise CheckpointError(f"checkpoint {p}: rng.json or state.pt does not hold a mapping")
+    return {"weights": weights, "tensor_state": tensor_state, "rng": rng, "meta": meta}
