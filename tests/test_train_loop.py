@@ -370,8 +370,8 @@ def test_nan_gradients_skip_steps_then_stop(lm_dir, tmp_path, monkeypatch, capsy
     assert len(err) == 1 and err[0].startswith("flowrl: stopped:") and "2 steps in a row" in err[0], err
     assert calls["n"] == 5
     metrics = read_metrics(run)
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # step 5 raised before it was logged
-    assert [m["skipped_optimizer_steps"] for m in metrics] == [0, 1, 0, 1]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # step 5 is logged, then the run stops
+    assert [m["skipped_optimizer_steps"] for m in metrics] == [0, 1, 0, 1, 1]
     assert not ckpt(run, 5).exists()
     w = {s: ckpt_weights(run, s) for s in (1, 2, 3, 4)}
     state = {s: torch.load(ckpt(run, s) / "state.pt", weights_only=True) for s in (1, 2, 3, 4)}

@@ -129,15 +129,19 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(dict(tensor_state or {}), f)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_json(tmp / "rng.json", dict(rng or {}))
-    _write_json(tmp / "meta.json", {"step": int(step), **dict(meta or {})})
-    _write_json(tmp / COMPLETE, {"step": int(step), "files": {name: _file_entry(tmp / name) for name in FILES}})
-    _fsync_dir(tmp)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(dict(tensor_state or {}), f)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_json(tmp / "rng.json", dict(rng or {}))
+        _write_json(tmp / "meta.json", {"step": int(step), **dict(meta or {})})
+        _write_json(tmp / COMPLETE, {"step": int(step), "files": {name: _file_entry(tmp / name) for name in FILES}})
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, a kill signal turned exception: leave no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a re-save of the same step (e.g. after resume): replace it atomically enough
         old = parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)

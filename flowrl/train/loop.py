@@ -48,7 +48,10 @@ import torch
 
 from flowrl.config import RunConfig, dump, to_dict
 from flowrl.inputs import UsageError
-from flowrl.train.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from flowrl.train.checkpoint import (
+    CheckpointError, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
+    verify_checkpoint,
+)
 from flowrl.train.data import choose_prompts, load_records, local_layout, step_generator
 
 log = logging.getLogger("flowrl.train")
@@ -69,8 +72,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, accelerator=None):
         from accelerate import Accelerator
 
+        from flowrl.train.guard import writable_run_dir
+
         self.cfg = cfg
-        self.run_dir = Path(cfg.output_dir)
+        self.run_dir = writable_run_dir(Path(cfg.output_dir))  # before accelerate or a model touches it
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -85,6 +90,16 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.main = accelerator.is_main_process
+        self._lock = None
+        try:
+            self._claim_run_dir()
+            self._setup(cfg, accelerator)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: RunConfig, accelerator) -> None:
+        tc = cfg.train
         # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
         self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
         self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, tc.sweep_split)
@@ -129,6 +144,7 @@ class Trainer:
         self.step = 0
         self.optimizer_steps = 0
         self.bad_in_row = 0
+        self.invalid_in_row = 0  # consecutive steps in which no sample had a finite reward
         self.total_nfe = 0
         self.train_time = 0.0  # seconds of training (no evaluation) in this segment, for time_budget_s
         self.wall_before = 0.0  # wall clock of earlier (resumed) segments
@@ -147,17 +163,51 @@ class Trainer:
             tensor_state["ema"] = self.ema.state_dict()
         meta = {
             "lora": lora_meta(self.task.module) if self.cfg.train.lora and self.task.kind == "flow" else None,
-            "optimizer_steps": self.optimizer_steps, "bad_in_row": self.bad_in_row, "total_nfe": self.total_nfe,
+            "optimizer_steps": self.optimizer_steps, "bad_in_row": self.bad_in_row, "invalid_in_row": self.invalid_in_row,
+            "total_nfe": self.total_nfe,
             "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
             "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
         }
         path = None
+        weights = self._trainable_state()
+        if not all(bool(torch.isfinite(w).all()) for w in weights.values()):  # the update check should have stopped earlier
+            raise TrainingStopped(f"step {self.step}: non-finite weights are never checkpointed. {self._last_good()}")
         if self.main:
-            path = save_checkpoint(self.run_dir, self.step, weights=self._trainable_state(), tensor_state=tensor_state,
-                                   meta=meta, rng=capture_rng(), keep_last=self.cfg.train.keep_last)
+            try:
+                path = save_checkpoint(self.run_dir, self.step, weights=weights, tensor_state=tensor_state,
+                                       meta=meta, rng=capture_rng(), keep_last=self.cfg.train.keep_last)
+            except OSError as e:  # a full disk, a quota, a folder gone: stop with the earlier checkpoints intact
+                raise TrainingStopped(f"could not write the checkpoint of step {self.step} into {self.run_dir / 'checkpoints'} "
+                                      f"({e.strerror or e}). {self._last_good()}") from None
         self.acc.wait_for_everyone()
         return path
+
+    def _claim_run_dir(self) -> None:
+        """Before any model is loaded: the run folder is writable and this run owns it (a lock),
+        ``resume=none`` does not overwrite an earlier run, and a checkpoint to resume from verifies
+        and was trained with a compatible config (:mod:`flowrl.train.guard`)."""
+        from flowrl.train.guard import RunLock, check_resume_config
+
+        cfg = self.cfg
+        if self.main:
+            self._lock = RunLock(self.run_dir)
+            done = list_checkpoints(self.run_dir)
+            if cfg.resume == "none" and done:
+                raise UsageError(f"output_dir {self.run_dir} already holds a run (checkpoints up to {done[-1].name}); "
+                                 f"resume=none would mix two runs in one folder: use resume=auto to continue it, "
+                                 f"or choose another output_dir")
+        self.resume_from = self._resume_path()
+        self.resume_changes = []
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / "meta.json").read_text(encoding="utf-8")).get("config")
+            self.resume_changes = check_resume_config(saved, to_dict(cfg), self.resume_from)
+
+    def close(self) -> None:
+        """Release the run folder (its lock)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _resume_path(self) -> Optional[Path]:
         r = self.cfg.resume
@@ -168,14 +218,26 @@ class Trainer:
         p = Path(r)
         if not p.is_dir():
             raise UsageError(f"resume: checkpoint folder not found: {p}")
+        verify_checkpoint(p)
         return p
+
+    def _set_aside_newer(self, step: int) -> None:
+        """Checkpoints newer than the one resumed from (damaged ones skipped by ``resume=auto``, or
+        the later steps of a run resumed from an earlier checkpoint) are renamed ``.stale-step-*``:
+        kept for inspection, never resumed from or counted by ``keep_last``."""
+        for p in list_checkpoints(self.run_dir, complete_only=False):
+            if int(p.name[5:]) > step:
+                dest = p.with_name(f".stale-{p.name}-{int(time.time())}")
+                os.rename(p, dest)
+                log.warning("set aside %s (newer than the resumed step %d) as %s", p.name, step, dest.name)
 
     def maybe_resume(self) -> None:
         from flowrl.train.lora import load_trainable_state_dict
 
-        path = self._resume_path()
+        path = self.resume_from
         if path is None:
             if self.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
+                self._set_aside_newer(0)
                 _truncate_jsonl(self.run_dir / "metrics.jsonl", -1)
                 _truncate_jsonl(self.run_dir / "eval.jsonl", -1)
             log.info("no checkpoint to resume from (resume=%s): training from step 0", self.cfg.resume)
@@ -184,12 +246,21 @@ class Trainer:
         load_trainable_state_dict(self.task.module, ck["weights"])
         self.optimizer.load_state_dict(ck["tensor_state"]["optimizer"])
         self.scheduler.load_state_dict(ck["tensor_state"]["scheduler"])
+        changed = {k for k, _, _ in self.resume_changes}
+        if changed & {"train.learning_rate", "train.weight_decay"}:
+            from flowrl.train.guard import apply_optimizer_settings
+
+            apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg.train.learning_rate, self.cfg.train.weight_decay)
+        for k, old, new in self.resume_changes:
+            if k not in ("resume", "output_dir"):
+                log.info("resume: %s changed from %r to %r (applied)", k, old, new)
         if self.ema is not None and "ema" in ck["tensor_state"]:
             self.ema.load_state_dict(ck["tensor_state"]["ema"])
         m = ck["meta"]
         self.step = int(m["step"])
         self.optimizer_steps = int(m.get("optimizer_steps", 0))
         self.bad_in_row = int(m.get("bad_in_row", 0))
+        self.invalid_in_row = int(m.get("invalid_in_row", 0))
         self.total_nfe = int(m.get("total_nfe", 0))
         self.wall_before = float(m.get("wall_clock_s", 0.0))
         self.first_eval, self.last_eval = m.get("first_eval"), m.get("last_eval")
@@ -199,6 +270,8 @@ class Trainer:
             self.kl_ctl.load_state_dict(m["kl_ctl"])
         restore_rng(ck["rng"])
         if self.main:
+            if path.parent == self.run_dir / "checkpoints":
+                self._set_aside_newer(self.step)
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -326,6 +399,12 @@ class Trainer:
         t_sample = time.time()
         rewards, names, info = self.task.score(batch, records)
         self._reward_names = names
+        nonfinite = ~torch.isfinite(rewards)
+        if bool(nonfinite.any()):  # NaN, +inf and -inf alike: that sample is invalid (advantage 0, masked)
+            n_inf = int(torch.isinf(rewards.reshape(rewards.shape[0], -1)).any(dim=1).sum())
+            if n_inf:
+                log.warning("step %d: %d sample(s) got an infinite reward; they count as invalid", self.step, n_inf)
+            rewards = torch.where(nonfinite, torch.full_like(rewards, float("nan")), rewards)
         t_score = time.time()
         G = cfg.sample.group_size
         K = self.groups_per_prompt
@@ -346,7 +425,9 @@ class Trainer:
         row_block = row_prompt // per_rank_groups  # the prompt block (local_layout's minibatch) of each row
         row_kblock = row_branch // (K // self.mb_branches)  # its block of branch steps (0 but for sweeps)
         loss_stats: List[Dict[str, float]] = []
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, update_ratios = [], 0, []
+        from flowrl.train.guard import check_update, weight_norm
+
         for epoch in range(tc.num_iterations):
             perm = torch.randperm(self.mb_prompts, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
             order = [(b, c) for c in range(self.mb_branches) for b in perm]  # branch blocks in step order
@@ -384,7 +465,13 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     log.warning("step %d: non-finite loss or gradient (grad norm %s); optimizer step skipped", self.step, gn)
                     continue
+                norm_before = weight_norm(self.params)
                 self.optimizer.step()
+                ratio, problem = check_update(norm_before, self.params, tc.max_update_ratio)
+                update_ratios.append(ratio)
+                if problem is not None:
+                    raise TrainingStopped(f"step {self.step + 1}: {problem}; these weights are not checkpointed. "
+                                          f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm)")
                 self.scheduler.step()
                 self.optimizer_steps += 1
                 if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
@@ -423,6 +510,7 @@ class Trainer:
             metrics["ratio_first_min"] = loss_stats[0]["ratio_min"]  # on-policy first pass: exactly 1
             metrics["ratio_first_max"] = loss_stats[0]["ratio_max"]
         metrics["grad_norm"] = _mean(grad_norms)
+        metrics["update_ratio"] = max(update_ratios, default=float("nan"))
         metrics["skipped_optimizer_steps"] = skipped
         metrics["beta"] = beta
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -435,13 +523,30 @@ class Trainer:
             for issue in info["issues"]:
                 log.warning("step %d: reward issue: %s", self.step, issue)
         self.step += 1
-        if self.bad_in_row >= tc.max_bad_steps:
+        n_rows = int(g_total.numel())
+        self.invalid_in_row = self.invalid_in_row + 1 if metrics["invalid_samples"] == n_rows else 0
+        return metrics
+
+    def _check_going_on(self) -> None:
+        """Stop (:class:`TrainingStopped`) after ``train.max_bad_steps`` steps in a row without an
+        update (non-finite loss or gradient) or without a single valid sample."""
+        cfg, limit = self.cfg, self.cfg.train.max_bad_steps
+        if self.bad_in_row >= limit:
             raise TrainingStopped(
                 f"{self.bad_in_row} steps in a row had a non-finite loss or gradient; stopping. "
-                f"The last good checkpoint is in {self.run_dir / 'checkpoints'} (lower train.learning_rate or "
-                f"train.max_grad_norm, or check the rewards)"
+                f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm, or check the rewards)"
             )
-        return metrics
+        if self.invalid_in_row >= limit:
+            raise TrainingStopped(
+                f"{self.invalid_in_row} steps in a row had no valid sample (every reward NaN or infinite: "
+                f"can the rewards {sorted(cfg.rewards)} score prompts from {cfg.data.train!r}?); stopping. {self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        """Where the run can be continued from, for a stop message: the newest checkpoint that
+        verifies (every checkpoint written passed the weight check)."""
+        ck = latest_checkpoint(self.run_dir)
+        return f"The last good checkpoint is {ck}" if ck is not None else "No checkpoint was written yet"
 
     # ------------------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
@@ -470,57 +575,91 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- driver
     def run(self) -> Dict[str, Any]:
+        """Resume or start, train to ``max_steps`` (or the time budget), save, summarise. A SIGTERM
+        or SIGINT ends the step in progress, writes a checkpoint and returns early with
+        ``{"stopped_by": signal name, "checkpoint": path}`` (a second SIGINT interrupts at once)."""
+        from flowrl.train.guard import GracefulStop
+
         cfg = self.cfg
         self._t0 = time.time()
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump(cfg, self.run_dir / "config.yaml")
-        self.maybe_resume()
-        if cfg.train.tracker != "none":
-            self.acc.init_trackers("flowrl", config=_flat_config(cfg))
-        if self.first_eval is None and cfg.eval.at_start and self.step == 0:
-            self.first_eval = self.last_eval = self.evaluate()
+        stop = GracefulStop()
+        try:
+            with stop:
+                if self.main:
+                    dump(cfg, self.run_dir / "config.yaml")
+                self.maybe_resume()
+                if cfg.train.tracker != "none":
+                    self.acc.init_trackers("flowrl", config=_flat_config(cfg))
+                if self.first_eval is None and cfg.eval.at_start and self.step == 0:
+                    self.first_eval = self.last_eval = self.evaluate()
+                self._loop(stop)
+                if stop.signal_name is not None:
+                    ck = latest_checkpoint(self.run_dir)
+                    log.info("stopped by %s after step %d; checkpoint %s", stop.signal_name, self.step, ck)
+                    return {"steps": self.step, "stopped_by": stop.signal_name, "checkpoint": str(ck) if ck else None,
+                            "wall_clock_s": round(self.wall_before + (time.time() - self._t0), 3)}
+                if self.step == cfg.max_steps and not (self.run_dir / "checkpoints" / f"step-{self.step:08d}").is_dir():
+                    self.save()
+                summary = self.finish()
+                if cfg.train.tracker != "none":
+                    self.acc.end_training()
+                return summary
+        finally:
+            self.close()
+
+    def _stop_requested(self, stop) -> bool:
+        """Whether any process got SIGTERM/SIGINT (all processes must stop at the same step)."""
+        flag = stop.signal_name is not None
+        if self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+            flag = float(self.acc.reduce(t, "sum").sum()) > 0
+            if flag and stop.signal_name is None:
+                stop.signal_name = "SIGTERM"
+        return flag
+
+    def _loop(self, stop) -> None:
+        """Steps until ``max_steps``, the time budget, or a signal (then a checkpoint is written)."""
+        cfg = self.cfg
         bar = None
         if self.main and cfg.train.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="flowrl train", dynamic_ncols=True)
         try:
-            while self.step < cfg.max_steps:
-                metrics = self.train_step()
-                self.train_time += metrics["time/step"]
-                out_of_time = cfg.time_budget_s is not None and self.train_time >= cfg.time_budget_s
-                if out_of_time:
-                    log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
-                    ev = self.evaluate()
-                    if self.main:
-                        self.last_eval = ev
-                        if self.first_eval is None:
-                            self.first_eval = ev
-                        metrics.update({f"eval/{k}": v for k, v in ev.get("means", {}).items()})
-                if self.main:
-                    _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
-                if cfg.train.tracker != "none":
-                    self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
-                if bar is not None:
-                    bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['approx_kl']:.2e}",
-                                    clip=f"{metrics['clip_frac']:.2f}", s_step=f"{metrics['time/step']:.1f}")
-                    bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time:
-                    self.save()
-                if out_of_time:
-                    break
+            self._steps(bar, stop)
         finally:
             if bar is not None:
                 bar.close()
-        if self.step == cfg.max_steps and (latest_checkpoint(self.run_dir) is None
-                                           or not (self.run_dir / "checkpoints" / f"step-{self.step:08d}").is_dir()):
-            self.save()
-        summary = self.finish()
-        if cfg.train.tracker != "none":
-            self.acc.end_training()
-        return summary
+
+    def _steps(self, bar, stop) -> None:
+        cfg = self.cfg
+        while self.step < cfg.max_steps and not self._stop_requested(stop):
+            metrics = self.train_step()
+            self.train_time += metrics["time/step"]
+            out_of_time = cfg.time_budget_s is not None and self.train_time >= cfg.time_budget_s
+            if out_of_time:
+                log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
+                ev = self.evaluate()
+                if self.main:
+                    self.last_eval = ev
+                    if self.first_eval is None:
+                        self.first_eval = ev
+                    metrics.update({f"eval/{k}": v for k, v in ev.get("means", {}).items()})
+            if self.main:
+                _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+            self._check_going_on()
+            if cfg.train.tracker != "none":
+                self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
+            if bar is not None:
+                bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['approx_kl']:.2e}",
+                                clip=f"{metrics['clip_frac']:.2f}", s_step=f"{metrics['time/step']:.1f}")
+                bar.update(1)
+            stopping = self._stop_requested(stop)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or out_of_time or stopping:
+                self.save()
+            if out_of_time or stopping:
+                break
 
     def finish(self) -> Dict[str, Any]:
         first, last = self.first_eval or {}, self.last_eval or {}
@@ -663,9 +802,20 @@ def train_command(config: Optional[str], overrides=(), *, family: Optional[str] 
     except TrainingStopped as e:
         print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 3
+    if summary.get("stopped_by"):
+        where = summary["checkpoint"] or "no checkpoint yet"
+        print(f"{prog}: stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint: {where} "
+              f"(run the same command again to continue: resume=auto)", file=sys.stderr)
+        return 0
     first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
     print(f"done: {summary['steps']} steps in {summary['wall_clock_s']:.0f} s; run folder {cfg.output_dir}")
     for k in sorted(set(first) | set(last)):
-        print(f"  held-out {k}: {first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}")
+        print(f"  held-out {k}: {_fmt(first.get(k))} -> {_fmt(last.get(k))}")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _fmt(v) -> str:
+    """A held-out number for the summary lines: 4 decimals, or 'n/a' (no evaluation, or every
+    evaluated sample invalid)."""
+    return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
