@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from flowrl.core.checks import check_number
+
 
 class ConfigError(ValueError):
     """A config problem, reported as one line that names the key."""
@@ -342,6 +344,13 @@ class ModelConfig:
             raise ValueError("frozen_dtype: only image models have frozen parts")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: must be >= 1, got {self.max_sequence_length}")
+        check_number("shift", self.shift, gt=0, none_ok=True)
+        import torch
+
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"device: {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
 
 
 @dataclass
@@ -368,6 +377,7 @@ class SampleConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size: must be >= 1 or null, got {self.chunk_size}")
+        check_number("guidance_scale", self.guidance_scale, ge=0)
 
 
 @dataclass
@@ -381,10 +391,8 @@ class TextConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        check_number("temperature", self.temperature, gt=0)
+        check_number("top_p", self.top_p, gt=0, le=1, none_ok=True)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
 
@@ -408,6 +416,7 @@ class EvalConfig:
             raise ValueError(f"num_prompts: must be >= 1, got {self.num_prompts}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        check_number("guidance_scale", self.guidance_scale, ge=0, none_ok=True)
 
 
 @dataclass
@@ -416,7 +425,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # gradient clipping (DanceGRPO recommends 0.01 when unstable)
+    max_grad_norm: float = 1.0  # gradient clipping (DanceGRPO recommends 0.01 when unstable; .inf: no clipping)
     warmup_steps: int = 0  # linear LR warm-up (optimizer steps)
     num_iterations: int = 1  # K inner epochs over each rollout (1: exactly on-policy)
     num_minibatches: int = 1  # optimizer steps per inner epoch (the rollout split into this many minibatches)
@@ -444,8 +453,10 @@ class TrainConfig:
     progress: bool = True  # progress bar on stderr
 
     def validate(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        check_number("learning_rate", self.learning_rate, gt=0, le=1.0,
+                     why="an AdamW learning rate above 1 is never meant; LoRA RL uses 1e-5 to 1e-3")
+        check_number("weight_decay", self.weight_decay, ge=0)
+        check_number("adam_eps", self.adam_eps, gt=0)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
         if self.sweep_split not in ("branch", "prompt"):
@@ -455,19 +466,16 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
-        if self.max_update_ratio is not None and not (math.isfinite(self.max_update_ratio) and self.max_update_ratio > 0):
-            raise ValueError(f"max_update_ratio: must be a finite number > 0 or null, got {self.max_update_ratio}")
+        check_number("ema_decay", self.ema_decay, gt=0, lt=1)
+        check_number("max_grad_norm", self.max_grad_norm, gt=0, inf_ok=True, why=".inf: no clipping")
+        check_number("max_update_ratio", self.max_update_ratio, gt=0, none_ok=True)
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
+        check_number("lora_alpha", self.lora_alpha, gt=0, none_ok=True)
         if self.step_weight_scale is not None:
             if self.step_weighting != "noise_aware":
                 raise ValueError("step_weight_scale: only used with step_weighting: noise_aware (set it, or leave the scale null)")
-            if not (math.isfinite(self.step_weight_scale) and self.step_weight_scale > 0):
-                raise ValueError(f"step_weight_scale: must be a finite number > 0 or null, got {self.step_weight_scale}")
+            check_number("step_weight_scale", self.step_weight_scale, gt=0, none_ok=True)
 
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
@@ -498,20 +506,40 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # prompt sources
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
 
+    @property
+    def stat_tracker_applies(self) -> bool:
+        """Whether ``train.per_prompt_stat_tracking`` would be used: text runs and flat image plans
+        (trees compare siblings, multi-granularity plans normalise within each granularity)."""
+        return self.model.family == "lm" or (self.plan.kind != "tree" and list(self.plan.granularities) == [1])
+
     def validate(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"max_steps: must be >= 0, got {self.max_steps}")
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_number("time_budget_s", self.time_budget_s, gt=0, none_ok=True, why="null: no time limit")
         if not self.rewards:
             raise ValueError("rewards: name at least one reward")
         for name, w in self.rewards.items():
-            if not isinstance(w, (int, float)) or w != w:
-                raise ValueError(f"rewards: weight of {name!r} must be a number")
+            check_number(f"rewards.{name}", w, why="the weight of that reward")
         unknown = sorted(set(self.reward_options) - set(self.rewards))
         if unknown:
             raise ValueError(f"reward_options: options for rewards not in 'rewards': {unknown}")
+        adv = self.advantage  # what compute_advantages would refuse at the first step
+        if adv.reward_weights is not None and len(adv.reward_weights) != len(self.rewards):
+            raise ValueError(f"advantage.reward_weights: {len(adv.reward_weights)} weights for the {len(self.rewards)} "
+                             "reward(s) in 'rewards' (null: the weights in 'rewards')")
+        if adv.normalize_weights and adv.reward_weights is None and not sum(self.rewards.values()) > 0:
+            raise ValueError(f"advantage.normalize_weights: the weights in 'rewards' must have a positive sum to be "
+                             f"normalised, got {dict(self.rewards)}")
+        if self.train.per_prompt_stat_tracking and self.stat_tracker_applies:
+            if adv.ngrpo_max_reward is not None:
+                raise ValueError("train.per_prompt_stat_tracking: cannot be combined with advantage.ngrpo_max_reward "
+                                 "(NGRPO calibrates the group baseline; the tracker replaces it)")
+            if adv.multi_reward == "normalize_then_sum" and len(self.rewards) > 1:
+                raise ValueError("train.per_prompt_stat_tracking: not supported with advantage.multi_reward: "
+                                 "normalize_then_sum and several rewards")
         if self.plan.is_sweep and not self.sample.same_noise:
             raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular_choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from scorers._text import short
 from scorers.base import Scorer
 from scorers.registry import register
 from scorers.remote import RemoteScorerError, check_retry_options, check_url, encode_png_b64, request_json
@@ -80,7 +81,8 @@ def _answer_text(reply: Any) -> str:
         raise ValueError(f"expected a JSON object, got {type(reply).__name__}")
     if "error" in reply and "choices" not in reply:
         err = reply["error"]
-        raise ValueError(f"the endpoint answered with an error: {err.get('message', err) if isinstance(err, dict) else err}")
+        text = err.get("message", err) if isinstance(err, dict) else err
+        raise ValueError(f"the endpoint answered with an error: {short(text, 300)}")  # it may quote the prompt
     choices = reply.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ValueError("no 'choices' list in the reply")

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from scorers._text import short
 from scorers.registry import get as get_scorer
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("mask", "raise")
+MESSAGE_CHARS = 500  # a scorer's error text is cut to this many characters in issues and logs
 
 
 @dataclass(frozen=True)
@@ -185,10 +188,13 @@ class MultiReward:
         try:
             out = fn(images, prompts, **metadata)
         except Exception as e:  # a reward model failing must not kill a long run unless asked to
+            # the error text may quote a (megabytes long) prompt: cut it, here and in the traceback
+            msg = short(f"{type(e).__name__}: {e}", MESSAGE_CHARS)
             if self.on_error == "raise":
-                raise RuntimeError(f"scorer {name!r} failed: {type(e).__name__}: {e}") from e
-            logger.exception("scorer %r raised on a batch of %d", name, n)
-            return torch.full((n,), float("nan")), RewardIssue(name, "error", n, f"{type(e).__name__}: {e}")
+                raise RuntimeError(f"scorer {name!r} failed: {msg}") from e
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            logger.error("scorer %r raised on a batch of %d\nTraceback (most recent call last):\n%s%s", name, n, frames, msg)
+            return torch.full((n,), float("nan")), RewardIssue(name, "error", n, msg)
         if not isinstance(out, torch.Tensor):
             try:
                 out = torch.as_tensor(out, dtype=torch.float32)

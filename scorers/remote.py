@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 from scorers._preprocess import is_pil_or_uint8
+from scorers._text import short
 from scorers.base import Scorer, as_8bit_batch, as_image_tensor
 from scorers.registry import register
 
@@ -259,9 +260,9 @@ def _server_message(body: bytes) -> str:
         obj = json.loads(text)
         if isinstance(obj, dict) and "error" in obj:
             err = obj["error"]  # ours: a string; OpenAI-style servers: {"message": ...}
-            return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+            return short(err.get("message", err) if isinstance(err, dict) else err, 300)  # it may quote a prompt
         if isinstance(obj, dict) and isinstance(obj.get("message"), str):
-            return obj["message"]
+            return short(obj["message"], 300)
     except ValueError:
         pass
     return text[:300] if text else "(empty body)"

@@ -57,6 +57,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from scorers._text import short
 from scorers.base import Scorer, as_image_tensor
 from scorers.registry import register
 
@@ -197,16 +198,21 @@ _REL_PATTERNS = [
 ]
 
 
+def _q(text: str) -> str:
+    """A prompt (or a word of one) quoted for an error message, cut at 80 characters."""
+    return short(text, 80, quote=True)
+
+
 def _parse_object(words: List[str], prompt: str) -> ObjectSpec:
     """``("a"|"an") [colour] shape`` -> ObjectSpec."""
     if len(words) not in (2, 3) or words[0] not in ("a", "an"):
-        raise ValueError(f"prompt {prompt!r}: expected 'a [colour] shape', got {' '.join(words)!r}")
+        raise ValueError(f"prompt {_q(prompt)}: expected 'a [colour] shape', got {_q(' '.join(words))}")
     color = words[1] if len(words) == 3 else None
     shape = words[-1]
     if color is not None and color not in COLORS:
-        raise ValueError(f"prompt {prompt!r}: unknown colour {color!r} (known: {', '.join(COLORS)})")
+        raise ValueError(f"prompt {_q(prompt)}: unknown colour {_q(color)} (known: {', '.join(COLORS)})")
     if shape not in SHAPES:
-        raise ValueError(f"prompt {prompt!r}: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+        raise ValueError(f"prompt {_q(prompt)}: unknown shape {_q(shape)} (known: {', '.join(SHAPES)})")
     return ObjectSpec(color, shape, 1)
 
 
@@ -223,33 +229,33 @@ def parse(prompt: str) -> SceneSpec:
     if text.startswith("a photo of "):
         text = text[len("a photo of "):]
     if not text:
-        raise ValueError(f"prompt {prompt!r} is empty")
+        raise ValueError(f"prompt {_q(prompt)} is empty")
     padded = f" {text} "
     for pattern, relation in _REL_PATTERNS:
         key = f" {pattern} "
         if key in padded:
             left, _, right = padded.partition(key)
             if f" {pattern} " in f" {right} ":
-                raise ValueError(f"prompt {prompt!r}: more than one relation")
+                raise ValueError(f"prompt {_q(prompt)}: more than one relation")
             a = _parse_object(left.split(), prompt)
             b = _parse_object(right.split(), prompt)
             return _make_spec(prompt, "position", (a, b), relation)
     words = text.split()
     if words[0] in NUMBERS:
         if len(words) not in (2, 3):
-            raise ValueError(f"prompt {prompt!r}: expected '<number> [colour] shapes'")
+            raise ValueError(f"prompt {_q(prompt)}: expected '<number> [colour] shapes'")
         color = words[1] if len(words) == 3 else None
         if color is not None and color not in COLORS:
-            raise ValueError(f"prompt {prompt!r}: unknown colour {color!r} (known: {', '.join(COLORS)})")
+            raise ValueError(f"prompt {_q(prompt)}: unknown colour {_q(color)} (known: {', '.join(COLORS)})")
         if words[-1] not in _PLURAL_TO_SHAPE:
-            raise ValueError(f"prompt {prompt!r}: expected a plural shape ({', '.join(PLURALS.values())}), got {words[-1]!r}")
+            raise ValueError(f"prompt {_q(prompt)}: expected a plural shape ({', '.join(PLURALS.values())}), got {_q(words[-1])}")
         return _make_spec(prompt, "counting", (ObjectSpec(color, _PLURAL_TO_SHAPE[words[-1]], NUMBERS[words[0]]),), None)
     if "and" in words:
         i = words.index("and")
         a = _parse_object(words[:i], prompt)
         b = _parse_object(words[i + 1:], prompt)
         if (a.color is None) != (b.color is None):
-            raise ValueError(f"prompt {prompt!r}: give both objects a colour or neither")
+            raise ValueError(f"prompt {_q(prompt)}: give both objects a colour or neither")
         return _make_spec(prompt, "two_object" if a.color is None else "color_attr", (a, b), None)
     o = _parse_object(words, prompt)
     return _make_spec(prompt, "single_object" if o.color is None else "colors", (o,), None)
@@ -259,7 +265,7 @@ def _make_spec(prompt: str, category: str, objects: Tuple[ObjectSpec, ...], rela
     try:
         return SceneSpec(category, objects, relation)
     except ValueError as e:
-        raise ValueError(f"prompt {prompt!r}: {e}") from None
+        raise ValueError(f"prompt {_q(prompt)}: {e}") from None
 
 
 _parse_cached = functools.lru_cache(maxsize=4096)(parse)
@@ -1024,10 +1030,10 @@ class ShapesScorer(Scorer):
         for k, p in enumerate(prompts):
             try:
                 spec = _as_spec(p)
-            except ValueError:
+            except ValueError as e:
                 if self.on_invalid_prompt == "raise":
                     raise
-                logger.warning("shapes: prompt outside the grammar, scored NaN: %r", p)
+                logger.warning("shapes: prompt outside the grammar, scored NaN: %s", e)
                 out[k] = float("nan")
                 continue
             r = check(arr[k], spec, self.cfg)

@@ -393,3 +393,105 @@ def test_multi_granularity_sum_and_mean():
     assert c.abs().max() <= 0.5 and c[0] == 0.0 and not stc["keep"][0]
     with pytest.raises(ValueError, match="^reduce:"):
         multi_granularity_advantages(r, g, reduce="max")
+
+
+# ------------------------------------------------------------------------------ +-inf rewards = NaN
+
+
+_BAD = [float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("cfg", [
+    AdvantageConfig(),
+    advantage_preset("flow_grpo"),
+    AdvantageConfig(scale="batch"),
+    AdvantageConfig(center="batch", scale="batch"),
+    AdvantageConfig(center="none", scale="none", clip=0.5),
+    advantage_preset("dapo"),
+    advantage_preset("ngrpo"),
+], ids=["trl", "flow_grpo", "batch_std", "batch", "none_clip", "dapo", "ngrpo"])
+@pytest.mark.parametrize("bad", _BAD, ids=["+inf", "-inf", "nan"])
+def test_infinite_reward_is_invalid_exactly_as_nan(cfg, bad):
+    r = _t([0.5, 0.0, 2.0, 1.0, 3.0, 3.0, 4.0, -1.0])
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ref_r = r.clone()
+    ref_r[1] = float("nan")
+    got_r = r.clone()
+    got_r[1] = bad
+    ref, ref_st = compute_advantages(ref_r, g, cfg)
+    got, st = compute_advantages(got_r, g, cfg)
+    assert torch.equal(got, ref)  # the other members: bit for bit what a NaN gives
+    assert got[1] == 0.0 and not st["keep"][1]
+    assert torch.equal(st["keep"], ref_st["keep"])
+    assert st["invalid_count"] == ref_st["invalid_count"] == 1
+    for key in ("reward_mean", "reward_std", "reward_std_mean", "zero_std_count", "filtered_count", "clipped_count"):
+        assert st[key] == ref_st[key], key
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("multi", ["sum_then_normalize", "normalize_then_sum"])
+@pytest.mark.parametrize("policy", ["any", "all"])
+@pytest.mark.parametrize("bad", _BAD, ids=["+inf", "-inf", "nan"])
+def test_infinite_reward_column_is_invalid_exactly_as_nan(multi, policy, bad):
+    gen = torch.Generator().manual_seed(5)
+    r = torch.randn(8, 2, generator=gen, dtype=F64)
+    g = torch.arange(8) // 4
+    cfg = AdvantageConfig(multi_reward=multi, nan_policy=policy, reward_weights=(1.0, 0.5))
+    ref_r, got_r = r.clone(), r.clone()
+    ref_r[2, 1], got_r[2, 1] = float("nan"), bad  # one reward of sample 2
+    ref_r[5], got_r[5] = float("nan"), bad  # every reward of sample 5
+    ref, ref_st = compute_advantages(ref_r, g, cfg)
+    got, st = compute_advantages(got_r, g, cfg)
+    assert torch.equal(got, ref) and torch.equal(st["keep"], ref_st["keep"])
+    assert st["invalid_count"] == ref_st["invalid_count"] == (2 if policy == "any" else 1)
+    assert got[5] == 0.0 and not st["keep"][5]
+    assert (got[2] == 0.0 and not st["keep"][2]) if policy == "any" else bool(st["keep"][2])
+
+
+@pytest.mark.parametrize("bad", _BAD, ids=["+inf", "-inf", "nan"])
+def test_infinite_reward_with_a_tracker_is_left_out_of_the_history(bad):
+    r = _t([1.0, 2.0, 0.0, 4.0])
+    keys = ["a", "a", "b", "b"]
+    g = torch.tensor([0, 0, 1, 1])
+    cfg = AdvantageConfig()
+    ref_r, got_r = r.clone(), r.clone()
+    ref_r[0], got_r[0] = float("nan"), bad
+    t_ref, t_got = PerPromptStatTracker(), PerPromptStatTracker()
+    ref, ref_st = compute_advantages(ref_r, g, cfg, tracker=t_ref, prompt_keys=keys)
+    got, st = compute_advantages(got_r, g, cfg, tracker=t_got, prompt_keys=keys)
+    assert torch.equal(got, ref) and got[0] == 0.0 and not st["keep"][0]
+    assert t_got.state_dict() == t_ref.state_dict() and t_got.history("a") == [2.0]
+    with pytest.raises(ValueError, match="^rewards:"):
+        PerPromptStatTracker().update(["a"], _t([bad]))
+
+
+@pytest.mark.parametrize("bad", _BAD, ids=["+inf", "-inf", "nan"])
+def test_infinite_reward_in_group_stats_granularities_and_trees(bad):
+    v = _t([1.0, bad, 3.0, 5.0])
+    gs = group_stats(v, torch.zeros(4, dtype=torch.long))
+    assert gs.count[0] == 3 and gs.mean[0] == 3.0 and gs.std[0] == 2.0
+    # multi-granularity: one granularity's non-finite reward invalidates the sample, as NaN does
+    gen = torch.Generator().manual_seed(3)
+    r = torch.randn(8, 2, generator=gen, dtype=F64)
+    g = torch.arange(8) // 4
+    ref_r, got_r = r.clone(), r.clone()
+    ref_r[1, 1], got_r[1, 1] = float("nan"), bad
+    ref, ref_st = multi_granularity_advantages(ref_r, g)
+    got, st = multi_granularity_advantages(got_r, g)
+    assert torch.equal(got, ref) and got[1] == 0.0 and not st["keep"][1] and st["invalid_count"] == 1
+    # trees: a non-finite leaf is left out of its ancestors' values and gets advantage 0
+    parent, step, rewards = _tree()
+    ref_l, got_l = rewards.clone(), rewards.clone()
+    ref_l[3], got_l[3] = float("nan"), bad
+    torch.testing.assert_close(tree_node_values(parent, got_l), tree_node_values(parent, ref_l), equal_nan=True)
+    a_ref = tree_node_advantages(parent, tree_node_values(parent, ref_l))
+    a_got = tree_node_advantages(parent, tree_node_values(parent, got_l))
+    assert torch.equal(a_got, a_ref) and a_got[3] == 0.0
+    node_values = tree_node_values(parent, rewards)
+    node_values[4] = bad  # a non-finite node value: 0, and out of its siblings' statistics
+    ref_v = node_values.clone()
+    ref_v[4] = float("nan")
+    assert torch.equal(tree_node_advantages(parent, node_values), tree_node_advantages(parent, ref_v))
+    s_ref = tree_step_advantages(parent, step, 8, leaf_rewards=ref_l)
+    s_got = tree_step_advantages(parent, step, 8, leaf_rewards=got_l)
+    assert torch.equal(s_got.advantages, s_ref.advantages) and torch.equal(s_got.covered, s_ref.covered)

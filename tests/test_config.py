@@ -1,6 +1,7 @@
 """Config loading: YAML + dotted overrides, and one-line errors with exit status 2."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,105 @@ def test_console_script_exit_status(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "sample" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------ non-finite and absurd numbers
+
+
+def _float_keys(cls, prefix=""):
+    """(dotted key, type, default) of every field of the run config that holds floats."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            yield from _float_keys(tp, key + ".")
+            continue
+        args = typing.get_args(tp)
+        if tp is float or float in args or any(float in typing.get_args(a) for a in args):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            yield key, tp, default
+
+
+_FLOAT_KEYS = list(_float_keys(RunConfig))
+_INF_MEANS_SOMETHING = {"train.max_grad_norm"}  # .inf: no gradient clipping
+
+
+def test_float_keys_cover_every_section():
+    keys = {k for k, _, _ in _FLOAT_KEYS}
+    for k in ("time_budget_s", "rewards", "model.shift", "sample.guidance_scale", "text.temperature", "text.top_p",
+              "eval.guidance_scale", "train.learning_rate", "train.weight_decay", "train.adam_eps", "train.adam_betas",
+              "train.lora_alpha", "plan.noise_level", "plan.branch_noise", "advantage.eps", "advantage.clip",
+              "advantage.reward_weights", "loss.eps_low", "loss.kl_target", "loss.sapo_tau_neg"):
+        assert k in keys, k
+
+
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("key, tp, default", _FLOAT_KEYS, ids=[k for k, _, _ in _FLOAT_KEYS])
+def test_every_float_key_rejects_nan_and_inf(key, tp, default, bad):
+    import typing
+
+    if key == "rewards":
+        override, want = f"rewards.shapes={bad}", "rewards.shapes"
+    elif typing.get_origin(tp) in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(tp)):
+        n = len(default) if default else {"plan.branch_noise": 2, "advantage.reward_weights": 1}[key]
+        override, want = f"{key}=[{', '.join([bad] * n)}]", key
+    else:
+        override, want = f"{key}={bad}", key
+    if bad == ".inf" and key in _INF_MEANS_SOMETHING:
+        load_run_config(None, [override])
+        return
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(None, [override])
+    assert ei.value.key == want, str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        (["train.learning_rate=.inf"], "train.learning_rate", "must be a finite number > 0 and <= 1"),
+        (["train.learning_rate=10"], "train.learning_rate", "an AdamW learning rate above 1 is never meant"),
+        (["train.learning_rate=0"], "train.learning_rate", "> 0"),
+        (["rewards={shapes: .inf}"], "rewards.shapes", "must be a finite number"),
+        (["time_budget_s=-1"], "time_budget_s", "must be a finite number > 0 or null"),
+        (["time_budget_s=0"], "time_budget_s", "> 0"),
+        (["train.weight_decay=-0.1"], "train.weight_decay", ">= 0"),
+        (["train.adam_eps=0"], "train.adam_eps", "> 0"),
+        (["model.shift=0"], "model.shift", "> 0 or null"),
+        (["model.device=gpu"], "model.device", "not a torch device"),
+        (["sample.guidance_scale=-1"], "sample.guidance_scale", ">= 0"),
+        (["loss.sapo_tau_neg=0"], "loss.sapo_tau_neg", "> 0"),
+        (["advantage.reward_weights=[1, 2]"], "advantage.reward_weights", "2 weights for the 1 reward(s)"),
+        (["advantage.normalize_weights=true", "rewards={shapes: 1, jpeg: -1}"], "advantage.normalize_weights",
+         "positive sum"),
+        (["train.per_prompt_stat_tracking=true", "advantage.ngrpo_max_reward=1"], "train.per_prompt_stat_tracking",
+         "ngrpo_max_reward"),
+        (["train.per_prompt_stat_tracking=true", "advantage.multi_reward=normalize_then_sum",
+          "rewards={shapes: 1, jpeg: 1}"], "train.per_prompt_stat_tracking", "normalize_then_sum"),
+    ],
+)
+def test_absurd_values_name_the_key(override, key, fragment):
+    with pytest.raises(ConfigError) as ei:
+        load_run_config(None, override)
+    assert ei.value.key == key
+    assert fragment in str(ei.value)
+
+
+def test_meaningful_edge_values_still_load():
+    cfg = load_run_config(None, ["train.learning_rate=1", "train.max_grad_norm=.inf", "time_budget_s=null",
+                                 "rewards={shapes: 0}", "sample.guidance_scale=0", "train.weight_decay=0",
+                                 "model.device=cuda:1"])
+    assert cfg.train.learning_rate == 1.0 and cfg.train.max_grad_norm == float("inf") and cfg.time_budget_s is None
+    # the tracker is not used by tree plans: its NGRPO conflict does not apply there (preflight warns instead)
+    load_run_config(None, ["train.per_prompt_stat_tracking=true", "advantage.ngrpo_max_reward=1", "plan.kind=tree",
+                           "sample.same_noise=true"])
+
+
+def test_cli_refuses_an_infinite_learning_rate_in_one_line(tmp_path, capsys):
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    rc = main(["train", str(demo), "train.learning_rate=.inf", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "train.learning_rate" in err and "Traceback" not in err

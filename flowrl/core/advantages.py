@@ -13,8 +13,9 @@ Conventions (with the library each default comes from):
 * ``A_i = (r_i - mu) / (sigma + eps)`` -- eps is *added* to the std, as in TRL, verl and Flow-GRPO.
 * ``sigma`` is the Bessel-corrected std by default (TRL ``nanstd``, verl/DanceGRPO ``torch.std``);
   ``std_unbiased=False`` gives the population std of Flow-GRPO's ``np.std``.
-* A reward equal to NaN marks an invalid sample: it is excluded from every statistic, gets
-  advantage exactly 0 and ``keep=False``. It is never averaged in.
+* A non-finite reward (NaN, +inf or -inf) marks an invalid sample: it is excluded from every
+  statistic, gets advantage exactly 0 and ``keep=False``, and counts in ``invalid_count``. It is
+  never averaged in. (An infinite reward is treated exactly as NaN.)
 * A group whose valid rewards are all equal (``max - min <= zero_std_tol``) carries no signal;
   with a group baseline its advantages are exactly 0. Groups with fewer than two valid samples
   count as zero-variance too.
@@ -34,6 +35,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from flowrl.core.checks import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class AdvantageConfig:
     reward_weights: tuple[float, ...] | None = None  # one weight per reward column; None = all 1.0
     normalize_weights: bool = False  # divide reward_weights by their sum before mixing (MixGRPO)
     post_norm: str = "none"  # after normalize_then_sum: "batch" z-scores the summed advantages (TRL/GDPO)
-    nan_policy: str = "any"  # "any": one NaN reward invalidates a sample; "all": only if all are NaN (TRL)
+    nan_policy: str = "any"  # "any": one NaN/inf reward invalidates a sample; "all": only if all are NaN/inf (TRL)
     ngrpo_max_reward: float | None = None  # NGRPO (2509.18851): virtual samples with this reward join each group
     ngrpo_num_virtual: int = 1  # how many virtual maximum-reward samples NGRPO adds per group
     filter_zero_std: bool = False  # DAPO dynamic sampling (2503.14476): keep=False for groups with zero reward variance
@@ -112,10 +115,8 @@ class AdvantageConfig:
                 raise ValueError("ngrpo_max_reward: NGRPO calibrates the group baseline, requires center='group'")
         if not (isinstance(self.ngrpo_num_virtual, int) and self.ngrpo_num_virtual >= 1):
             raise ValueError(f"ngrpo_num_virtual: must be an int >= 1, got {self.ngrpo_num_virtual!r}")
-        if not (self.zero_std_tol >= 0):
-            raise ValueError(f"zero_std_tol: must be >= 0, got {self.zero_std_tol!r}")
-        if self.clip is not None and not (self.clip > 0):
-            raise ValueError(f"clip: must be None or > 0, got {self.clip!r}")
+        check_number("zero_std_tol", self.zero_std_tol, ge=0)
+        check_number("clip", self.clip, gt=0, none_ok=True, why="null: no clipping")
         return self
 
 
@@ -213,8 +214,8 @@ class PerPromptStatTracker:
                 f"keys: need one key per reward, got {len(keys)} keys for rewards of shape {tuple(rewards.shape)}"
             )
         vals = rewards.detach().to("cpu", torch.float64).tolist()
-        if any(math.isnan(v) for v in vals):
-            raise ValueError("rewards: NaN rewards must be filtered out before PerPromptStatTracker.update")
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError("rewards: non-finite (NaN/inf) rewards must be filtered out before PerPromptStatTracker.update")
         for key, value in zip(keys, vals):
             if key not in self._history:
                 self._history[key] = deque(maxlen=self.buffer_size)
@@ -293,7 +294,8 @@ def group_stats(
     num_virtual: int = 0,
     zero_std_tol: float = 0.0,
 ) -> GroupStats:
-    """Mean and std of ``values`` within each group, NaN-free, vectorised with scatter-adds.
+    """Mean and std of ``values`` within each group, vectorised with scatter-adds. Non-finite
+    values (NaN, +-inf) are left out, as are those where ``valid`` is False.
 
     mu_g = (sum_{i in g, valid} v_i + K*v_max) / (n_g + K)
     sigma_g = sqrt( (sum (v_i - mu_g)^2 + K (v_max - mu_g)^2) / (n_g + K - ddof) ), ddof = 1 if unbiased.
@@ -307,8 +309,8 @@ def group_stats(
     index, num_groups = _group_index(group_ids, n)
     v = values.detach().to(torch.float64)
     if valid is None:
-        valid = ~torch.isnan(v)
-    valid = valid.to(torch.bool) & ~torch.isnan(v)
+        valid = torch.isfinite(v)
+    valid = valid.to(torch.bool) & torch.isfinite(v)
     vz = torch.where(valid, v, torch.zeros_like(v))
     w = valid.to(torch.float64)
     dev = v.device
@@ -419,10 +421,11 @@ def compute_advantages(
     Multi-reward ``normalize_then_sum``:  A_i = sum_k w_k A_ik with A_ik the normalised k-th
     reward (MixGRPO ``advantage_aggr`` 2507.21802); ``post_norm='batch'`` then z-scores A over the
     batch (GDPO 2601.05242, TRL ``normalize_then_sum``).
-    Then: NaN samples -> 0, optional DAPO zero-variance filter (keep=False, A=0), optional clip.
+    Then: invalid samples -> 0, optional DAPO zero-variance filter (keep=False, A=0), optional clip.
 
     Args:
-        rewards: ``[N]`` or ``[N, R]``; NaN marks an invalid sample (see ``cfg.nan_policy``).
+        rewards: ``[N]`` or ``[N, R]``; a non-finite value (NaN, +inf, -inf) marks an invalid
+            reward, the same for all three (see ``cfg.nan_policy``).
         group_ids: ``[N]`` integer group ids (a prompt's samples share an id).
         cfg: options (default: TRL-style group z-score).
         tracker: per-prompt history (Flow-GRPO); requires ``prompt_keys``.
@@ -443,6 +446,8 @@ def compute_advantages(
     r2 = rewards.detach().to(torch.float64)
     if r2.ndim == 1:
         r2 = r2.unsqueeze(1)
+    # +-inf is invalid exactly as NaN is (finite values pass through unchanged)
+    r2 = torch.where(torch.isfinite(r2), r2, torch.full_like(r2, float("nan")))
     num_r = r2.shape[1]
     if num_r == 0:
         raise ValueError("rewards: need at least one reward column")
@@ -559,8 +564,8 @@ def _is_leaf(parent: Tensor) -> Tensor:
 def tree_node_values(parent: Tensor, leaf_rewards: Tensor) -> Tensor:
     """Value of every tree node = mean reward of the leaves below it (TreeGRPO/Dynamic-TreeRPO 2509.23352).
 
-    V(v) = (1/|L(v)|) sum_{l in L(v)} r_l, L(v) = valid (non-NaN) leaves in the subtree of v
-    (a leaf's value is its own reward). Nodes with no valid leaf below get NaN.
+    V(v) = (1/|L(v)|) sum_{l in L(v)} r_l, L(v) = valid (finite: not NaN or +-inf) leaves in the
+    subtree of v (a leaf's value is its own reward). Nodes with no valid leaf below get NaN.
 
     Args:
         parent: ``[M]`` parent index of each node, ``-1`` for roots.
@@ -571,7 +576,7 @@ def tree_node_values(parent: Tensor, leaf_rewards: Tensor) -> Tensor:
     m = parent.shape[0]
     if r.shape != (m,):
         raise ValueError(f"leaf_rewards: must have shape [{m}], got {tuple(r.shape)}")
-    leaf = _is_leaf(parent) & ~torch.isnan(r)
+    leaf = _is_leaf(parent) & torch.isfinite(r)
     tot = torch.zeros(m, dtype=torch.float64, device=r.device)
     cnt = torch.zeros(m, dtype=torch.float64, device=r.device)
     cur = torch.nonzero(leaf, as_tuple=False).flatten()
@@ -593,7 +598,8 @@ def tree_node_advantages(
 
     A(v) = (V(v) - mean_{u: parent(u)=parent(v)} V(u)) / (std_siblings + eps), per ``cfg``
     (center/scale/eps/std_unbiased/clip; tracker, NGRPO, filtering and multi-reward do not apply).
-    Roots (parent -1) and nodes with NaN value get 0; an only child gets 0 (no siblings).
+    Roots (parent -1) and nodes with a non-finite value (NaN, +-inf) get 0 and are left out of
+    their siblings' statistics; an only child gets 0 (no siblings).
     Returned in float64, shape [M].
     """
     cfg = (cfg or AdvantageConfig()).validate()
@@ -601,7 +607,7 @@ def tree_node_advantages(
     v = torch.as_tensor(node_values).detach().to(torch.float64)
     if v.shape != parent.shape:
         raise ValueError(f"node_values: must have shape {tuple(parent.shape)}, got {tuple(v.shape)}")
-    valid = (parent >= 0) & ~torch.isnan(v)
+    valid = (parent >= 0) & torch.isfinite(v)
     plain = AdvantageConfig(
         center=cfg.center, scale=cfg.scale, eps=cfg.eps, std_unbiased=cfg.std_unbiased,
         zero_std_tol=cfg.zero_std_tol,

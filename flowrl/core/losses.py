@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from flowrl.core.checks import check_number
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -126,16 +128,13 @@ class LossConfig:
             raise ValueError(f"eps_low: must be < 1 for the clipped surrogate, got {self.eps_low!r}")
         if self.eps_high is not None and not (self.eps_high >= 0 and math.isfinite(self.eps_high)):
             raise ValueError(f"eps_high: must be None or a finite number >= 0, got {self.eps_high!r}")
-        if self.delta is not None and not (self.delta > 1):
-            raise ValueError(f"delta: must be None or > 1, got {self.delta!r}")
-        if self.dual_clip is not None and not (self.dual_clip > 1):
-            raise ValueError(f"dual_clip: must be None or > 1, got {self.dual_clip!r}")
+        check_number("delta", self.delta, gt=1, none_ok=True)
+        check_number("dual_clip", self.dual_clip, gt=1, none_ok=True)
         if self.ratio_level not in _RATIO_LEVELS:
             raise ValueError(f"ratio_level: must be one of {_RATIO_LEVELS}, got {self.ratio_level!r}")
-        if self.log_ratio_clamp is not None and not (self.log_ratio_clamp > 0):
-            raise ValueError(f"log_ratio_clamp: must be None or > 0, got {self.log_ratio_clamp!r}")
-        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
-            raise ValueError("sapo_tau_pos: SAPO temperatures must be > 0")
+        check_number("log_ratio_clamp", self.log_ratio_clamp, gt=0, none_ok=True)
+        check_number("sapo_tau_pos", self.sapo_tau_pos, gt=0)
+        check_number("sapo_tau_neg", self.sapo_tau_neg, gt=0)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.normalizer_scope not in _SCOPES:
@@ -148,8 +147,9 @@ class LossConfig:
             raise ValueError(f"kl_ratio_weighted: must be one of {_KL_RATIO}, got {self.kl_ratio_weighted!r}")
         if self.kl_ratio_weighted != "none" and self.kl_estimator in ("latent", "velocity"):
             raise ValueError("kl_ratio_weighted: only for the sampled estimators k1/k2/k3")
-        if self.kl_clamp is not None and not (self.kl_clamp > 0):
-            raise ValueError(f"kl_clamp: must be None or > 0, got {self.kl_clamp!r}")
+        check_number("kl_clamp", self.kl_clamp, gt=0, none_ok=True)
+        check_number("beta_end", self.beta_end, ge=0, none_ok=True)
+        check_number("kl_target", self.kl_target, gt=0, none_ok=True)
         if self.beta_schedule not in _BETA_SCHEDULES:
             raise ValueError(f"beta_schedule: must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.beta_schedule == "linear":

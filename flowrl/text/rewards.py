@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from scorers._text import short
+
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence]
@@ -60,7 +62,8 @@ def score_completions(fns: Mapping[str, RewardFn], prompts: Sequence[str], compl
         try:
             out = list(fn(prompts=list(prompts), completions=list(completions), **batch))
         except Exception as e:  # a user's reward function failing must not kill the run silently
-            log.warning("reward %s raised %s: %s; its %d samples are marked invalid", name, type(e).__name__, e, n)
+            log.warning("reward %s raised %s: %s; its %d samples are marked invalid", name, type(e).__name__,
+                        short(e, 500), n)  # the error text may quote a (long) prompt
             out = [None] * n
         if len(out) != n:
             raise ValueError(f"reward {name!r} returned {len(out)} values for {n} completions")
