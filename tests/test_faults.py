@@ -263,3 +263,14 @@ def test_max_steps_zero_and_output_dir_that_is_a_file(lm_dir, tmp_path, capsys):
     rc = train_command(str(write_config(_text(lm_dir, f), tmp_path / "file.yaml")))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"flowrl: error: output_dir {f} is a file, not a folder"], err
+
+
+def test_silent_no_op_is_warned_once_at_start(lm_dir, tmp_path, caplog):
+    """The loop logs preflight_warnings (flowrl.train.preflight) before any step: here a group of
+    one with group-relative advantages."""
+    out = tmp_path / "run"
+    cfg = _text(lm_dir, out, max_steps=1, sample={"group_size": 1, "prompts_per_step": 2})
+    with caplog.at_level("WARNING"):
+        run_inprocess(cfg, tmp_path)
+    hits = [r.getMessage() for r in caplog.records if "sample.group_size: 1" in r.getMessage()]
+    assert len(hits) == 1 and "nothing will be learned" in hits[0], hits

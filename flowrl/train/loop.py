@@ -106,6 +106,12 @@ class Trainer:
         local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.world, self.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
+        if self.main:  # settings that would silently do nothing: said once, before the model loads
+            from flowrl.train.preflight import preflight_warnings
+
+            for line in preflight_warnings(cfg, train_prompts=[r["prompt"] for r in self.train_records],
+                                           eval_prompts=[r["prompt"] for r in self.eval_records]):
+                log.warning("%s", line)
 
         from flowrl.train.tasks import build_task
 
