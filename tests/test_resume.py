@@ -5,11 +5,15 @@ complete checkpoint.
 
 The kill moments are drawn from a seeded RNG (``FLOWRL_RESUME_SEED``, default 20261124): the first
 kill lands before the first checkpoint (just after step 1 or 2 is logged), the second within 20 ms
-of a checkpoint step being logged (when its checkpoint is being written), later ones a random
-fraction of a step after one of the next few steps, or during start-up when no step is left to aim
-at; so they fall in rollouts, updates, evaluations, checkpoint writes and model loading. The test
-prints what it did (for each segment: the kill, the checkpoint it resumed from, the steps it had to
-redo) and the max |weight difference| (must be 0).
+of a checkpoint step being logged (when its checkpoint is being written), the third within 10 ms
+after a checkpoint is complete (so the restart repeats nothing, and prompts seen before the
+checkpoint are seen again after it: the prompt cache of the new process is built in another
+order), the fourth is a SIGTERM a random fraction of a step after a step is logged (the run must
+finish that step, checkpoint it and exit 0, and the restart redoes nothing), later ones SIGKILL a
+random fraction of a step after one of the next few steps, or during start-up when no step is left
+to aim at; so they fall in rollouts, updates, evaluations, checkpoint writes and model loading.
+The test prints what it did (for each segment: the kill, the checkpoint it resumed from, the steps
+it had to redo) and the max |weight difference| (must be 0).
 
 Compared at the end, bit for bit: the final checkpoint's trainable weights, optimizer / scheduler /
 EMA state, RNG states and loop state (stat tracker, KL controller, counters), and every logged
@@ -56,7 +60,7 @@ PLUGIN_SRC = textwrap.dedent(
 
 MAX_STEPS = 12
 CKPT_EVERY = 3
-N_KILLS = 5
+N_KILLS = 6
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
 
@@ -156,6 +160,19 @@ def wait_for_step(p: subprocess.Popen, run: Path, step: int, timeout: float = 60
     pytest.fail(f"step {step} not logged within {timeout} s")
 
 
+def wait_for_checkpoint(p: subprocess.Popen, run: Path, step: int, timeout: float = 600) -> bool:
+    """Poll until checkpoint ``step`` is complete; False if the process ended first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if newest_checkpoint(run) >= step:
+            return True
+        if p.poll() is not None:
+            return False
+        time.sleep(0.002)
+    p.kill()
+    pytest.fail(f"checkpoint {step} not written within {timeout} s")
+
+
 def kill_and_resume(config: Path, run: Path, logs: Path, env: Dict[str, str], rng: random.Random,
                     n_kills: int) -> List[Dict[str, Any]]:
     """Run to the end, killing the run ``n_kills`` times; returns one record per segment."""
@@ -172,20 +189,32 @@ def kill_and_resume(config: Path, run: Path, logs: Path, env: Dict[str, str], rn
         if kills_done < n_kills:
             done = seg["done_before"]
             next_ckpt = (done // CKPT_EVERY + 1) * CKPT_EVERY
+            sig = signal.SIGKILL
             if kills_done == 0:  # just after step 1 or 2 is logged: before the first checkpoint
                 target, delay = rng.randint(1, CKPT_EVERY - 1), rng.uniform(0.0, 0.05)
             elif kills_done == 1 and next_ckpt < MAX_STEPS:  # aimed at a checkpoint being written
                 target, delay = next_ckpt, rng.uniform(0.0, 0.02)
+            elif kills_done == 2 and next_ckpt < MAX_STEPS:  # right after a checkpoint is complete
+                delay = rng.uniform(0.0, 0.01)
+                if wait_for_checkpoint(p, run, next_ckpt):
+                    time.sleep(delay)
+                    if p.poll() is None:
+                        os.kill(p.pid, sig)
+                        seg.update(killed=True, kill_after_checkpoint=next_ckpt, kill_delay_s=round(delay, 3))
+                target = "done"
+            elif kills_done == 3 and done + 1 <= MAX_STEPS - 1:  # SIGTERM mid-step: a graceful stop
+                target, delay, sig = done + 1, rng.uniform(0.1, 0.9) * step_time, signal.SIGTERM
             elif done + 1 <= MAX_STEPS - 1:  # a random moment after one of the next few steps
                 target = rng.randint(done + 1, min(done + CKPT_EVERY + 1, MAX_STEPS - 1))
                 delay = rng.uniform(0.0, 1.5) * step_time
             else:  # nothing left to aim at: a random moment of the start-up
                 target, delay = None, rng.uniform(0.2, 3.0)
-            if target is None or wait_for_step(p, run, target):
+            if target != "done" and (target is None or wait_for_step(p, run, target)):
                 time.sleep(delay)
                 if p.poll() is None:
-                    os.kill(p.pid, signal.SIGKILL)
+                    os.kill(p.pid, sig)
                     seg.update(killed=True, kill_after_step=target, kill_delay_s=round(delay, 3))
+            seg["signal"] = signal.Signals(sig).name
         rc = p.wait()
         seg["seconds"] = round(time.time() - t0, 1)
         seg["rc"] = rc
@@ -200,7 +229,12 @@ def kill_and_resume(config: Path, run: Path, logs: Path, env: Dict[str, str], rn
         if not seg["killed"]:
             assert rc == 0, f"segment {seg['index']} failed (status {rc}):\n{text[-3000:]}"
             break
-        assert rc == -signal.SIGKILL
+        if seg["signal"] == "SIGTERM":  # finished its step, checkpointed it, exit 0 naming it
+            assert rc == 0, f"SIGTERM segment {seg['index']} ended with status {rc}:\n{text[-3000:]}"
+            assert seg["ckpt_after"] == seg["done_after"], seg
+            assert f"stopped by SIGTERM after step {seg['done_after']}; checkpoint: " in text, text[-2000:]
+        else:
+            assert rc == -signal.SIGKILL
         times = []  # seconds per step so far (the loop logs them), to spread the next kill over a step
         lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if (run / "metrics.jsonl").is_file() else []
         for line in lines:
@@ -262,6 +296,22 @@ def test_sigkill_and_resume_is_exact(kind, plugin_dir, tmp_path):
         assert 0 <= seg["done_before"] - seg["ckpt_before"] <= CKPT_EVERY, seg  # the steps it had to redo
     assert any(s["ckpt_before"] == 0 and s["done_before"] >= 1 for s in segments), \
         "no restart had logged steps but no checkpoint yet (the first kill aims there)"
+    after_ckpt = [s for s in segments if "kill_after_checkpoint" in s]
+    assert after_ckpt, f"no kill landed right after a checkpoint: {segments}"
+    sigterm = [s for s in segments if s.get("signal") == "SIGTERM" and s["killed"]]
+    assert sigterm, f"no SIGTERM landed: {segments}"
+    for s in after_ckpt + sigterm:  # the next segment resumed exactly where this one left off
+        nxt = segments[s["index"] + 1]
+        assert nxt["ckpt_before"] == s["ckpt_after"] and nxt["resumed_at"] == s["ckpt_after"], (s, nxt)
+    # prompts of the steps after that checkpoint were also used before it (in the killed process)
+    from flowrl.train.data import choose_prompts
+
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+    n_prompts, per_step = cfg["data"]["max_train_prompts"], cfg["sample"]["prompts_per_step"]
+    k = after_ckpt[0]["ckpt_after"]
+    before = {i for st in range(k) for i in choose_prompts(n_prompts, per_step, cfg["seed"], st)}
+    after = {i for st in range(k, MAX_STEPS) for i in choose_prompts(n_prompts, per_step, cfg["seed"], st)}
+    assert before & after, "no prompt repeats across the checkpoint"
 
     # the surviving logs: each step exactly once, in order, equal to the reference's (timings aside)
     steps = logged_steps(run)
