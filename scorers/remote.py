@@ -25,9 +25,11 @@ no NaN) and read back as NaN, i.e. an invalid sample. Clients also accept a bare
 
 Errors are a 4xx/5xx status with ``{"error": "message"}``: 400 malformed request (bad JSON, wrong
 field types, lengths that disagree, an image that is not a PNG), 404 unknown path, 411 no
-Content-Length, 413 body over the server's limit, 415 a content type other than JSON, 500 the scorer
-itself raised. A client retries 408, 429, 502, 503, 504 and connection failures, never the other 4xx
-nor 500 (both repeat for the same batch).
+Content-Length, 413 body over the server's limit, 415 a content type other than JSON, 408 the body did
+not arrive in time, 503 the server is busy (its budget of decoded pixels in flight is spent; with a
+``Retry-After`` header), 500 the scorer itself raised. A client retries 408, 429, 502, 503, 504 and
+connection failures, waiting at least what a ``Retry-After`` header asks, never the other 4xx nor 500
+(both repeat for the same batch).
 
 Why JSON with base64 PNG rather than multipart: one standard, dependency-free parser on both sides
 (the standard library's multipart parser, ``cgi``, is removed in Python 3.13), metadata of any JSON
@@ -57,6 +59,7 @@ and matches the float path of ``q / 255``.
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
@@ -287,26 +290,42 @@ def _describe_os_error(err: BaseException, timeout: float, n_bytes: int) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _retry_after_s(headers: Any) -> Optional[float]:
+    """Seconds asked for by a ``Retry-After`` header (delay-seconds or an HTTP date), else None."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 def _request_once(
     opener: urllib.request.OpenerDirector, url: str, data: Optional[bytes], headers: Mapping[str, str], timeout: float
-) -> Tuple[Optional[int], Optional[bytes], Optional[str], bool]:
-    """One request. Returns (status, body, error cause, retryable)."""
+) -> Tuple[Optional[int], Optional[bytes], Optional[str], bool, Optional[float]]:
+    """One request. Returns (status, body, error cause, retryable, Retry-After seconds or None)."""
     req = urllib.request.Request(url, data=data, headers=dict(headers), method="POST" if data is not None else "GET")
     n = len(data) if data is not None else 0
     try:
         with opener.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read(), None, False
+            return resp.status, resp.read(), None, False, None
     except urllib.error.HTTPError as e:
         try:
             msg = _server_message(e.read())
         except (OSError, http.client.HTTPException):
             msg = "(no body)"
-        return e.code, None, f"HTTP {e.code} {e.reason}: {msg}", e.code in RETRY_STATUSES
+        retryable = e.code in RETRY_STATUSES
+        return e.code, None, f"HTTP {e.code} {e.reason}: {msg}", retryable, _retry_after_s(e.headers) if retryable else None
     except urllib.error.URLError as e:
         reason = e.reason if isinstance(e.reason, BaseException) else OSError(str(e.reason))
-        return None, None, _describe_os_error(reason, timeout, n), True
+        return None, None, _describe_os_error(reason, timeout, n), True, None
     except (OSError, http.client.HTTPException) as e:  # timeouts and resets while reading the reply
-        return None, None, _describe_os_error(e, timeout, n), True
+        return None, None, _describe_os_error(e, timeout, n), True, None
 
 
 def request_json(
@@ -324,7 +343,8 @@ def request_json(
 
     Up to ``1 + retries`` attempts; before attempt k+1 it sleeps ``min(backoff * 2**(k-1), 60)`` s.
     Connection failures, timeouts and HTTP 408/429/502/503/504 are retried; other HTTP errors and an
-    unreadable reply are not. Raises :class:`RemoteScorerError` naming ``url`` and the cause.
+    unreadable reply are not. A retried reply's ``Retry-After`` header (seconds or an HTTP date)
+    lengthens that wait to at least what it asks (at most 60 s). Raises :class:`RemoteScorerError` naming ``url`` and the cause.
     ``timeout`` bounds the connection and each wait for reply bytes (seconds).
     """
     hdrs = {"Accept": "application/json"}
@@ -335,12 +355,12 @@ def request_json(
     attempts = 0
     while True:
         attempts += 1
-        status, body, cause, retryable = _request_once(opener, url, payload, hdrs, timeout)
+        status, body, cause, retryable, retry_after = _request_once(opener, url, payload, hdrs, timeout)
         if cause is None:
             break
         if not retryable or attempts > retries:
             raise RemoteScorerError(what, url, cause, status=status, attempts=attempts)
-        delay = min(backoff * 2 ** (attempts - 1), MAX_BACKOFF_S)
+        delay = min(max(backoff * 2 ** (attempts - 1), retry_after or 0.0), MAX_BACKOFF_S)
         log.warning("%s %s: %s; retrying in %.3g s (attempt %d of %d)", what, url, cause, delay, attempts + 1, retries + 1)
         time.sleep(delay)
     try:

@@ -1,35 +1,29 @@
 """``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/1``
 protocol (specified in :mod:`scorers.remote`; JSON and PNG only, never pickle).
 
-Built on the standard library's :class:`http.server.ThreadingHTTPServer` (no extra dependency). One
-thread per connection answers ``/health`` at once; calls into the scorer are serialised by a lock,
-since a model is rarely safe to call from two threads. The server binds 127.0.0.1 unless told
-otherwise and has no authentication: bind another address only on a trusted network.
+Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). The event loop
+reads requests and answers ``/health`` at once; JSON parsing and PNG decoding run in a small thread
+pool; calls into the scorer run one at a time in one worker thread. Requests that arrive while the
+scorer is busy are merged into one call (up to ``max_batch_images`` images, waiting at most
+``batch_wait_ms`` for more) and its scores are split back per request; ``max_batch_images=0`` turns
+merging off. When a merged call raises, its requests are scored again one by one, so only the bad one
+gets the 500. Binds 127.0.0.1 unless told otherwise; no authentication.
 
-Images reach the scorer as the PNG files hold them: a :class:`scorers.base.Scorer` (every
-registered scorer) gets the decoded PIL images, in their own mode (RGB, RGBA, L, ...), so a learned
-scorer runs its model's official PIL preprocessing on them (:attr:`scorers.base.Scorer.pil_input`;
-the others convert them to float [B, 3, H, W] in [0, 1] as before), and a plain callable gets that
-float tensor (RGB). A float batch sent by the ``remote`` client arrives as its 8-bit quantisation
-``round(255 · clamp(x, 0, 1))``, so its remote score is the in-process score of that uint8 image
-(see :mod:`scorers.remote`). Images of one request must share one size unless the scorer sets
-``pil_input``.
-
-Every bad request gets a 4xx with ``{"error": "..."}`` and the server keeps serving: a body over
-``max_request_bytes`` (413; the body is read and dropped when it is at most 4x the limit, so the
-client sees the reply, otherwise the connection is closed at once), no Content-Length (411), a content
-type other than JSON (415), bad JSON or fields, a non-PNG or oversized image (400). A scorer that
-raises gives 500 with the exception's type and message. Each connection has a socket timeout, so a
-stalled client cannot hold a thread forever.
+Limits (each a 4xx/503 with ``{"error": "..."}``, and the server keeps serving): body bytes
+(``max_request_bytes``, 413), pixels per image (``max_image_pixels``) and per request
+(``max_request_pixels``), both read from the PNG headers before anything is decoded (400), and decoded
+pixels of all requests in flight (``max_inflight_pixels``: 503 with ``Retry-After``). The design and
+its reasons are in docs/architecture.md ("The scorer server").
 
 Python use::
 
     with ScorerServer("pickscore", port=0, device="cuda") as srv:   # port 0: any free port
         ...  # srv.url is the address for the ``remote`` scorer
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request), which
+# are imported lazily inside ScorerServer._build_app.
 import argparse
+import asyncio
 import base64
 import binascii
 import io
@@ -37,12 +31,15 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import socket
+import struct
 import sys
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -55,9 +52,18 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18090
 DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20  # 256 MiB: 64 images of 1024x1024 as PNG fit comfortably
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_REQUEST_PIXELS = 32 * 2**20  # 32 images of 1024x1024; 96 MiB as 8-bit RGB
+DEFAULT_MAX_INFLIGHT_PIXELS = 64 * 2**20  # decoded pixels of all requests being decoded, queued or scored
+DEFAULT_MAX_BATCH_IMAGES = 64
+DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (whole seconds, as HTTP wants)
+LISTEN_BACKLOG = 2048
+SERVE_INSTALL_HINT = 'pip install "flowrl[serve]"'
 _DRAIN_FACTOR = 4  # an oversized body up to this many times the limit is read and dropped before 413
-_DRAIN_CHUNK = 1 << 16
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_RETRY = {"Retry-After": str(RETRY_AFTER_S)}
+_GRACE_S = 5  # Ctrl-C: requests in flight get this long; 1 s before its end, waiting ones get a 503
 
 
 class BadRequest(Exception):
@@ -69,40 +75,93 @@ class BadRequest(Exception):
         self.message = message
 
 
-def _decode_png(s: Any, i: int, max_pixels: int):
-    """``images[i]``: base64 text -> the PIL image as loaded, in the PNG's own mode (400 on anything
-    else). Not converted to RGB: the official pipelines convert after resizing (matters for RGBA)."""
-    from PIL import Image, UnidentifiedImageError
+class ServeDependencyError(ImportError):
+    """fastapi or uvicorn is missing (the ``serve`` extra)."""
 
+
+def _serving_libs():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ServeDependencyError(
+            f"the scorer server needs fastapi and uvicorn ({e}); install them with: {SERVE_INSTALL_HINT}"
+        ) from None
+    return fastapi, uvicorn
+
+
+# ----------------------------------------------------------------------------------------------
+# requests: JSON, PNG headers, decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _png_size(s: Any, i: int) -> Tuple[int, int]:
+    """(width, height) of ``images[i]`` from its PNG header (the first 24 bytes; nothing decoded)."""
     if not isinstance(s, str):
         raise BadRequest(400, f"images[{i}] must be a base64 string, got {type(s).__name__}")
+    try:
+        head = base64.b64decode(s[:32], validate=True)  # 32 base64 characters = the first 24 bytes
+    except (binascii.Error, ValueError):
+        raise BadRequest(400, f"images[{i}] is not valid base64") from None
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise BadRequest(400, f"images[{i}] is not a PNG file")
+    w, h = struct.unpack(">II", head[16:24])
+    return w, h
+
+
+def _decode_png(s: str, i: int):
+    """``images[i]`` -> the PIL image as loaded, in the PNG's own mode (400 on anything else). Not
+    converted to RGB: the official pipelines convert after resizing (matters for RGBA)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         raw = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(400, f"images[{i}] is not valid base64") from None
     try:
         im = Image.open(io.BytesIO(raw), formats=["PNG"])
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Image.DecompressionBombError as e:
+        raise BadRequest(400, f"images[{i}] is refused by Pillow: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadRequest(400, f"images[{i}] is not a PNG file") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
     try:
         im.load()
+    except Image.DecompressionBombError as e:
+        raise BadRequest(400, f"images[{i}] is refused by Pillow: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadRequest(400, f"images[{i}] is a broken PNG ({e})") from None
     return im
 
 
-def parse_score_request(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, same_size: bool = True):
-    """JSON body of ``POST /score`` -> (images: list of PIL images as decoded, prompts, metadata).
+class ScoreRequest:
+    """A ``POST /score`` body, checked (fields, PNG headers, pixel limits) but not decoded yet.
 
-    ``same_size``: all images must have one size (400 otherwise). Raises :class:`BadRequest`
-    (status 400) naming the offending field. :func:`scorer_input` turns the images into what a
-    scorer takes.
-    """
+    ``pixels``: the sum of width x height of its images; ``size``: their one size, or None when
+    they may differ."""
+
+    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]]):
+        self.prompts = prompts
+        self.metadata = metadata
+        self.images = images
+        self.sizes = sizes
+        self.pixels = sum(w * h for w, h in sizes)
+
+    def decode(self) -> List[Any]:
+        """The PIL images as loaded (400 for a broken PNG)."""
+        return [_decode_png(s, i) for i, s in enumerate(self.images)]
+
+
+def read_score_request(
+    body: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    same_size: bool = True,
+    max_request_pixels: Optional[int] = None,
+) -> ScoreRequest:
+    """JSON body of ``POST /score`` -> :class:`ScoreRequest`, every limit checked from the PNG headers
+    (``max_pixels`` per image, ``max_request_pixels`` in all, one size when ``same_size``). Raises
+    :class:`BadRequest` (400) naming the offending field."""
     try:
-        req = json.loads(body.decode("utf-8"))
+        req = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise BadRequest(400, f"body is not valid JSON ({e})") from None
     if not isinstance(req, dict):
@@ -127,10 +186,35 @@ def parse_score_request(body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     for k, v in metadata.items():
         if isinstance(v, list) and len(v) != len(prompts):
             raise BadRequest(400, f"metadata[{k!r}] has {len(v)} entries for {len(prompts)} images")
-    pil = [_decode_png(s, i, max_pixels) for i, s in enumerate(images)]
-    if same_size and len({im.size for im in pil}) > 1:
-        raise BadRequest(400, f"images must share one size, got {sorted({im.size for im in pil})}")
-    return pil, prompts, metadata
+    sizes = []
+    for i, s in enumerate(images):
+        w, h = _png_size(s, i)
+        if w * h > max_pixels:
+            raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
+        sizes.append((w, h))
+    out = ScoreRequest(prompts, metadata, images, sizes)
+    if max_request_pixels is not None and out.pixels > max_request_pixels:
+        raise BadRequest(
+            400, f"the request's {len(sizes)} images hold {out.pixels} pixels, over the server's limit of "
+            f"{max_request_pixels} pixels per request; send smaller batches (batch_size)"
+        )
+    if same_size and len(set(sizes)) > 1:
+        raise BadRequest(400, f"images must share one size, got {sorted(set(sizes))}")
+    return out
+
+
+def parse_score_request(
+    body: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    same_size: bool = True,
+    max_request_pixels: Optional[int] = None,
+):
+    """JSON body of ``POST /score`` -> (images: list of PIL images as decoded, prompts, metadata).
+
+    :func:`read_score_request` and then the decoding; raises :class:`BadRequest` (400).
+    :func:`scorer_input` turns the images into what a scorer takes."""
+    req = read_score_request(body, max_pixels, same_size, max_request_pixels)
+    return req.decode(), req.prompts, req.metadata
 
 
 def scorer_input(scorer: Callable, pil: List[Any]):
@@ -158,178 +242,261 @@ def format_scores(out: Any, n: int) -> Dict[str, Any]:
     """Scorer output (tensor [n], or a mapping name -> tensor [n]) -> the JSON reply object.
 
     Non-finite scores become ``null``."""
+    return split_scores(out, [n])[0]
+
+
+def split_scores(out: Any, sizes: Sequence[int]) -> List[Dict[str, Any]]:
+    """The output of one scorer call on requests of ``sizes`` images, concatenated -> one JSON reply
+    object per request."""
+    total, starts = 0, []
+    for n in sizes:
+        starts.append(total)
+        total += n
     if isinstance(out, Mapping):
-        return {"scores": {str(k): _json_scores(v, n, f"component {k!r}") for k, v in out.items()}}
-    return {"scores": _json_scores(out, n, "the scorer")}
+        comps = {str(k): _json_scores(v, total, f"component {k!r}") for k, v in out.items()}
+        return [{"scores": {k: v[a:a + n] for k, v in comps.items()}} for a, n in zip(starts, sizes)]
+    vals = _json_scores(out, total, "the scorer")
+    return [{"scores": vals[a:a + n]} for a, n in zip(starts, sizes)]
 
 
-class ScorerHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer holding one scorer and the request limits."""
+# ----------------------------------------------------------------------------------------------
+# micro-batching: one scorer call at a time, in one worker thread
+# ----------------------------------------------------------------------------------------------
 
-    daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(
-        self,
-        address,
-        scorer: Callable,
-        scorer_name: str,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-    ):
+class _Failure:
+    """A request's error reply: the scorer raised (500) or the server is stopping (503)."""
+
+    def __init__(self, message: str, status: int = 500):
+        self.message = message
+        self.status = status
+
+
+class _Job:
+    """One request waiting for the scorer: its input (PIL list or float tensor), prompts, metadata."""
+
+    __slots__ = ("inputs", "prompts", "metadata", "n", "key", "future", "t")
+
+    def __init__(self, inputs, prompts, metadata, key, future, t):
+        self.inputs, self.prompts, self.metadata = inputs, prompts, metadata
+        self.n, self.key, self.future, self.t = len(prompts), key, future, t
+
+
+def _batch_key(size: Optional[Tuple[int, int]], metadata: Mapping[str, Any]) -> tuple:
+    """Requests with equal keys can share a scorer call: same image size (when the scorer needs one),
+    same metadata keys, per-sample lists under the same keys and equal values under the others."""
+    meta = tuple(
+        (k, None if isinstance(v, list) else json.dumps(v, sort_keys=True)) for k, v in sorted(metadata.items())
+    )
+    return size, meta
+
+
+class _Batcher:
+    """Collects jobs in the event loop and scores them in one worker thread, merging compatible ones."""
+
+    def __init__(self, scorer: Callable, name: str, max_batch_images: int, batch_wait_s: float):
         self.scorer = scorer
-        self.scorer_name = scorer_name
-        self.max_request_bytes = int(max_request_bytes)
-        self.max_image_pixels = int(max_image_pixels)
-        self.request_timeout = float(request_timeout)
-        self.score_lock = threading.Lock()
-        self.requests_served = 0  # batches the scorer has returned scores for
-        if ":" in str(address[0]):  # an IPv6 literal such as ::1
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        self.name = name
+        self.max_batch_images = max_batch_images  # 0: every request alone
+        self.batch_wait_s = batch_wait_s
+        self.queue: List[_Job] = []
+        self.running: List[_Job] = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="flowrl-scorer")
+        self.calls = 0  # scorer calls
+        self.requests_served = 0  # requests the scorer returned scores for
+        self._wake: Optional[asyncio.Event] = None
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+    def submit(self, job: _Job) -> None:
+        self.queue.append(job)
+        self._wake.set()
 
+    def fail_all(self, failure: _Failure) -> None:
+        """Answer every queued and running job with ``failure`` (the server is stopping)."""
+        for job in self.queue + self.running:
+            if not job.future.done():
+                job.future.set_result(failure)
+        self.queue = []
 
-class _Handler(BaseHTTPRequestHandler):
-    server: ScorerHTTPServer
-    server_version = "flowrl-scorer/1"
-    # HTTP/1.0: one request per connection, then close (simple and robust for large bodies).
+    def _compatible_images(self, first: _Job) -> int:
+        return sum(j.n for j in self.queue if j.key == first.key)
 
-    def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # StreamRequestHandler applies it to the socket
-        super().setup()
+    def _take(self) -> List[_Job]:
+        self.queue = [j for j in self.queue if not j.future.done()]  # cancelled: the request is gone
+        if not self.queue:
+            return []
+        first = self.queue[0]
+        batch, total = [first], first.n
+        if self.max_batch_images > 0:
+            for j in self.queue[1:]:
+                if j.key == first.key and total + j.n <= self.max_batch_images:
+                    batch.append(j)
+                    total += j.n
+        taken = set(map(id, batch))
+        self.queue = [j for j in self.queue if id(j) not in taken]
+        return batch
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.debug("%s - %s", self.address_string(), format % args)
-
-    def _reply(self, status: int, obj: Dict[str, Any]) -> None:
-        data = json.dumps(obj, allow_nan=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-        self.close_connection = True
-
-    def _error(self, status: int, message: str) -> None:
-        if status >= 500:
-            log.error("%s %s -> %d: %s", self.command, self.path, status, message)
-        else:
-            log.info("%s %s -> %d: %s", self.command, self.path, status, message)
-        self._reply(status, {"error": message})
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        # http.server's own errors (unknown method, header parse failures) also answer in JSON, with
-        # a status line even when the request line was too broken to read its HTTP version.
-        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        try:
-            self._reply(code, {"error": message or HTTPStatus(code).phrase})
-        except Exception:  # the socket may already be gone
-            self.close_connection = True
-
-    def _route(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
-
-    def do_GET(self) -> None:
-        if self._route() in ("/health", "/"):
-            self._reply(200, {
-                "status": "ok", "protocol": PROTOCOL, "scorer": self.server.scorer_name,
-                "max_request_bytes": self.server.max_request_bytes,
-            })
-        else:
-            self._error(404, f"no such path {self.path!r}; use GET /health or POST /score")
-
-    def _drain(self, n: int) -> None:
-        left = n
-        try:
-            while left > 0:
-                chunk = self.rfile.read(min(_DRAIN_CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            raise BadRequest(411, "chunked bodies are not supported: send a Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise BadRequest(411, "Content-Length header is required")
-        try:
-            n = int(raw)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise BadRequest(400, f"bad Content-Length {raw!r}") from None
-        limit = self.server.max_request_bytes
-        if n > limit:
-            if n <= _DRAIN_FACTOR * limit:
-                self._drain(n)
-            raise BadRequest(
-                413, f"request body of {n} bytes is over this server's limit of {limit} bytes; send smaller "
-                "batches (batch_size) or restart the server with a larger --max-request-bytes"
-            )
-        ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            self._drain(n)
-            raise BadRequest(415, f"Content-Type must be application/json, got {ctype!r}")
-        body = self.rfile.read(n)
-        if len(body) != n:
-            raise BadRequest(400, f"body ended after {len(body)} of {n} bytes")
-        return body
-
-    def do_POST(self) -> None:
-        try:
-            if self._route() != "/score":
-                self._drain_if_small()
-                raise BadRequest(404, f"no such path {self.path!r}; use POST /score")
-            body = self._read_body()
-            scorer = self.server.scorer
-            pil, prompts, metadata = parse_score_request(
-                body, self.server.max_image_pixels, same_size=not takes_8bit_images(scorer)
-            )
-            n = len(prompts)
-            if n == 0:
-                self._reply(200, {"scores": []})
-                return
+    async def run(self) -> None:
+        """The collector: forever, take the oldest job and what can join it, score them, reply."""
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            if self.max_batch_images > 0 and self.batch_wait_s > 0:
+                # a short wait for company, counted from the oldest job's arrival (none when it waited
+                # already, e.g. while the scorer was busy)
+                deadline = self.queue[0].t + self.batch_wait_s
+                while self.queue and self._compatible_images(self.queue[0]) < self.max_batch_images:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            batch = self._take()
+            if not batch:
+                continue
+            self.running = batch
             try:
-                with self.server.score_lock:
-                    out = scorer(scorer_input(scorer, pil), prompts, **metadata)
-                    self.server.requests_served += 1
-                reply = format_scores(out, n)
-            except Exception as e:  # the scorer's failure is the client's 500, never the server's end
-                log.exception("scorer %s failed on a batch of %d", self.server.scorer_name, n)
-                self._error(500, f"scorer {self.server.scorer_name!r} raised {type(e).__name__}: {e}")
-                return
-            self._reply(200, reply)
-        except BadRequest as e:
-            self._error(e.status, e.message)
-        except (TimeoutError, ConnectionError) as e:
-            log.info("connection from %s dropped: %s", self.address_string(), e)
-            self.close_connection = True
-        except Exception as e:  # a bug here must not end the server
-            log.exception("internal error on %s %s", self.command, self.path)
-            try:
-                self._error(500, f"internal server error: {type(e).__name__}: {e}")
-            except OSError:
-                self.close_connection = True
+                results = await loop.run_in_executor(self.pool, self._score, batch)
+            except Exception as e:  # a bug here must not stop the collector
+                log.exception("scorer worker failed")
+                results = [_Failure(f"internal server error: {type(e).__name__}: {e}")] * len(batch)
+            finally:
+                self.running = []
+            for job, res in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(res)
 
-    def _drain_if_small(self) -> None:
+    def _call(self, jobs: List[_Job]) -> List[Dict[str, Any]]:
+        if len(jobs) == 1:
+            inputs, prompts, meta = jobs[0].inputs, jobs[0].prompts, jobs[0].metadata
+        else:
+            first = jobs[0].inputs
+            inputs = torch.cat([j.inputs for j in jobs]) if isinstance(first, torch.Tensor) else [im for j in jobs for im in j.inputs]
+            prompts = [p for j in jobs for p in j.prompts]
+            meta = {
+                k: ([x for j in jobs for x in j.metadata[k]] if isinstance(v, list) else v)
+                for k, v in jobs[0].metadata.items()
+            }
+        self.calls += 1
+        out = self.scorer(inputs, prompts, **meta)
+        replies = split_scores(out, [j.n for j in jobs])
+        self.requests_served += len(jobs)
+        return replies
+
+    def _score(self, jobs: List[_Job]) -> List[Union[Dict[str, Any], _Failure]]:
+        """In the worker thread: one call for ``jobs``; if it raises and merged several requests, each
+        request again alone, so that only the failing one gets the 500."""
         try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            return
-        if 0 < n <= self.server.max_request_bytes:
-            self._drain(n)
+            return self._call(jobs)
+        except Exception as e:  # the scorer's failure is the client's 500, never the server's end
+            if len(jobs) > 1:
+                log.warning(
+                    "scorer %s raised %s on %d merged requests (%d images); scoring them one by one",
+                    self.name, type(e).__name__, len(jobs), sum(j.n for j in jobs),
+                )
+                return [self._score([j])[0] for j in jobs]
+            log.exception("scorer %s failed on a batch of %d", self.name, jobs[0].n)
+            return [_Failure(f"scorer {self.name!r} raised {type(e).__name__}: {e}")]
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP: the app, the uvicorn protocol, the server object
+# ----------------------------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The client disconnected, or stalled past the request timeout, while sending its body."""
+
+    def __init__(self, timed_out: bool = False):
+        super().__init__("timed out" if timed_out else "disconnected")
+        self.timed_out = timed_out
+
+
+def _json_response(status: int, obj: Dict[str, Any], close: bool = False, headers: Optional[Dict[str, str]] = None):
+    from starlette.responses import Response
+
+    hdrs = dict(headers or {})
+    if close:
+        hdrs["Connection"] = "close"
+    return Response(json.dumps(obj, allow_nan=False).encode("utf-8"), status, hdrs, media_type="application/json")
+
+
+def _protocol_class(request_timeout: float):
+    """uvicorn's h11 protocol with three changes: malformed HTTP gets a JSON 400 (or, during a request,
+    the connection closes after its reply); a client that half-closes its socket after sending still
+    gets its reply (a short body is then a 400 saying so); a connection that sends no request within
+    ``request_timeout`` s is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ScorerProtocol(H11Protocol):
+        _timer = None
+        _timer_cycle = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timer_cycle = self.cycle
+            self._timer = self.loop.call_later(request_timeout, self._idle_timeout)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _idle_timeout(self) -> None:
+            self._timer = None
+            if self.cycle is self._timer_cycle and not self.transport.is_closing():
+                log.info("closing a connection from %s that sent no request in %g s", self.client, request_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def eof_received(self):
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return None  # nothing in flight: close
+            cycle.keep_alive = False
+            if cycle.more_body:  # the body ends here, short of its Content-Length
+                cycle.more_body = False
+                cycle.message_event.set()
+            return True  # keep the socket open to send the reply
+
+        def send_400_response(self, msg: str) -> None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # bad bytes after (or inside) a request being answered: the app answers it, then close
+                cycle.keep_alive = False
+                if cycle.more_body:
+                    cycle.more_body = False
+                    cycle.message_event.set()
+                return
+            err = sys.exc_info()[1]  # called from uvicorn's `except h11.RemoteProtocolError`
+            detail = f"invalid HTTP request ({err})" if isinstance(err, h11.RemoteProtocolError) and str(err) else msg
+            data = json.dumps({"error": detail}).encode("utf-8")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return ScorerProtocol
 
 
 def _is_loopback(host: str) -> bool:
@@ -341,11 +508,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 class ScorerServer:
     """A scorer server you can start in a background thread (tests, notebooks) or run in the
     foreground (:meth:`serve_forever`). ``scorer`` is a registered name or dotted path (built with
     ``scorer_kwargs``) or an already built callable ``(images, prompts, **metadata) -> scores``.
-    ``port=0`` picks a free port; read it back from :attr:`url`."""
+    ``port=0`` picks a free port; read it back from :attr:`url`. ``batching=False`` or
+    ``max_batch_images=0``: one scorer call per request. Unset, ``max_request_pixels`` is at least
+    ``max_image_pixels`` (at most ``max_inflight_pixels``) and ``max_inflight_pixels`` at least
+    ``max_request_pixels``."""
 
     def __init__(
         self,
@@ -355,16 +531,36 @@ class ScorerServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        *,
+        max_request_pixels: Optional[int] = None,
+        max_inflight_pixels: Optional[int] = None,
+        max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        batching: bool = True,
+        decode_threads: Optional[int] = None,
         **scorer_kwargs: Any,
     ):
-        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be a positive integer, got {max_request_bytes!r}")
-        if not isinstance(max_image_pixels, int) or max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+        _positive_int(max_request_bytes, "max_request_bytes")
+        _positive_int(max_image_pixels, "max_image_pixels")
+        if max_request_pixels is None:
+            max_request_pixels = max(DEFAULT_MAX_REQUEST_PIXELS, max_image_pixels)
+            if max_inflight_pixels is not None:
+                max_request_pixels = min(max_request_pixels, _positive_int(max_inflight_pixels, "max_inflight_pixels"))
+        _positive_int(max_request_pixels, "max_request_pixels")
+        if max_inflight_pixels is None:
+            max_inflight_pixels = max(DEFAULT_MAX_INFLIGHT_PIXELS, max_request_pixels)
+        _positive_int(max_inflight_pixels, "max_inflight_pixels")
+        if max_inflight_pixels < max_request_pixels:
+            raise ValueError(f"max_inflight_pixels ({max_inflight_pixels}) must be >= max_request_pixels ({max_request_pixels})")
+        if isinstance(max_batch_images, bool) or not isinstance(max_batch_images, int) or max_batch_images < 0:
+            raise ValueError(f"max_batch_images must be an integer >= 0 (0: no batching), got {max_batch_images!r}")
+        if not (isinstance(batch_wait_ms, (int, float)) and 0 <= batch_wait_ms < math.inf):
+            raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
         if not (isinstance(port, int) and 0 <= port <= 65535):
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         if not (isinstance(request_timeout, (int, float)) and request_timeout > 0):
             raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
+        _, uvicorn = _serving_libs()  # before building a model: a missing extra fails fast
         if isinstance(scorer, str):
             from scorers.registry import get
 
@@ -378,39 +574,313 @@ class ScorerServer:
             fn = scorer
         if not _is_loopback(host):
             log.warning("serving scorer %s on %s: anyone who can reach this address can use it (no authentication)", name, host)
-        self.httpd = ScorerHTTPServer(
-            (host, port), fn, name, max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels,
-            request_timeout=request_timeout,
+        self.scorer = fn
+        self.scorer_name = str(name)
+        self.max_request_bytes = max_request_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
+        self.max_inflight_pixels = max_inflight_pixels
+        self.request_timeout = float(request_timeout)
+        self.any_size = takes_8bit_images(fn)  # a PIL-input scorer takes mixed sizes in one call
+        self.inflight_pixels = 0
+        self.rejected_busy = 0  # 503s
+        self._batcher = _Batcher(fn, self.scorer_name, max_batch_images if batching else 0, batch_wait_ms / 1000.0)
+        threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="flowrl-decode")
+        self._sock = self._bind(host, port)
+        config = uvicorn.Config(
+            self._build_app(), http=_protocol_class(self.request_timeout), lifespan="on", log_config=None,
+            access_log=False, proxy_headers=False, server_header=False, headers=[("server", PROTOCOL)],
+            backlog=LISTEN_BACKLOG, timeout_keep_alive=5, timeout_graceful_shutdown=_GRACE_S,
         )
+        owner = self
+
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets=None):
+                owner._stopping = True
+                timer = owner._loop.call_later(_GRACE_S - 1, owner._fail_pending) if owner._loop else None
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+
+        self._server = Server(config)
+        self._stopping = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
+        self._error_exc: Optional[BaseException] = None
+
+    # -- counters ------------------------------------------------------------------------------
+
+    @property
+    def requests_served(self) -> int:
+        """Requests the scorer returned scores for."""
+        return self._batcher.requests_served
+
+    @property
+    def scorer_calls(self) -> int:
+        """Calls into the scorer (fewer than requests when requests were merged)."""
+        return self._batcher.calls
+
+    # -- socket and app ------------------------------------------------------------------------
+
+    @staticmethod
+    def _bind(host: str, port: int) -> socket.socket:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     @property
     def url(self) -> str:
-        return self.httpd.url
+        host, port = self._sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
 
-    def start(self) -> "ScorerServer":
-        """Serve in a daemon thread; returns self."""
+    def _build_app(self):
+        from fastapi import FastAPI, Request
+        from starlette.exceptions import HTTPException
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self._loop = asyncio.get_running_loop()
+            task = asyncio.create_task(self._batcher.run())
+            try:
+                yield
+            finally:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+
+        app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+        async def health(request: Request):
+            return _json_response(200, {
+                "status": "ok", "protocol": PROTOCOL, "scorer": self.scorer_name,
+                "max_request_bytes": self.max_request_bytes,
+            })
+
+        async def score(request: Request):
+            return await self._score(request)
+
+        async def other(request: Request):
+            # Any other path (and /health/, /score/ with a trailing slash, as before).
+            route = request.url.path.rstrip("/") or "/"
+            if request.method == "GET" and route in ("/health", "/"):
+                return await health(request)
+            if request.method == "POST" and route == "/score":
+                return await score(request)
+            shown = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            if request.method == "POST":
+                close = not await self._drain_if_small(request)
+                return self._error(404, f"no such path {shown!r}; use POST /score", close=close)
+            return self._error(404, f"no such path {shown!r}; use GET /health or POST /score")
+
+        async def http_error(request: Request, exc: HTTPException):
+            if exc.status_code == 405:  # a method this server has no route for, as http.server said
+                return self._error(501, f"Unsupported method ({request.method!r})", close=True)
+            return self._error(exc.status_code, str(exc.detail), close=True)
+
+        async def internal_error(request: Request, exc: Exception):
+            return self._error(500, f"internal server error: {type(exc).__name__}: {exc}", close=True)
+
+        app.add_api_route("/health", health, methods=["GET"])
+        app.add_api_route("/", health, methods=["GET"])
+        app.add_api_route("/score", score, methods=["POST"])
+        app.add_api_route("/{path:path}", other, methods=["GET", "POST"])
+        app.add_exception_handler(HTTPException, http_error)
+        app.add_exception_handler(Exception, internal_error)
+        return app
+
+    # -- request handling (in the event loop) --------------------------------------------------
+
+    def _error(self, status: int, message: str, close: bool = False, headers: Optional[Dict[str, str]] = None):
+        (log.error if status == 500 else log.info)("-> %d: %s", status, message)
+        return _json_response(status, {"error": message}, close=close, headers=headers)
+
+    async def _receive(self, request) -> Dict[str, Any]:
+        try:
+            msg = await asyncio.wait_for(request.receive(), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise _ClientGone(timed_out=True) from None
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        return msg
+
+    async def _read_body(self, request, n: int, keep: bool = True) -> bytes:
+        """The body (``n`` bytes by Content-Length), or b"" after dropping it when not ``keep``."""
+        chunks, got = [], 0
+        while True:
+            msg = await self._receive(request)
+            chunk = msg.get("body", b"")
+            got += len(chunk)
+            if keep and chunk:
+                chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        if got != n:
+            raise BadRequest(400, f"body ended after {got} of {n} bytes")
+        return b"".join(chunks)
+
+    async def _drain_if_small(self, request) -> bool:
+        """Read and drop a body of at most max_request_bytes; True when the body is gone."""
+        try:
+            n = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            return False
+        if n > self.max_request_bytes:
+            return False
+        try:
+            await self._read_body(request, n, keep=False)
+        except (_ClientGone, BadRequest):
+            return False
+        return True
+
+    async def _score(self, request):
+        try:
+            return await self._score_unchecked(request)
+        except _ClientGone as e:
+            if e.timed_out:
+                return self._error(408, f"the request body did not arrive within {self.request_timeout:g} s", close=True)
+            log.info("client %s disconnected before its request was read", request.client)
+            return _json_response(400, {"error": "client disconnected"}, close=True)  # nobody reads it
+        except BadRequest as e:
+            return self._error(e.status, e.message, close=True)
+        except Exception as e:  # a bug here must not end the server
+            log.exception("internal error on POST /score")
+            return self._error(500, f"internal server error: {type(e).__name__}: {e}", close=True)
+
+    async def _score_unchecked(self, request):
+        loop = asyncio.get_running_loop()
+        headers = request.headers
+        if headers.get("transfer-encoding", "").lower() not in ("", "identity"):
+            raise BadRequest(411, "chunked bodies are not supported: send a Content-Length")
+        raw = headers.get("content-length")
+        if raw is None:
+            raise BadRequest(411, "Content-Length header is required")
+        try:
+            n = int(raw)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise BadRequest(400, f"bad Content-Length {raw!r}") from None
+        limit = self.max_request_bytes
+        if n > limit:
+            if n <= _DRAIN_FACTOR * limit:  # read and drop it, so that the client sees the reply
+                await self._read_body(request, n, keep=False)
+            raise BadRequest(
+                413, f"request body of {n} bytes is over this server's limit of {limit} bytes; send smaller "
+                "batches (batch_size) or restart the server with a larger --max-request-bytes"
+            )
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            await self._read_body(request, n, keep=False)
+            raise BadRequest(415, f"Content-Type must be application/json, got {ctype!r}")
+        body = await self._read_body(request, n)
+
+        # JSON and PNG headers in a thread: every limit is checked before any pixel is decoded
+        req = await loop.run_in_executor(
+            self._decode_pool, read_score_request, body, self.max_image_pixels, not self.any_size, self.max_request_pixels
+        )
+        del body
+        if not req.prompts:
+            return _json_response(200, {"scores": []})
+        if self.inflight_pixels and self.inflight_pixels + req.pixels > self.max_inflight_pixels:
+            self.rejected_busy += 1
+            return self._error(
+                503, f"server busy: {self.inflight_pixels} decoded pixels in flight, {req.pixels} more would pass "
+                f"its limit of {self.max_inflight_pixels}; retry after {RETRY_AFTER_S} s",
+                headers=_RETRY,
+            )
+        pixels = req.pixels
+        self.inflight_pixels += pixels
+        try:
+            inputs = await loop.run_in_executor(self._decode_pool, self._prepare, req)
+            if await request.is_disconnected():
+                log.info("client %s disconnected; its request is not scored", request.client)
+                return _json_response(400, {"error": "client disconnected"})
+            size = None if self.any_size else req.sizes[0]
+            job = _Job(inputs, req.prompts, req.metadata, _batch_key(size, req.metadata), loop.create_future(), loop.time())
+            del req, inputs
+            if self._stopping:
+                return self._error(503, "server is shutting down", headers=_RETRY)
+            self._batcher.submit(job)
+            result = await job.future
+        finally:
+            self.inflight_pixels -= pixels
+        if isinstance(result, _Failure):
+            return self._error(result.status, result.message, headers=_RETRY if result.status == 503 else None)
+        return _json_response(200, result)
+
+    def _prepare(self, req: ScoreRequest):
+        """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`)."""
+        return scorer_input(self.scorer, req.decode())
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        except BaseException as e:  # noqa: B036 (uvicorn ends a failed start with SystemExit)
+            self._error_exc = e
+            log.error("scorer server stopped: %s: %s", type(e).__name__, e)
+
+    def start(self, timeout: float = 30.0) -> "ScorerServer":
+        """Serve in a daemon thread; returns self once the server accepts requests."""
         if self._thread is not None:
             raise RuntimeError("server already started")
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._error_exc = None
+        self._thread = threading.Thread(target=self._run, name=f"flowrl-serve-{self.scorer_name}", daemon=True)
         self._thread.start()
-        log.info("serving scorer %s on %s", self.httpd.scorer_name, self.url)
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"scorer server did not start ({self._error_exc!r})")
+            time.sleep(0.01)
+        log.info("serving scorer %s on %s", self.scorer_name, self.url)
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until interrupted (Ctrl-C)."""
+        """Serve in this thread until interrupted (Ctrl-C: a graceful stop, then KeyboardInterrupt)."""
         try:
-            self.httpd.serve_forever()
+            self._server.run(sockets=[self._sock])
         finally:
-            self.httpd.server_close()
+            self._close()
+
+    def _fail_pending(self) -> None:
+        self._stopping = True
+        self._batcher.fail_all(_Failure("server is shutting down", 503))
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the socket (waits for the serving thread at most ``timeout`` s)."""
+        """Stop serving and close the socket; requests still waiting for the scorer get a 503 (which
+        clients retry). Waits for the serving thread at most ~2x ``timeout`` s."""
         if self._thread is not None:
-            self.httpd.shutdown()
+            self._server.should_exit = True
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._fail_pending)
+                except RuntimeError:  # the loop has ended already
+                    pass
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout)
             self._thread = None
-        self.httpd.server_close()
+        self._close()
+
+    def _close(self) -> None:
+        self._sock.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._batcher.pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "ScorerServer":
         return self.start()
@@ -424,11 +894,21 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_request_pixels: Optional[int] = None,
+    max_inflight_pixels: Optional[int] = None,
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     **scorer_kwargs: Any,
 ) -> None:
     """Build scorer ``name`` with ``scorer_kwargs`` and serve it on ``host:port`` until interrupted."""
-    srv = ScorerServer(name, host=host, port=port, max_request_bytes=max_request_bytes, **scorer_kwargs)
-    log.info("serving scorer %s on %s (protocol %s; Ctrl-C stops)", srv.httpd.scorer_name, srv.url, PROTOCOL)
+    srv = ScorerServer(
+        name, host=host, port=port, max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels, max_inflight_pixels=max_inflight_pixels,
+        max_batch_images=max_batch_images, batch_wait_ms=batch_wait_ms, **scorer_kwargs,
+    )
+    log.info("serving scorer %s on %s (protocol %s; Ctrl-C stops)", srv.scorer_name, srv.url, PROTOCOL)
     srv.serve_forever()
 
 
@@ -455,6 +935,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest accepted body")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="largest accepted image (width x height)")
+    p.add_argument("--max-request-pixels", type=int, default=None,
+                   help=f"pixels of all images of one request (default {DEFAULT_MAX_REQUEST_PIXELS})")
+    p.add_argument("--max-inflight-pixels", type=int, default=None,
+                   help=f"decoded pixels of all requests in flight; past it: 503 (default {DEFAULT_MAX_INFLIGHT_PIXELS})")
+    p.add_argument("--max-batch-images", type=int, default=DEFAULT_MAX_BATCH_IMAGES,
+                   help=f"images of concurrent requests merged into one scorer call (default {DEFAULT_MAX_BATCH_IMAGES}; 0: no merging)")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                   help=f"how long a request waits for others to merge with (default {DEFAULT_BATCH_WAIT_MS:g})")
     p.add_argument("--option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                    help="scorer option (value parsed as JSON when it can be), repeatable")
     return p
@@ -489,15 +978,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(list(argv) if argv is not None else None)
     try:
+        _serving_libs()
         kw = scorer_kwargs_from_args(args)
-        srv = ScorerServer(args.name, host=args.host, port=args.port, max_request_bytes=args.max_request_bytes, **kw)
-    except (UnknownScorerError, ValueError, TypeError) as e:
+        srv = ScorerServer(
+            args.name, host=args.host, port=args.port, max_request_bytes=args.max_request_bytes,
+            max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
+            max_inflight_pixels=args.max_inflight_pixels, max_batch_images=args.max_batch_images,
+            batch_wait_ms=args.batch_wait_ms, **kw,
+        )
+    except (ServeDependencyError, UnknownScorerError, ValueError, TypeError) as e:
         print(f"flowrl serve-scorer: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # address in use, no permission to bind
         print(f"flowrl serve-scorer: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"serving scorer {srv.httpd.scorer_name} on {srv.url} ({PROTOCOL}); Ctrl-C stops", flush=True)
+    print(f"serving scorer {srv.scorer_name} on {srv.url} ({PROTOCOL}); Ctrl-C stops", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

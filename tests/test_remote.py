@@ -78,7 +78,8 @@ def free_port() -> int:
 
 
 class FakeServer:
-    """A plain HTTP server whose replies come from ``respond(handler, body) -> (status, bytes)``."""
+    """A plain HTTP server whose replies come from ``respond(handler, body, k) -> (status, bytes)`` or
+    ``(status, bytes, headers)``."""
 
     def __init__(self, respond):
         outer = self
@@ -96,11 +97,13 @@ class FakeServer:
                 with outer.lock:
                     outer.count += 1
                     k = outer.count
-                status, data = outer.respond(self, body, k)
+                status, data, *extra = outer.respond(self, body, k)  # (status, body[, headers])
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)
@@ -171,7 +174,7 @@ def test_remote_equals_in_process_with_metadata_and_chunking():
     with ScorerServer("test_remote_tiny", port=0) as srv:
         remote = scorers.get("remote", url=srv.url, batch_size=3, timeout=10, retries=0)
         got = remote(x, prompts, offset=offset, bias=0.25)
-        assert srv.httpd.requests_served == 3  # 7 images in chunks of 3, 3, 1
+        assert srv.requests_served == 3  # 7 images in chunks of 3, 3, 1
         health = remote.health()
     assert got.dtype == torch.float32 and got.shape == (7,)
     # same images, same arithmetic: equal up to float32 summation order
@@ -331,6 +334,36 @@ def test_http_errors_retry_only_transient_statuses():
         assert srv.count == 1 and ei.value.status == 500  # 500 repeats for the same batch: no retry
 
 
+def test_retry_after_of_a_busy_server_is_honoured():
+    """A 503 with ``Retry-After: 1`` makes the client wait at least 1 s although its own back-off is
+    0.01 s; an HTTP-date Retry-After is read too; a 500's Retry-After changes nothing (no retry)."""
+    times = []
+
+    def busy_once(handler, body, k):
+        times.append(time.monotonic())
+        if k == 1:
+            return 503, b'{"error": "server busy"}', {"Retry-After": "1"}
+        n = len(json.loads(body)["prompts"])
+        return 200, json.dumps({"scores": [0.25] * n}).encode()
+
+    with FakeServer(busy_once) as srv:
+        got = RemoteScorer(srv.url, retries=2, backoff=0.01)(quantized_images(2), ["a", "b"])
+    assert torch.equal(got, torch.tensor([0.25, 0.25])) and len(times) == 2
+    assert 1.0 <= times[1] - times[0] < 5.0
+    from email.utils import formatdate
+
+    from scorers.remote import _retry_after_s
+
+    assert _retry_after_s({"Retry-After": "2.5"}) == 2.5 and _retry_after_s({"Retry-After": "soon"}) is None
+    assert 8 < _retry_after_s({"Retry-After": formatdate(time.time() + 10, usegmt=True)}) <= 10
+    assert _retry_after_s({}) is None
+    with FakeServer(lambda h, b, k: (500, b'{"error": "no"}', {"Retry-After": "30"})) as srv:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteScorerError, match="HTTP 500"):
+            RemoteScorer(srv.url, retries=3, backoff=0.01)(quantized_images(2), ["a", "b"])
+        assert srv.count == 1 and time.monotonic() - t0 < 5.0
+
+
 def test_oversized_request_gets_413_and_server_keeps_serving():
     big = torch.rand(4, 3, 32, 32)  # noise: ~3 KB of PNG per image, ~16 KB of JSON in all
     with ScorerServer("test_remote_tiny", port=0, max_request_bytes=6000) as srv:
@@ -472,7 +505,7 @@ def test_remote_float_images_score_as_the_official_path_on_their_png_pixels():
         got_u8 = remote(q, prompts)
         got_pil = remote(ims, prompts[:4])
         comps = remote.score_components(ims, prompts[:4])
-        served = srv.httpd.scorer.seen
+        served = srv.scorer.seen
     assert set(served) == {"pil"}
     assert torch.equal(got, local(q, prompts)) and torch.equal(got_u8, got)
     assert (got - local(q.float() / 255, prompts)).abs().max() > 1e-3  # the float path of the same pixels
@@ -556,15 +589,16 @@ def test_server_rejects_malformed_requests_and_keeps_serving():
         assert raw_request(srv.url, "POST", "/nope", b"{}", J)[0] == 404
         status, reply = raw_request(srv.url, "PUT", "/score", b"{}", J)
         assert status == 501 and "error" in reply
-        # no Content-Length, a truncated body, a garbage request line: answered, not crashed
+        # no Content-Length, a truncated body, a garbage request line: answered (in JSON), not crashed.
+        # (uvicorn's h11 answers HTTP/1.1 whatever the request's version; http.server echoed it.)
         no_len = raw_socket_request(srv.url, b"POST /score HTTP/1.0\r\nContent-Type: application/json\r\n\r\n{}", half_close=True)
-        assert no_len.startswith(b"HTTP/1.0 411") and b"Content-Length header is required" in no_len
+        assert no_len.startswith(b"HTTP/1.1 411") and b"Content-Length header is required" in no_len
         short = raw_socket_request(srv.url, b"POST /score HTTP/1.0\r\nContent-Length: 100\r\n\r\n{}", half_close=True)
-        assert short.startswith(b"HTTP/1.0 400") and b"body ended after 2 of 100 bytes" in short
+        assert short.startswith(b"HTTP/1.1 400") and b"body ended after 2 of 100 bytes" in short
         garbage = raw_socket_request(srv.url, b"GET / HTTP/1.0 extra words\r\n\r\n", half_close=True)
-        assert garbage.startswith(b"HTTP/1.0 400") and b'"error": "Bad request version' in garbage
+        assert garbage.startswith(b"HTTP/1.1 400") and b'{"error": "invalid HTTP request' in garbage
         binary = raw_socket_request(srv.url, b"\x00\x01 garbage\r\n\r\n", half_close=True)
-        assert binary.startswith(b"HTTP/1.0 400") and b'"error": "Bad HTTP/0.9 request type' in binary
+        assert binary.startswith(b"HTTP/1.1 400") and b'{"error": "invalid HTTP request' in binary
         # still healthy, still scoring
         assert raw_request(srv.url, "GET", "/health") == (200, {
             "status": "ok", "protocol": "flowrl-scorer/1", "scorer": "picky", "max_request_bytes": 256 * 2**20,
