@@ -1,7 +1,8 @@
 """`flowrl` command line: `flowrl sample|make-tiny|score|serve-scorer ...`.
 
-Every user error (a bad config key or value, a missing file, an unknown scorer) is printed as one
-line on stderr and exits with status 2, never with a traceback.
+Every user error (a bad config key or value, a missing or unwritable path, a damaged checkpoint or
+one of another model, an unknown scorer, a missing argument) is printed as one line on stderr and
+exits with status 2, never with a traceback.
 """
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import sys
 from typing import List, Optional
 
 from flowrl.config import ConfigError
-from flowrl.inputs import UsageError
+from flowrl.inputs import ArgumentParser, UsageError
 from scorers.registry import UnknownScorerError
 
 log = logging.getLogger("flowrl")
 
 
 def _cmd_make_tiny(args) -> int:
+    from pathlib import Path
+
+    d = Path(args.dir)
+    if d.is_dir() and any(d.iterdir()):
+        raise UsageError(f"make-tiny: {d} exists and is not empty: give a new or empty folder")
     if args.kind == "lm":
         from flowrl.text.tiny import save_tiny_lm
 
@@ -46,6 +52,7 @@ def _cmd_sample(args) -> int:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     from flowrl.train.evaluate import sample_to_dir
 
+    # sample_to_dir checks the checkpoint and that --out can be written before any model loads
     out = sample_to_dir(cfg, prompts, args.out, seeds=args.seeds, checkpoint=args.checkpoint)
     print(f"wrote {len(prompts) * args.seeds} images to {out}")
     return 0
@@ -72,7 +79,7 @@ PASSTHROUGH = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowrl", description="Online RL for flow-matching image models and causal LMs.")
+    p = ArgumentParser(prog="flowrl", description="Online RL for flow-matching image models and causal LMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 

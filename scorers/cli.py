@@ -23,7 +23,8 @@ RGB floats in [0, 1].
 
 Prints a table (file, scores, prompt) and the mean ± std of each scorer, and writes ``scores.csv``
 (columns ``image, prompt, <scorer>...``; non-finite scores are written as ``nan``/``inf``).
-Returns 0 on success, 2 on a usage or input error.
+Returns 0 on success, 2 on a usage or input error (one line on stderr: a missing argument, a folder
+without images, a non-UTF-8 prompt file, an ``--output`` that cannot be written, ...).
 """
 from __future__ import annotations
 
@@ -38,18 +39,16 @@ from typing import Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+from flowrl.inputs import ArgumentParser, UsageError, writable_file  # UsageError: bad input, exit status 2
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
 
 
-class UsageError(ValueError):
-    """Bad command-line input (reported on stderr, exit status 2)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="flowrl score",
         description="Score images against prompts. The i-th line of --prompts goes with the i-th image "
         "of --images in file-name order (one prompt for all images if the file has one line).",
@@ -71,7 +70,11 @@ def list_images(folder: str) -> List[str]:
     """Image files directly in ``folder``, sorted by file name (string order)."""
     if not os.path.isdir(folder):
         raise UsageError(f"--images: not a folder: {folder}")
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    try:
+        names = sorted(f for f in os.listdir(folder)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    except OSError as e:
+        raise UsageError(f"--images: cannot list {folder} ({e.strerror or type(e).__name__})") from None
     if not names:
         raise UsageError(f"--images: no image files ({' '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return [os.path.join(folder, f) for f in names]
@@ -81,8 +84,13 @@ def read_prompts(path: str, n_images: int) -> List[str]:
     """One prompt per line (line breaks removed); a single prompt is repeated for all images."""
     if not os.path.isfile(path):
         raise UsageError(f"--prompts: file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"--prompts: cannot read {path} ({e.strerror or type(e).__name__})") from None
     if len(lines) == 1:
         return lines * n_images
     if len(lines) != n_images:
@@ -143,10 +151,10 @@ def _fmt(x: float) -> str:
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
     """Entry point of ``flowrl score`` (see the module docstring). Returns the exit status."""
     out = stdout or sys.stdout
-    args = build_parser().parse_args(argv)
     import scorers
 
     try:
+        args = build_parser().parse_args(argv)
         names = list(dict.fromkeys(args.scorer))
         if args.checkpoint is not None and len(names) > 1:
             raise UsageError("--checkpoint needs a single --scorer; use --option NAME.checkpoint=PATH")
@@ -155,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
         options = parse_options(args.option, names)
         paths = list_images(args.images)
         prompts = read_prompts(args.prompts, len(paths))
+        writable_file(args.output, "--output")  # its folder is created when missing, as for --out
         images, groups = _load_groups(paths)
     except UsageError as e:
         print(f"flowrl score: error: {e}", file=sys.stderr)

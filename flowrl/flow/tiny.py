@@ -28,6 +28,8 @@ from typing import Sequence
 
 import torch
 
+from flowrl.inputs import writable_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -353,9 +355,8 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """
     if kind not in TINY_KINDS:
         raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
+    out = writable_dir(out_dir, "model folder")  # a file or an unwritable place fails before the build
     pipe = build_tiny_sd3_pipeline(seed=seed) if kind == "sd3" else build_tiny_flux_pipeline(seed=seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     logger.info("saved tiny %s pipeline to %s", kind, out)
     return out

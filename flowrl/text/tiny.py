@@ -57,8 +57,9 @@ def build_tiny_lm(tokenizer=None, *, hidden_size: int = 64, layers: int = 2, hea
 
 def save_tiny_lm(out_dir, seed: int = 0, **kwargs) -> Path:
     """Write a tiny LM + tokenizer folder that transformers' Auto classes load."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from flowrl.inputs import writable_dir
+
+    out = writable_dir(out_dir, "model folder")
     model, tok = build_tiny_lm(seed=seed, **kwargs)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
-from flowrl.inputs import UsageError, existing_dir, read_prompts
+from flowrl.inputs import ArgumentParser, UsageError, read_prompts, writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -489,16 +489,26 @@ def evaluate_from_config(policy: Any, cfg: Any, reward: Optional[RewardLike] = N
                            progress=progress, **eval_settings(cfg))
 
 
-def load_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
-    """The flow policy of ``cfg.model``, with ``checkpoint`` loaded when given (checked before the
-    model is built, so a wrong path fails fast)."""
-    from flowrl.train.model import apply_checkpoint, build_flow_policy
-
+def _check_image_model(cfg: Any) -> None:
     family = getattr(cfg.model, "family", "sd3")
     if family not in ("sd3", "flux"):
         raise UsageError(f"model.family is {family!r}: image sampling needs an image model ('sd3' or 'flux')")
+
+
+def load_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
+    """The flow policy of ``cfg.model``, with ``checkpoint`` loaded when given (checked before the
+    model is built, so a wrong path or a damaged checkpoint fails fast)."""
+    from flowrl.train.model import check_checkpoint
+
+    _check_image_model(cfg)
     if checkpoint is not None:
-        existing_dir(checkpoint, "checkpoint")
+        check_checkpoint(checkpoint)
+    return _build_policy(cfg, checkpoint)
+
+
+def _build_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
+    from flowrl.train.model import apply_checkpoint, build_flow_policy
+
     policy = build_flow_policy(cfg.model)
     if checkpoint is not None:
         logger.info("loaded %s", apply_checkpoint(policy, checkpoint))
@@ -802,18 +812,22 @@ def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds
     configured reward, total) to ``out``. ``seeds``: a count N (seeds 0..N-1) or a list. Images are
     written batch by batch (memory stays bounded for long prompt lists); a progress bar runs when
     stderr is a terminal. Returns ``out``."""
+    from flowrl.train.model import check_checkpoint
+
     try:
         prompts = _check_prompts(prompts)
         seeds = _check_seeds(seeds)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    policy = load_policy(cfg, checkpoint)
+    _check_image_model(cfg)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+    out = writable_dir(out, "output folder")
     reward = reward if reward is not None else reward_from_config(cfg)
+    policy = _build_policy(cfg, checkpoint)
     settings = eval_settings(cfg)
     if batch_size is not None:
         settings["batch_size"] = int(batch_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(prompts) * len(seeds), "sampling", progress)
     rows: List[Dict[str, Any]] = []
     names: List[str] = []
@@ -892,7 +906,7 @@ def write_comparison(out: Union[str, Path], base: EvalResult, tuned: EvalResult,
     """Write ``grid.png`` (:func:`side_by_side`), ``index.html`` (:func:`comparison_html`) and
     ``scores.csv`` (prompt, seed, every reward and total for both sides) to ``out``; returns
     (png, html)."""
-    out = Path(out)
+    out = writable_dir(out, "output folder")
     png = _save_png(side_by_side(base, tuned, labels, pairs_per_row), out / GRID_NAME)
     page = _write_text(out / "index.html", comparison_html(base, tuned, GRID_NAME, labels, title))
     keys = [*base.scores, "total"]
@@ -926,7 +940,7 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     """``flowrl grid``: evaluate the config's model before and after loading ``--checkpoint`` on the
     same prompts and seeds, and write the side-by-side grid, the HTML page and the scores."""
     from flowrl.config import load_run_config
-    from flowrl.train.model import apply_checkpoint
+    from flowrl.train.model import apply_checkpoint, check_checkpoint, check_checkpoint_fits
 
     cfg = load_run_config(args.config, args.overrides)
     prompts = read_prompts(args.prompts)
@@ -936,9 +950,12 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.pairs_per_row is not None and args.pairs_per_row < 1:
         raise UsageError(f"--pairs-per-row must be >= 1, got {args.pairs_per_row}")
-    ckpt = existing_dir(args.checkpoint, "checkpoint")
-    policy = load_policy(cfg)
+    _check_image_model(cfg)
+    ckpt = check_checkpoint(args.checkpoint)  # a damaged or half-written checkpoint fails before any model loads
+    out = writable_dir(args.out, "--out")
     reward = reward_from_config(cfg)
+    policy = load_policy(cfg)
+    check_checkpoint_fits(policy, ckpt)  # a checkpoint of another model fails before the base is sampled
     settings = eval_settings(cfg)
     if args.batch_size is not None:
         settings["batch_size"] = args.batch_size
@@ -946,13 +963,13 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     base = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
     logger.info("loaded %s", apply_checkpoint(policy, ckpt))
     tuned = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
-    return write_comparison(args.out, base, tuned, labels=("base", f"tuned: {ckpt.name}"),
+    return write_comparison(out, base, tuned, labels=("base", f"tuned: {ckpt.name}"),
                             title=f"{ckpt.name} vs base", pairs_per_row=args.pairs_per_row)
 
 
 def grid_command(argv: Optional[Sequence[str]] = None) -> int:
     """``flowrl grid CONFIG [overrides] --checkpoint DIR --prompts FILE --out DIR [--seeds N]``."""
-    p = add_grid_arguments(argparse.ArgumentParser(
+    p = add_grid_arguments(ArgumentParser(
         prog="flowrl grid", description="Side-by-side grid of the base model and a checkpoint (PNG + HTML)."))
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     png, page = run_grid(args)
@@ -963,4 +980,6 @@ def grid_command(argv: Optional[Sequence[str]] = None) -> int:
 main = grid_command  # `flowrl grid` through the CLI's pass-through table, or `python -m flowrl.train.evaluate`
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(grid_command())
+    from flowrl.cli import main as _cli_main
+
+    sys.exit(_cli_main(["grid", *sys.argv[1:]]))

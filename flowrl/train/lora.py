@@ -15,9 +15,11 @@ LoRA trained with alpha != rank.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from flowrl.inputs import UsageError, writable_dir
 
 SD3_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -68,18 +70,45 @@ def trainable_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable weights back in place; every key must match a trainable parameter."""
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+class WeightsMismatchError(UsageError):
+    """Saved weights that do not fit the model they are loaded into (trained on another
+    architecture or other sizes): one line naming both and the first difference."""
+
+
+def _shape(x) -> Tuple[int, ...]:
+    return tuple(int(d) for d in (x.shape if hasattr(x, "shape") else x))
+
+
+def check_weights_fit(expected: Mapping[str, Any], saved: Mapping[str, Any], source: str = "checkpoint",
+                      target: str = "the model") -> None:
+    """Raise :class:`WeightsMismatchError` unless ``saved`` has exactly the names of ``expected``
+    with the same shapes (values: tensors or shapes)."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    where = f"{source} does not fit {target}"
     if missing or unexpected:
-        raise KeyError(f"trainable weights do not match: missing {missing[:5]} ({len(missing)}), "
-                       f"unexpected {unexpected[:5]} ({len(unexpected)})")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(expected)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} of its {len(saved)} weights not in the model (e.g. {unexpected[0]})")
+        raise WeightsMismatchError(f"{where}: {'; '.join(parts)}")
+    wrong = [n for n in sorted(expected) if _shape(expected[n]) != _shape(saved[n])]
+    if wrong:
+        n = wrong[0]
+        raise WeightsMismatchError(f"{where}: shape mismatch at {n}: saved {_shape(saved[n])}, model {_shape(expected[n])} "
+                                   f"({len(wrong)} of {len(expected)} weights differ in shape)")
+
+
+def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Tensor], *, source: str = "checkpoint",
+                              target: str = "the model") -> None:
+    """Copy saved trainable weights back in place; every key must match a trainable parameter with
+    its shape, else :class:`WeightsMismatchError` (a UsageError) naming ``source`` and ``target``
+    and nothing is copied."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    check_weights_fit(params, state, source, target)
     with torch.no_grad():
         for n, p in params.items():
-            if p.shape != state[n].shape:
-                raise ValueError(f"{n}: checkpoint shape {tuple(state[n].shape)} != model shape {tuple(p.shape)}")
             p.copy_(state[n].to(p.device, p.dtype))
 
 
@@ -88,8 +117,7 @@ def save_diffusers_lora(pipeline_cls, transformer: torch.nn.Module, out_dir, ada
     with the adapter's LoraConfig (alpha included) in the file's metadata."""
     from peft.utils import get_peft_model_state_dict
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir, "LoRA folder")
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     config = transformer.peft_config[adapter_name]
     meta = config.to_dict()

@@ -11,12 +11,16 @@ A "checkpoint" argument may be either of:
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from flowrl.inputs import UsageError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,31 +62,221 @@ def set_fixed_shift(policy, shift: float) -> None:
     policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False)
 
 
-def apply_checkpoint(policy, checkpoint) -> str:
-    """Load ``checkpoint`` (see module doc) into ``policy``'s transformer; returns what was loaded."""
-    from flowrl.train.checkpoint import COMPLETE, load_checkpoint
-    from flowrl.train.lora import add_lora_to_transformer, load_trainable_state_dict
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+_FLOWRL_FILES = ("weights.safetensors", "meta.json", "state.pt")
+
+
+def _is_flowrl_checkpoint(path: Path) -> bool:
+    """A flowrl checkpoint folder (complete or not); otherwise a diffusers LoRA folder is assumed."""
+    from flowrl.train.checkpoint import COMPLETE
+
+    if (path / COMPLETE).is_file():
+        return True
+    return not (path / LORA_FILE).is_file() and any((path / n).exists() for n in _FLOWRL_FILES)
+
+
+def _safetensors_shapes(path: Path, name: str) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor in ``path / name``, read from its header only."""
+    from safetensors import safe_open
+
+    from flowrl.train.checkpoint import CheckpointError
+
+    try:
+        with safe_open(str(path / name), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a malformed file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: {name} is not a readable safetensors file ({msg})") from None
+
+
+def _lora_config(lora: Any, path: Path):
+    from peft import LoraConfig
+
+    from flowrl.train.checkpoint import CheckpointError
+
+    try:
+        return LoraConfig(**lora)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json holds no valid LoRA config ({str(e).splitlines()[0]})") from None
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """``"flowrl"`` or ``"diffusers"``; UsageError naming ``path`` when it is neither, or a
+    half-written flowrl checkpoint."""
+    from flowrl.train.checkpoint import COMPLETE, verify_checkpoint
+
+    if not path.exists():
+        raise UsageError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise UsageError(f"checkpoint {path} is a file: give a checkpoint folder (flowrl checkpoint or diffusers LoRA)")
+    if _is_flowrl_checkpoint(path):
+        if not (path / COMPLETE).is_file():
+            verify_checkpoint(path)  # raises: no marker, half-written
+        return "flowrl"
+    if (path / LORA_FILE).is_file():
+        return "diffusers"
+    raise UsageError(f"{path} is neither a flowrl checkpoint (no COMPLETE marker) nor a diffusers LoRA folder "
+                     f"(no {LORA_FILE})")
+
+
+def _meta_lora(path: Path) -> Optional[dict]:
+    """The LoRA config recorded in a flowrl checkpoint's meta.json (None: full weights)."""
+    from flowrl.train.checkpoint import CheckpointError
+
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({type(e).__name__})") from None
+    lora = meta.get("lora") if isinstance(meta, dict) else None
+    if lora:
+        _lora_config(lora, path)
+    return lora or None
+
+
+def check_checkpoint(checkpoint) -> Path:
+    """Check a checkpoint folder (see module doc) before any model is loaded: a flowrl checkpoint
+    verifies against its manifest (:func:`flowrl.train.checkpoint.verify_checkpoint`; half-written,
+    truncated, damaged), and its weights file, like a diffusers LoRA's, must be readable
+    safetensors. Returns the folder; raises a UsageError naming it otherwise."""
+    from flowrl.train.checkpoint import verify_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_dir():
-        raise UsageError(f"checkpoint not found: {path}")
-    if (path / COMPLETE).is_file():
+    if _checkpoint_kind(path) == "flowrl":
+        verify_checkpoint(path)
+        _safetensors_shapes(path, "weights.safetensors")
+        _meta_lora(path)
+    else:
+        _safetensors_shapes(path, LORA_FILE)
+    return path
+
+
+def model_name(policy) -> str:
+    """How errors name the policy's model: its folder or hub id and transformer class."""
+    tr = policy.transformer
+    where = getattr(policy.pipeline, "name_or_path", None) or getattr(tr, "config", {}).get("_name_or_path")
+    return f"model {where} ({type(tr).__name__})" if where else f"the {type(tr).__name__} model"
+
+
+def _lora_shapes(transformer, config, source: str, target: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Name -> shape of the LoRA weights that ``config`` adds to ``transformer``, found on a copy of
+    its architecture on the meta device (no memory, the model is not changed); None when no copy
+    can be built."""
+    from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer
+
+    if getattr(transformer, "peft_config", None):  # an adapter is already there: the checkpoint loads into it
+        return {n: tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
+    try:
+        with torch.device("meta"):
+            clone = type(transformer).from_config(transformer.config)
+    except Exception as e:  # an architecture that cannot be rebuilt from its config: the load itself checks
+        logger.debug("no meta-device copy of %s (%s): the LoRA fit is checked when it loads", type(transformer).__name__, e)
+        return None
+    try:
+        add_lora_to_transformer(clone, config)
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise WeightsMismatchError(f"{source} does not fit {target}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # e.g. an initialisation that needs real weights
+        logger.debug("no LoRA on the meta-device copy (%s): the LoRA fit is checked when it loads", e)
+        return None
+    return {n: tuple(p.shape) for n, p in clone.named_parameters() if p.requires_grad}
+
+
+def _check_diffusers_lora_fits(transformer, saved: Dict[str, Tuple[int, ...]], source: str, target: str) -> None:
+    """Every ``transformer.<layer>.lora_A/B.weight`` of a diffusers LoRA must name a layer of the
+    model with matching sizes (diffusers itself ignores LoRA weights of layers the model lacks).
+    Weights in other layouts are left to diffusers' own converters and checks."""
+    from flowrl.train.lora import WeightsMismatchError
+
+    keys = sorted(k for k in saved if re.fullmatch(r"transformer\..+\.lora_[AB]\.weight", k))
+    if not keys:
+        return
+    modules = dict(transformer.named_modules())
+    absent, wrong = [], []
+    for k in keys:
+        name, ab = k[len("transformer."):-len(".lora_A.weight")], k[-len("A.weight")]
+        layer = modules.get(name)
+        if layer is None:
+            absent.append(k)
+            continue
+        layer = getattr(layer, "base_layer", layer)
+        fin, fout, shape = getattr(layer, "in_features", None), getattr(layer, "out_features", None), saved[k]
+        if fin is None or fout is None or len(shape) != 2:
+            continue
+        want = (shape[0], fin) if ab == "A" else (fout, shape[1])
+        if tuple(shape) != want:
+            wrong.append((k, shape, want))
+    where = f"{source} does not fit {target}"
+    if absent:
+        raise WeightsMismatchError(f"{where}: {len(absent)} of its {len(keys)} LoRA weights are for layers the model "
+                                   f"does not have (e.g. {absent[0]})")
+    if wrong:
+        k, shape, want = wrong[0]
+        raise WeightsMismatchError(f"{where}: shape mismatch at {k}: saved {tuple(shape)}, model {want} "
+                                   f"({len(wrong)} of {len(keys)} LoRA weights differ in shape)")
+
+
+def check_checkpoint_fits(policy, checkpoint, model: Optional[str] = None) -> None:
+    """Raise :class:`flowrl.train.lora.WeightsMismatchError` (a UsageError) when ``checkpoint``
+    was trained on another model (other architecture or sizes), from the weights' names and shapes
+    only: ``policy`` is not changed. ``model``: how the message names the model."""
+    from flowrl.train.lora import check_weights_fit
+
+    path = Path(checkpoint)
+    kind = _checkpoint_kind(path)
+    source, target = f"checkpoint {path}", model or model_name(policy)
+    tr = policy.transformer
+    if kind == "flowrl":
+        saved = _safetensors_shapes(path, "weights.safetensors")
+        lora = _meta_lora(path)
+        if lora:
+            expected = _lora_shapes(tr, _lora_config(lora, path), source, target)
+            if expected is None:
+                return
+        else:
+            expected = {n: tuple(p.shape) for n, p in tr.named_parameters()}
+        check_weights_fit(expected, saved, source, target)
+    else:
+        _check_diffusers_lora_fits(tr, _safetensors_shapes(path, LORA_FILE), source, target)
+
+
+def apply_checkpoint(policy, checkpoint, model: Optional[str] = None) -> str:
+    """Load ``checkpoint`` (see module doc) into ``policy``'s transformer; returns what was loaded.
+    A bad folder or weights trained on another model raise a one-line UsageError naming the folder
+    (and the model: ``model``, else :func:`model_name`) before the model is changed."""
+    from flowrl.train.checkpoint import load_checkpoint
+    from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer, load_trainable_state_dict
+
+    path = Path(checkpoint)
+    kind = _checkpoint_kind(path)
+    source, target = f"checkpoint {path}", model or model_name(policy)
+    check_checkpoint_fits(policy, path, target)
+    tr = policy.transformer
+    if kind == "flowrl":
         ck = load_checkpoint(path)
         lora = ck["meta"].get("lora")
         if lora:
-            from peft import LoraConfig
-
-            if not getattr(policy.transformer, "peft_config", None):
-                add_lora_to_transformer(policy.transformer, LoraConfig(**lora))
+            if not getattr(tr, "peft_config", None):
+                try:
+                    add_lora_to_transformer(tr, _lora_config(lora, path))
+                except ValueError as e:
+                    raise WeightsMismatchError(f"{source} does not fit {target}: {str(e).splitlines()[0]}") from None
+            else:  # load into the adapter already there
+                for n, p in tr.named_parameters():
+                    p.requires_grad_("lora_" in n)
         else:
-            policy.transformer.requires_grad_(True)
-        load_trainable_state_dict(policy.transformer, ck["weights"])
-        policy.transformer.requires_grad_(False)
+            tr.requires_grad_(True)
+        try:
+            load_trainable_state_dict(tr, ck["weights"], source=source, target=target)
+        finally:
+            tr.requires_grad_(False)
         return f"flowrl checkpoint {path.name} ({'LoRA' if lora else 'full weights'})"
-    if (path / "pytorch_lora_weights.safetensors").is_file():
+    try:
         policy.pipeline.load_lora_weights(str(path))
-        return f"diffusers LoRA {path}"
-    raise UsageError(f"{path} is neither a flowrl checkpoint (no COMPLETE marker) nor a diffusers LoRA folder")
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
+        msg = str(e).strip().splitlines()
+        raise WeightsMismatchError(f"{source}: diffusers cannot load this LoRA into {target} "
+                                   f"({type(e).__name__}: {(msg[0] if msg else '')[:300]})") from None
+    return f"diffusers LoRA {path}"
 
 
 def lora_meta(transformer) -> Optional[dict]:

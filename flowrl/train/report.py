@@ -23,7 +23,6 @@ record wins. Plots use matplotlib's Agg canvas directly (no pyplot state, no dis
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -34,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from flowrl.inputs import UsageError
+from flowrl.inputs import ArgumentParser, UsageError, writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -242,22 +241,34 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
     from flowrl.train.evaluate import EVAL_LOG
 
     root = Path(run_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise UsageError(f"run folder not found: {root}")
+    if not root.is_dir():
+        raise UsageError(f"run folder {root} is a file, not a folder")
     have = [n for n in (METRICS, SUMMARY, EVAL_LOG) if (root / n).is_file()]
     if not have:
         raise UsageError(f"{root} holds no {METRICS}, {SUMMARY} or {EVAL_LOG}: not a flowrl run folder")
-    metrics = read_jsonl(root / METRICS)
-    evals = load_evals(root)
+    try:
+        metrics = read_jsonl(root / METRICS)
+        evals = load_evals(root)
+    except OSError as e:
+        raise UsageError(f"cannot read the run folder {root} ({e.strerror or type(e).__name__}: {e.filename})") from None
     summary: Dict[str, Any] = {}
     if (root / SUMMARY).is_file():
         try:
             loaded = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UsageError(f"{root / SUMMARY} is not JSON (line {e.lineno}: {e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{root / SUMMARY} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {root / SUMMARY} ({e.strerror or type(e).__name__})") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"{root / SUMMARY} must hold a JSON object")
         summary = loaded
+    if not metrics and not evals and not summary:
+        raise UsageError(f"{root} holds no metrics: {', '.join(have)} {'is' if len(have) == 1 else 'are'} empty")
+    writable_dir(root, "run folder")  # plots/ and report.html go into it
 
     # ---- plots ----------------------------------------------------------------------------------
     keys = list(dict.fromkeys(k for rec in metrics for k in rec))
@@ -355,7 +366,7 @@ img.grid{{image-rendering:pixelated}}.note{{color:#a60}}pre{{background:#f6f6f6;
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``flowrl report RUN_DIR``: (re)write a run folder's plots and report.html."""
-    p = argparse.ArgumentParser(prog="flowrl report", description="Write plots and report.html for a run folder.")
+    p = ArgumentParser(prog="flowrl report", description="Write plots and report.html for a run folder.")
     p.add_argument("run_dir", help="the run folder (output_dir of the run)")
     p.add_argument("--title", default=None, help="page title (default: the folder name)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -365,4 +376,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from flowrl.cli import main as _cli_main
+
+    sys.exit(_cli_main(["report", *sys.argv[1:]]))
