@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
 def _train(cmd: List[str], run_dir: Path, log_path: Path, threads: Optional[int]) -> float:
     """Run ``cmd`` (one ``flowrl train``) with its output in ``log_path``; record it in ``run_dir/bench_run.json``
     for ``--reuse`` and return its wall-clock seconds."""
-    (run_dir / "bench_run.json").unlink(missing_ok=True)  # the folder is being rewritten: never reuse it half-done
+    if run_dir.exists():  # the bench owns its run folders: a run it trains again starts from an empty one
+        shutil.rmtree(run_dir)  # (flowrl train refuses resume=none on a folder that holds a run)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

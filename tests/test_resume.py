@@ -99,7 +99,10 @@ def _config(kind: str, tmp: Path) -> Dict[str, Any]:
             "sample": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 3, "guidance_scale": 2.0,
                        "group_size": 4, "prompts_per_step": 2},
             "plan": {"kind": "random_subset", "fraction": 0.5, "per_sample": True},
-            "data": {"train": "shapes:train", "eval": "shapes:test", "max_train_prompts": 6},
+            # 5 prompts, 2 per step: an epoch ends inside a step, so the killed and the resumed process
+            # encode some prompts beside different others (with the batched prompt encoding of before
+            # issue 15 this test failed here: after a resume approx_kl differed in its 3rd digit, the eval reward by 5e-8)
+            "data": {"train": "shapes:train", "eval": "shapes:test", "max_train_prompts": 5},
             "eval": {"num_prompts": 2, "seeds": [0]},
             "train": {**common_train, "lora_rank": 4, "lora_alpha": 8}}
 
