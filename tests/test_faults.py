@@ -262,7 +262,7 @@ def test_max_steps_zero_and_output_dir_that_is_a_file(lm_dir, tmp_path, capsys):
     f.write_text("x")
     rc = train_command(str(write_config(_text(lm_dir, f), tmp_path / "file.yaml")))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == [f"flowrl: error: output_dir {f} is a file, not a folder"], err
+    assert rc == 2 and err == [f"flowrl: error: output_dir {f} is an existing file, not a folder"], err
 
 
 def test_silent_no_op_is_warned_once_at_start(lm_dir, tmp_path, caplog):

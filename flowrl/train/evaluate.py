@@ -264,7 +264,7 @@ def _details(reward: RewardLike, images: Tensor, prompts: List[str]) -> Dict[str
         try:
             summary = fn(images, prompts)
         except (ValueError, TypeError, RuntimeError) as e:
-            logger.warning("%s: no per-category numbers (%s: %s)", name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning("%s: no per-category numbers (%s: %s)", name, type(e).__name__, _first_line(e))
             continue
         for k, v in dict(summary).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -288,7 +288,7 @@ def reward_from_config(cfg: Any, weights: Optional[Mapping[str, float]] = None,
     try:
         return MultiReward(weights, device=device, options=options)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"rewards: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"rewards: {_first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -979,7 +979,17 @@ def grid_command(argv: Optional[Sequence[str]] = None) -> int:
 
 main = grid_command  # `flowrl grid` through the CLI's pass-through table, or `python -m flowrl.train.evaluate`
 
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line, cut to 300 characters (it may quote a prompt of any length)."""
+    from scorers._text import short
+
+    text = str(e)
+    return short(text.splitlines()[0], 300) if text else ""
+
+
 if __name__ == "__main__":  # pragma: no cover
     from flowrl.cli import main as _cli_main
 
     sys.exit(_cli_main(["grid", *sys.argv[1:]]))
+

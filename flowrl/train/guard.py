@@ -59,21 +59,6 @@ class RunLock:
             self._f.close()  # closing the descriptor releases the flock
 
 
-def writable_run_dir(run_dir: Path) -> Path:
-    """Create ``run_dir`` if needed; UsageError naming it if it is a file or cannot be written."""
-    p = Path(run_dir)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"output_dir {p} is a file, not a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"output_dir {p} cannot be written ({e.strerror or type(e).__name__})") from None
-    return p
-
-
 # ----------------------------------------------------------------------------- resume vs config
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

@@ -72,10 +72,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, accelerator=None):
         from accelerate import Accelerator
 
-        from flowrl.train.guard import writable_run_dir
+        from flowrl.inputs import writable_dir
 
         self.cfg = cfg
-        self.run_dir = writable_run_dir(Path(cfg.output_dir))  # before accelerate or a model touches it
+        self.run_dir = writable_dir(cfg.output_dir, "output_dir")  # before accelerate or a model touches it
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -249,7 +249,7 @@ class Trainer:
             log.info("no checkpoint to resume from (resume=%s): training from step 0", self.cfg.resume)
             return
         ck = load_checkpoint(path)
-        load_trainable_state_dict(self.task.module, ck["weights"])
+        load_trainable_state_dict(self.task.module, ck["weights"], source=f"checkpoint {path}")
         self.optimizer.load_state_dict(ck["tensor_state"]["optimizer"])
         self.scheduler.load_state_dict(ck["tensor_state"]["scheduler"])
         changed = {k for k, _, _ in self.resume_changes}
