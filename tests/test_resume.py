@@ -150,30 +150,26 @@ def start(config: Path, run: Path, log: Path, env: Dict[str, str]) -> subprocess
                                 stdout=subprocess.DEVNULL, stderr=err, env=env)
 
 
-def wait_for_step(p: subprocess.Popen, run: Path, step: int, timeout: float = 600) -> bool:
-    """Poll until ``step`` is logged; False if the process ended first."""
+def wait_until(p: subprocess.Popen, done, what: str, timeout: float = 600, poll: float = 0.002) -> bool:
+    """Poll ``done()`` until true; False if the process ended first; fail after ``timeout``."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if step in logged_steps(run):
+        if done():
             return True
         if p.poll() is not None:
             return False
-        time.sleep(0.005)
+        time.sleep(poll)
     p.kill()
-    pytest.fail(f"step {step} not logged within {timeout} s")
+    pytest.fail(f"{what} not within {timeout} s")
 
 
-def wait_for_checkpoint(p: subprocess.Popen, run: Path, step: int, timeout: float = 600) -> bool:
-    """Poll until checkpoint ``step`` is complete; False if the process ended first."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if newest_checkpoint(run) >= step:
-            return True
-        if p.poll() is not None:
-            return False
-        time.sleep(0.002)
-    p.kill()
-    pytest.fail(f"checkpoint {step} not written within {timeout} s")
+def wait_for_step(p: subprocess.Popen, run: Path, step: int) -> bool:
+    return wait_until(p, lambda: step in logged_steps(run), f"step {step} logged")
+
+
+def wait_for_checkpoint(p: subprocess.Popen, run: Path, step: int) -> bool:
+    """Until checkpoint ``step`` is complete (its marker written)."""
+    return wait_until(p, lambda: newest_checkpoint(run) >= step, f"checkpoint {step} written")
 
 
 def kill_and_resume(config: Path, run: Path, logs: Path, env: Dict[str, str], rng: random.Random,
