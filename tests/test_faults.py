@@ -274,3 +274,29 @@ def test_silent_no_op_is_warned_once_at_start(lm_dir, tmp_path, caplog):
         run_inprocess(cfg, tmp_path)
     hits = [r.getMessage() for r in caplog.records if "sample.group_size: 1" in r.getMessage()]
     assert len(hits) == 1 and "nothing will be learned" in hits[0], hits
+
+
+def test_lock_held_by_another_process_and_dropped_when_it_is_killed(lm_dir, tmp_path):
+    """Another process holding the run folder: a run on it is refused naming that pid; once the
+    holder is SIGKILLed the folder is free again (no stale lock to clean up by hand)."""
+    import subprocess
+    import sys
+
+    from flowrl.config import load_run_config
+    from flowrl.inputs import UsageError
+    from flowrl.train.guard import RunLock
+    from flowrl.train.loop import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from flowrl.train.guard import RunLock; "
+                               f"lock = RunLock({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=f"in use by another flowrl run \\(pid {holder.pid}\\)"):
+            Trainer(load_run_config(write_config(_text(lm_dir, out), tmp_path / "a.yaml")))
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(out).release()  # free once its holder is gone, however it ended
