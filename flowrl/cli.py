@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from scorers._text import bound_log_messages
+
+    bound_log_messages()  # a prompt of any length never floods stderr, whoever logs it
     try:
         if argv and argv[0] in PASSTHROUGH:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

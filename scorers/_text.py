@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["short"]
+__all__ = ["bound_log_messages", "short"]
 
 
 def short(text: Any, n: int = 80, *, quote: bool = False) -> str:
@@ -20,3 +20,31 @@ def short(text: Any, n: int = 80, *, quote: bool = False) -> str:
         return repr(s) if quote else s
     head = s[:n]
     return f"{head!r}... ({len(s)} chars)" if quote else f"{head}... ({len(s)} chars)"
+
+
+def bound_log_messages(limit: int = 2000) -> None:
+    """Cut every log record's message to ``limit`` characters (with :func:`short`), in this process
+    and for every logger, libraries' included: diffusers' notice of a truncated CLIP prompt quotes
+    the whole cut-off text, megabytes for a megabyte prompt. Installs a record factory once;
+    later calls only change the limit."""
+    import logging
+
+    global _LOG_LIMIT
+    _LOG_LIMIT = int(limit)
+    if _LOG_LIMIT_INSTALLED:
+        return
+    base = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = base(*args, **kwargs)
+        msg = record.getMessage()
+        if len(msg) > _LOG_LIMIT:
+            record.msg, record.args = short(msg, _LOG_LIMIT), None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    globals()["_LOG_LIMIT_INSTALLED"] = True
+
+
+_LOG_LIMIT = 2000
+_LOG_LIMIT_INSTALLED = False

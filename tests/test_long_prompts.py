@@ -96,3 +96,25 @@ def test_server_and_judge_error_texts_are_cut():
     with pytest.raises(ValueError) as ei:
         _answer_text({"error": {"message": f"prompt too long: {LONG}"}})
     assert len(str(ei.value)) < 500
+
+
+def test_library_log_records_are_bounded_once_installed():
+    """diffusers' CLIP truncation notice quotes the whole cut-off prompt (22 MB of stderr for two
+    steps with an 11 MB prompt line); flowrl's commands install a record factory that cuts every
+    record, a library's included, to 2000 characters."""
+    import io
+    import logging
+
+    from scorers._text import bound_log_messages
+
+    bound_log_messages()
+    stream = io.StringIO()
+    lib = logging.getLogger("diffusers.pipelines.fake")  # a library logger with its own handler
+    handler = logging.StreamHandler(stream)
+    lib.addHandler(handler)
+    try:
+        lib.warning("The following part of your input was truncated: %s", ["a red cube " * 100_000])
+    finally:
+        lib.removeHandler(handler)
+    out = stream.getvalue()
+    assert 2000 <= len(out) < 2100 and out.rstrip().endswith("... (1100052 chars)"), len(out)

@@ -795,7 +795,9 @@ def train_command(config: Optional[str], overrides=(), *, family: Optional[str] 
     import sys
 
     from flowrl.config import ConfigError, load_run_config
+    from scorers._text import bound_log_messages
 
+    bound_log_messages()  # scripts/train_*.py come here without flowrl.cli
     try:
         cfg = load_run_config(config, overrides)
         if family is not None and cfg.model.family != family:
