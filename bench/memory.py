@@ -67,7 +67,7 @@ def _child(case: str, args) -> dict:
     from flowrl.flow.policy import FlowPolicy, PromptEmbeds
     from flowrl.flow.sampler import sample
     from flowrl.flow.steps import sde_step
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline
+    from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
     from flowrl.train.lora import add_lora_to_transformer, lora_config
 
     torch.manual_seed(0)

@@ -23,10 +23,10 @@ import diffusers
 import torch
 import transformers
 
+from flowrl.demo.tiny_image import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from flowrl.flow.plan import PlanConfig, build_plan, eval_plan, plan_generator
 from flowrl.flow.policy import FlowPolicy
 from flowrl.flow.sampler import sample
-from flowrl.flow.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 PROMPTS = ["a red cube left of a blue ball", "two green dogs", "a yellow triangle", "a photo of a cat"]
 

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from flowrl.config import load_run_config
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
     from flowrl.train.loop import train
 
     work = Path(tempfile.mkdtemp(prefix="flowrl-bench-"))

@@ -25,11 +25,11 @@ def _cmd_make_tiny(args) -> int:
     if d.is_dir() and any(d.iterdir()):
         raise UsageError(f"make-tiny: {d} exists and is not empty: give a new or empty folder")
     if args.kind == "lm":
-        from flowrl.text.tiny import save_tiny_lm
+        from flowrl.demo.tiny_text import save_tiny_lm
 
         out = save_tiny_lm(args.dir, seed=args.seed)
     else:
-        from flowrl.flow.tiny import save_tiny
+        from flowrl.demo.tiny_image import save_tiny
 
         out = save_tiny(args.kind, args.dir, seed=args.seed)
     print(f"wrote a tiny {args.kind} model to {out}")

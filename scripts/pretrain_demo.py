@@ -4,7 +4,7 @@
 The model is a small Stable Diffusion 3 pipeline in diffusers' own format -- an MMDiT transformer, an
 ``AutoencoderKL`` and two CLIP text encoders with their tokenizers, no T5 -- trained on synthetic
 scenes ("a red circle above a blue square", "three green triangles", ...) drawn by
-``scorers.shapes.render``. The text encoders stay random; their tokenizers give every word of the
+``flowrl.demo.shapes.render``. The text encoders stay random; their tokenizers give every word of the
 scene grammar one token (``--tokenizer words``, the default; ``chars`` splits words into characters; with
 whole words the same 6000 steps reach a held-out score of 0.60 instead of 0.54 on clean captions). The
 training data is imperfect on purpose, as web data is (``--caption-noise``: scenes that contradict their
@@ -15,11 +15,11 @@ sometimes and RL has them to correct. It loads with the same code that loads SD3
     pipe = StableDiffusion3Pipeline.from_pretrained("assets/demo_sd3", text_encoder_3=None, tokenizer_3=None)
     image = pipe("a red circle above a blue square", guidance_scale=4.5, max_sequence_length=1).images[0]
 
-What this script does (the code is in ``flowrl/demo_pretrain.py``):
+What this script does (the code is in ``flowrl/demo/pretrain_image.py``):
 
 1. trains the VAE as an autoencoder on rendered scenes (MSE + a small KL term), then sets its
    ``scaling_factor``/``shift_factor`` so that latents have zero mean and unit variance;
-2. renders ``--num-scenes`` training scenes of ``scorers.shapes.prompts("train", ...)``, encodes them
+2. renders ``--num-scenes`` training scenes of ``flowrl.demo.shapes.prompts("train", ...)``, encodes them
    once (a fraction of them contradicting their caption or washed out), and trains the transformer with
    the rectified-flow matching loss (logit-normal timesteps,
    10 % empty prompts for classifier-free guidance); the saved weights are an EMA;
@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import fields
 
-from flowrl.demo_pretrain import PretrainConfig, format_evaluation, pretrain, write_model_card
+from flowrl.demo.pretrain_image import PretrainConfig, format_evaluation, pretrain, write_model_card
 
 _HELP = {
     "output_dir": "folder the finished pipeline is saved to",

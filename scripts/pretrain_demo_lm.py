@@ -13,8 +13,8 @@ run on the saved model (reloaded from the folder) to show that RL lifts it.
     python scripts/pretrain_demo_lm.py --rl-check         # ... then a few minutes of GRPO as a check
     python scripts/pretrain_demo_lm.py --out /tmp/lm --target-accuracy 0.3 --hidden-size 96
 
-Every field of :class:`flowrl.text.pretrain.PretrainConfig` is a flag (``--learning-rate``), and
-every field of :class:`flowrl.text.pretrain.RLCheckConfig` one with an ``--rl-`` prefix.
+Every field of :class:`flowrl.demo.pretrain_text.PretrainConfig` is a flag (``--learning-rate``), and
+every field of :class:`flowrl.demo.pretrain_text.RLCheckConfig` one with an ``--rl-`` prefix.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from flowrl.text.pretrain import (  # noqa: E402
+from flowrl.demo.pretrain_text import (  # noqa: E402
     PretrainConfig,
     RLCheckConfig,
     greedy_accuracy,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({size / 1e6:.2f} MB, {metrics['parameters']} parameters)")
 
     if args.rl_check:
-        from flowrl.text.tiny import load_lm
+        from flowrl.train.model import load_lm
 
         rl_names = {f.name for f in dataclasses.fields(RLCheckConfig)}
         rl_cfg = RLCheckConfig(**{k[3:]: v for k, v in vars(args).items() if k.startswith("rl_") and k[3:] in rl_names})

@@ -66,7 +66,7 @@ def _config(work: Path, name: str, family: str, model: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(work):
     """Config files of a tiny SD3, a tiny Flux and an SD3 of other sizes (3 layers, head_dim 8)."""
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline, save_tiny
+    from flowrl.demo.tiny_image import build_tiny_sd3_pipeline, save_tiny
 
     sd3 = save_tiny("sd3", work / "sd3", seed=0)
     flux = save_tiny("flux", work / "flux", seed=0)

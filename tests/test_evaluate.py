@@ -52,7 +52,7 @@ PROMPTS = ["a red circle", "a blue square above a green triangle", "three yellow
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return save_tiny("sd3", tmp_path_factory.mktemp("tiny_sd3"), seed=0)
 
@@ -146,7 +146,7 @@ def test_repeated_prompts_get_new_seeds(policy):
 
 
 def test_means_over_valid_samples_details_and_nfe(policy):
-    from scorers import shapes
+    from flowrl.demo import shapes
     from scorers.multi import MultiReward
 
     def flaky(images, prompts):  # NaN for the second image of every call
@@ -169,7 +169,7 @@ def test_means_over_valid_samples_details_and_nfe(policy):
                     + 0.25 * r.scores["flaky"].double()).numpy()[valid].mean()
     assert r.means["total"] == pytest.approx(float(expect_total), abs=1e-5)
     assert torch.isnan(r.total[1]) and not torch.isnan(r.total[0])
-    # per-category numbers of the shapes scorer, as scorers.shapes.evaluate gives them
+    # per-category numbers of the shapes scorer, as flowrl.demo.shapes.evaluate gives them
     ref = shapes.evaluate(r.images, r.row_prompts())
     for cat in ("colors", "position", "counting"):
         assert f"shapes/accuracy/{cat}" in r.details
@@ -202,7 +202,7 @@ def test_evaluate_from_config(tiny_dir, policy):
     cfg.eval.seeds = [5]
     cfg.eval.guidance_scale = 1.0
     r = evaluate_from_config(policy, cfg)
-    from scorers import shapes
+    from flowrl.demo import shapes
 
     assert len(r.prompts) == 2 and r.seeds == [5]
     assert all(shapes.split_of(p) == "test" for p in r.prompts)  # held-out pool
@@ -216,7 +216,7 @@ def test_shapes_training_prompts_are_balanced_over_categories():
     from collections import Counter
 
     from flowrl.train.data import load_records
-    from scorers import shapes
+    from flowrl.demo import shapes
 
     recs = load_records("shapes:train", seed=0)
     counts = Counter(shapes.parse(r["prompt"]).category for r in recs)
@@ -226,7 +226,7 @@ def test_shapes_training_prompts_are_balanced_over_categories():
 
 
 def test_prompt_source(tmp_path):
-    from scorers import shapes
+    from flowrl.demo import shapes
 
     ps = prompt_source("shapes:test", 12, seed=3)
     assert len(ps) == 12 and all(shapes.split_of(p) == "test" for p in ps)

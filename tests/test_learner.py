@@ -41,13 +41,13 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "cons
 
 
 def _sd3(seed: int = 0) -> FlowPolicy:
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline
+    from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
 
     return FlowPolicy.from_pipeline(build_tiny_sd3_pipeline(seed=seed), max_sequence_length=MSL)
 
 
 def _flux(seed: int = 0) -> FlowPolicy:
-    from flowrl.flow.tiny import build_tiny_flux_pipeline
+    from flowrl.demo.tiny_image import build_tiny_flux_pipeline
 
     return FlowPolicy.from_pipeline(build_tiny_flux_pipeline(seed=seed), max_sequence_length=MSL)
 

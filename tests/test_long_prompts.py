@@ -28,7 +28,7 @@ def test_short_keeps_short_text_and_cuts_long_text():
 
 
 def test_shapes_parse_error_quotes_a_cut_prompt():
-    from scorers import shapes
+    from flowrl.demo import shapes
 
     for bad in (LONG, "a " + "q" * 1_000_000 + " circle", " " * 1_000_000, "three " + "r" * 1_000_000 + " circles"):
         with pytest.raises(ValueError) as ei:

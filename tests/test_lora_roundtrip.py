@@ -86,7 +86,7 @@ def _save_without_metadata(pipeline_cls, transformer, out_dir) -> None:
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return save_tiny("sd3", tmp_path_factory.mktemp("sd3_base"), seed=3)
 
@@ -146,7 +146,7 @@ def test_sd3_lora_loads_into_a_fresh_pipeline_with_the_same_velocity(sd3_dir, tm
 
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return save_tiny("flux", tmp_path_factory.mktemp("flux_base"), seed=4)
 
@@ -210,7 +210,7 @@ def test_lm_lora_loads_with_peft_and_gives_identical_logits(tmp_path):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flowrl.text.tiny import save_tiny_lm
+    from flowrl.demo.tiny_text import save_tiny_lm
 
     base_dir = save_tiny_lm(tmp_path / "base", seed=5)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora_config("lm", rank=RANK, alpha=ALPHA))

@@ -10,7 +10,7 @@ from flowrl.train.model import build_flow_policy
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return str(save_tiny("flux", tmp_path_factory.mktemp("flux") / "m"))
 

@@ -1,4 +1,4 @@
-"""Tests of flowrl.flow.policy (SD3/Flux policy adapters) and flowrl.flow.tiny (tiny pipelines).
+"""Tests of flowrl.flow.policy (SD3/Flux policy adapters) and flowrl.demo.tiny_image (tiny pipelines).
 
 The strongest check is the equivalence test: an all-ODE Euler loop written with the policy's
 ``sigmas``/``velocity``/``decode`` reproduces the diffusers pipeline's own ``__call__`` image from the
@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from flowrl.flow.policy import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy
-from flowrl.flow.tiny import (
+from flowrl.demo.tiny_image import (
     build_tiny_flux_pipeline,
     build_tiny_sd3_pipeline,
     count_params,
@@ -21,6 +20,7 @@ from flowrl.flow.tiny import (
     tiny_clip_tokenizer,
     tiny_t5_tokenizer,
 )
+from flowrl.flow.policy import FlowPolicy, FluxPolicy, PromptEmbeds, SD3Policy
 
 MSL = 8  # T5 sequence length used in the tests (pipeline default 256/512 is slower and irrelevant)
 PROMPTS = ["a red cube left of a blue ball", "two green dogs"]

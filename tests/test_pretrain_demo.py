@@ -1,4 +1,4 @@
-"""Tests of the demo-model pretraining (flowrl/demo_pretrain.py, scripts/pretrain_demo.py).
+"""Tests of the demo-model pretraining (flowrl/demo/pretrain_image.py, scripts/pretrain_demo.py).
 
 The math helpers are checked against closed forms and float64 recomputations; the whole pipeline is
 run at a tiny size (a few steps per phase) to check that losses are finite and fall, that the saved
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl import demo_pretrain as D
+from flowrl.demo import pretrain_image as D
 
 
 def _tiny_cfg(tmp: Path, **kw) -> D.PretrainConfig:
@@ -171,7 +171,7 @@ def test_flow_matching_loss_is_zero_at_the_pipelines_own_velocity():
 
 
 def test_random_text_encoders_separate_all_prompts():
-    from scorers.shapes import all_prompts
+    from flowrl.demo.shapes import all_prompts
 
     cfg = _tiny_cfg(Path("/nonexistent"))
     pipe = D.build_demo_pipeline(cfg)
@@ -190,8 +190,8 @@ def test_random_text_encoders_separate_all_prompts():
 def test_word_tokenizer_gives_every_grammar_word_one_token_and_survives_a_reload(tmp_path):
     from transformers import CLIPTokenizer
 
-    from flowrl.flow.tiny import tiny_clip_tokenizer
-    from scorers.shapes import all_prompts, vocabulary
+    from flowrl.demo.shapes import all_prompts, vocabulary
+    from flowrl.demo.tiny_image import tiny_clip_tokenizer
 
     words = vocabulary()
     assert {"a", "an", "and", "circle", "triangles", "purple", "left", "of", "four"} <= set(words)
@@ -242,7 +242,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_pretrain_smoke_loads_with_diffusers_and_resumes_bit_exactly(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from scorers.shapes import CATEGORIES
+    from flowrl.demo.shapes import CATEGORIES
 
     cfg = _tiny_cfg(tmp_path / "a")
     summary = D.pretrain(cfg)
@@ -327,7 +327,7 @@ def test_script_flags_mirror_the_config():
 
 
 def test_caption_noise_and_washed_out_scenes():
-    from scorers.shapes import BACKGROUND, SceneSpec, check, prompts
+    from flowrl.demo.shapes import BACKGROUND, SceneSpec, check, prompts
 
     ps = prompts("train", 400, seed=1)
     assert D.noisy_scenes(ps, 0.0, 5) == ps

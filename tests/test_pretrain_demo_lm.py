@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowrl.text import pretrain as pt
-from flowrl.text.pretrain import (
+from flowrl.demo import pretrain_text as pt
+from flowrl.demo.arithmetic import arithmetic_records
+from flowrl.demo.pretrain_text import (
     PretrainConfig,
     RLCheckConfig,
     answer_nll,
@@ -23,8 +24,7 @@ from flowrl.text.pretrain import (
     sft_batch,
     task_records,
 )
-from flowrl.text.tasks import arithmetic_records
-from flowrl.text.tiny import build_tiny_lm, char_tokenizer
+from flowrl.demo.tiny_text import build_tiny_lm, char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "assets" / "demo_lm"
@@ -226,7 +226,7 @@ def test_shipped_demo_lm_sampling_near_zero_temperature_is_greedy(shipped):
 
 
 def test_rl_check_on_the_shipped_model_moves_the_weights(shipped):
-    from flowrl.text.tiny import load_lm
+    from flowrl.train.model import load_lm
 
     model, tok = load_lm(str(ASSET))  # a private copy: rl_check trains in place
     before = [p.detach().clone() for p in model.parameters()]
@@ -239,7 +239,7 @@ def test_rl_check_on_the_shipped_model_moves_the_weights(shipped):
 
 @pytest.mark.slow
 def test_grpo_lifts_the_shipped_demo_lm(shipped):
-    from flowrl.text.tiny import load_lm
+    from flowrl.train.model import load_lm
 
     model, tok = load_lm(str(ASSET))
     rec = rl_check(model, tok, RLCheckConfig(steps=100, prompts_per_step=16, learning_rate=3e-4, num_train_prompts=512,

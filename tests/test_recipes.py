@@ -1,8 +1,8 @@
 """Every shipped recipe (``configs/*.yaml``, ``configs/methods/*.yaml``) stays loadable and buildable.
 
 Each config is loaded through :func:`flowrl.config.load_run_config` with its model replaced by a tiny
-randomly initialised stand-in of the same family (``flowrl.flow.tiny.save_tiny`` /
-``flowrl.text.tiny.save_tiny_lm``), tiny sizes (32 px, the fewest denoising steps the recipe's plan
+randomly initialised stand-in of the same family (``flowrl.demo.tiny_image.save_tiny`` /
+``flowrl.demo.tiny_text.save_tiny_lm``), tiny sizes (32 px, the fewest denoising steps the recipe's plan
 accepts, small groups), cheap stand-in rewards where the recipe names a learned or remote scorer, CPU
 precision, and its run is built (``flowrl.train.loop.Trainer``). A few recipes also train one step.
 Separately, the published hyper-parameters of each recipe are pinned (a table below, values from the
@@ -57,8 +57,8 @@ def _raw(path: Path) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Dict[str, str]:
-    from flowrl.flow.tiny import save_tiny
-    from flowrl.text.tiny import save_tiny_lm
+    from flowrl.demo.tiny_image import save_tiny
+    from flowrl.demo.tiny_text import save_tiny_lm
 
     d = tmp_path_factory.mktemp("tiny_models")
     return {

@@ -249,7 +249,7 @@ def test_g2rpo_continuation_sigmas_end_as_upstream(g):
 @pytest.mark.parametrize("n", [16, 25])
 def test_flux_recipes_use_the_fixed_shift_schedule(n, tmp_path):
     from flowrl.flow.policy import FlowPolicy
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
     from flowrl.train.model import set_fixed_shift
 
     pol = FlowPolicy.from_pretrained(save_tiny("flux", tmp_path / "flux"), max_sequence_length=8)

@@ -78,7 +78,7 @@ def _config(kind: str, tmp: Path) -> Dict[str, Any]:
                     "progress": False, "tracker": "none"}
     base = {"seed": 11, "max_steps": MAX_STEPS, "checkpoint_every": CKPT_EVERY, "eval_every": 4, "resume": "auto"}
     if kind == "text":
-        from flowrl.text.tiny import save_tiny_lm
+        from flowrl.demo.tiny_text import save_tiny_lm
 
         model = save_tiny_lm(tmp / "tiny_lm")
         return {**base,
@@ -90,7 +90,7 @@ def _config(kind: str, tmp: Path) -> Dict[str, Any]:
                 "eval": {"num_prompts": 4},
                 "loss": {"beta": 0.02, "beta_schedule": "adaptive", "kl_target": 1e-5, "kl_horizon": 10},
                 "train": common_train}
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     model = save_tiny("sd3", tmp / "tiny_sd3")
     return {**base,

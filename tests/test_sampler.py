@@ -46,7 +46,7 @@ class _RowCounter:
 @pytest.fixture(scope="module")
 def sd3():
     from flowrl.flow.policy import FlowPolicy
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline
+    from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
 
     pol = FlowPolicy.from_pipeline(build_tiny_sd3_pipeline(seed=0), max_sequence_length=MSL)
     pol.counter = _RowCounter(pol.transformer)
@@ -56,7 +56,7 @@ def sd3():
 @pytest.fixture(scope="module")
 def flux():
     from flowrl.flow.policy import FlowPolicy
-    from flowrl.flow.tiny import build_tiny_flux_pipeline
+    from flowrl.demo.tiny_image import build_tiny_flux_pipeline
 
     pol = FlowPolicy.from_pipeline(build_tiny_flux_pipeline(seed=0), max_sequence_length=MSL)
     pol.counter = _RowCounter(pol.transformer)

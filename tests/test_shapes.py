@@ -1,4 +1,5 @@
-"""Tests of scorers.shapes: grammar, prompt splits, renderer, checker, scorer and evaluation summary.
+"""Tests of flowrl.demo.shapes (grammar, prompt splits, renderer, checker, evaluation summary) and of
+the ``shapes`` scorer over it (scorers.shapes).
 
 The scenes are rendered once per module (200 per category at 64 px). The checker is verified
 against the renderer's ground-truth layout (what was drawn, not what was detected), and its scoring
@@ -16,7 +17,8 @@ import torch
 from PIL import Image, ImageFilter
 
 import scorers
-from scorers import shapes as S
+from flowrl.demo import shapes as S
+from scorers.shapes import ShapesScorer
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +510,7 @@ def test_assignment_maximises_credit_against_brute_force():
 def test_registered_scorer_tensor_and_pil_paths(scenes):
     assert "shapes" in scorers.available()
     sc = scorers.get("shapes", batch_size=5)
-    assert isinstance(sc, S.ShapesScorer)
+    assert isinstance(sc, ShapesScorer)
     picked = scenes[::50]  # 24 scenes over all categories
     ims = [im for _, _, im, _ in picked]
     good = [p for p, _, _, _ in picked]

@@ -49,7 +49,7 @@ MSL = 8
 @pytest.fixture(scope="module")
 def sd3():
     from flowrl.flow.policy import FlowPolicy
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline
+    from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
 
     return FlowPolicy.from_pipeline(build_tiny_sd3_pipeline(seed=0), max_sequence_length=MSL)
 
@@ -249,7 +249,7 @@ LR = 3e-4
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory) -> Path:
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return Path(save_tiny("sd3", tmp_path_factory.mktemp("tiny_sd3")))
 

@@ -4,10 +4,11 @@ import torch
 
 from flowrl.core.advantages import AdvantageConfig, compute_advantages
 from flowrl.core.losses import loss_normalizers, loss_preset
+from flowrl.demo.tiny_text import build_tiny_lm, save_tiny_lm
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import score_completions, resolve_reward
 from flowrl.text.rollout import completion_mask_from_ids, generate, row_seed, token_logps
-from flowrl.text.tiny import build_tiny_lm, load_lm, save_tiny_lm
+from flowrl.train.model import load_lm
 
 
 @pytest.fixture(scope="module")

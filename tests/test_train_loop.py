@@ -102,14 +102,14 @@ def _isolated(plugin_dir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory) -> Path:
-    from flowrl.text.tiny import save_tiny_lm
+    from flowrl.demo.tiny_text import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory) -> Path:
-    from flowrl.flow.tiny import save_tiny
+    from flowrl.demo.tiny_image import save_tiny
 
     return Path(save_tiny("sd3", tmp_path_factory.mktemp("tiny_sd3")))
 

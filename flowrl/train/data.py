@@ -2,9 +2,9 @@
 
 A source string is one of:
 
-* ``shapes:train`` / ``shapes:test``: the demo's scene grammar (:mod:`scorers.shapes`);
+* ``shapes:train`` / ``shapes:test``: the demo's scene grammar (:mod:`flowrl.demo.shapes`);
 * ``arithmetic:train`` / ``arithmetic:test`` (optionally ``arithmetic:train:3`` for 3-digit
-  operands): verifiable problems with an ``answer`` column (:mod:`flowrl.text.tasks`);
+  operands): verifiable problems with an ``answer`` column (:mod:`flowrl.demo.arithmetic`);
 * a ``.jsonl`` file: one JSON object per line with a ``prompt`` key and any other columns
   (passed to reward functions);
 * any other file: UTF-8 text, one prompt per line.
@@ -34,7 +34,7 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
     if kind in ("shapes", "arithmetic") and rest.split(":")[0] not in ("train", "test") and not Path(source).exists():
         raise UsageError(f"prompt source {source!r}: the {kind} split must be 'train' or 'test'")
     if kind == "shapes" and rest in ("train", "test"):
-        from scorers import shapes
+        from flowrl.demo import shapes
 
         # Balanced over the GenEval categories, like the held-out draw: the category pools differ in
         # size by 300x (2 single-object vs 691 position strings), so all of the strings would make
@@ -44,7 +44,7 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
         chosen = shapes.prompts(rest, n, seed)
         records = [{"prompt": p} for p in chosen]
     elif kind == "arithmetic" and rest.split(":")[0] in ("train", "test"):
-        from flowrl.text.tasks import arithmetic_records
+        from flowrl.demo.arithmetic import arithmetic_records
 
         parts = rest.split(":")
         digits = int(parts[1]) if len(parts) > 1 else 2

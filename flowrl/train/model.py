@@ -1,4 +1,5 @@
-"""Build the policy a run config names, and put saved weights into it.
+"""Build the policy a run config names (a flow model, or a causal LM with :func:`load_lm`), and put
+saved weights into it.
 
 A "checkpoint" argument may be either of:
 
@@ -60,6 +61,21 @@ def set_fixed_shift(policy, shift: float) -> None:
         raise UsageError(f"model.shift must be > 0, got {shift}")
     sched = policy.pipeline.scheduler
     policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False)
+
+
+def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
+    """(model, tokenizer) from a hub id or a local folder (the same code for both); left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
+        raise UsageError(f"model.path {path!r} is not a transformers model folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
+    return model, tok
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes

@@ -96,7 +96,7 @@ def _shapes_warning(cfg, which: str, prompts: Optional[Sequence[str]]) -> Option
         prompts = _prompts_of(source, limit, cfg.seed)
         if prompts is None:
             return None
-    from scorers.shapes import parse
+    from flowrl.demo.shapes import parse
 
     bad = []
     for p in prompts:

@@ -218,7 +218,7 @@ class TextTask:
     def __init__(self, cfg, device):
         from flowrl.text.learner import TextLearner
         from flowrl.text.rewards import resolve_reward
-        from flowrl.text.tiny import load_lm
+        from flowrl.train.model import load_lm
 
         self.cfg = cfg
         self.device = device

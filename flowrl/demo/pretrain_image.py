@@ -1,9 +1,9 @@
 """Pretraining of the shipped demo model: a small SD3-format text-to-image model of ``shapes`` scenes.
 
 ``scripts/pretrain_demo.py`` calls :func:`pretrain`, which builds a ``StableDiffusion3Pipeline`` with
-:func:`flowrl.flow.tiny.build_tiny_sd3_pipeline` (MMDiT transformer, an ``AutoencoderKL`` with SD3's
+:func:`flowrl.demo.tiny_image.build_tiny_sd3_pipeline` (MMDiT transformer, an ``AutoencoderKL`` with SD3's
 layout but 4 latent channels, two CLIP text encoders with offline whole-word tokenizers, no T5) and
-trains it from scratch on scenes drawn by :func:`scorers.shapes.render`:
+trains it from scratch on scenes drawn by :func:`flowrl.demo.shapes.render`:
 
 1. **VAE.** The autoencoder is trained on rendered scenes with ``MSE + kl_weight * KL`` (the VAE
    objective of Kingma & Welling, arXiv 1312.6114, with the small KL weight of latent diffusion,
@@ -15,7 +15,7 @@ trains it from scratch on scenes drawn by :func:`scorers.shapes.render`:
    target ``eps - x_0``, ``t`` logit-normal (SD3's default) or uniform, with the prompt replaced
    by the empty prompt for a fraction ``prompt_dropout`` of the samples so that classifier-free
    guidance (Ho & Salimans, arXiv 2207.12598) works. Prompts come from
-   ``scorers.shapes.prompts("train", ...)``; the latents of a fixed set of rendered scenes are
+   ``flowrl.demo.shapes.prompts("train", ...)``; the latents of a fixed set of rendered scenes are
    computed once. The weights saved are an exponential moving average of the trained ones.
    The data is deliberately imperfect, like web-scale image-text pairs: a fraction
    ``caption_noise`` of the scenes contradicts its caption in one attribute (:func:`noisy_scenes`:
@@ -50,6 +50,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from flowrl.demo.shapes import BACKGROUND, CATEGORIES, corrupt, evaluate, misattribute, render, vocabulary
+from flowrl.demo.shapes import prompts as shape_prompts
+from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
+from flowrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +133,8 @@ class PretrainConfig:
     warmup_steps: int = 200  # linear warmup of both phases
     grad_clip: float = 1.0  # gradient-norm clip
     prompt_dropout: float = 0.1  # fraction of samples trained with the empty prompt (for CFG)
-    caption_noise: float = 0.45  # fraction of training scenes that contradict their prompt in one attribute (scorers.shapes.corrupt)
-    attribute_noise: float = 0.0  # fraction (drawn independently) with one object in another colour/shape (scorers.shapes.misattribute)
+    caption_noise: float = 0.45  # fraction of training scenes that contradict their prompt in one attribute (flowrl.demo.shapes.corrupt)
+    attribute_noise: float = 0.0  # fraction (drawn independently) with one object in another colour/shape (flowrl.demo.shapes.misattribute)
     faded: float = 0.35  # fraction of training scenes washed out (objects blended towards the background)
     fade_contrast: float = 0.4  # contrast left in a washed-out scene (1: none removed)
     timestep_sampling: str = "logit_normal"  # "logit_normal" (SD3) or "uniform"
@@ -366,9 +371,7 @@ def _generator(seed: int, phase: int, step: int) -> torch.Generator:
 
 def render_batch(prompts: Sequence[Any], size: int, rng: np.random.Generator | int | None) -> Tensor:
     """Rendered scenes of ``prompts`` (strings or ``SceneSpec``) as a uint8 ``[B, 3, size, size]`` tensor
-    (``scorers.shapes.render``)."""
-    from scorers.shapes import render
-
+    (``flowrl.demo.shapes.render``)."""
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
@@ -378,17 +381,15 @@ def render_batch(prompts: Sequence[Any], size: int, rng: np.random.Generator | i
 
 def noisy_scenes(prompts: Sequence[str], noise: float, seed: int, attribute_noise: float = 0.0) -> list[Any]:
     """What to render for each caption: the caption itself, or with probability ``noise`` a scene that
-    contradicts it in one attribute (``scorers.shapes.corrupt``: another colour, count or shape, a
+    contradicts it in one attribute (``flowrl.demo.shapes.corrupt``: another colour, count or shape, a
     missing object, swapped colours or positions), and independently with probability
     ``attribute_noise`` a scene with one object group in another colour (or shape, when the caption
-    names no colour): ``scorers.shapes.misattribute``.
+    names no colour): ``flowrl.demo.shapes.misattribute``.
 
     Web captions describe their images imperfectly; a model trained on them follows prompts
     imperfectly in these same ways, which is what RL against a verifiable reward then corrects.
     Zero fractions draw nothing (``noise=0, attribute_noise=0`` returns ``prompts`` unchanged).
     """
-    from scorers.shapes import corrupt, misattribute
-
     scenes: list[Any] = list(prompts)
     if noise > 0:
         rng = np.random.default_rng(seed)
@@ -403,12 +404,10 @@ def noisy_scenes(prompts: Sequence[str], noise: float, seed: int, attribute_nois
 
 def wash_out(images_u8: Tensor, fraction: float, contrast: float, seed: int) -> Tensor:
     """Blend a random ``fraction`` of the scenes towards the background colour:
-    ``x' = g + contrast * (x - g)`` (``g`` = ``scorers.shapes.BACKGROUND``), the washed-out,
+    ``x' = g + contrast * (x - g)`` (``g`` = ``flowrl.demo.shapes.BACKGROUND``), the washed-out,
     low-contrast images that a web-scale training set also holds. At ``contrast = 0.4`` the ``shapes``
     checker finds no object in them. ``fraction=0`` returns ``images_u8`` itself (and draws nothing).
     """
-    from scorers.shapes import BACKGROUND
-
     if fraction <= 0:
         return images_u8
     pick = torch.from_numpy(np.random.default_rng(seed).random(images_u8.shape[0]) < fraction)
@@ -425,8 +424,6 @@ def _to_model_range(images_u8: Tensor) -> Tensor:
 
 def _vae_batch(cfg: PretrainConfig, step: int) -> Tensor:
     """The VAE training batch of ``step``: scenes of balanced train prompts, in [-1, 1]."""
-    from scorers.shapes import prompts as shape_prompts
-
     s = _step_seed(cfg.seed, _PHASE_VAE, step)
     ps = shape_prompts("train", cfg.vae_batch_size, seed=s % (2**32))
     return _to_model_range(render_batch(ps, cfg.image_size, np.random.default_rng(s)))
@@ -440,13 +437,10 @@ def _vae_batch(cfg: PretrainConfig, step: int) -> Tensor:
 def build_demo_pipeline(cfg: PretrainConfig):
     """A randomly initialised ``StableDiffusion3Pipeline`` of the demo's sizes (no T5).
 
-    Built with :func:`flowrl.flow.tiny.build_tiny_sd3_pipeline`; the scheduler is replaced by
+    Built with :func:`flowrl.demo.tiny_image.build_tiny_sd3_pipeline`; the scheduler is replaced by
     ``FlowMatchEulerDiscreteScheduler(shift=cfg.shift)``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from flowrl.flow.tiny import build_tiny_sd3_pipeline
-    from scorers.shapes import vocabulary
 
     cfg.validate()
     pipe = build_tiny_sd3_pipeline(
@@ -477,8 +471,6 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def _resume(run_dir: Path) -> dict[str, Any] | None:
-    from flowrl.train.checkpoint import latest_checkpoint, load_checkpoint
-
     ck = latest_checkpoint(run_dir)
     if ck is None:
         return None
@@ -487,8 +479,6 @@ def _resume(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _save(run_dir: Path, step: int, weights: dict[str, Tensor], opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    from flowrl.train.checkpoint import save_checkpoint
-
     save_checkpoint(run_dir, step, weights=weights, tensor_state={"optimizer": opt.state_dict()}, meta=meta, keep_last=2)
 
 
@@ -718,14 +708,12 @@ def evaluate_model(
     batch_size: int = 40,
     score_prompts: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], Tensor]:
-    """``scorers.shapes.evaluate`` of images generated for ``prompts``: mean partial-credit ``score``,
+    """``flowrl.demo.shapes.evaluate`` of images generated for ``prompts``: mean partial-credit ``score``,
     strict ``accuracy``, ``geneval`` and per category ``score/<cat>``, ``accuracy/<cat>``.
 
     ``score_prompts`` (default ``prompts``) are the prompts the images are scored against; giving
     empty generation prompts with real ``score_prompts`` measures a model that ignores the prompt.
     """
-    from scorers.shapes import evaluate
-
     images = generate(pipe, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
                       max_sequence_length=max_sequence_length, batch_size=batch_size)
     return evaluate(images, list(score_prompts if score_prompts is not None else prompts)), images
@@ -735,9 +723,6 @@ def reference_scores(prompts: Sequence[str], size: int, seed: int) -> dict[str, 
     """Scores of two references on ``prompts``: ``renderer`` (scenes drawn for the prompts themselves:
     the checker's ceiling) and ``random_scene`` (perfect scenes of random *train* prompts: an ideal
     model that ignores the prompt)."""
-    from scorers.shapes import evaluate
-    from scorers.shapes import prompts as shape_prompts
-
     rng = np.random.default_rng(seed)
     own = render_batch(list(prompts), size, rng).float() / 255.0
     other = render_batch(shape_prompts("train", len(prompts), seed=seed + 1), size, rng).float() / 255.0
@@ -807,8 +792,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     Timings: ``vae_s`` and ``transformer_s`` are the phases' wall-clock seconds summed over every
     invocation that worked on them; ``data_s`` and ``eval_s`` are this invocation's.
     """
-    from scorers.shapes import prompts as shape_prompts
-
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work_dir)
@@ -907,8 +890,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 def format_evaluation(summary: dict[str, Any]) -> str:
     """A plain-text table of the evaluation in ``summary``: partial-credit ``shapes`` score per GenEval
     category, its mean, and GenEval's strict overall accuracy."""
-    from scorers.shapes import CATEGORIES
-
     ev = summary.get("evaluation") or {}
     if not ev:
         return "(no evaluation)"
@@ -944,17 +925,17 @@ def write_model_card(summary: dict[str, Any], out_dir: str | Path) -> Path:
             "prompts (row by row, same seeds as the table): " + "; ".join(f"{i + 1}. {q}" for i, q in enumerate(shown)) + "\n"
         )
     attr = (f", {cfg['attribute_noise']:.0%} (drawn independently) show one object in another colour or shape "
-            f"(`scorers.shapes.misattribute`)") if cfg.get("attribute_noise", 0.0) > 0 else ""
+            f"(`flowrl.demo.shapes.misattribute`)") if cfg.get("attribute_noise", 0.0) > 0 else ""
     card = f"""# flowrl demo model (SD3 format)
 
 A small Stable Diffusion 3 pipeline in diffusers' own format, trained from scratch on CPU on synthetic
-`shapes` scenes (`scorers/shapes.py`) by `scripts/pretrain_demo.py`. It is the base model of the
+`shapes` scenes (`flowrl/demo/shapes.py`) by `scripts/pretrain_demo.py`. It is the base model of the
 flowrl image demo: it follows prompts only imperfectly, so that RL has something to align.
 
 Its training data is deliberately imperfect, as web-scale image-text data is: {cfg.get('caption_noise', 0.0):.0%} of the
 {cfg['num_scenes']} training scenes contradict their caption in one attribute (another colour, count or shape, a
-missing object, swapped colours or positions: `scorers.shapes.corrupt`){attr} and {cfg.get('faded', 0.0):.0%} are washed out
-(objects blended towards the background, contrast {cfg.get('fade_contrast', 1.0)}: `flowrl.demo_pretrain.wash_out`).
+missing object, swapped colours or positions: `flowrl.demo.shapes.corrupt`){attr} and {cfg.get('faded', 0.0):.0%} are washed out
+(objects blended towards the background, contrast {cfg.get('fade_contrast', 1.0)}: `flowrl.demo.pretrain_image.wash_out`).
 
 - transformer: `SD3Transformer2DModel`, {p['transformer']:,} parameters ({cfg['num_layers']} MMDiT blocks,
   width {cfg['num_heads'] * cfg['head_dim']}, patch 2, {'dual attention in block 0, ' if cfg['dual_attention'] else ''}QK RMS-norm)
@@ -995,7 +976,7 @@ transformer {t['transformer_s'] / 60:.1f} min ({cfg['steps']} steps, batch {cfg[
 "empty prompt" is this model sampled with the empty prompt and scored against the held-out prompts (a
 model that ignores the prompt); "random scene" scores perfect renders of random training prompts; "renderer"
 scores the renderer's own scenes of the held-out prompts (the checker's ceiling). The partial-credit score
-and GenEval's strict correctness are defined in `scorers/shapes.py` (`score_objects`).
+and GenEval's strict correctness are defined in `flowrl/demo/shapes.py` (`score_objects`).
 {samples}"""
     path = Path(out_dir) / "README.md"
     path.write_text(card, encoding="utf-8")

@@ -2,9 +2,9 @@
 
 The text demo needs a base model that is *right sometimes but not often* on a verifiable task,
 so that GRPO has groups with both right and wrong answers to learn from. This module trains a
-tiny Qwen2 (:func:`flowrl.text.tiny.build_tiny_lm`) by next-token prediction on
+tiny Qwen2 (:func:`flowrl.demo.tiny_text.build_tiny_lm`) by next-token prediction on
 ``prompt + answer + <eos>`` (loss on the answer and EOS tokens only) for multi-digit arithmetic
-(:func:`flowrl.text.tasks.arithmetic_records`) and stops as soon as its greedy exact-match
+(:func:`flowrl.demo.arithmetic.arithmetic_records`) and stops as soon as its greedy exact-match
 accuracy on a validation set carved out of the *train* split reaches a target. The held-out
 ``test`` split is only used for reporting.
 
@@ -25,7 +25,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from flowrl.text.tasks import arithmetic_records
+from flowrl.core.advantages import AdvantageConfig, compute_advantages
+from flowrl.core.losses import loss_normalizers, loss_preset
+from flowrl.demo.arithmetic import arithmetic_records
+from flowrl.demo.tiny_text import build_tiny_lm
+from flowrl.text.learner import TextLearner
+from flowrl.text.rewards import exact_match
+from flowrl.text.rollout import generate
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +167,6 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], *, max_new_toke
 def exact_match_rate(completions: Sequence[str], answers: Sequence[str]) -> float:
     """Fraction of completions equal (stripped) to their answer: the mean of
     :func:`flowrl.text.rewards.exact_match`."""
-    from flowrl.text.rewards import exact_match
-
     if len(completions) != len(answers) or not completions:
         raise ValueError(f"completions/answers: need equal non-zero lengths, got {len(completions)} and {len(answers)}")
     return float(sum(exact_match(None, list(completions), answer=list(answers))) / len(completions))
@@ -184,8 +188,6 @@ def pass_at_k(model, tokenizer, records: Sequence[Record], *, k: int = 8, temper
     estimator with n = k, Chen et al. 2021, arXiv 2107.03374), ``sample_acc`` the mean over all
     samples, ``mixed_frac`` the fraction of prompts whose group holds both right and wrong answers
     (the groups that give GRPO a non-zero advantage)."""
-    from flowrl.text.rollout import generate
-
     if k < 1:
         raise ValueError(f"k: must be >= 1, got {k}")
     n_new = max_new_tokens or max_answer_tokens(records, tokenizer)
@@ -231,8 +233,6 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     reaches ``cfg.target_accuracy`` (checked every ``eval_every`` steps, and before the first step)
     or ``max_steps`` pass. Deterministic for a given ``cfg`` (seeded weights and data order;
     set ``torch.set_num_threads(1)`` for bit-identical CPU runs)."""
-    from flowrl.text.tiny import build_tiny_lm
-
     cfg.validate()
     train, val, _ = task_records(cfg)
     model, tok = build_tiny_lm(hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
@@ -358,11 +358,6 @@ def rl_check(model, tokenizer, cfg: RLCheckConfig, *, progress: bool = True) -> 
     ``group_size`` samples each (:meth:`TextLearner.rollout`), exact-match rewards, TRL-style group
     z-scored advantages (:func:`compute_advantages`, GRPO arXiv 2402.03300), one on-policy
     AdamW update of the ``cfg.loss`` preset's loss."""
-    from flowrl.core.advantages import AdvantageConfig, compute_advantages
-    from flowrl.core.losses import loss_normalizers, loss_preset
-    from flowrl.text.learner import TextLearner
-    from flowrl.text.rewards import exact_match
-
     cfg.validate()
     train = arithmetic_records("train", cfg.num_train_prompts, seed=cfg.seed, digits=cfg.digits)
     test = arithmetic_records("test", cfg.num_test, seed=cfg.seed, digits=cfg.digits)

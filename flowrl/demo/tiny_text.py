@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
+
+from flowrl.inputs import writable_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARS = string.digits + string.ascii_lowercase + " +-*=?:.,()"
@@ -57,27 +59,8 @@ def build_tiny_lm(tokenizer=None, *, hidden_size: int = 64, layers: int = 2, hea
 
 def save_tiny_lm(out_dir, seed: int = 0, **kwargs) -> Path:
     """Write a tiny LM + tokenizer folder that transformers' Auto classes load."""
-    from flowrl.inputs import writable_dir
-
     out = writable_dir(out_dir, "model folder")
     model, tok = build_tiny_lm(seed=seed, **kwargs)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
-    """(model, tokenizer) from a hub id or a local folder (the same code for both); left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
-        from flowrl.inputs import UsageError
-
-        raise UsageError(f"model.path {path!r} is not a transformers model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
-    return model, tok

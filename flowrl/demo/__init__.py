@@ -1,0 +1,10 @@
+"""What the shipped demos need and the library does not: the ``shapes`` scene grammar, renderer and
+checker (:mod:`flowrl.demo.shapes`), the arithmetic task (:mod:`flowrl.demo.arithmetic`), the
+pretraining of the demo models (:mod:`flowrl.demo.pretrain_image`, :mod:`flowrl.demo.pretrain_text`)
+and the tiny-model builders used by the tests and ``flowrl make-tiny`` (:mod:`flowrl.demo.tiny_image`,
+:mod:`flowrl.demo.tiny_text`).
+
+This package imports the library; the library reaches it only for the built-in ``shapes:<split>`` /
+``arithmetic:<split>`` prompt sources, the ``shapes`` scorer (a thin wrapper in :mod:`scorers.shapes`)
+and ``flowrl make-tiny``.
+"""
