@@ -73,7 +73,7 @@ DRIVER_SRC = textwrap.dedent(
 
         def advantages(self, rewards, batch, row_group, row_key):
             adv, stats = orig_adv(self, rewards, batch, row_group, row_key)
-            with open(os.path.join(out, f"adv-rank{self.rank}.jsonl"), "a") as f:
+            with open(os.path.join(out, f"adv-rank{self.procs.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": self.step, "groups": row_group.tolist(), "adv": adv.tolist(),
                                     "rewards": rewards.tolist()}) + "\\n")
             return adv, stats
@@ -82,9 +82,9 @@ DRIVER_SRC = textwrap.dedent(
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous().cpu() for k, v in self._trainable_state().items()},
-                      os.path.join(out, f"final-rank{self.rank}.safetensors"))
-            with open(os.path.join(out, f"beta-rank{self.rank}.json"), "w") as f:
-                json.dump({"beta": self._beta(), "world": self.world}, f)
+                      os.path.join(out, f"final-rank{self.procs.rank}.safetensors"))
+            with open(os.path.join(out, f"beta-rank{self.procs.rank}.json"), "w") as f:
+                json.dump({"beta": self._beta(), "world": self.procs.world}, f)
             return orig_finish(self)
 
         loop.Trainer._advantages, loop.Trainer.finish = advantages, finish

@@ -1,41 +1,31 @@
 """The one training loop for both paths: rollout -> score -> advantages -> K inner updates ->
-log -> maybe evaluate -> maybe checkpoint.
+log -> maybe evaluate -> maybe checkpoint (:meth:`Trainer.train_step` reads as that list).
 
 Processes (accelerate). ``sample.prompts_per_step`` prompts make one step's global batch; the
-choice of prompts, the plan, and every sample's noise derive from (seed, step, prompt) only, so a
+choice of prompts, the plan and every sample's noise derive from (seed, step, prompt) only, so a
 prompt's group is the same whichever process samples it. Minibatch m of an inner epoch is the
 contiguous block m of the step's prompts, split evenly over processes
-(:func:`flowrl.train.data.local_layout`). Singular sweeps (``plan.singular_choice: all``) give each
-prompt K advantage groups, one per branch step (:mod:`flowrl.flow.sampler`); the loop reads each
-row's prompt and group from the batch (``prompt_index``, ``group_id``, ``groups_per_prompt``), and
-:func:`minibatch_split` splits the branch steps first: ``num_minibatches`` dividing K gives blocks
-of whole branch steps over all prompts, taken in step order (G²RPO: one optimizer step per k, in k
-order, against the pre-update old log-probs); a multiple of K splits each step's prompts further;
-with ``train.sweep_split: prompt`` minibatches are blocks of prompts with all their branch steps
-(TempFlow-GRPO).
-Rewards are gathered from all processes before advantages
-are computed (a group's statistics see the whole group; batch statistics the whole batch), and the
-loss normaliser is the count over the whole optimizer batch (all processes), so neither the
-advantages nor the updated weights depend on the number of processes.
+(:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes before advantages
+are computed and the loss normaliser counts the whole optimizer batch, so neither the advantages
+nor the updated weights depend on the number of processes (:mod:`flowrl.train.processes` holds the
+collectives and the gradient averaging under DDP; FSDP and other wrappers are called as they are,
+``backward(loss, last)`` synchronising on a minibatch's last pass).
 
-Gradients under DDP. The loop does not call the DDP wrapper: each process computes its share of a
-minibatch's gradient on the model itself and the gradients are averaged with one all-reduce per
-optimizer step (:meth:`Trainer._average_gradients`). DDP's reducer synchronises inside backward,
-which needs every process to run the same number of backward passes; the flow learner's number
-depends on the data (which rows train which step, invalid samples, chunks), and a DDP forward run
-by the main process alone (evaluation) blocks on its buffer broadcast. Other wrappers (FSDP) are
-called as they are, with ``backward(loss, last)`` synchronising on the minibatch's last pass.
+Singular sweeps (``plan.singular_choice: all``) give each prompt K advantage groups, one per branch
+step; :func:`minibatch_split` decides how minibatches cut them (G²RPO: one optimizer step per
+branch step, in step order; TempFlow-GRPO, ``train.sweep_split: prompt``: blocks of prompts).
 
-Robustness. Invalid samples (a scorer's NaN/inf, a failed remote batch) get advantage 0 and are
-masked out of the loss, and counted. A NaN/inf loss or gradient skips the optimizer step (logged);
-``train.max_bad_steps`` of them in a row stop the run with a clear message, the last good
-checkpoint intact. Checkpoints are atomic (:mod:`flowrl.train.checkpoint`); ``resume=auto``
-continues from the newest complete one. All randomness is a function of (seed, step), so a resumed
-run repeats exactly the steps after its checkpoint and ends with the same weights.
+Robustness (:mod:`flowrl.train.guard`). Invalid samples (a NaN/inf reward, a failed remote batch)
+get advantage 0, are masked out of the loss and counted; a NaN/inf loss or gradient skips the
+optimizer step; every optimizer step is followed by a weight check; ``train.max_bad_steps`` bad
+steps in a row stop the run, naming the last good checkpoint. Checkpoints are atomic and verified
+(:mod:`flowrl.train.checkpoint`); all randomness is a function of (seed, step), so a resumed run
+repeats exactly the steps after its checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -47,12 +37,18 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from flowrl.config import RunConfig, dump, to_dict
+from flowrl.core.advantages import compute_advantages, multi_granularity_advantages
 from flowrl.inputs import UsageError
 from flowrl.train.checkpoint import (
-    CheckpointError, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
+    capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
     verify_checkpoint,
 )
 from flowrl.train.data import choose_prompts, load_records, local_layout, step_generator
+from flowrl.train.guard import (
+    GracefulStop, RunLock, apply_optimizer_settings, check_resume_config, check_update, weight_norm,
+)
+from flowrl.train.metrics import mean, reward_metrics, update_metrics
+from flowrl.train.processes import Processes
 
 log = logging.getLogger("flowrl.train")
 
@@ -61,9 +57,25 @@ class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (too many non-finite steps in a row)."""
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+@dataclasses.dataclass
+class _StepPrompts:
+    """This process's prompts of one step, in minibatch-block order."""
+
+    records: List[Dict[str, Any]]  # the prompt records
+    keys: List[int]  # identity of each prompt at this step (record index x 1_000_003 + position): seeds its noise
+    positions: List[int]  # position of each in the step's global prompt list
+    record_index: List[int]  # index of each in the training records
+    per_block: int  # prompts per minibatch block on this process
+
+
+@dataclasses.dataclass
+class _RowGroups:
+    """Per rollout row: advantage group, tracker key, minibatch prompt block and branch block."""
+
+    group: torch.Tensor
+    key: torch.Tensor
+    block: torch.Tensor
+    branch_block: torch.Tensor
 
 
 class Trainer:
@@ -87,8 +99,7 @@ class Trainer:
             accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
                                       log_with=log_with, project_config=project)
         self.acc = accelerator
-        self.world = accelerator.num_processes
-        self.rank = accelerator.process_index
+        self.procs = Processes(accelerator)
         self.main = accelerator.is_main_process
         self._lock = None
         try:
@@ -103,7 +114,7 @@ class Trainer:
         # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
         self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
         self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, tc.sweep_split)
-        local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.world, self.rank)  # validate early
+        local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
         if self.main:  # settings that would silently do nothing: said once, before the model loads
@@ -134,7 +145,7 @@ class Trainer:
         self.wrapped = wrapped
         from torch.nn.parallel import DistributedDataParallel
 
-        self.local_grads = self.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see module doc
+        self.local_grads = self.procs.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see flowrl.train.processes
         self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None
         if tc.ema:
@@ -193,8 +204,6 @@ class Trainer:
         """Before any model is loaded: the run folder is writable and this run owns it (a lock),
         ``resume=none`` does not overwrite an earlier run, and a checkpoint to resume from verifies
         and was trained with a compatible config (:mod:`flowrl.train.guard`)."""
-        from flowrl.train.guard import RunLock, check_resume_config
-
         cfg = self.cfg
         if self.main:
             self._lock = RunLock(self.run_dir)
@@ -254,8 +263,6 @@ class Trainer:
         self.scheduler.load_state_dict(ck["tensor_state"]["scheduler"])
         changed = {k for k, _, _ in self.resume_changes}
         if changed & {"train.learning_rate", "train.weight_decay"}:
-            from flowrl.train.guard import apply_optimizer_settings
-
             apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg.train.learning_rate, self.cfg.train.weight_decay)
         for k, old, new in self.resume_changes:
             if k not in ("resume", "output_dir"):
@@ -290,17 +297,119 @@ class Trainer:
             return float(self.kl_ctl.value)
         return kl_coefficient(self.optimizer_steps, self.cfg.loss)
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.gather(t.to(self.acc.device)).cpu() if self.world > 1 else t
+    # -------------------------------------------------------------------------------- one step
+    def train_step(self) -> Dict[str, Any]:
+        """One step of the algorithm: rollout (no grad) -> rewards -> advantages -> K inner epochs
+        of minibatch updates -> metrics. Returns the step's metrics (:mod:`flowrl.train.metrics`)."""
+        t_start = time.time()
+        step = self._step_prompts()
+        self.task.module.eval()
+        batch = self.task.rollout(step.records, step.keys, self.step)
+        t_sample = time.time()
+        rewards, names, issues = self._score(batch, step.records)
+        t_score = time.time()
+        groups = self._groups(batch, step)
+        adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
+        beta = self._beta()
+        update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta)
+        nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
+        self.total_nfe += nfe
+        t_end = time.time()
+
+        rew, rows = reward_metrics(rewards, names, [self.cfg.rewards[n] for n in names], self.procs.gather)
+        metrics: Dict[str, Any] = {
+            "step": self.step + 1, **rew,
+            "zero_std_frac": float(adv_stats.get("zero_std_frac", float("nan"))),
+            "filtered_samples": int(adv_stats.get("filtered_count", 0)),
+            **update, "beta": beta, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
+            "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample,
+            "time/update": t_end - t_score, "time/step": t_end - t_start,
+        }
+        for issue in issues:
+            log.warning("step %d: reward issue: %s", self.step, issue)
+        self.step += 1
+        self.invalid_in_row = self.invalid_in_row + 1 if rew["invalid_samples"] == rows else 0
+        return metrics
+
+    def _step_prompts(self) -> "_StepPrompts":
+        """This step's prompts on this process: the step's global choice (a function of seed and
+        step), this process's share of it in minibatch blocks (:func:`local_layout`), and each
+        prompt's identity key at this step (its record index and position)."""
+        cfg = self.cfg
+        P = cfg.sample.prompts_per_step
+        chosen = choose_prompts(len(self.train_records), P, cfg.seed, self.step)  # the same on every process
+        layout = local_layout(P, self.mb_prompts, self.procs.world, self.procs.rank)
+        positions = [pos for mb in layout for pos in mb]
+        return _StepPrompts(
+            records=[self.train_records[chosen[pos]] for pos in positions],
+            keys=[chosen[pos] * 1_000_003 + pos for pos in positions],
+            positions=positions, record_index=[chosen[pos] for pos in positions], per_block=len(layout[0]),
+        )
+
+    def _score(self, batch, records):
+        """Rewards ``[N, R]`` (``[N, K, R]`` for granularities) with every non-finite value (NaN,
+        +inf, -inf) as NaN: that sample is invalid (advantage 0, masked); names; reward issues."""
+        rewards, names, info = self.task.score(batch, records)
+        self._reward_names = names
+        nonfinite = ~torch.isfinite(rewards)
+        if bool(nonfinite.any()):
+            n_inf = int(torch.isinf(rewards.reshape(rewards.shape[0], -1)).any(dim=1).sum())
+            if n_inf:
+                log.warning("step %d: %d sample(s) got an infinite reward; they count as invalid", self.step, n_inf)
+            rewards = torch.where(nonfinite, torch.full_like(rewards, float("nan")), rewards)
+        return rewards, names, list(info.get("issues") or [])
+
+    def _groups(self, batch, step: "_StepPrompts") -> "_RowGroups":
+        """Each row's advantage group (global: position in the step x K + branch), its tracker key
+        (the prompt's identity x K + branch), and its minibatch block (prompt block, branch block)."""
+        K = self.groups_per_prompt
+        prompt, branch = _row_groups(batch, len(step.positions), self.cfg.sample.group_size, K)
+        return _RowGroups(
+            group=torch.tensor(step.positions, dtype=torch.long)[prompt] * K + branch,
+            key=torch.tensor(step.record_index, dtype=torch.long)[prompt] * K + branch,
+            block=prompt // step.per_block, branch_block=branch // (K // self.mb_branches),
+        )
+
+    def _inner_updates(self, batch, adv: torch.Tensor, keep: torch.Tensor, groups: "_RowGroups", beta: float) -> Dict[str, Any]:
+        """``train.num_iterations`` epochs over the rollout, each ``num_minibatches`` optimizer
+        steps on blocks of rows in a seeded order (branch blocks in step order for sweeps); returns
+        :func:`update_metrics`."""
+        from flowrl.core.losses import loss_normalizers
+
+        cfg, tc = self.cfg, self.cfg.train
+        mask = self.task.action_mask(batch).bool()
+        mask = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
+        reduce_fn = self.procs.sum if self.procs.world > 1 else None
+        loss_stats: List[Dict[str, float]] = []
+        grad_norms: List[float] = []
+        update_ratios: List[float] = []
+        skipped = 0
+        for epoch in range(tc.num_iterations):
+            perm = torch.randperm(self.mb_prompts, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
+            for c in range(self.mb_branches):  # branch blocks in step order
+                for b in perm:
+                    rows = ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()
+                    sub = self.task.select(batch, rows)
+                    norm = loss_normalizers(mask[rows], cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
+                    _apply_mask(sub, mask[rows], self.task.kind)
+                    out = self._optimizer_step(sub, adv[rows], norm, beta)
+                    if out is None:
+                        skipped += 1
+                        continue
+                    st, gn, ratio = out
+                    loss_stats.append(st)
+                    grad_norms.append(gn)
+                    update_ratios.append(ratio)
+        self.bad_in_row = self.bad_in_row + 1 if skipped else 0
+        loss_stats = self.procs.global_stats(loss_stats)
+        if self.kl_ctl is not None and loss_stats:
+            self.kl_ctl.update(mean([s.get("kl") for s in loss_stats]))
+        return update_metrics(loss_stats, grad_norms, update_ratios, skipped)
 
     def _advantages(self, rewards, batch, row_group: torch.Tensor, row_key: torch.Tensor):
         """Advantages for the local rows. Flat groups: rewards are gathered from all processes
         and normalised globally. Trees: node values and sibling comparisons stay within a
         prompt's tree, which never spans processes."""
-        from flowrl.core.advantages import compute_advantages, multi_granularity_advantages
-
-        import dataclasses
-
         cfg = self.cfg
         n_local = rewards.shape[0]
         adv_cfg = cfg.advantage
@@ -311,227 +420,57 @@ class Trainer:
             total = (rewards.double() * w).sum(-1)
             adv, valid = self.task.tree_advantages(batch, total, adv_cfg)
             return adv.float(), {"keep": valid, "invalid_count": int((~valid).sum())}
-        g_rewards = self._gather(rewards.float())
-        g_groups = self._gather(row_group)
+        g_rewards = self.procs.gather(rewards.float())
+        g_groups = self.procs.gather(row_group)
         if rewards.ndim == 3:  # multi-granularity [N, K, R]
             adv, stats = multi_granularity_advantages(g_rewards, g_groups, adv_cfg)
         else:
-            keys = self._gather(row_key).tolist() if self.tracker is not None else None
+            keys = self.procs.gather(row_key).tolist() if self.tracker is not None else None
             adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
         # this process's rows are the rank-th slice of the gathered tensors
-        start = self.rank * n_local
-        sl = slice(start, start + n_local)
+        sl = slice(self.procs.rank * n_local, (self.procs.rank + 1) * n_local)
         stats = dict(stats)
-        keep = stats.pop("keep")
-        stats["keep"] = keep[sl]
+        stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
 
-    def _average_gradients(self, bucket_numel: int = 1 << 24) -> None:
-        """Average ``.grad`` over processes (what DDP's reducer does), one all-reduce per bucket of
-        at most ``bucket_numel`` elements of one dtype. A parameter without a gradient on every
-        process keeps none (as in a 1-process run); one with a gradient somewhere gets zeros where
-        it has none before averaging."""
-        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=self.acc.device)
-        present = self.acc.reduce(present, "sum").cpu()
-        grads: Dict[torch.dtype, List[torch.Tensor]] = {}
-        for p, n in zip(self.params, present.tolist()):
-            if n == 0:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.setdefault(p.grad.dtype, []).append(p.grad)
+    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float):
+        """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
+        gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
+        Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
+        tc = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
 
-        def flush(bucket: List[torch.Tensor]) -> None:
-            flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in bucket]), "mean")
-            off = 0
-            for g in bucket:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+        def backward(loss, last=True, _w=self.wrapped):
+            # ``last``: the minibatch's final backward, the one a wrapper that synchronises in backward
+            # (FSDP) must not skip; a learner that does not say (``backward(loss)``) gets a synchronised
+            # backward every time: correct, only slower. Under DDP the gradients are averaged after the
+            # minibatch instead (:mod:`flowrl.train.processes`).
+            ctx = contextlib.nullcontext() if (last or self.procs.world == 1 or self.local_grads) else self.acc.no_sync(_w)
+            with ctx:
+                self.acc.backward(loss)
 
-        for group in grads.values():
-            bucket, size = [], 0
-            for g in group:
-                if bucket and size + g.numel() > bucket_numel:
-                    flush(bucket)
-                    bucket, size = [], 0
-                bucket.append(g)
-                size += g.numel()
-            if bucket:
-                flush(bucket)
-
-    _MEAN_STATS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean")
-
-    def _global_stats(self, loss_stats: List[Dict[str, float]]) -> List[Dict[str, float]]:
-        """Per-minibatch loss statistics over all processes (one process: unchanged): the means
-        in ``_MEAN_STATS`` weighted by each process's ``num_actions``, ``ratio_min``/``ratio_max``
-        the min/max over processes. The adaptive KL controller is fed from these, so every
-        process keeps the same beta; ``loss``/``policy_loss`` stay this process's share."""
-        if self.world == 1 or not loss_stats:
-            return loss_stats
-        keys = self._MEAN_STATS
-        w = [float(s.get("num_actions", 1.0)) for s in loss_stats]
-        sums = torch.tensor([[float(s.get(k, 0.0)) * wi for k in keys] + [wi] for s, wi in zip(loss_stats, w)],
-                            dtype=torch.float64, device=self.acc.device)
-        sums = self.acc.reduce(sums, "sum").cpu()
-        dev = self.acc.device
-        lo = torch.tensor([float(s.get("ratio_min", math.inf)) for s in loss_stats], dtype=torch.float64, device=dev)
-        hi = torch.tensor([float(s.get("ratio_max", -math.inf)) for s in loss_stats], dtype=torch.float64, device=dev)
-        lo = -self.acc.reduce(-lo, "max").cpu()
-        hi = self.acc.reduce(hi, "max").cpu()
-        out = []
-        for i, s in enumerate(loss_stats):
-            s = dict(s)
-            total = float(sums[i, -1])
-            for j, k in enumerate(keys):
-                if k in s:
-                    s[k] = float(sums[i, j]) / total if total > 0 else float("nan")
-            if "ratio_min" in s:
-                s["ratio_min"], s["ratio_max"] = float(lo[i]), float(hi[i])
-            s["num_actions"] = total
-            out.append(s)
-        return out
-
-    def train_step(self) -> Dict[str, Any]:
-        cfg, tc = self.cfg, self.cfg.train
-        t_start = time.time()
-        P = cfg.sample.prompts_per_step
-        chosen = choose_prompts(len(self.train_records), P, cfg.seed, self.step)  # global, same on all ranks
-        layout = local_layout(P, self.mb_prompts, self.world, self.rank)
-        positions = [pos for mb in layout for pos in mb]
-        records = [self.train_records[chosen[pos]] for pos in positions]
-        keys = [chosen[pos] * 1_000_003 + pos for pos in positions]  # prompt identity at this step
-        self.task.module.eval()
-        batch = self.task.rollout(records, keys, self.step)
-        t_sample = time.time()
-        rewards, names, info = self.task.score(batch, records)
-        self._reward_names = names
-        nonfinite = ~torch.isfinite(rewards)
-        if bool(nonfinite.any()):  # NaN, +inf and -inf alike: that sample is invalid (advantage 0, masked)
-            n_inf = int(torch.isinf(rewards.reshape(rewards.shape[0], -1)).any(dim=1).sum())
-            if n_inf:
-                log.warning("step %d: %d sample(s) got an infinite reward; they count as invalid", self.step, n_inf)
-            rewards = torch.where(nonfinite, torch.full_like(rewards, float("nan")), rewards)
-        t_score = time.time()
-        G = cfg.sample.group_size
-        K = self.groups_per_prompt
-        row_prompt, row_branch = _row_groups(batch, len(positions), G, K)
-        # global group id = position in the step (x K + branch); tracker key = the prompt's identity (x K + branch)
-        row_group = torch.tensor(positions, dtype=torch.long)[row_prompt] * K + row_branch
-        row_key = torch.tensor([chosen[pos] for pos in positions], dtype=torch.long)[row_prompt] * K + row_branch
-        adv, adv_stats = self._advantages(rewards, batch, row_group, row_key)
-        keep = adv_stats["keep"]
-
-        mask = self.task.action_mask(batch).bool()
-        mask_all = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
-        beta = self._beta()
-        from flowrl.core.losses import loss_normalizers
-
-        mode = cfg.loss.aggregation
-        per_rank_groups = len(layout[0])
-        row_block = row_prompt // per_rank_groups  # the prompt block (local_layout's minibatch) of each row
-        row_kblock = row_branch // (K // self.mb_branches)  # its block of branch steps (0 but for sweeps)
-        loss_stats: List[Dict[str, float]] = []
-        grad_norms, skipped, update_ratios = [], 0, []
-        from flowrl.train.guard import check_update, weight_norm
-
-        for epoch in range(tc.num_iterations):
-            perm = torch.randperm(self.mb_prompts, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
-            order = [(b, c) for c in range(self.mb_branches) for b in perm]  # branch blocks in step order
-            for b, c in order:
-                rows = ((row_block == b) & (row_kblock == c)).nonzero().flatten()
-                sub = self.task.select(batch, rows)
-                sub_mask = mask_all[rows]
-                norm = loss_normalizers(sub_mask, mode, world_size=self.world,
-                                        reduce_fn=(lambda x: self.acc.reduce(x.to(self.acc.device), "sum").cpu()) if self.world > 1 else None)
-                _apply_mask(sub, sub_mask, self.task.kind)
-                self.optimizer.zero_grad(set_to_none=True)
-
-                def backward(loss, last=True, _w=self.wrapped):
-                    # ``last``: the minibatch's final backward, the one a wrapper that synchronises in
-                    # backward (FSDP) must not skip; a learner that does not say (``backward(loss)``)
-                    # gets a synchronised backward every time: correct, only slower. Under DDP the
-                    # gradients are averaged after the minibatch instead (module doc).
-                    ctx = (contextlib.nullcontext() if (last or self.world == 1 or self.local_grads)
-                           else self.acc.no_sync(_w))
-                    with ctx:
-                        self.acc.backward(loss)
-
-                with self.acc.autocast():
-                    st = self.task.minibatch_gradient(sub, adv[rows], normalizer=norm, beta=beta, backward=backward)
-                if self.local_grads:
-                    self._average_gradients()
-                gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
-                gn = float(gn) if gn is not None else float("nan")
-                finite = math.isfinite(gn) and math.isfinite(st.get("loss", 0.0))
-                if self.world > 1:  # every process must take the same decision, or the replicas drift apart
-                    flag = torch.tensor([0.0 if finite else 1.0], device=self.acc.device)
-                    finite = float(self.acc.reduce(flag, "sum").sum()) == 0.0
-                if not finite:
-                    skipped += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    log.warning("step %d: non-finite loss or gradient (grad norm %s); optimizer step skipped", self.step, gn)
-                    continue
-                norm_before = weight_norm(self.params)
-                self.optimizer.step()
-                ratio, problem = check_update(norm_before, self.params, tc.max_update_ratio)
-                update_ratios.append(ratio)
-                if problem is not None:
-                    raise TrainingStopped(f"step {self.step + 1}: {problem}; these weights are not checkpointed. "
-                                          f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm)")
-                self.scheduler.step()
-                self.optimizer_steps += 1
-                if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
-                    self.ema.step(self.params)
-                grad_norms.append(gn)
-                loss_stats.append(st)
-        self.bad_in_row = self.bad_in_row + 1 if skipped else 0
-        loss_stats = self._global_stats(loss_stats)
-        if self.kl_ctl is not None and loss_stats:
-            self.kl_ctl.update(_mean([s.get("kl") for s in loss_stats]))
-        nfe = self.task.nfe(batch)  # this process's evaluations (generated tokens for text): sum them
-        if self.world > 1:
-            nfe = int(self.acc.reduce(torch.tensor(nfe, dtype=torch.long, device=self.acc.device), "sum"))
-        self.total_nfe += nfe
-        t_end = time.time()
-
-        metrics: Dict[str, Any] = {"step": self.step + 1}
-        w = torch.tensor([cfg.rewards[n] for n in names])
-        flat = rewards if rewards.ndim == 2 else rewards[:, 0]
-        total = (flat * w).sum(1)
-        g_total = self._gather(total)
-        metrics["reward/total"] = float(torch.nanmean(g_total))
-        metrics["reward/total_std"] = float(g_total[torch.isfinite(g_total)].std()) if torch.isfinite(g_total).sum() > 1 else 0.0
-        for i, n in enumerate(names):
-            col = self._gather(flat[:, i].contiguous())
-            metrics[f"reward/{n}"] = float(torch.nanmean(col))
-            metrics[f"reward/{n}_std"] = float(col[torch.isfinite(col)].std()) if torch.isfinite(col).sum() > 1 else 0.0
-        metrics["invalid_samples"] = int(self._gather((~torch.isfinite(total)).long()).sum())
-        metrics["zero_std_frac"] = float(adv_stats.get("zero_std_frac", float("nan")))
-        metrics["filtered_samples"] = int(adv_stats.get("filtered_count", 0))
-        for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss"):
-            metrics[key] = _mean([s.get(key) for s in loss_stats])
-        metrics["ratio_min"] = min([s["ratio_min"] for s in loss_stats if "ratio_min" in s], default=float("nan"))
-        metrics["ratio_max"] = max([s["ratio_max"] for s in loss_stats if "ratio_max" in s], default=float("nan"))
-        if loss_stats and "ratio_min" in loss_stats[0]:
-            metrics["ratio_first_min"] = loss_stats[0]["ratio_min"]  # on-policy first pass: exactly 1
-            metrics["ratio_first_max"] = loss_stats[0]["ratio_max"]
-        metrics["grad_norm"] = _mean(grad_norms)
-        metrics["update_ratio"] = max(update_ratios, default=float("nan"))
-        metrics["skipped_optimizer_steps"] = skipped
-        metrics["beta"] = beta
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["nfe"] = nfe
-        metrics["time/sampling"] = t_sample - t_start
-        metrics["time/scoring"] = t_score - t_sample
-        metrics["time/update"] = t_end - t_score
-        metrics["time/step"] = t_end - t_start
-        if info.get("issues"):
-            for issue in info["issues"]:
-                log.warning("step %d: reward issue: %s", self.step, issue)
-        self.step += 1
-        n_rows = int(g_total.numel())
-        self.invalid_in_row = self.invalid_in_row + 1 if metrics["invalid_samples"] == n_rows else 0
-        return metrics
+        with self.acc.autocast():
+            st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward)
+        if self.local_grads:
+            self.procs.average_gradients(self.params)
+        gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+        gn = float(gn) if gn is not None else float("nan")
+        # every process must take the same decision, or the replicas drift apart
+        if not self.procs.all_true(math.isfinite(gn) and math.isfinite(st.get("loss", 0.0))):
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite loss or gradient (grad norm %s); optimizer step skipped", self.step, gn)
+            return None
+        norm_before = weight_norm(self.params)
+        self.optimizer.step()
+        ratio, problem = check_update(norm_before, self.params, tc.max_update_ratio)
+        if problem is not None:
+            raise TrainingStopped(f"step {self.step + 1}: {problem}; these weights are not checkpointed. "
+                                  f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm)")
+        self.scheduler.step()
+        self.optimizer_steps += 1
+        if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
+            self.ema.step(self.params)
+        return st, gn, ratio
 
     def _check_going_on(self) -> None:
         """Stop (:class:`TrainingStopped`) after ``train.max_bad_steps`` steps in a row without an
@@ -584,8 +523,6 @@ class Trainer:
         """Resume or start, train to ``max_steps`` (or the time budget), save, summarise. A SIGTERM
         or SIGINT ends the step in progress, writes a checkpoint and returns early with
         ``{"stopped_by": signal name, "checkpoint": path}`` (a second SIGINT interrupts at once)."""
-        from flowrl.train.guard import GracefulStop
-
         cfg = self.cfg
         self._t0 = time.time()
         stop = GracefulStop()
@@ -615,12 +552,9 @@ class Trainer:
 
     def _stop_requested(self, stop) -> bool:
         """Whether any process got SIGTERM/SIGINT (all processes must stop at the same step)."""
-        flag = stop.signal_name is not None
-        if self.world > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-            flag = float(self.acc.reduce(t, "sum").sum()) > 0
-            if flag and stop.signal_name is None:
-                stop.signal_name = "SIGTERM"
+        flag = self.procs.any_true(stop.signal_name is not None)
+        if flag and stop.signal_name is None:  # another process was signalled
+            stop.signal_name = "SIGTERM"
         return flag
 
     def _loop(self, stop) -> None:
@@ -677,7 +611,7 @@ class Trainer:
             "last_eval": last.get("means", {}),
             "first_eval_details": first.get("details", {}),
             "last_eval_details": last.get("details", {}),
-            "processes": self.world,
+            "processes": self.procs.world,
         }
         if self.main:
             with self._ema_weights():
