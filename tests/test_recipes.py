@@ -169,7 +169,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     assert cfg.train.lora == raw.train.lora and cfg.train.learning_rate == raw.train.learning_rate
 
     tr = Trainer(cfg)
-    assert tr.task.kind == ("text" if raw.model.family == "lm" else "flow")
+    from flowrl.train.tasks import FlowTask, TextTask
+
+    assert isinstance(tr.task, TextTask if raw.model.family == "lm" else FlowTask)
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(raw.train.learning_rate)
     trainable = {n for n, p in tr.task.module.named_parameters() if p.requires_grad}
     assert trainable, "nothing to train"

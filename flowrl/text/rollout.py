@@ -71,6 +71,7 @@ class TextRollout:
     old_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the sampling policy
     ref_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the reference policy (KL)
     completions: List[str] = field(default_factory=list)  # decoded text (for reward functions)
+    groups_per_prompt: int = 1  # advantage groups per prompt (one: a prompt's G completions)
 
     @property
     def num_samples(self) -> int:

@@ -173,13 +173,11 @@ class Trainer:
         return {n: p.detach() for n, p in self.task.module.named_parameters() if p.requires_grad}
 
     def save(self) -> Path:
-        from flowrl.train.model import lora_meta
-
         tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ema is not None:
             tensor_state["ema"] = self.ema.state_dict()
         meta = {
-            "lora": lora_meta(self.task.module) if self.cfg.train.lora and self.task.kind == "flow" else None,
+            **self.task.checkpoint_meta(),
             "optimizer_steps": self.optimizer_steps, "bad_in_row": self.bad_in_row, "invalid_in_row": self.invalid_in_row,
             "total_nfe": self.total_nfe,
             "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
@@ -391,7 +389,7 @@ class Trainer:
                     rows = ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()
                     sub = self.task.select(batch, rows)
                     norm = loss_normalizers(mask[rows], cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
-                    _apply_mask(sub, mask[rows], self.task.kind)
+                    self.task.mask_actions(sub, mask[rows])
                     out = self._optimizer_step(sub, adv[rows], norm, beta)
                     if out is None:
                         skipped += 1
@@ -415,10 +413,10 @@ class Trainer:
         adv_cfg = cfg.advantage
         if adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
             adv_cfg = dataclasses.replace(adv_cfg, reward_weights=tuple(float(cfg.rewards[n]) for n in self._reward_names))
-        if getattr(batch, "node_parent", None) is not None:
-            w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
-            total = (rewards.double() * w).sum(-1)
-            adv, valid = self.task.tree_advantages(batch, total, adv_cfg)
+        w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
+        tree = self.task.tree_advantages(batch, (rewards.double() * w).sum(-1), adv_cfg)
+        if tree is not None:
+            adv, valid = tree
             return adv.float(), {"keep": valid, "invalid_count": int((~valid).sum())}
         g_rewards = self.procs.gather(rewards.float())
         g_groups = self.procs.gather(row_group)
@@ -655,7 +653,7 @@ def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int
     """``(local prompt, branch)`` of every row of a rollout: its ``prompt_index`` and, for a batch
     with K > 1 groups per prompt (sweeps: ``group_id = prompt_index·K + branch``), its branch."""
     K = int(groups_per_prompt)
-    got = int(getattr(batch, "groups_per_prompt", 1))
+    got = int(batch.groups_per_prompt)
     if got != K:
         raise RuntimeError(f"rollout: {got} advantage groups per prompt, the run expects {K}")
     prompt = batch.prompt_index.detach().cpu().to(torch.long)
@@ -667,14 +665,6 @@ def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int
     if bool(((branch < 0) | (branch >= K)).any()):
         raise RuntimeError("rollout: group_id is not prompt_index * groups_per_prompt + branch")
     return prompt, branch
-
-
-def _apply_mask(batch, mask: torch.Tensor, kind: str) -> None:
-    """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
-    if kind == "flow":
-        batch.trained = mask
-    else:
-        batch.completion_mask = batch.completion_mask * mask.long()
 
 
 def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:

@@ -1,22 +1,14 @@
 """The two things the training loop can train: a flow image policy or a causal LM.
 
 A task owns the model and what is specific to its path; the loop (:mod:`flowrl.train.loop`) owns
-everything they share: prompts per step, processes, advantages, the optimizer, checkpoints,
-evaluation schedule, logging. A task provides:
-
-* ``module``: the trainable ``nn.Module`` (diffusers transformer or causal LM), and
-  ``set_forward_module(m)`` to route forward passes through accelerate's wrapper (DDP/FSDP);
-* ``rollout(records, keys, step) -> batch`` (no grad) and ``score(batch, records) -> Rewards``;
-* ``action_mask(batch) -> [N, T]`` (the trained actions, for the loss normaliser) and
-  ``minibatch_gradient(batch, rows, advantages, normalizer, beta, backward)``;
-* ``evaluate(records, seeds) -> (means, per-category, images or None, captions)``;
-* ``save_result(dir)``: the final LoRA / model in the format diffusers or transformers loads.
+everything they share: prompts per step, processes, advantages, the optimizer, checkpoints, the
+evaluation schedule, logging. :class:`Task` is what a path provides.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,10 +21,52 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class Task(Protocol):
+    """What the loop needs from a path (an image policy, a causal LM)."""
+
+    module: torch.nn.Module  # the trainable model (diffusers transformer or causal LM)
+
+    def set_forward_module(self, m) -> None:
+        """Route training forward passes through accelerate's wrapper ``m`` (None: the module)."""
+
+    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
+        """Sample ``group_size`` completions per record (no grad); ``keys`` seed each prompt's noise.
+        The batch has ``prompt_index``, ``groups_per_prompt`` and ``select(rows)``."""
+
+    def score(self, batch, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
+        """Rewards ``[N, R]`` (NaN: invalid), their names, ``{"issues": [...]}``."""
+
+    def tree_advantages(self, batch, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(advantages [N, T], valid [N])`` within each prompt's tree, or None for a batch of flat
+        groups (the loop then normalises rewards over all processes)."""
+
+    def action_mask(self, batch) -> Tensor:
+        """``[N, T]`` bool: the trained actions (denoising steps or completion tokens)."""
+
+    def mask_actions(self, batch, mask: Tensor) -> None:
+        """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
+
+    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
+        """Accumulate the policy loss's gradient of a minibatch; its statistics."""
+
+    def nfe(self, batch) -> int:
+        """Model evaluations of the rollout (generated tokens for text)."""
+
+    def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
+        """Held-out evaluation (deterministic sampler or greedy decoding)."""
+
+    def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
+        """Write an evaluation into the run folder; ``{"means", "details"}``."""
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        """What a checkpoint must record to be loaded again (the LoRA config of an image policy)."""
+
+    def save_result(self, out_dir: Path) -> Path:
+        """The final LoRA / model in the format diffusers or transformers loads."""
+
+
 class FlowTask:
     """SD3 / Flux policy trained with a sampling plan (:mod:`flowrl.flow`)."""
-
-    kind = "flow"
 
     def __init__(self, cfg, device):
         from flowrl.flow.learner import FlowLearner
@@ -126,13 +160,16 @@ class FlowTask:
         r = torch.stack(cols, dim=1)  # [N, K, R]
         return (r[:, 0] if r.shape[1] == 1 else r), names, {"issues": issues}
 
-    def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Tuple[Tensor, Tensor]:
+    def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
         """Granular advantages ``[N, T]`` of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO): a
         node's value is the mean reward of the leaves under it, its advantage is taken against
         its siblings, and each stored transition gets the advantage of the node it creates (the
         branch it starts). A node without siblings (an SDE step that did not branch) inherits its
-        parent's advantage. Returns (advantages, valid rows)."""
+        parent's advantage. Returns (advantages, valid rows); None for a rollout of flat groups."""
         from flowrl.core.advantages import tree_node_advantages, tree_node_values
+
+        if ro.node_parent is None:
+            return None
 
         parent = ro.node_parent.cpu()
         m = parent.shape[0]
@@ -157,6 +194,9 @@ class FlowTask:
     # -- update -------------------------------------------------------------------------------------
     def action_mask(self, ro) -> Tensor:
         return ro.trained
+
+    def mask_actions(self, ro, mask: Tensor) -> None:
+        ro.trained = mask
 
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
@@ -193,6 +233,12 @@ class FlowTask:
         s = res.summary()
         return {"means": s["means"], "details": s["details"]}
 
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        """The LoRA config (None: full weights), which ``flowrl sample --checkpoint`` rebuilds."""
+        from flowrl.train.model import lora_meta
+
+        return {"lora": lora_meta(self.module) if self.cfg.train.lora else None}
+
     def save_result(self, out_dir: Path) -> Path:
         from flowrl.train.lora import save_diffusers_lora
 
@@ -212,8 +258,6 @@ def _row_metadata(records: Sequence[Dict], prompt_index: Tensor) -> Dict[str, Li
 
 class TextTask:
     """A transformers causal LM trained with GRPO (:mod:`flowrl.text`)."""
-
-    kind = "text"
 
     def __init__(self, cfg, device):
         from flowrl.text.learner import TextLearner
@@ -274,8 +318,17 @@ class TextTask:
         r, names = score_completions(self.reward_fns, prompts, ro.completions, _row_metadata(records, ro.prompt_index))
         return r, names, {"issues": []}
 
+    def tree_advantages(self, ro, total: Tensor, adv_cfg) -> None:
+        return None  # completions are flat groups
+
     def action_mask(self, ro) -> Tensor:
         return ro.completion_mask.bool()
+
+    def mask_actions(self, ro, mask: Tensor) -> None:
+        ro.completion_mask = ro.completion_mask * mask.long()
+
+    def checkpoint_meta(self) -> Dict[str, Any]:
+        return {"lora": None}  # a peft LoRA is restored from the config (train.lora_*)
 
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
