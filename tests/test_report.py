@@ -1,7 +1,9 @@
 """Tests of flowrl.train.report and of the run-folder side of flowrl.train.evaluate (save_eval):
 a synthetic run folder (metrics.jsonl with a torn last line, summary.json, evaluations saved with
 save_eval, one step saved twice) gives a report.html whose every image exists and whose tables hold
-the first-vs-last numbers; bad run folders raise one-line UsageErrors.
+the first-vs-last numbers; the page leads with the before/after grid and the held-out table, then
+the curves; series that are zero (or NaN) throughout are not plotted but named; bad run folders
+raise one-line UsageErrors.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 from PIL import Image
 
 from flowrl.inputs import UsageError
-from flowrl.train.evaluate import EvalResult, eval_dir, save_eval
-from flowrl.train.report import load_evals, main, read_jsonl, running_mean, series, write_report
+from flowrl.train.evaluate import EvalResult, eval_dir, save_eval, write_comparison
+from flowrl.train.report import load_evals, main, read_jsonl, running_mean, series, split_flat, write_report
 
 PROMPTS = ["a red circle", "two <blue> squares & more"]
 
@@ -33,7 +35,7 @@ def fake_eval(shift: float, seed: int = 0) -> EvalResult:
              "total": float(total[valid].double().mean())}
     return EvalResult(prompts=PROMPTS, seeds=[0, 1], images=images, scores={"shapes": a, "jpeg<kb>": b},
                       total=total, valid=valid, weights={"shapes": 1.0, "jpeg<kb>": 0.5}, means=means,
-                      details={"shapes/accuracy/colors": 0.25 + shift}, nfe=16, num_steps=4, guidance_scale=4.5,
+                      details={"shapes/accuracy/colors": 0.25 + shift, "shapes/n/colors": 2.0}, nfe=16, num_steps=4, guidance_scale=4.5,
                       height=32, width=32, wall_clock_s=0.5)
 
 
@@ -44,7 +46,9 @@ def run_dir(tmp_path):
     lines = []
     for s in range(1, 31):
         rec = {"step": s, "reward/total": 0.01 * s, "reward/shapes": 0.02 * s, "kl": 1e-3 * s,
-               "clip_frac": 0.1, "time/sampling": 1.5, "note": "text is not plotted"}
+               "clip_frac": 0.1, "time/sampling": 1.5, "note": "text is not plotted",
+               # counters: one that never counted (not plotted), one that counted once (plotted)
+               "invalid_samples": 0, "skipped_optimizer_steps": int(s == 12), "beta": 0.0, "no_value": math.nan}
         if s == 7:
             rec["kl"] = float("nan")
         lines.append(json.dumps(rec))
@@ -66,13 +70,22 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.imgs, self.tables, self._table, self._row, self._cell = [], {}, None, None, None
+        self.order = []  # ("h2", text) / ("img", src) / ("table", id) / ("p", id) in page order
+        self.captions, self.notes, self._text, self._pid = {}, {}, None, None  # img src / <p> id -> text
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag in ("h2", "figcaption", "p"):
+            self._text = ""
+        if tag == "p" and a.get("id"):
+            self._pid = a["id"]
+            self.order.append(("p", a["id"]))
         if tag == "img":
             self.imgs.append(a["src"])
+            self.order.append(("img", a["src"]))
         elif tag == "table":
             self._table = self.tables.setdefault(a.get("id"), [])
+            self.order.append(("table", a.get("id")))
         elif tag == "tr" and self._table is not None:
             self._row = []
             self._table.append(self._row)
@@ -80,6 +93,12 @@ class _Page(HTMLParser):
             self._cell = ""
 
     def handle_endtag(self, tag):
+        if tag == "h2":
+            self.order.append(("h2", self._text))
+        elif tag == "figcaption":
+            self.captions[self.imgs[-1]] = self._text
+        elif tag == "p" and self._pid:
+            self.notes[self._pid], self._pid = self._text, None
         if tag in ("td", "th") and self._row is not None and self._cell is not None:
             self._row.append(self._cell.strip())
             self._cell = None
@@ -89,6 +108,8 @@ class _Page(HTMLParser):
     def handle_data(self, data):
         if self._cell is not None:
             self._cell += data
+        if self._text is not None:
+            self._text += data
 
 
 def test_save_eval_layout(run_dir):
@@ -142,6 +163,56 @@ def test_report_references_existing_pngs_and_tables(run_dir):
     assert "<blue>" not in text
 
 
+def test_report_leads_with_before_after_and_held_out_table(run_dir):
+    """Order: the before/after grid, the held-out table (first vs last evaluation), the per-category
+    table, the run, then the curves (held-out first). With before_after/ present the separate first
+    and last evaluation grids are not repeated; without it they take its place (previous test)."""
+    write_comparison(run_dir / "before_after", fake_eval(0.0, seed=0), fake_eval(0.3, seed=3),
+                     labels=("step 0", "step 30"))
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    order = [x for x in page.order if x[0] != "p"]
+    assert order[:5] == [("h2", "Before / after"), ("img", "before_after/grid.png"), ("h2", "Held-out reward"),
+                         ("table", "evals"), ("table", "details")]
+    assert order[5:8] == [("h2", "Run"), ("table", "run"), ("h2", "Curves")]
+    assert [src for kind, src in order[8:] if kind == "img"] == [
+        "plots/reward_eval.png", "plots/reward_train.png", "plots/train_metrics.png"]
+    assert not any(src.startswith("eval/") for src in page.imgs)
+    assert 'href="before_after/index.html"' in text
+    assert page.tables["evals"][0] == ["held-out reward", "first eval (step 0)", "last eval (step 30)", "change"]
+    first, last = fake_eval(0.0).means["total"], fake_eval(0.3).means["total"]
+    assert f"{first:.4f} &rarr; {last:.4f} ({last - first:+.4f}) from step 0 to step 30" in text  # one-line result
+    # an image count per category is a note under the table, not a row with a change of +0
+    assert "shapes/n/colors" not in {r[0] for r in page.tables["details"]}
+    assert "Images per category: colors 2." in text
+
+
+def test_report_hides_flat_plots(run_dir):
+    """A metric that is 0 at every step (invalid_samples, beta) or never finite is not plotted and is
+    named in one line; one that holds another single value (clip_frac 0.1, time/sampling 1.5) is stated
+    with its value instead of plotted; a counter that counted once (skipped_optimizer_steps) and a
+    varying metric (kl) are plotted; text fields are neither."""
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    assert "jpeg&lt;kb&gt; -2.333" in text
+    panels = page.captions["plots/train_metrics.png"]
+    assert panels == "Other training metrics per step: kl, skipped_optimizer_steps."
+    zero, constant = page.notes["hidden"], page.notes["constant"]
+    assert zero.endswith("zero (or NaN) throughout: beta, invalid_samples, no_value.")
+    # the held-out jpeg<kb> mean is the same at every evaluation of the fixture: stated, escaped
+    assert constant.endswith("the same throughout: jpeg<kb> -2.333, clip_frac 0.1, time/sampling 1.5.")
+    assert "note" not in zero + constant and "skipped_optimizer_steps" not in zero + constant
+    assert page.order.index(("p", "hidden")) > page.order.index(("h2", "Curves"))
+    # split_flat alone: a series dropped by series() (no finite value) is named too, in request order;
+    # a single point is plotted, not called constant
+    data = series([{"step": 1, "a": 0, "b": math.nan, "c": 0.0, "d": 2.5, "e": 7}, {"step": 2, "a": 0, "c": 2.0, "d": 2.5}],
+                  ["a", "b", "c", "d", "e"])
+    shown, flat, const = split_flat(data, ["a", "b", "c", "d", "e"])
+    assert list(shown) == ["c", "e"] and flat == ["a", "b"] and const == {"d": 2.5}
+
+
 def test_plot_data():
     recs = [{"step": 2, "a": 1.0}, {"step": 4, "a": float("nan")}, {"a": 3.0, "b": "x"}, {"step": 9, "a": None}]
     assert series(recs, ["a", "b"]) == {"a": ([2.0, 3.0], [1.0, 3.0])}  # NaN, None, text skipped; no step -> position
@@ -161,7 +232,7 @@ def test_report_from_metrics_only(tmp_path):
         for s in range(1, 11)), encoding="utf-8")
     page = _Page()
     page.feed(write_report(run).read_text(encoding="utf-8"))
-    assert page.imgs == ["plots/reward_train.png", "plots/reward_eval.png"]
+    assert page.imgs == ["plots/reward_eval.png", "plots/reward_train.png"]  # held-out curve first
     assert all((run / s).is_file() for s in page.imgs)
     assert "evals" not in page.tables
     assert main([str(run), "--title", "again"]) == 0

@@ -1,4 +1,4 @@
-"""The run report: reward curves as PNG plots and one static, offline-readable ``report.html``.
+"""The run report: one static, offline-readable ``report.html`` that leads with the result.
 
 It reads what a training run leaves in its folder::
 
@@ -7,19 +7,21 @@ It reads what a training run leaves in its folder::
     <run>/summary.json         steps, wall_clock_s, nfe, first_eval, last_eval (reward -> held-out mean)
     <run>/eval.jsonl           one record per evaluation (flowrl.train.evaluate.save_eval)
     <run>/eval/step-XXXXXXXX/grid.png
+    <run>/before_after/grid.png  the first evaluation next to the latest (image runs)
     <run>/config.yaml          the resolved config (shown folded at the end of the page)
 
-and writes::
+and writes ``<run>/plots/{reward_eval,reward_train,train_metrics}.png`` (12 panels a file; more go to
+``<name>_2.png``, ...) and ``<run>/report.html``, in this order: the held-out result in one line, the
+before/after grid (else the first and last evaluation grids), the held-out table (first vs last
+evaluation per reward, then per category), the run's size, the curves. A series that is 0 at every
+point (a counter such as ``invalid_samples`` that never counted, a KL with no KL term) or has no
+finite value is not plotted, and the page names it in one line; one that holds another single value
+(a constant learning rate) is stated with its value instead of plotted.
 
-    <run>/plots/reward_train.png    training reward per step, one panel per reward/* key
-    <run>/plots/reward_eval.png     held-out mean per evaluation step, one panel per reward
-    <run>/plots/train_metrics.png   the other numeric per-step metrics (KL, clip fraction, timings, ...)
-    <run>/report.html               summary table (first vs last evaluation), curves, first and last grids
-
-Every image is referenced by a path relative to the run folder, so the folder can be copied or
-archived and the page still reads offline. Lines of a JSONL file that do not parse (a line torn by a
-crash) are skipped with a warning; for an evaluation step logged twice (after a resume) the last
-record wins. Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
+Images are referenced by paths relative to the run folder, so the folder can be copied and the page
+still reads offline. JSONL lines that do not parse (torn by a crash) are skipped with a warning; for
+an evaluation step logged twice (after a resume) the last record wins. Plots use matplotlib's Agg
+canvas directly (no pyplot state, no display needed).
 """
 from __future__ import annotations
 
@@ -37,12 +39,14 @@ from flowrl.inputs import ArgumentParser, UsageError, writable_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_jsonl", "load_evals", "eval_grids", "series", "running_mean", "plot_panels", "write_report", "main"]
+__all__ = ["read_jsonl", "load_evals", "eval_grids", "series", "running_mean", "split_flat", "plot_panels",
+           "write_report", "main"]
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 REPORT = "report.html"
 PLOTS = "plots"
+BEFORE_AFTER = "before_after"
 MAX_PANELS = 12
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -216,21 +220,184 @@ def _duration(seconds: Any) -> str:
     return f"{text} ({s:,.1f} s)"
 
 
-def _first_last_table(first: Mapping[str, Any], last: Mapping[str, Any], label: str, table_id: str) -> str:
+def _first_last_table(first: Mapping[str, Any], last: Mapping[str, Any], label: str, table_id: str,
+                      steps: Tuple[Optional[int], Optional[int]] = (None, None)) -> str:
     names = list(dict.fromkeys([*last.keys(), *first.keys()]))
     if not names:
         return ""
+    heads = [f"{side} eval" + (f" (step {s})" if s is not None else "") for side, s in zip(("first", "last"), steps)]
     rows = "\n".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(first.get(k))}</td><td>{_fmt(last.get(k))}</td>"
         f"<td>{_delta(first.get(k), last.get(k))}</td></tr>"
         for k in names
     )
-    return (f'<table id="{table_id}"><tr><th>{html.escape(label)}</th><th>first eval</th><th>last eval</th>'
+    return (f'<table id="{table_id}"><tr><th>{html.escape(label)}</th><th>{heads[0]}</th><th>{heads[1]}</th>'
             f"<th>change</th></tr>\n{rows}\n</table>")
+
+
+def _is_count_key(key: str) -> bool:
+    """A per-category image count in an evaluation's details (``<reward>/n/<category>``), not a score."""
+    return "n" in key.split("/")[1:]
+
+
+def _as_int(x: Any) -> Any:
+    """A whole float (a count read back from JSON as 32.0) as an int; anything else as it is."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _short(x: float) -> str:
+    """A constant in a sentence: a whole number in full (``320``, ``1``), else 4 significant digits."""
+    return _fmt(int(x)) if float(x).is_integer() else f"{x:.4g}"
 
 
 def _rel(path: Path, root: Path) -> str:
     return html.escape(path.relative_to(root).as_posix(), quote=True)
+
+
+def _read_summary(root: Path) -> Dict[str, Any]:
+    if not (root / SUMMARY).is_file():
+        return {}
+    try:
+        loaded = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{root / SUMMARY} is not JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{root / SUMMARY} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {root / SUMMARY} ({e.strerror or type(e).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{root / SUMMARY} must hold a JSON object")
+    return loaded
+
+
+def split_flat(data: Mapping[str, Tuple[Sequence[float], Sequence[float]]], requested: Sequence[str] = ()
+               ) -> Tuple[Dict[str, Tuple[Sequence[float], Sequence[float]]], List[str], Dict[str, float]]:
+    """``(shown, zero, constant)``: the series worth a plot; the names of those that are 0 at every
+    point (a counter such as ``invalid_samples`` that never counted, a KL with no KL term) or, for a
+    name in ``requested`` that :func:`series` dropped, have no finite value (all NaN); and name ->
+    value of those that hold one other value at every one of at least two points (a constant learning
+    rate, an on-policy ratio of exactly 1), which a line states better than a flat plot."""
+    shown: Dict[str, Tuple[Sequence[float], Sequence[float]]] = {}
+    zero: List[str] = []
+    constant: Dict[str, float] = {}
+    for k, (xs, ys) in data.items():
+        if all(y == 0 for y in ys):
+            zero.append(k)
+        elif len(ys) >= 2 and all(y == ys[0] for y in ys):
+            constant[k] = ys[0]
+        else:
+            shown[k] = (xs, ys)
+    return shown, zero + [k for k in requested if k not in data], constant
+
+
+def _plot_pages(data: Mapping[str, Tuple[Sequence[float], Sequence[float]]], root: Path, stem: str, title: str,
+                **kw: Any) -> List[Tuple[Path, List[str]]]:
+    """:func:`plot_panels` in pages of ``MAX_PANELS``: ``plots/<stem>.png``, ``plots/<stem>_2.png``, ...
+    (pages left by an earlier report and not written now are removed); returns (path, panel names) per page."""
+    items = list(data.items())
+    pages = []
+    for i in range(0, len(items), MAX_PANELS):
+        chunk = dict(items[i:i + MAX_PANELS])
+        name = f"{stem}.png" if i == 0 else f"{stem}_{i // MAX_PANELS + 1}.png"
+        p = plot_panels(chunk, root / PLOTS / name, title=title, **kw)
+        if p is not None:
+            pages.append((p, list(chunk)))
+    written = {p.name for p, _ in pages}
+    for old in (root / PLOTS).glob(f"{stem}*.png"):  # pages an earlier report wrote and this one does not
+        if old.name not in written and re.fullmatch(rf"{re.escape(stem)}(_\d+)?\.png", old.name):
+            old.unlink(missing_ok=True)
+    return pages
+
+
+def _numeric_keys(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> List[str]:
+    """The keys that hold a number (NaN included) in at least one record: text fields are not metrics."""
+    return [k for k in keys
+            if any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in records)]
+
+
+def _curves(root: Path, metrics: Sequence[Mapping[str, Any]], evals: Sequence[Mapping[str, Any]]
+            ) -> Tuple[List[Tuple[Path, str]], List[str], Dict[str, float]]:
+    """Draw the plots: held-out reward per evaluation, training reward per step, the other per-step
+    metrics. Returns ((path, caption) per image, in page order; the names of the series that are zero or
+    NaN throughout; name -> value of the constant ones), the last two not plotted (:func:`split_flat`)."""
+    keys = list(dict.fromkeys(k for rec in metrics for k in rec))
+    if evals:
+        names = list(dict.fromkeys(k for rec in evals for k in (rec.get("means") or {})))
+        names.sort(key=lambda k: (k != "total", k))
+        eval_rows = [{"step": rec["step"], **(rec.get("means") or {})} for rec in evals]
+    else:  # a loop that logs held-out means into metrics.jsonl as eval/<name>
+        names, eval_rows = sorted(k for k in keys if k.startswith("eval/")), list(metrics)
+    reward_keys = sorted((k for k in keys if k.startswith("reward/")), key=lambda k: (k != "reward/total", k))
+    other = sorted(k for k in _numeric_keys(metrics, keys) if k != "step" and not k.startswith(("reward/", "eval/")))
+
+    groups = (
+        (eval_rows, names, "reward_eval", "held-out reward (per evaluation)", "Held-out mean reward at each evaluation",
+         {"smooth": False, "markers": True}),
+        (metrics, reward_keys, "reward_train", "training reward (per step)",
+         "Training reward per step (faint: raw; solid: running mean)", {}),
+        (metrics, other, "train_metrics", "training metrics (per step)", "Other training metrics per step", {}),
+    )
+    figs: List[Tuple[Path, str]] = []
+    zero: List[str] = []
+    constant: Dict[str, float] = {}
+    for rows, wanted, stem, title, caption, kw in groups:
+        shown, flat, const = split_flat(series(rows, wanted), wanted)
+        zero += flat
+        constant.update(const)
+        for p, panels in _plot_pages(shown, root, stem, title, **kw):
+            figs.append((p, f"{caption}: {', '.join(panels)}."))
+    return figs, zero, constant
+
+
+def _lead_figure(root: Path, evals: Sequence[Mapping[str, Any]]) -> Tuple[str, str]:
+    """(heading, HTML) of the page's first figure: ``before_after/grid.png`` (the first evaluation next
+    to the latest, same prompts and seeds) when the run wrote it, else the first and last evaluation grids."""
+    from flowrl.train.evaluate import GRID_NAME  # lazy like every flowrl.train.evaluate import here: it loads torch
+
+    ba = root / BEFORE_AFTER / GRID_NAME
+    if ba.is_file():
+        caption = ("First evaluation (left of each pair) and the latest (right), same held-out prompts and seeds; "
+                   "each image is captioned with its score.")
+        if (root / BEFORE_AFTER / "index.html").is_file():
+            caption += f' Per-image scores: <a href="{BEFORE_AFTER}/index.html">{BEFORE_AFTER}/index.html</a>.'
+        return "Before / after", (f'<figure><img class="grid" src="{_rel(ba, root)}" alt="before and after">'
+                                  f"<figcaption>{caption}</figcaption></figure>")
+    grids = eval_grids(root)
+    shown = grids[:1] + grids[-1:] if len(grids) > 1 else grids
+    if not shown:
+        return "", ""
+    body = "\n".join(
+        f'<figure><img class="grid" src="{_rel(p, root)}" alt="evaluation grid at step {s}">'
+        f"<figcaption>{'first' if i == 0 and len(shown) > 1 else 'last'} evaluation, step {s}</figcaption></figure>"
+        for i, (s, p) in enumerate(shown))
+    return ("First and last evaluation" if len(shown) > 1 else "Evaluation grid"), body
+
+
+def _eval_note(root: Path, evals: Sequence[Mapping[str, Any]]) -> str:
+    """Which steps were evaluated and how: images, sampling steps and seeds (image runs), links to the
+    first and last completions (text runs: ``samples`` of an eval.jsonl record)."""
+    esc, last = html.escape, evals[-1]
+    text = f"Evaluations at steps {esc(', '.join(str(r['step']) for r in evals))}"
+    if "num_images" in last:
+        text += (f"; {_fmt(last['num_images'])} images each ({esc(str(last.get('num_steps', '?')))} ODE steps, "
+                 f"seeds {esc(str(last.get('seeds', '?')))})")
+    links = [r["samples"] for r in (evals[:1] + evals[-1:] if len(evals) > 1 else evals)
+             if isinstance(r.get("samples"), str) and not Path(r["samples"]).is_absolute()
+             and ".." not in Path(r["samples"]).parts and (root / r["samples"]).is_file()]
+    if links:
+        text += "; completions: " + ", ".join(f'<a href="{esc(x, quote=True)}">{esc(x)}</a>' for x in links)
+    return f"<p>{text}.</p>"
+
+
+def _headline(first: Mapping[str, Any], last: Mapping[str, Any], steps: Tuple[Optional[int], Optional[int]]) -> str:
+    """One sentence with the held-out result: the ``total`` reward (else the first one), first -> last."""
+    key = "total" if "total" in last else next(iter(last), None)
+    a, b = _number(first.get(key)) if key else None, _number(last.get(key)) if key else None
+    if a is None or b is None:
+        return ""
+    where = f" from step {steps[0]} to step {steps[1]}" if None not in steps else ""
+    return (f'<p class="lead">Held-out reward ({html.escape(str(key))}): {a:.4f} &rarr; {b:.4f} '
+            f"({b - a:+.4f}){where}.</p>")
 
 
 def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path:
@@ -253,47 +420,33 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
         evals = load_evals(root)
     except OSError as e:
         raise UsageError(f"cannot read the run folder {root} ({e.strerror or type(e).__name__}: {e.filename})") from None
-    summary: Dict[str, Any] = {}
-    if (root / SUMMARY).is_file():
-        try:
-            loaded = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{root / SUMMARY} is not JSON (line {e.lineno}: {e.msg})") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{root / SUMMARY} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-        except OSError as e:
-            raise UsageError(f"cannot read {root / SUMMARY} ({e.strerror or type(e).__name__})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{root / SUMMARY} must hold a JSON object")
-        summary = loaded
+    summary = _read_summary(root)
     if not metrics and not evals and not summary:
         raise UsageError(f"{root} holds no metrics: {', '.join(have)} {'is' if len(have) == 1 else 'are'} empty")
     writable_dir(root, "run folder")  # plots/ and report.html go into it
-
-    # ---- plots ----------------------------------------------------------------------------------
-    keys = list(dict.fromkeys(k for rec in metrics for k in rec))
-    reward_keys = sorted((k for k in keys if k.startswith("reward/")), key=lambda k: (k != "reward/total", k))
-    train_plot = plot_panels(series(metrics, reward_keys), root / PLOTS / "reward_train.png",
-                             title="training reward (per step)")
-    eval_series: Dict[str, Tuple[List[float], List[float]]] = {}
-    if evals:
-        names = list(dict.fromkeys(k for rec in evals for k in (rec.get("means") or {})))
-        names.sort(key=lambda k: (k != "total", k))
-        rows = [{"step": rec["step"], **(rec.get("means") or {})} for rec in evals]
-        eval_series = series(rows, names)
-    else:  # a loop that logs held-out means into metrics.jsonl as eval/<name>
-        eval_series = series(metrics, sorted(k for k in keys if k.startswith("eval/")))
-    eval_plot = plot_panels(eval_series, root / PLOTS / "reward_eval.png", title="held-out reward (per evaluation)",
-                            smooth=False, markers=True)
-    other = [k for k in keys if k != "step" and not k.startswith(("reward/", "eval/"))
-             and any(_number(rec.get(k)) is not None for rec in metrics)]
-    metrics_plot = plot_panels(series(metrics, sorted(other)), root / PLOTS / "train_metrics.png",
-                               title="training metrics (per step)")
-
-    # ---- tables ---------------------------------------------------------------------------------
     esc = html.escape
+
+    # ---- 1. the result: before/after grid, held-out first vs last ---------------------------------
+    lead_heading, lead_html = _lead_figure(root, evals)
     first_eval = summary.get("first_eval") or (evals[0].get("means") if evals else {}) or {}
     last_eval = summary.get("last_eval") or (evals[-1].get("means") if evals else {}) or {}
+    steps = (evals[0]["step"], evals[-1]["step"]) if evals else (None, None)
+    eval_table = _first_last_table(first_eval, last_eval, "held-out reward", "evals", steps)
+    details_table, counts_note = "", ""
+    if evals:
+        d0, d1 = evals[0].get("details") or {}, evals[-1].get("details") or {}
+        scores = [k for k in dict.fromkeys([*d1, *d0]) if not _is_count_key(k)]
+        details_table = _first_last_table({k: d0.get(k) for k in scores if k in d0},
+                                          {k: d1.get(k) for k in scores if k in d1}, "per category", "details", steps)
+        counts = {k: d1.get(k, d0.get(k)) for k in dict.fromkeys([*d1, *d0]) if _is_count_key(k)}
+        if counts:
+            listed = ", ".join(f"{esc(k.rsplit('/', 1)[-1])} {_fmt(_as_int(v))}" for k, v in counts.items())
+            counts_note = f"<p>Images per category: {listed}.</p>"
+        eval_note = _eval_note(root, evals)
+    else:
+        eval_note = ""
+
+    # ---- 2. the run ---------------------------------------------------------------------------------
     run_rows = [("steps", _fmt(summary.get("steps", metrics[-1].get("step") if metrics else None))),
                 ("wall clock", _duration(summary.get("wall_clock_s"))),
                 ("NFE", _fmt(summary.get("nfe")))]
@@ -303,32 +456,17 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
         run_rows.append((k, _fmt(v)))
     run_table = "<table id=\"run\">\n" + "\n".join(
         f"<tr><td>{esc(str(k))}</td><td>{v}</td></tr>" for k, v in run_rows) + "\n</table>"
-    eval_table = _first_last_table(first_eval, last_eval, "held-out reward", "evals")
-    details_table = ""
-    if len(evals) >= 1:
-        details_table = _first_last_table(evals[0].get("details") or {}, evals[-1].get("details") or {},
-                                          "per category", "details")
-    if evals:
-        eval_note = (f"<p>Evaluations at steps {esc(', '.join(str(r['step']) for r in evals))}; "
-                     f"{evals[-1].get('num_images', '?')} images each ({evals[-1].get('num_steps', '?')} ODE steps, "
-                     f"seeds {esc(str(evals[-1].get('seeds', '?')))}).</p>")
-    else:
-        eval_note = ""
 
-    # ---- figures --------------------------------------------------------------------------------
-    figs = []
-    for p, caption in ((train_plot, "Training reward per step (faint: raw; solid: running mean)."),
-                       (eval_plot, "Held-out mean reward at each evaluation."),
-                       (metrics_plot, "Other training metrics per step.")):
-        if p is not None:
-            figs.append(f'<figure><img src="{_rel(p, root)}" alt="{esc(caption)}"><figcaption>{esc(caption)}'
-                        f"</figcaption></figure>")
-    grids = eval_grids(root)
-    shown = grids[:1] + grids[-1:] if len(grids) > 1 else grids
-    grid_html = "\n".join(
-        f'<figure><img class="grid" src="{_rel(p, root)}" alt="evaluation grid at step {s}">'
-        f"<figcaption>{'first' if i == 0 and len(shown) > 1 else 'last'} evaluation, step {s}</figcaption></figure>"
-        for i, (s, p) in enumerate(shown))
+    # ---- 3. the curves ------------------------------------------------------------------------------
+    curves, zero, constant = _curves(root, metrics, evals)
+    figs = "\n".join(f'<figure><img src="{_rel(p, root)}" alt="{esc(c)}"><figcaption>{esc(c)}</figcaption></figure>'
+                     for p, c in curves)
+    hidden_note = (f'<p class="note" id="hidden">Not plotted, zero (or NaN) throughout: {esc(", ".join(zero))}.</p>'
+                   if zero else "")
+    if constant:
+        listed = ", ".join(f"{esc(k)} {_short(v)}" for k, v in constant.items())
+        hidden_note += f'\n<p class="note" id="constant">Not plotted, the same throughout: {listed}.</p>'
+
     config_html = ""
     if (root / "config.yaml").is_file():
         config_html = ("<details><summary>config.yaml</summary><pre>"
@@ -337,23 +475,28 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
     missing_note = f"<p class=\"note\">Not found in this run folder: {esc(', '.join(missing))}.</p>" if missing else ""
 
     title = title or f"flowrl run: {root.resolve().name}"
+    lead = f"<h2>{esc(lead_heading)}</h2>\n{lead_html}" if lead_html else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}}
 table{{border-collapse:collapse;margin:.8em 0}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}figure{{margin:1em 0}}img{{max-width:100%}}
-img.grid{{image-rendering:pixelated}}.note{{color:#a60}}pre{{background:#f6f6f6;padding:.6em}}</style></head><body>
+img.grid{{image-rendering:pixelated}}.note{{color:#a60}}.lead{{font-size:1.15em}}
+pre{{background:#f6f6f6;padding:.6em}}</style></head><body>
 <h1>{esc(title)}</h1>
 {missing_note}
-<h2>Summary</h2>
-{run_table}
-{eval_table}
+{_headline(first_eval, last_eval, steps)}
+{lead}
+<h2>Held-out reward</h2>
+{eval_table or '<p>No evaluation.</p>'}
 {details_table}
+{counts_note}
 {eval_note}
+<h2>Run</h2>
+{run_table}
 <h2>Curves</h2>
-{chr(10).join(figs) or '<p>No numeric metrics to plot.</p>'}
-<h2>Evaluation grids</h2>
-{grid_html or '<p>No evaluation grids.</p>'}
+{figs or '<p>No numeric metrics to plot.</p>'}
+{hidden_note}
 {config_html}
 </body></html>
 """
