@@ -17,7 +17,7 @@ from flowrl.core.advantages import (
     multi_granularity_advantages,
     tree_node_advantages,
     tree_node_values,
-    tree_step_advantages,
+    tree_transition_advantages,
 )
 
 F64 = torch.float64
@@ -331,29 +331,55 @@ def test_tree_node_advantages_against_siblings():
     torch.testing.assert_close(a_none, _t([0.0, -1.0, 1.0, -1.0, 1.0, 2.0, -2.0, 0.0]))
 
 
-def test_tree_step_advantages_fill_branch_segments():
+def test_tree_transitions_get_the_advantage_of_the_node_they_create():
     parent, step, rewards = _tree()
-    out = tree_step_advantages(parent, step, 8, leaf_rewards=rewards, cfg=AdvantageConfig(scale="none"))
-    assert out.leaves.tolist() == [3, 4, 5, 6, 7]
-    # leaf 3: steps 0-1 root (uncovered), 2-4 branch 1 (A=-1), 5-7 leaf 3 (A=-1)
-    assert out.advantages[0].tolist() == [0, 0, -1, -1, -1, -1, -1, -1]
-    assert out.covered[0].tolist() == [False, False] + [True] * 6
-    # leaf 5: branch 2 (values 2 vs 4 -> A=+1), then leaf 5 (6 vs 2, 4 -> A=+2)
-    assert out.advantages[2].tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
-    assert out.advantages[4].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
-    assert out.advantages.dtype == F64 and out.advantages.shape == (5, 8)
+    leaves = torch.tensor([3, 4, 5, 6, 7])
+    branch = parent[leaves]
+    step_node = torch.full((5, 8), -1)
+    step_node[:, 2] = branch  # the transition at step 2 creates the leaf's branch node
+    step_node[:, 5] = leaves  # the one at step 5 creates the leaf
+    adv, valid = tree_transition_advantages(parent, leaves, step_node, rewards[leaves], AdvantageConfig(scale="none"))
+    # V1 = 2, V2 = 4: A1 = -1, A2 = +1; leaves against their siblings: 1-2, 3-2, 6-4, 2-4, 4-4
+    assert adv[:, 2].tolist() == [-1, -1, 1, 1, 1]
+    assert adv[:, 5].tolist() == [-1, 1, 2, -2, 0]
+    assert (adv[:, [0, 1, 3, 4, 6, 7]] == 0).all() and valid.all()
+    assert adv.dtype == F64 and adv.shape == (5, 8)
+
+
+def test_tree_only_child_inherits_and_invalid_rows_are_zero():
+    #        0
+    #      /   \
+    #     1     2        (step 1)
+    #     |    / \
+    #     3   6   7      (3: an only child at step 2; 6, 7 leaves at step 3)
+    #    / \
+    #   4   5            (step 3)
+    parent = torch.tensor([-1, 0, 0, 1, 3, 3, 2, 2])
+    leaves = torch.tensor([4, 5, 6, 7])
+    step_node = torch.tensor([[-1, 1, 3, 4], [-1, 1, 3, 5], [-1, 2, -1, 6], [-1, 2, -1, 7]])
+    total = _t([1.0, 3.0, 5.0, 7.0])
+    adv, valid = tree_transition_advantages(parent, leaves, step_node, total, AdvantageConfig(scale="none"))
+    # V1 = V3 = 2, V2 = 6: A1 = -2 and node 3 (no sibling) inherits it; leaves -1, +1, -1, +1
+    assert adv.tolist() == [[0, -2, -2, -1], [0, -2, -2, 1], [0, 2, 0, -1], [0, 2, 0, 1]]
+    for bad in (float("nan"), float("inf"), float("-inf")):  # an invalid row: zeros, out of every statistic
+        t = total.clone()
+        t[3] = bad
+        adv, valid = tree_transition_advantages(parent, leaves, step_node, t, AdvantageConfig(scale="none"))
+        assert valid.tolist() == [True, True, True, False] and (adv[3] == 0).all()
+        # V2 = 5 (leaf 6 only): A1 = 2 - 3.5, A2 = +1.5; leaf 6 has no valid sibling: 0
+        assert adv[2].tolist() == [0, 1.5, 0, 0] and adv[0].tolist() == [0, -1.5, -1.5, -1]
 
 
 def test_tree_flat_group_is_plain_grpo():
-    # a root with G leaf children = one GRPO group; every step after the branch gets A_i
-    rewards = _t([float("nan"), 1.0, 2.0, 4.0, 9.0])
+    # a root with G leaf children = one GRPO group; the transition creating each leaf gets A_i
+    rewards = _t([1.0, 2.0, 4.0, 9.0])
     parent = torch.tensor([-1, 0, 0, 0, 0])
-    step = torch.tensor([0, 1, 1, 1, 1])
-    out = tree_step_advantages(parent, step, 4, leaf_rewards=rewards)
-    a, _ = compute_advantages(rewards[1:], torch.zeros(4, dtype=torch.long))
-    torch.testing.assert_close(out.advantages[:, 1], a)
-    torch.testing.assert_close(out.advantages[:, 3], a)
-    assert not out.covered[:, 0].any()
+    leaves = torch.tensor([1, 2, 3, 4])
+    step_node = torch.tensor([[-1, 1, -1], [-1, 2, -1], [-1, 3, -1], [-1, 4, -1]])
+    adv, _ = tree_transition_advantages(parent, leaves, step_node, rewards)
+    a, _ = compute_advantages(rewards, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(adv[:, 1], a)
+    assert (adv[:, [0, 2]] == 0).all()
 
 
 def test_tree_validation():
@@ -361,12 +387,8 @@ def test_tree_validation():
         tree_node_values(torch.tensor([1, 2, 0]), _t([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="^parent:"):
         tree_node_values(torch.tensor([-1, 5]), _t([1.0, 2.0]))
-    with pytest.raises(ValueError, match="^node_step:"):
-        tree_step_advantages(torch.tensor([-1, 0]), torch.tensor([2, 2]), 4, leaf_rewards=_t([0.0, 1.0]))
-    with pytest.raises(ValueError, match="^node_step:"):
-        tree_step_advantages(torch.tensor([-1, 0]), torch.tensor([0, 4]), 4, leaf_rewards=_t([0.0, 1.0]))
-    with pytest.raises(ValueError, match="^leaf_rewards:"):
-        tree_step_advantages(torch.tensor([-1, 0]), torch.tensor([0, 1]), 4)
+    with pytest.raises(ValueError, match="^parent: nodes must be numbered parents first"):
+        tree_transition_advantages(torch.tensor([2, -1, 1]), torch.tensor([0]), torch.tensor([[0]]), _t([1.0]))
 
 
 def test_multi_granularity_sum_and_mean():
@@ -492,6 +514,8 @@ def test_infinite_reward_in_group_stats_granularities_and_trees(bad):
     ref_v = node_values.clone()
     ref_v[4] = float("nan")
     assert torch.equal(tree_node_advantages(parent, node_values), tree_node_advantages(parent, ref_v))
-    s_ref = tree_step_advantages(parent, step, 8, leaf_rewards=ref_l)
-    s_got = tree_step_advantages(parent, step, 8, leaf_rewards=got_l)
-    assert torch.equal(s_got.advantages, s_ref.advantages) and torch.equal(s_got.covered, s_ref.covered)
+    leaves = torch.tensor([3, 4, 5, 6, 7])
+    step_node = torch.stack([parent[leaves], leaves], dim=1)
+    t_ref, v_ref = tree_transition_advantages(parent, leaves, step_node, ref_l[leaves])
+    t_got, v_got = tree_transition_advantages(parent, leaves, step_node, got_l[leaves])
+    assert torch.equal(t_got, t_ref) and torch.equal(v_got, v_ref) and not v_got[0]

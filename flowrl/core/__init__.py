@@ -7,14 +7,13 @@ from flowrl.core.advantages import (
     AdvantageConfig,
     GroupStats,
     PerPromptStatTracker,
-    TreeAdvantages,
     advantage_preset,
     compute_advantages,
     group_stats,
     multi_granularity_advantages,
     tree_node_advantages,
     tree_node_values,
-    tree_step_advantages,
+    tree_transition_advantages,
 )
 from flowrl.core.losses import (
     AGGREGATIONS,
@@ -47,7 +46,6 @@ __all__ = [
     "LossConfig",
     "PerPromptStatTracker",
     "StepTerms",
-    "TreeAdvantages",
     "advantage_preset",
     "aggregate",
     "cispo_surrogate",
@@ -69,6 +67,6 @@ __all__ = [
     "sapo_surrogate",
     "tree_node_advantages",
     "tree_node_values",
-    "tree_step_advantages",
+    "tree_transition_advantages",
     "velocity_kl",
 ]

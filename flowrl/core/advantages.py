@@ -5,8 +5,8 @@ of one prompt) and the text path (one reward per completion). Shapes:
 
 * rewards ``[N]`` (one reward) or ``[N, R]`` (R reward models / functions),
 * ``group_ids [N]`` integer ids (any values; equal id = same group),
-* the result is ``[N]`` per trajectory. Trees give ``[L, T]`` per trained step
-  (:func:`tree_step_advantages`).
+* the result is ``[N]`` per trajectory. Trees give ``[N, T]`` per stored transition
+  (:func:`tree_transition_advantages`).
 
 Conventions (with the library each default comes from):
 
@@ -44,14 +44,13 @@ __all__ = [
     "AdvantageConfig",
     "GroupStats",
     "PerPromptStatTracker",
-    "TreeAdvantages",
     "advantage_preset",
     "compute_advantages",
     "group_stats",
     "multi_granularity_advantages",
     "tree_node_advantages",
     "tree_node_values",
-    "tree_step_advantages",
+    "tree_transition_advantages",
 ]
 
 _CENTERS = ("group", "batch", "none")
@@ -620,87 +619,47 @@ def tree_node_advantages(
     return adv
 
 
-class TreeAdvantages(NamedTuple):
-    """Per-step advantages of the root-to-leaf trajectories of a tree."""
+def tree_transition_advantages(
+    parent: Tensor, leaf_node: Tensor, step_node: Tensor, total: Tensor, cfg: AdvantageConfig | None = None
+) -> tuple[Tensor, Tensor]:
+    """Advantages of a tree rollout's stored transitions (TempFlow-GRPO 2508.04324, Dynamic-TreeRPO 2509.23352).
 
-    advantages: Tensor  # [L, T] advantage of the branch each step belongs to (0 outside branches)
-    covered: Tensor  # [L, T] bool: the step lies in a non-root branch segment
-    leaves: Tensor  # [L] node index of each trajectory's leaf (ascending)
-    node_advantages: Tensor  # [M] sibling-relative advantage of every node
-    node_values: Tensor  # [M] mean leaf reward below every node
-
-
-def tree_step_advantages(
-    parent: Tensor,
-    node_step: Tensor,
-    num_steps: int,
-    leaf_rewards: Tensor | None = None,
-    node_advantages: Tensor | None = None,
-    cfg: AdvantageConfig | None = None,
-) -> TreeAdvantages:
-    """Per-trained-step advantages for tree rollouts (Dynamic-TreeRPO 2509.23352, TempFlow-GRPO 2508.04324).
-
-    Node v is the branch that *starts* at denoising step ``node_step[v]`` (the stochastic step
-    that created it) and runs until its child on the path starts (or to ``num_steps`` for a
-    leaf). Along the trajectory ending at leaf l, every step t in v's segment gets A(v), the
-    sibling-relative advantage of v (:func:`tree_node_advantages` of :func:`tree_node_values`).
-    Steps in a root's segment get 0 and ``covered=False`` (a root has no siblings to compare
-    with). Combine ``covered`` with the sampler's trained-step mask.
+    A node's value is the mean reward of the valid leaves under it (:func:`tree_node_values`), its
+    advantage is taken against its siblings (:func:`tree_node_advantages`); a node without siblings
+    (a stochastic step that did not branch) inherits its parent's advantage. Each stored transition
+    gets the advantage of the node it creates: ``A[i, t] = A(step_node[i, t])`` (0 where
+    ``step_node`` is -1, and for rows whose reward is not finite).
 
     Args:
-        parent: ``[M]`` parent index, -1 for roots.
-        node_step: ``[M]`` first step of each node's branch; a child starts strictly after its parent.
-        num_steps: T, the number of steps of a trajectory.
-        leaf_rewards: ``[M]`` rewards of the leaves (used when ``node_advantages`` is None).
-        node_advantages: optional precomputed ``[M]`` node advantages (e.g. multi-granularity).
+        parent: ``[M]`` parent index of each node, -1 for roots; nodes numbered parents first.
+        leaf_node: ``[N]`` the leaf node of each row (trajectory).
+        step_node: ``[N, T]`` the node each stored transition creates, -1 for none.
+        total: ``[N]`` each row's reward (NaN, +-inf: invalid).
         cfg: normalisation options for the sibling comparison.
+
+    Returns:
+        ``(advantages [N, T] float64, valid [N] bool)``.
     """
-    parent = _check_parent(parent)
+    parent = _check_parent(parent).cpu()
     m = parent.shape[0]
-    step = torch.as_tensor(node_step).to(device=parent.device)
-    if step.shape != (m,) or step.is_floating_point():
-        raise ValueError(f"node_step: must be an integer tensor of shape [{m}]")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
-    if ((step < 0) | (step >= num_steps)).any():
-        raise ValueError(f"node_step: entries must lie in [0, {num_steps})")
     child = parent >= 0
-    if (step[child] <= step[parent[child]]).any():
-        raise ValueError("node_step: a child's branch must start strictly after its parent's")
-    if node_advantages is None:
-        if leaf_rewards is None:
-            raise ValueError("leaf_rewards: required when node_advantages is not given")
-        values = tree_node_values(parent, leaf_rewards)
-        node_adv = tree_node_advantages(parent, values, cfg)
-    else:
-        node_adv = torch.as_tensor(node_advantages).detach().to(torch.float64)
-        if node_adv.shape != (m,):
-            raise ValueError(f"node_advantages: must have shape [{m}], got {tuple(node_adv.shape)}")
-        values = (
-            tree_node_values(parent, leaf_rewards)
-            if leaf_rewards is not None
-            else torch.full((m,), float("nan"), dtype=torch.float64)
-        )
-    leaves = torch.nonzero(_is_leaf(parent), as_tuple=False).flatten()
-    num_leaves = leaves.numel()
-    t = torch.arange(num_steps, device=parent.device)
-    adv = torch.zeros(num_leaves, num_steps, dtype=torch.float64, device=parent.device)
-    covered = torch.zeros(num_leaves, num_steps, dtype=torch.bool, device=parent.device)
-    cur = leaves.clone()
-    end = torch.full((num_leaves,), num_steps, dtype=step.dtype, device=parent.device)
-    alive = torch.ones(num_leaves, dtype=torch.bool, device=parent.device)
-    while alive.any():
-        c = cur.clamp(min=0)
-        start = step[c]
-        seg = (t[None, :] >= start[:, None]) & (t[None, :] < end[:, None]) & alive[:, None]
-        nonroot = (parent[c] >= 0) & alive
-        fill = seg & nonroot[:, None]
-        adv = torch.where(fill, node_adv[c][:, None].to(adv.dtype), adv)
-        covered = covered | fill
-        end = torch.where(alive, start, end)
-        cur = torch.where(alive, parent[c], cur)
-        alive = alive & (cur >= 0)
-    return TreeAdvantages(adv, covered, leaves, node_adv, values)
+    if (parent[child] >= torch.arange(m)[child]).any():
+        raise ValueError("parent: nodes must be numbered parents first")
+    total = torch.as_tensor(total).detach().to(torch.float64).cpu()
+    valid = torch.isfinite(total)
+    leaf_r = torch.full((m,), float("nan"), dtype=torch.float64)
+    leaf_r[torch.as_tensor(leaf_node).cpu()] = torch.where(valid, total, torch.full_like(total, float("nan")))
+    node_adv = tree_node_advantages(parent, tree_node_values(parent, leaf_r), cfg)
+    n_children = torch.zeros(m, dtype=torch.long)
+    n_children.index_add_(0, parent[child], torch.ones(int(child.sum()), dtype=torch.long))
+    only = child & (n_children[parent.clamp(min=0)] == 1)
+    for v in range(m):  # parents precede children, so a chain of only children inherits in one pass
+        if only[v]:
+            node_adv[v] = node_adv[parent[v]]
+    step_node = torch.as_tensor(step_node).cpu()
+    adv = torch.where(step_node >= 0, node_adv[step_node.clamp(min=0)], torch.zeros((), dtype=torch.float64))
+    adv = torch.where(valid.unsqueeze(1), adv, torch.zeros_like(adv))
+    return adv, valid
 
 
 def multi_granularity_advantages(

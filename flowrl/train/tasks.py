@@ -161,34 +161,13 @@ class FlowTask:
         return (r[:, 0] if r.shape[1] == 1 else r), names, {"issues": issues}
 
     def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
-        """Granular advantages ``[N, T]`` of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO): a
-        node's value is the mean reward of the leaves under it, its advantage is taken against
-        its siblings, and each stored transition gets the advantage of the node it creates (the
-        branch it starts). A node without siblings (an SDE step that did not branch) inherits its
-        parent's advantage. Returns (advantages, valid rows); None for a rollout of flat groups."""
-        from flowrl.core.advantages import tree_node_advantages, tree_node_values
+        """Per-transition advantages of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO:
+        :func:`flowrl.core.advantages.tree_transition_advantages`); None for flat groups."""
+        from flowrl.core.advantages import tree_transition_advantages
 
         if ro.node_parent is None:
             return None
-
-        parent = ro.node_parent.cpu()
-        m = parent.shape[0]
-        valid = torch.isfinite(total)
-        leaf_r = torch.full((m,), float("nan"), dtype=torch.float64)
-        leaf_r[ro.leaf_path[:, -1].cpu()] = torch.where(valid, total, torch.full_like(total, float("nan")))
-        node_adv = tree_node_advantages(parent, tree_node_values(parent, leaf_r), adv_cfg)
-        n_children = torch.zeros(m, dtype=torch.long)
-        n_children.index_add_(0, parent[parent >= 0], torch.ones(int((parent >= 0).sum()), dtype=torch.long))
-        only = (parent >= 0) & (n_children[parent.clamp(min=0)] == 1)
-        child = parent >= 0
-        if (parent[child] >= torch.arange(m)[child]).any():
-            raise ValueError("tree rollout: nodes must be numbered parents first")
-        for v in range(m):  # parents precede children, so a chain of only children inherits in one pass
-            if only[v]:
-                node_adv[v] = node_adv[parent[v]]
-        step_node = ro.step_node.cpu()
-        adv = torch.where(step_node >= 0, node_adv[step_node.clamp(min=0)], torch.zeros((), dtype=torch.float64))
-        adv = torch.where(valid.unsqueeze(1), adv, torch.zeros_like(adv))
+        adv, valid = tree_transition_advantages(ro.node_parent, ro.leaf_path[:, -1], ro.step_node, total, adv_cfg)
         return adv.float(), valid
 
     # -- update -------------------------------------------------------------------------------------
