@@ -81,3 +81,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the floating dtypes a config or command line may name
+
+
+def torch_dtype(name: str):
+    """The torch dtype called ``name`` (one of :data:`DTYPE_NAMES`); UsageError otherwise."""
+    import torch  # heavy: only when a dtype is actually needed
+
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)

@@ -39,10 +39,9 @@ from typing import Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-from flowrl.inputs import ArgumentParser, UsageError, writable_file  # UsageError: bad input, exit status 2
+from flowrl.inputs import DTYPE_NAMES, ArgumentParser, UsageError, torch_dtype, writable_file  # UsageError: bad input, exit status 2
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="text file, one prompt per line, in image file-name order")
     p.add_argument("--output", default="scores.csv", help="CSV file to write (default: scores.csv)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                    help="extra scorer option (value parsed as JSON when possible); repeatable")
@@ -171,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) 
 
     results: Dict[str, torch.Tensor] = {}
     for name in names:
-        kw = {"device": args.device, "dtype": _DTYPES[args.dtype], "batch_size": args.batch_size, **options[name]}
+        kw = {"device": args.device, "dtype": torch_dtype(args.dtype), "batch_size": args.batch_size, **options[name]}
         if args.checkpoint is not None:
             kw["checkpoint"] = args.checkpoint
         try:

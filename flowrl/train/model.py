@@ -19,11 +19,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from flowrl.inputs import UsageError
+from flowrl.inputs import UsageError, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_flow_policy(model_cfg, device: Optional[str] = None):
@@ -38,8 +37,8 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
         raise UsageError(f"model.path not found: {model_cfg.path}")
     cls = {"sd3": SD3Policy, "flux": FluxPolicy}.get(model_cfg.family, FlowPolicy)
     kwargs = dict(
-        torch_dtype=DTYPES[model_cfg.dtype],
-        frozen_dtype=DTYPES[model_cfg.frozen_dtype] if model_cfg.frozen_dtype else None,
+        torch_dtype=torch_dtype(model_cfg.dtype),
+        frozen_dtype=torch_dtype(model_cfg.frozen_dtype) if model_cfg.frozen_dtype else None,
         device=device or model_cfg.device,
     )
     if getattr(model_cfg, "max_sequence_length", None) is not None:

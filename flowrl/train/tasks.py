@@ -13,12 +13,11 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from flowrl.inputs import UsageError
+from flowrl.inputs import UsageError, torch_dtype
 from flowrl.train.data import step_generator
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Task(Protocol):
@@ -133,7 +132,7 @@ class FlowTask:
         ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
-                    store_dtype=DTYPES[c.sample.store_dtype], chunk_size=c.sample.chunk_size, progress=False,
+                    store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size, progress=False,
                     store_means=True)
         return ro
 
@@ -249,13 +248,13 @@ class TextTask:
             self.reward_fns = {name: resolve_reward(name) for name in cfg.rewards}
         except KeyError as e:
             raise UsageError(str(e.args[0])) from None
-        model, tok = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
+        model, tok = load_lm(cfg.model.path, dtype=torch_dtype(cfg.model.dtype), device=str(device))
         self.model = self._setup_trainable(model)
         self.tokenizer = tok
         tc = cfg.text
         ref = None
         if not cfg.train.lora and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
-            ref, _ = load_lm(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=str(device))
+            ref, _ = load_lm(cfg.model.path, dtype=torch_dtype(cfg.model.dtype), device=str(device))
         self.learner = TextLearner(self.model, tok, cfg.loss, max_new_tokens=tc.max_new_tokens, temperature=tc.temperature,
                                    top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref)
 
