@@ -187,13 +187,12 @@ class FlowTask:
 
     # -- evaluation / saving ------------------------------------------------------------------------
     def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
-        from flowrl.train.evaluate import evaluate_policy
+        """The held-out evaluation with the settings ``flowrl sample`` uses (:func:`eval_settings`:
+        evaluation steps, guidance, rows per call, ``sample.chunk_size``)."""
+        from flowrl.train.evaluate import eval_settings, evaluate_policy
 
-        c = self.cfg
-        g = c.eval.guidance_scale if c.eval.guidance_scale is not None else c.sample.guidance_scale
-        return evaluate_policy(self.policy, [r["prompt"] for r in records], list(seeds), num_steps=c.sample.eval_num_steps,
-                               height=c.sample.height, width=c.sample.width, guidance_scale=g,
-                               negative_prompt=c.sample.negative_prompt, reward=self.reward_model())
+        return evaluate_policy(self.policy, [r["prompt"] for r in records], list(seeds), reward=self.reward_model(),
+                               **eval_settings(self.cfg))
 
     def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
         """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,
