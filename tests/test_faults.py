@@ -300,3 +300,17 @@ def test_lock_held_by_another_process_and_dropped_when_it_is_killed(lm_dir, tmp_
         holder.kill()
         holder.wait()
     RunLock(out).release()  # free once its holder is gone, however it ended
+
+
+def test_before_after_compares_with_the_first_evaluation_across_a_resume(sd3_dir, tmp_path):
+    """before_after/ shows the run's first evaluation beside the latest; a resumed process keeps that
+    "before" (kept in before_after/first.safetensors) instead of its own first evaluation: the grid of
+    a stopped-and-resumed run equals the uninterrupted run's, byte for byte (same process)."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_inprocess(flow_config(sd3_dir, ref, max_steps=3, eval_every=1), tmp_path, "ref.yaml")
+    run_inprocess(flow_config(sd3_dir, out, max_steps=1, eval_every=1), tmp_path, "a.yaml")
+    run_inprocess(flow_config(sd3_dir, out, max_steps=3, eval_every=1), tmp_path, "b.yaml")
+    page = (out / "before_after" / "index.html").read_text(encoding="utf-8")
+    assert "step 0" in page and "step 3" in page
+    for name in ("grid.png", "scores.csv"):
+        assert (out / "before_after" / name).read_bytes() == (ref / "before_after" / name).read_bytes(), name

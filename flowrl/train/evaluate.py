@@ -787,6 +787,43 @@ def save_eval(run_dir: Union[str, Path], step: int, result: EvalResult, ncols: O
     return d
 
 
+def save_eval_result(path: Union[str, Path], step: int, result: EvalResult) -> Path:
+    """Keep an evaluation for later comparison (the run's first one, for ``before_after/`` after a
+    resume): images as 8-bit (what every grid shows: ``round(255 x)``), scores and the rest as
+    safetensors metadata. Written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"images": (result.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous(),
+               "total": result.total.detach().cpu().contiguous(), "valid": result.valid.detach().cpu().contiguous()}
+    tensors.update({f"score/{k}": v.detach().cpu().contiguous() for k, v in result.scores.items()})
+    meta = {"step": int(step), "prompts": result.prompts, "seeds": list(result.seeds), "weights": result.weights,
+            "means": result.means, "details": result.details, "nfe": result.nfe, "num_steps": result.num_steps,
+            "guidance_scale": result.guidance_scale, "height": result.height, "width": result.width,
+            "wall_clock_s": result.wall_clock_s, "scores": list(result.scores)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"flowrl_eval": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_eval_result(path: Union[str, Path]) -> Tuple[int, EvalResult]:
+    """``(step, result)`` written by :func:`save_eval_result` (images back in [0, 1])."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["flowrl_eval"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    result = EvalResult(
+        prompts=meta["prompts"], seeds=meta["seeds"], images=t["images"].float() / 255,
+        scores={k: t[f"score/{k}"] for k in meta["scores"]}, total=t["total"], valid=t["valid"],
+        weights=meta["weights"], means=meta["means"], details=meta["details"], nfe=meta["nfe"],
+        num_steps=meta["num_steps"], guidance_scale=meta["guidance_scale"], height=meta["height"],
+        width=meta["width"], wall_clock_s=meta["wall_clock_s"])
+    return int(meta["step"]), result
+
+
 # --------------------------------------------------------------------------------------------------
 # flowrl sample
 # --------------------------------------------------------------------------------------------------

@@ -198,11 +198,17 @@ class FlowTask:
         """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,
         index.html, scores.csv: this process's first evaluation, normally the base model, next to this
         one, same prompts and seeds); returns the means and per-category details."""
-        from flowrl.train.evaluate import save_eval, write_comparison
+        from flowrl.train.evaluate import load_eval_result, save_eval, save_eval_result, write_comparison
 
         save_eval(run_dir, step, res)
+        kept = Path(run_dir) / "before_after" / "first.safetensors"  # the first evaluation, kept across resumes
+        if self._first_eval is None and kept.is_file():
+            first_step, first = load_eval_result(kept)
+            if first_step < step:  # a resumed run: its "before" is the run's first evaluation
+                self._first_eval = (first_step, first)
         if self._first_eval is None:
             self._first_eval = (step, res)
+            save_eval_result(kept, step, res)
         elif self._first_eval[0] != step:
             first_step, first = self._first_eval
             write_comparison(Path(run_dir) / "before_after", first, res,
