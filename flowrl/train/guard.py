@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from flowrl.inputs import UsageError
+from scorers._text import short
 
 LOCK_NAME = ".flowrl.lock"
 
@@ -98,14 +99,9 @@ def check_resume_config(saved: Optional[Dict[str, Any]], current: Dict[str, Any]
     if refused:
         key, old, new = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _, _ in refused[1:4])})" if len(refused) > 1 else ""
-        raise UsageError(f"resume: {key} is {_short(old)} in checkpoint {checkpoint} and {_short(new)} now{more}; "
+        raise UsageError(f"resume: {key} is {short(repr(old), 60)} in checkpoint {checkpoint} and {short(repr(new), 60)} now{more}; "
                          f"a resumed run cannot change it: set it back, or start a new run in another output_dir")
     return allowed
-
-
-def _short(v: Any, n: int = 60) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def apply_optimizer_settings(optimizer, scheduler, lr: float, weight_decay: float) -> None:

@@ -100,7 +100,6 @@ class Trainer:
                                       log_with=log_with, project_config=project)
         self.acc = accelerator
         self.procs = Processes(accelerator)
-        self.main = accelerator.is_main_process
         self._lock = None
         try:
             self._claim_run_dir()
@@ -117,7 +116,7 @@ class Trainer:
         local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
-        if self.main:  # settings that would silently do nothing: said once, before the model loads
+        if self.procs.main:  # settings that would silently do nothing: said once, before the model loads
             from flowrl.train.preflight import preflight_warnings
 
             for line in preflight_warnings(cfg, train_prompts=[r["prompt"] for r in self.train_records],
@@ -188,7 +187,7 @@ class Trainer:
         weights = self._trainable_state()
         if not all(bool(torch.isfinite(w).all()) for w in weights.values()):  # the update check should have stopped earlier
             raise TrainingStopped(f"step {self.step}: non-finite weights are never checkpointed. {self._last_good()}")
-        if self.main:
+        if self.procs.main:
             try:
                 path = save_checkpoint(self.run_dir, self.step, weights=weights, tensor_state=tensor_state,
                                        meta=meta, rng=capture_rng(), keep_last=self.cfg.train.keep_last)
@@ -203,7 +202,7 @@ class Trainer:
         ``resume=none`` does not overwrite an earlier run, and a checkpoint to resume from verifies
         and was trained with a compatible config (:mod:`flowrl.train.guard`)."""
         cfg = self.cfg
-        if self.main:
+        if self.procs.main:
             self._lock = RunLock(self.run_dir)
             done = list_checkpoints(self.run_dir)
             if cfg.resume == "none" and done:
@@ -249,13 +248,13 @@ class Trainer:
 
         path = self.resume_from
         if path is None:
-            if self.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
+            if self.procs.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
                 self._set_aside_newer(0)
                 _truncate_jsonl(self.run_dir / "metrics.jsonl", -1)
                 _truncate_jsonl(self.run_dir / "eval.jsonl", -1)
             log.info("no checkpoint to resume from (resume=%s): training from step 0", self.cfg.resume)
             return
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, verify=False)  # _resume_path verified it (a second checksum pass would re-read it all)
         load_trainable_state_dict(self.task.module, ck["weights"], source=f"checkpoint {path}")
         self.optimizer.load_state_dict(ck["tensor_state"]["optimizer"])
         self.scheduler.load_state_dict(ck["tensor_state"]["scheduler"])
@@ -280,7 +279,7 @@ class Trainer:
         if self.kl_ctl is not None and m.get("kl_ctl"):
             self.kl_ctl.load_state_dict(m["kl_ctl"])
         restore_rng(ck["rng"])
-        if self.main:
+        if self.procs.main:
             if path.parent == self.run_dir / "checkpoints":
                 self._set_aside_newer(self.step)
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
@@ -508,7 +507,7 @@ class Trainer:
         """Held-out evaluation (deterministic sampler or greedy decoding, fixed seeds) on the main
         process: ``{"means": reward name -> mean, "details": per-category numbers}``."""
         out: Dict[str, Any] = {}
-        if self.main:
+        if self.procs.main:
             self.task.module.eval()
             with self._ema_weights(), torch.no_grad():
                 res = self.task.evaluate(self.eval_records, self.cfg.eval.seeds)
@@ -526,7 +525,7 @@ class Trainer:
         stop = GracefulStop()
         try:
             with stop:
-                if self.main:
+                if self.procs.main:
                     dump(cfg, self.run_dir / "config.yaml")
                 self.maybe_resume()
                 if cfg.train.tracker != "none":
@@ -559,7 +558,7 @@ class Trainer:
         """Steps until ``max_steps``, the time budget, or a signal (then a checkpoint is written)."""
         cfg = self.cfg
         bar = None
-        if self.main and cfg.train.progress:
+        if self.procs.main and cfg.train.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="flowrl train", dynamic_ncols=True)
@@ -579,12 +578,12 @@ class Trainer:
                 log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
                 ev = self.evaluate()
-                if self.main:
+                if self.procs.main:
                     self.last_eval = ev
                     if self.first_eval is None:
                         self.first_eval = ev
                     metrics.update({f"eval/{k}": v for k, v in ev.get("means", {}).items()})
-            if self.main:
+            if self.procs.main:
                 _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
             self._check_going_on()
             if cfg.train.tracker != "none":
@@ -611,7 +610,7 @@ class Trainer:
             "last_eval_details": last.get("details", {}),
             "processes": self.procs.world,
         }
-        if self.main:
+        if self.procs.main:
             with self._ema_weights():
                 result = self.task.save_result(self.run_dir)
             summary["result"] = str(result)
