@@ -5,7 +5,7 @@ It reads what a training run leaves in its folder::
     <run>/metrics.jsonl        one JSON object per training step: step, reward/total, reward/<name>,
                                kl, clip_frac, time/sampling, ... (written by the training loop)
     <run>/summary.json         steps, wall_clock_s, nfe, first_eval, last_eval (reward -> held-out mean)
-    <run>/eval.jsonl           one record per evaluation (flowrl.train.evaluate.save_eval)
+    <run>/eval.jsonl           one record per evaluation (flowrl.train.runfolder.save_eval)
     <run>/eval/step-XXXXXXXX/grid.png
     <run>/before_after/grid.png  the first evaluation next to the latest (image runs)
     <run>/config.yaml          the resolved config (shown folded at the end of the page)
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from flowrl.inputs import ArgumentParser, UsageError, writable_dir
+from flowrl.train.runfolder import BEFORE_AFTER, EVAL_DIR, EVAL_LOG, GRID_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 REPORT = "report.html"
 PLOTS = "plots"
-BEFORE_AFTER = "before_after"
 MAX_PANELS = 12
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -86,8 +86,6 @@ def _number(x: Any) -> Optional[float]:
 
 def load_evals(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     """Records of ``eval.jsonl`` sorted by step, the last one kept for a step logged twice."""
-    from flowrl.train.evaluate import EVAL_LOG
-
     by_step: Dict[int, Dict[str, Any]] = {}
     for rec in read_jsonl(Path(run_dir) / EVAL_LOG):
         step = rec.get("step")
@@ -98,8 +96,6 @@ def load_evals(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
 
 def eval_grids(run_dir: Union[str, Path]) -> List[Tuple[int, Path]]:
     """(step, path) of every ``eval/step-XXXXXXXX/grid.png`` that exists, by step."""
-    from flowrl.train.evaluate import EVAL_DIR, GRID_NAME
-
     root = Path(run_dir) / EVAL_DIR
     if not root.is_dir():
         return []
@@ -352,8 +348,6 @@ def _curves(root: Path, metrics: Sequence[Mapping[str, Any]], evals: Sequence[Ma
 def _lead_figure(root: Path, evals: Sequence[Mapping[str, Any]]) -> Tuple[str, str]:
     """(heading, HTML) of the page's first figure: ``before_after/grid.png`` (the first evaluation next
     to the latest, same prompts and seeds) when the run wrote it, else the first and last evaluation grids."""
-    from flowrl.train.evaluate import GRID_NAME  # lazy like every flowrl.train.evaluate import here: it loads torch
-
     ba = root / BEFORE_AFTER / GRID_NAME
     if ba.is_file():
         caption = ("First evaluation (left of each pair) and the latest (right), same held-out prompts and seeds; "
@@ -405,8 +399,6 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
 
     Raises UsageError when ``run_dir`` is not a folder or holds none of metrics.jsonl, summary.json
     and eval.jsonl."""
-    from flowrl.train.evaluate import EVAL_LOG
-
     root = Path(run_dir)
     if not root.exists():
         raise UsageError(f"run folder not found: {root}")

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.train.data import step_generator
+from flowrl.train.runfolder import (
+    FIRST_EVAL, before_after_dir, load_eval_result, save_eval, save_eval_result, write_comparison,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +201,8 @@ class FlowTask:
         """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,
         index.html, scores.csv: this process's first evaluation, normally the base model, next to this
         one, same prompts and seeds); returns the means and per-category details."""
-        from flowrl.train.evaluate import load_eval_result, save_eval, save_eval_result, write_comparison
-
         save_eval(run_dir, step, res)
-        kept = Path(run_dir) / "before_after" / "first.safetensors"  # the first evaluation, kept across resumes
+        kept = before_after_dir(run_dir) / FIRST_EVAL  # the first evaluation, kept across resumes
         if self._first_eval is None and kept.is_file():
             first_step, first = load_eval_result(kept)
             if first_step < step:  # a resumed run: its "before" is the run's first evaluation
@@ -211,7 +212,7 @@ class FlowTask:
             save_eval_result(kept, step, res)
         elif self._first_eval[0] != step:
             first_step, first = self._first_eval
-            write_comparison(Path(run_dir) / "before_after", first, res,
+            write_comparison(before_after_dir(run_dir), first, res,
                              labels=(f"step {first_step}", f"step {step}"), title="flowrl: before / after")
         s = res.summary()
         return {"means": s["means"], "details": s["details"]}
