@@ -26,17 +26,17 @@ canvas directly (no pyplot state, no display needed).
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from flowrl.inputs import ArgumentParser, UsageError, writable_dir
-from flowrl.train.runfolder import BEFORE_AFTER, EVAL_DIR, EVAL_LOG, GRID_NAME
+from flowrl.train.runfolder import BEFORE_AFTER, EVAL_DIR, EVAL_LOG, GRID_NAME, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -173,12 +173,9 @@ def plot_panels(data: Mapping[str, Tuple[Sequence[float], Sequence[float]]], pat
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, p)
-    return p
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,11 +489,7 @@ pre{{background:#f6f6f6;padding:.6em}}</style></head><body>
 {config_html}
 </body></html>
 """
-    out = root / REPORT
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(root / REPORT, page)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,7 +16,8 @@ from torch import Tensor
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.train.data import step_generator
 from flowrl.train.runfolder import (
-    FIRST_EVAL, before_after_dir, load_eval_result, save_eval, save_eval_result, write_comparison,
+    EVAL_DIR, EVAL_LOG, FIRST_EVAL, SAMPLES_NAME, append_jsonl, atomic_write, before_after_dir, eval_dir,
+    load_eval_result, save_eval, save_eval_result, write_comparison,
 )
 
 log = logging.getLogger(__name__)
@@ -351,12 +352,10 @@ class TextTask:
         """Completions under ``eval/step-N/samples.jsonl`` and a record in ``eval.jsonl``."""
         import json
 
-        d = Path(run_dir) / "eval" / f"step-{step:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in res["samples"]), encoding="utf-8")
-        with open(Path(run_dir) / "eval.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), "means": res["means"], "details": {},
-                                "samples": f"eval/{d.name}/samples.jsonl"}) + "\n")
+        d = eval_dir(run_dir, step)
+        atomic_write(d / SAMPLES_NAME, "".join(json.dumps(x) + "\n" for x in res["samples"]))
+        append_jsonl(Path(run_dir) / EVAL_LOG, {"step": int(step), "means": res["means"], "details": {},
+                                                "samples": f"{EVAL_DIR}/{d.name}/{SAMPLES_NAME}"})
         return {"means": res["means"], "details": {}}
 
     def save_result(self, out_dir: Path) -> Path:
