@@ -50,7 +50,7 @@ def _cmd_sample(args) -> int:
     prompts = read_prompts(args.prompts)
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    from flowrl.train.evaluate import sample_to_dir
+    from flowrl.commands import sample_to_dir
 
     # sample_to_dir checks the checkpoint and that --out can be written before any model loads
     out = sample_to_dir(cfg, prompts, args.out, seeds=args.seeds, checkpoint=args.checkpoint)
@@ -58,14 +58,14 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _passthrough(module: str):
+def _passthrough(module: str, func: str = "main"):
     """Subcommands whose own parser lives with their code (``scorers``): the rest of the command
-    line goes to that module's ``main(argv)``."""
+    line goes to that module's ``main(argv)`` (or ``func``)."""
 
     def run(argv: List[str]) -> int:
         import importlib
 
-        return int(importlib.import_module(module).main(argv) or 0)
+        return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
     return run
 
@@ -73,7 +73,7 @@ def _passthrough(module: str):
 PASSTHROUGH = {
     "score": (_passthrough("scorers.cli"), "score a folder of images with a registered scorer"),
     "serve-scorer": (_passthrough("scorers.server"), "serve a registered scorer over HTTP (flowrl remote protocol)"),
-    "grid": (_passthrough("flowrl.train.evaluate"), "side-by-side grid of the base model vs a checkpoint (PNG + HTML)"),
+    "grid": (_passthrough("flowrl.commands", "grid_command"), "side-by-side grid of the base model vs a checkpoint (PNG + HTML)"),
     "report": (_passthrough("flowrl.train.report"), "write plots and report.html for a run folder"),
 }
 

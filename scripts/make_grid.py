@@ -14,8 +14,9 @@ import sys
 
 from flowrl.config import ConfigError, load_run_config
 from flowrl.inputs import UsageError, existing_dir, read_prompts
-from flowrl.train.evaluate import eval_settings, evaluate_policy, load_policy, reward_from_config, write_comparison
+from flowrl.train.evaluate import eval_settings, evaluate_policy, load_policy, reward_from_config
 from flowrl.train.model import apply_checkpoint
+from flowrl.train.runfolder import write_comparison
 from scorers.registry import UnknownScorerError
 
 

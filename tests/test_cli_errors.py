@@ -221,12 +221,12 @@ def test_checkpoint_of_another_model_sample(ckpt, onto, detail, models, ckpts, p
 @pytest.mark.parametrize("ckpt", ["lora", "diffusers"])
 def test_checkpoint_of_another_model_grid_fails_before_sampling(ckpt, models, ckpts, prompts, tmp_path, capsys,
                                                                 monkeypatch):
-    import flowrl.train.evaluate as ev
+    import flowrl.commands as commands
 
     def refuse(*a, **k):
         raise AssertionError("the base model was sampled before the checkpoint was checked")
 
-    monkeypatch.setattr(ev, "evaluate_policy", refuse)
+    monkeypatch.setattr(commands, "evaluate_policy", refuse)
     line = one_error_line(capsys, "grid", models["flux"], "--checkpoint", ckpts[ckpt], "--prompts", prompts,
                           "--out", tmp_path / "out", names=[ckpts[ckpt], models["flux_dir"]])
     assert "does not fit" in line

@@ -1,7 +1,8 @@
 """Tests of flowrl.train.evaluate: held-out evaluation on a tiny SD3 model (seeds equal to the
 diffusers pipeline's own, determinism, batch independence, means over valid samples, per-category
-numbers), image grids (pixel size and content), ``sample_to_dir``, ``flowrl grid`` with a LoRA
-checkpoint, the make_grid script, and one-line UsageErrors for bad inputs.
+numbers); flowrl.train.grids: image grids (pixel size and content); flowrl.commands:
+``sample_to_dir``, ``flowrl grid`` with a LoRA checkpoint; the make_grid script, and one-line
+UsageErrors for bad inputs.
 """
 from __future__ import annotations
 
@@ -19,24 +20,17 @@ from PIL import Image
 
 from flowrl.config import RunConfig, load_run_config
 from flowrl.inputs import UsageError
+from flowrl.commands import grid_command, sample_file_name, sample_to_dir
 from flowrl.train import evaluate as ev
 from flowrl.train.evaluate import (
-    PAD,
     EvalResult,
-    caption_lines,
-    cell_size,
     evaluate_from_config,
     evaluate_policy,
-    grid_command,
-    image_grid,
-    line_height,
     load_policy,
     prompt_seeds,
     prompt_source,
-    sample_file_name,
-    sample_to_dir,
-    side_by_side,
 )
+from flowrl.train.grids import PAD, caption_lines, cell_size, image_grid, line_height, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 H = W = 32

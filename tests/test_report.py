@@ -1,4 +1,4 @@
-"""Tests of flowrl.train.report and of the run-folder side of flowrl.train.evaluate (save_eval):
+"""Tests of flowrl.train.report and of the run-folder format (flowrl.train.runfolder: save_eval):
 a synthetic run folder (metrics.jsonl with a torn last line, summary.json, evaluations saved with
 save_eval, one step saved twice) gives a report.html whose every image exists and whose tables hold
 the first-vs-last numbers; the page leads with the before/after grid and the held-out table, then
@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from flowrl.inputs import UsageError
-from flowrl.train.evaluate import EvalResult, eval_dir, save_eval, write_comparison
+from flowrl.train.evaluate import EvalResult
 from flowrl.train.report import load_evals, main, read_jsonl, running_mean, series, split_flat, write_report
+from flowrl.train.runfolder import eval_dir, save_eval, write_comparison
 
 PROMPTS = ["a red circle", "two <blue> squares & more"]
 

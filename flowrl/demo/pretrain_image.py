@@ -55,6 +55,7 @@ from flowrl.demo.shapes import BACKGROUND, CATEGORIES, corrupt, evaluate, misatt
 from flowrl.demo.shapes import prompts as shape_prompts
 from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
 from flowrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowrl.train.runfolder import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -767,7 +768,7 @@ def _folder_bytes(path: Path) -> int:
 def _phase_vae(pipe: Any, cfg: PretrainConfig, work: Path, log: Callable[[dict], None]) -> PhaseResult:
     """Train the VAE, or load it when ``work/vae_final.safetensors`` says the phase is done."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     final = work / "vae_final.safetensors"
     if final.is_file():
@@ -777,10 +778,8 @@ def _phase_vae(pipe: Any, cfg: PretrainConfig, work: Path, log: Callable[[dict],
             meta = f.metadata() or {}
         return PhaseResult([], cfg.vae_steps, float(meta.get("elapsed_s", "nan")))
     res = train_vae(pipe.vae, cfg, work / "vae", log)
-    tmp = work / f".vae_final.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in pipe.vae.state_dict().items()}, str(tmp),
-              metadata={"elapsed_s": repr(res.elapsed_s), "steps": str(cfg.vae_steps)})
-    os.replace(tmp, final)
+    atomic_write(final, save({k: v.detach().contiguous().cpu() for k, v in pipe.vae.state_dict().items()},
+                             metadata={"elapsed_s": repr(res.elapsed_s), "steps": str(cfg.vae_steps)}))
     return res
 
 

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a flow policy, captioned image grids, ``flowrl sample`` and ``flowrl grid``.
+"""Held-out evaluation of a flow policy: sample fixed prompts and seeds, score them, summarise.
 
 Evaluation follows Flow-GRPO's protocol (Liu et al., arXiv 2505.05470; research notes, flow_anchors
 §1.3): a deterministic ODE sampler (:func:`flowrl.flow.plan.eval_plan`) with more steps than
@@ -15,27 +15,16 @@ makes base-vs-tuned comparisons paired. A prompt listed more than once (a catego
 held-out prompts than its share of a balanced draw) gets new seeds for every repeat
 (:func:`prompt_seeds`), so its repeats are new images rather than copies.
 
-Layout of a run folder's evaluations (written by :func:`save_eval`, read by
-:mod:`flowrl.train.report`)::
-
-    <run>/eval.jsonl                        one JSON object per evaluation (see EvalResult.summary)
-    <run>/eval/step-00000050/grid.png       the captioned grid of that evaluation
-    <run>/eval/step-00000050/scores.csv     prompt, seed, every reward, total
-
 Rows of every result are prompt-major: row ``p * S + s`` is prompt ``p`` with seed
-``prompt_seeds(prompts, seeds)[p][s]`` (``seeds[s]`` for a prompt's first occurrence).
+``prompt_seeds(prompts, seeds)[p][s]`` (``seeds[s]`` for a prompt's first occurrence). Grids are
+drawn by :mod:`flowrl.train.grids`, written to a run folder by :mod:`flowrl.train.runfolder`;
+``flowrl sample`` and ``flowrl grid`` live in :mod:`flowrl.commands`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
-import html
-import json
 import logging
 import math
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
-from flowrl.inputs import ArgumentParser, UsageError, read_prompts, writable_dir
+from flowrl.inputs import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -56,36 +45,16 @@ __all__ = [
     "eval_settings",
     "eval_prompts",
     "prompt_source",
+    "prompt_seeds",
     "reward_from_config",
     "load_policy",
-    "image_grid",
-    "side_by_side",
-    "save_eval",
-    "eval_dir",
-    "sample_to_dir",
-    "write_comparison",
-    "add_grid_arguments",
-    "run_grid",
-    "grid_command",
-    "EVAL_DIR",
-    "EVAL_LOG",
-    "GRID_NAME",
+    "build_policy",
+    "sample_batches",
+    "masked_mean",
 ]
 
-EVAL_DIR = "eval"  # <run>/eval/step-XXXXXXXX/
-EVAL_LOG = "eval.jsonl"  # <run>/eval.jsonl
-GRID_NAME = "grid.png"
-SCORES_NAME = "scores.csv"
 DEFAULT_REWARDS: Dict[str, float] = {"shapes": 1.0}
 DEFAULT_EVAL_PROMPTS = "shapes:test"
-
-PAD = 4  # pixels around every image of a grid
-MIN_SIDE = 128  # images whose longer side is smaller are upscaled (NEAREST, integer factor) to at least this
-MAX_SIDE = 512  # images whose longer side is larger are downscaled to this
-CAPTION_LINES = 3  # text lines under each image of a grid
-BACKGROUND = (255, 255, 255)
-TEXT_COLOR = (20, 20, 20)
-ELLIPSIS = "..."
 
 RewardLike = Union[Callable[..., Any], Any]
 
@@ -150,7 +119,7 @@ class EvalResult:
         """Grid captions ``"<prompt>\nseed 3, total 0.512"``: the score line is kept whole when the
         prompt is trimmed (:func:`caption_lines`)."""
         key, values = self.headline()
-        return [f"{p}\nseed {s}, {key} {_fmt(float(values[i]))}"
+        return [f"{p}\nseed {s}, {key} {format_score(float(values[i]))}"
                 for i, (p, s) in enumerate(zip(self.row_prompts(), self.row_seeds()))]
 
     def summary(self) -> Dict[str, Any]:
@@ -173,13 +142,15 @@ class EvalResult:
         }
 
 
-def _fmt(x: float) -> str:
+def format_score(x: float) -> str:
+    """A score as captions and pages show it: 3 decimals, 4 significant digits from 1000 on."""
     if not math.isfinite(x):
         return "nan"
     return f"{x:.3f}" if abs(x) < 1000 else f"{x:.4g}"
 
 
-def _fmt_delta(x: float) -> str:
+def format_delta(x: float) -> str:
+    """A change of a score, signed, as :func:`format_score`."""
     if not math.isfinite(x):
         return "nan"
     return f"{x:+.3f}" if abs(x) < 1000 else f"{x:+.4g}"
@@ -198,7 +169,8 @@ def masked_mean(x: Tensor, mask: Tensor) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_prompts(prompts: Sequence[str]) -> List[str]:
+def check_prompts(prompts: Sequence[str]) -> List[str]:
+    """``prompts`` as a list (non-empty, strings only); ValueError otherwise."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts: must be a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
@@ -206,7 +178,7 @@ def _check_prompts(prompts: Sequence[str]) -> List[str]:
     return list(prompts)
 
 
-def _check_seeds(seeds: Union[int, Sequence[int]]) -> List[int]:
+def check_seeds(seeds: Union[int, Sequence[int]]) -> List[int]:
     """``N`` → seeds ``0..N-1``; a list → itself (non-empty, distinct, non-negative ints)."""
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
@@ -337,9 +309,9 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLike, *, num_steps: int, height: int,
-             width: int, guidance_scale: float, negative_prompt: str, batch_size: int, chunk_size: Optional[int],
-             bar: Any = None) -> Iterator[_Batch]:
+def sample_batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLike, *, num_steps: int,
+                   height: int, width: int, guidance_scale: float, negative_prompt: str, batch_size: int,
+                   chunk_size: Optional[int], bar: Any = None) -> Iterator[_Batch]:
     """Sample and score ``prompts × seeds`` in batches of whole prompts (about ``batch_size`` rows)."""
     from flowrl.flow.plan import eval_plan
     from flowrl.flow.sampler import sample
@@ -370,7 +342,8 @@ def _batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLi
                          weights, int(r.nfe))
 
 
-def _progress(total: int, desc: str, progress: Optional[bool]):
+def progress_bar(total: int, desc: str, progress: Optional[bool]):
+    """A tqdm bar over ``total`` images (None: when stderr is a terminal), else None."""
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
     if not enabled:
         return None
@@ -403,8 +376,8 @@ def evaluate_policy(
     scorer callable ``(images, prompts) -> [N]``. The transformer runs in eval mode (its previous
     mode is restored). ``progress``: tqdm bar over images (None: when stderr is a terminal).
     """
-    prompts = _check_prompts(prompts)
-    seeds = _check_seeds(seeds)
+    prompts = check_prompts(prompts)
+    seeds = check_seeds(seeds)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -412,10 +385,10 @@ def evaluate_policy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size!r}")
     t0 = time.perf_counter()
-    bar = _progress(len(prompts) * len(seeds), "evaluating", progress)
+    bar = progress_bar(len(prompts) * len(seeds), "evaluating", progress)
     parts: List[_Batch] = []
     try:
-        for b in _batches(policy, prompts, seeds, reward, num_steps=num_steps, height=height, width=width,
+        for b in sample_batches(policy, prompts, seeds, reward, num_steps=num_steps, height=height, width=width,
                           guidance_scale=float(guidance_scale), negative_prompt=negative_prompt,
                           batch_size=batch_size, chunk_size=chunk_size, bar=bar):
             parts.append(b)
@@ -489,7 +462,8 @@ def evaluate_from_config(policy: Any, cfg: Any, reward: Optional[RewardLike] = N
                            progress=progress, **eval_settings(cfg))
 
 
-def _check_image_model(cfg: Any) -> None:
+def check_image_model(cfg: Any) -> None:
+    """UsageError unless ``cfg.model`` is an image model (sampling and grids need one)."""
     family = getattr(cfg.model, "family", "sd3")
     if family not in ("sd3", "flux"):
         raise UsageError(f"model.family is {family!r}: image sampling needs an image model ('sd3' or 'flux')")
@@ -500,13 +474,14 @@ def load_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
     model is built, so a wrong path or a damaged checkpoint fails fast)."""
     from flowrl.train.model import check_checkpoint
 
-    _check_image_model(cfg)
+    check_image_model(cfg)
     if checkpoint is not None:
         check_checkpoint(checkpoint)
-    return _build_policy(cfg, checkpoint)
+    return build_policy(cfg, checkpoint)
 
 
-def _build_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
+def build_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
+    """The flow policy of ``cfg.model`` with ``checkpoint`` applied, unchecked (:func:`load_policy` checks)."""
     from flowrl.train.model import apply_checkpoint, build_flow_policy
 
     policy = build_flow_policy(cfg.model)
@@ -515,518 +490,9 @@ def _build_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
     return policy
 
 
-# --------------------------------------------------------------------------------------------------
-# Images and grids
-# --------------------------------------------------------------------------------------------------
-
-
-def to_pil(image: Tensor):
-    """[3, H, W] float in [0, 1] → RGB PIL image, quantised as ``round(x · 255)`` (DDPO's rule)."""
-    from PIL import Image
-
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image: expected [3, H, W], got shape {tuple(image.shape)}")
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, mode="RGB")
-
-
-def _pil_list(images: Any) -> List[Any]:
-    if isinstance(images, Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected [N, 3, H, W], got shape {tuple(images.shape)}")
-        return [to_pil(x) for x in images]
-    out = [im.convert("RGB") if hasattr(im, "convert") else None for im in images]
-    if any(o is None for o in out):
-        raise ValueError("images: expected a [N, 3, H, W] tensor or a list of PIL images")
-    return out
-
-
-def cell_size(height: int, width: int, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> Tuple[int, int]:
-    """Displayed (height, width) of an image in a grid: an integer NEAREST upscale ``k = ⌈min_side /
-    max(h, w)⌉`` when the longer side is below ``min_side`` (32 px → ×4 = 128 px), a downscale to
-    ``max_side`` when it is above, else unchanged."""
-    long = max(height, width)
-    if long < min_side:
-        k = -(-min_side // long)
-        return height * k, width * k
-    if long > max_side:
-        f = max_side / long
-        return max(1, round(height * f)), max(1, round(width * f))
-    return height, width
-
-
-def _font(font: Any = None):
-    from PIL import ImageFont
-
-    return font if font is not None else ImageFont.load_default()
-
-
-def line_height(font: Any = None) -> int:
-    """Pixels per caption line of ``font`` (the PIL default font when None)."""
-    f = _font(font)
-    box = f.getbbox("Agjy|")
-    return int(box[3] - min(0, box[1])) + 2
-
-
-def _text_width(font: Any, text: str) -> float:
-    box = font.getbbox(text)
-    return box[2] - box[0] if text else 0
-
-
-def _wrap(text: str, font: Any, width: int) -> List[str]:
-    """Greedy word wrap to ``width`` pixels; words longer than a line are cut by characters."""
-    lines: List[str] = []
-    line = ""
-    for word in text.split():
-        cand = f"{line} {word}" if line else word
-        if _text_width(font, cand) <= width:
-            line = cand
-            continue
-        if line:
-            lines.append(line)
-        while _text_width(font, word) > width and len(word) > 1:  # hard-break an over-long word
-            cut = len(word) - 1
-            while cut > 1 and _text_width(font, word[:cut]) > width:
-                cut -= 1
-            lines.append(word[:cut])
-            word = word[cut:]
-        line = word
-    if line:
-        lines.append(line)
-    return lines
-
-
-def _fit(line: str, font: Any, width: int) -> str:
-    """``line`` shortened to end with '...' within ``width`` pixels."""
-    while line and _text_width(font, line + ELLIPSIS) > width:
-        line = line[:-1]
-    return line.rstrip() + ELLIPSIS
-
-
-def caption_lines(caption: str, font: Any, width: int, max_lines: int) -> List[str]:
-    """The lines drawn for ``caption`` in a cell ``width`` pixels wide: its last paragraph (after the
-    last newline: the scores) is kept, the text before it wrapped and trimmed with '...' into the
-    lines left."""
-    if max_lines < 1:
-        return []
-    head, sep, tail = caption.rpartition("\n")
-    if not sep:
-        head, tail = tail, ""
-    tail_lines = _wrap(tail, font, width)[:max_lines] if tail else []
-    room = max_lines - len(tail_lines)
-    head_lines = _wrap(head, font, width)
-    if len(head_lines) > room:
-        head_lines = head_lines[:room]
-        if head_lines:
-            head_lines[-1] = _fit(head_lines[-1], font, width)
-    return head_lines + tail_lines
-
-
-def image_grid(
-    images: Any,
-    captions: Optional[Sequence[str]] = None,
-    ncols: Optional[int] = None,
-    *,
-    min_side: int = MIN_SIDE,
-    max_side: int = MAX_SIDE,
-    lines: int = CAPTION_LINES,
-    font: Any = None,
-):
-    """A PIL grid of ``images`` (a [N, 3, H, W] tensor in [0, 1] or PIL images of one size), row-major
-    in ``ncols`` columns (default ⌈√N⌉), each with its caption under it (``lines`` lines, see
-    :func:`caption_lines`).
-
-    Every cell is ``(w' + 2·PAD) × (PAD + h' + PAD + lines·line_height + PAD)`` pixels, with
-    ``(h', w') = cell_size(H, W)``; without captions the caption band is left out.
-    """
-    from PIL import Image, ImageDraw
-
-    ims = _pil_list(images)
-    n = len(ims)
-    if n == 0:
-        raise ValueError("images: need at least one image")
-    sizes = {im.size for im in ims}
-    if len(sizes) != 1:
-        raise ValueError(f"images: all images of a grid must share one size, got {sorted(sizes)}")
-    if captions is not None and len(captions) != n:
-        raise ValueError(f"captions: got {len(captions)} captions for {n} images")
-    if ncols is None:
-        ncols = math.ceil(math.sqrt(n))
-    if not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"ncols: must be an int >= 1, got {ncols!r}")
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    w, h = ims[0].size
-    ch, cw = cell_size(h, w, min_side, max_side)
-    f = _font(font)
-    lh = line_height(f)
-    band = (lines * lh + PAD) if captions is not None and lines > 0 else 0
-    cell_w, cell_h = cw + 2 * PAD, ch + 2 * PAD + band
-    grid = Image.new("RGB", (ncols * cell_w, nrows * cell_h), BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-    resample = Image.NEAREST if ch >= h else Image.LANCZOS
-    for i, im in enumerate(ims):
-        r, c = divmod(i, ncols)
-        x0, y0 = c * cell_w, r * cell_h
-        grid.paste(im if (ch, cw) == (h, w) else im.resize((cw, ch), resample), (x0 + PAD, y0 + PAD))
-        if band:
-            y = y0 + PAD + ch + PAD
-            for line in caption_lines(captions[i], f, cw, lines):
-                draw.text((x0 + PAD, y), line, fill=TEXT_COLOR, font=f)
-                y += lh
-    return grid
-
-
-def side_by_side(base: EvalResult, tuned: EvalResult, labels: Tuple[str, str] = ("base", "tuned"),
-                 pairs_per_row: Optional[int] = None, font: Any = None):
-    """Grid of image pairs, base left and tuned right, for the same prompts and seeds; captions give
-    the prompt, the seed and each side's score (the tuned side with its change), and a header names
-    the two sides over every column."""
-    from PIL import Image, ImageDraw
-
-    if base.prompts != tuned.prompts or base.seeds != tuned.seeds:
-        raise ValueError("base and tuned: must be evaluations of the same prompts and seeds")
-    if base.images.shape != tuned.images.shape:
-        raise ValueError(f"base and tuned: image shapes differ ({tuple(base.images.shape)} vs {tuple(tuned.images.shape)})")
-    n = base.num_images
-    pairs_per_row = min(n, 4) if pairs_per_row is None else pairs_per_row
-    if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
-        raise ValueError(f"pairs_per_row: must be an int >= 1, got {pairs_per_row!r}")
-    pairs_per_row = min(pairs_per_row, n)
-    key, b_vals = base.headline()
-    t_vals = tuned.total if key == "total" else tuned.scores[key]
-    images = torch.stack([x for i in range(n) for x in (base.images[i], tuned.images[i])])
-    captions = []
-    for i, (p, s) in enumerate(zip(base.row_prompts(), base.row_seeds())):
-        b, t = float(b_vals[i]), float(t_vals[i])
-        captions.append(f"{p}\nseed {s}, {key} {_fmt(b)}")
-        captions.append(f"{p}\n{key} {_fmt(t)} ({_fmt_delta(t - b)})")
-    grid = image_grid(images, captions, ncols=2 * pairs_per_row, font=font)
-    f = _font(font)
-    header = line_height(f) + 2 * PAD
-    out = Image.new("RGB", (grid.width, grid.height + header), BACKGROUND)
-    out.paste(grid, (0, header))
-    draw = ImageDraw.Draw(out)
-    cell_w = grid.width // (2 * pairs_per_row)
-    for c in range(2 * pairs_per_row):
-        text = labels[c % 2]
-        tw = _text_width(f, text)
-        if tw > cell_w - 2 * PAD:
-            text = _fit(text, f, cell_w - 2 * PAD)
-            tw = _text_width(f, text)
-        draw.text((c * cell_w + (cell_w - tw) / 2, PAD), text, fill=TEXT_COLOR, font=f)
-    return out
-
-
-def _save_png(image: Any, path: Path) -> Path:
-    """Write a PNG atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _csv_value(x: float) -> str:
-    return f"{x:.6g}" if math.isfinite(x) else "nan"
-
-
-def _write_scores_csv(path: Path, rows: List[Dict[str, Any]], columns: List[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# In a run folder
-# --------------------------------------------------------------------------------------------------
-
-
-def eval_dir(run_dir: Union[str, Path], step: int) -> Path:
-    """``<run>/eval/step-XXXXXXXX`` (8 digits, as checkpoints)."""
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: must be an int >= 0, got {step!r}")
-    return Path(run_dir) / EVAL_DIR / f"step-{step:08d}"
-
-
-def save_eval(run_dir: Union[str, Path], step: int, result: EvalResult, ncols: Optional[int] = None) -> Path:
-    """Write ``eval/step-XXXXXXXX/grid.png`` and ``scores.csv`` for ``result`` and append its
-    :meth:`EvalResult.summary` (with ``step`` and the grid's path relative to the run) to
-    ``<run>/eval.jsonl``. Returns the step's folder. Re-saving a step (after a resume) replaces its
-    files; readers keep the last line of a step."""
-    d = eval_dir(run_dir, step)
-    ncols = ncols or min(result.num_images, max(len(result.seeds), math.ceil(math.sqrt(result.num_images))))
-    _save_png(image_grid(result.images, result.captions(), ncols), d / GRID_NAME)
-    columns = ["prompt", "seed", *result.scores, "total"]
-    rows = []
-    for i, (p, s) in enumerate(zip(result.row_prompts(), result.row_seeds())):
-        row = {"prompt": p, "seed": s, "total": _csv_value(float(result.total[i]))}
-        row.update({k: _csv_value(float(v[i])) for k, v in result.scores.items()})
-        rows.append(row)
-    _write_scores_csv(d / SCORES_NAME, rows, columns)
-    record = {"step": int(step), **result.summary(), "grid": f"{EVAL_DIR}/{d.name}/{GRID_NAME}"}
-    log_path = Path(run_dir) / EVAL_LOG
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return d
-
-
-def save_eval_result(path: Union[str, Path], step: int, result: EvalResult) -> Path:
-    """Keep an evaluation for later comparison (the run's first one, for ``before_after/`` after a
-    resume): images as 8-bit (what every grid shows: ``round(255 x)``), scores and the rest as
-    safetensors metadata. Written atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"images": (result.images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous(),
-               "total": result.total.detach().cpu().contiguous(), "valid": result.valid.detach().cpu().contiguous()}
-    tensors.update({f"score/{k}": v.detach().cpu().contiguous() for k, v in result.scores.items()})
-    meta = {"step": int(step), "prompts": result.prompts, "seeds": list(result.seeds), "weights": result.weights,
-            "means": result.means, "details": result.details, "nfe": result.nfe, "num_steps": result.num_steps,
-            "guidance_scale": result.guidance_scale, "height": result.height, "width": result.width,
-            "wall_clock_s": result.wall_clock_s, "scores": list(result.scores)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"flowrl_eval": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
-
-
-def load_eval_result(path: Union[str, Path]) -> Tuple[int, EvalResult]:
-    """``(step, result)`` written by :func:`save_eval_result` (images back in [0, 1])."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["flowrl_eval"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    result = EvalResult(
-        prompts=meta["prompts"], seeds=meta["seeds"], images=t["images"].float() / 255,
-        scores={k: t[f"score/{k}"] for k in meta["scores"]}, total=t["total"], valid=t["valid"],
-        weights=meta["weights"], means=meta["means"], details=meta["details"], nfe=meta["nfe"],
-        num_steps=meta["num_steps"], guidance_scale=meta["guidance_scale"], height=meta["height"],
-        width=meta["width"], wall_clock_s=meta["wall_clock_s"])
-    return int(meta["step"]), result
-
-
-# --------------------------------------------------------------------------------------------------
-# flowrl sample
-# --------------------------------------------------------------------------------------------------
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:limit].rstrip("-") or "prompt"
-
-
-def sample_file_name(index: int, prompt: str, seed: int, num_prompts: int) -> str:
-    """``<index>-<prompt slug>-s<seed>.png``: the index zero-padded (at least 4 digits) so that names
-    sort in prompt order, the slug lower-case ASCII (at most 40 characters)."""
-    width = max(4, len(str(max(0, num_prompts - 1))))
-    return f"{index:0{width}d}-{_slug(prompt)}-s{seed}.png"
-
-
-def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds: Union[int, Sequence[int]] = 1,
-                  checkpoint: Optional[Union[str, Path]] = None, *, reward: Optional[RewardLike] = None,
-                  batch_size: Optional[int] = None, progress: Optional[bool] = None) -> Path:
-    """Sample every ``(prompt, seed)`` with the config's evaluation settings (:func:`eval_settings`)
-    and write one PNG each (:func:`sample_file_name`) and ``scores.csv`` (prompt, seed, file, every
-    configured reward, total) to ``out``. ``seeds``: a count N (seeds 0..N-1) or a list. Images are
-    written batch by batch (memory stays bounded for long prompt lists); a progress bar runs when
-    stderr is a terminal. Returns ``out``."""
-    from flowrl.train.model import check_checkpoint
-
-    try:
-        prompts = _check_prompts(prompts)
-        seeds = _check_seeds(seeds)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    _check_image_model(cfg)
-    if checkpoint is not None:
-        check_checkpoint(checkpoint)
-    out = writable_dir(out, "output folder")
-    reward = reward if reward is not None else reward_from_config(cfg)
-    policy = _build_policy(cfg, checkpoint)
-    settings = eval_settings(cfg)
-    if batch_size is not None:
-        settings["batch_size"] = int(batch_size)
-    bar = _progress(len(prompts) * len(seeds), "sampling", progress)
-    rows: List[Dict[str, Any]] = []
-    names: List[str] = []
-    totals, valids = [], []
-    comp_parts: Dict[str, List[Tensor]] = {}
-    try:
-        for b in _batches(policy, prompts, seeds, reward, bar=bar, **settings):
-            names = list(b.scores)
-            for j, (p, s) in enumerate(zip(b.prompts, b.seeds)):
-                idx = (b.start + j) // len(seeds)
-                fname = sample_file_name(idx, p, s, len(prompts))
-                _save_png(to_pil(b.images[j]), out / fname)
-                row = {"prompt": p, "seed": s, "file": fname, "total": _csv_value(float(b.total[j]))}
-                row.update({k: _csv_value(float(v[j])) for k, v in b.scores.items()})
-                rows.append(row)
-            totals.append(b.total)
-            valids.append(b.valid)
-            for k, v in b.scores.items():
-                comp_parts.setdefault(k, []).append(v)
-    finally:
-        if bar is not None:
-            bar.close()
-    _write_scores_csv(out / SCORES_NAME, rows, ["prompt", "seed", "file", *names, "total"])
-    valid = torch.cat(valids)
-    means = {k: masked_mean(torch.cat(v), valid) for k, v in comp_parts.items()}
-    means["total"] = masked_mean(torch.cat(totals), valid)
-    logger.info("mean scores over %d valid of %d images: %s", int(valid.sum()), valid.numel(),
-                ", ".join(f"{k} {_fmt(v)}" for k, v in means.items()))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# flowrl grid
-# --------------------------------------------------------------------------------------------------
-
-
-def _table_rows(base: EvalResult, tuned: EvalResult) -> List[Tuple[str, float, float]]:
-    keys = list(base.means)
-    rows = [(k, base.means[k], tuned.means.get(k, math.nan)) for k in keys]
-    for k in base.details:
-        if k in tuned.details:
-            rows.append((k, base.details[k], tuned.details[k]))
-    return rows
-
-
-def comparison_html(base: EvalResult, tuned: EvalResult, grid_file: str, labels: Tuple[str, str] = ("base", "tuned"),
-                    title: str = "flowrl grid") -> str:
-    """A static HTML page: the grid PNG by relative path and the table of mean scores (and
-    per-category numbers), base vs tuned with the change."""
-    esc = html.escape
-    rows = []
-    for k, b, t in _table_rows(base, tuned):
-        rows.append(f"<tr><td>{esc(k)}</td><td>{_fmt(b)}</td><td>{_fmt(t)}</td><td>{_fmt_delta(t - b)}</td></tr>")
-    settings = (f"{len(base.prompts)} prompts &times; {len(base.seeds)} seeds (seeds {esc(str(base.seeds))}), "
-                f"{base.num_steps} ODE steps, guidance {base.guidance_scale:g}, {base.height}&times;{base.width} px, "
-                f"{base.nfe_per_image:g} NFE per image; weights {esc(json.dumps(base.weights))}")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
-<h1>{esc(title)}</h1>
-<p>{settings}</p>
-<table id="means"><tr><th>score</th><th>{esc(labels[0])}</th><th>{esc(labels[1])}</th><th>change</th></tr>
-{chr(10).join(rows)}
-</table>
-<p>Means over valid samples (invalid: {int((~base.valid).sum())} {esc(labels[0])}, {int((~tuned.valid).sum())} {esc(labels[1])}).</p>
-<img src="{esc(grid_file, quote=True)}" alt="{esc(labels[0])} vs {esc(labels[1])}">
-</body></html>
-"""
-
-
-def write_comparison(out: Union[str, Path], base: EvalResult, tuned: EvalResult,
-                     labels: Tuple[str, str] = ("base", "tuned"), title: str = "flowrl grid",
-                     pairs_per_row: Optional[int] = None) -> Tuple[Path, Path]:
-    """Write ``grid.png`` (:func:`side_by_side`), ``index.html`` (:func:`comparison_html`) and
-    ``scores.csv`` (prompt, seed, every reward and total for both sides) to ``out``; returns
-    (png, html)."""
-    out = writable_dir(out, "output folder")
-    png = _save_png(side_by_side(base, tuned, labels, pairs_per_row), out / GRID_NAME)
-    page = _write_text(out / "index.html", comparison_html(base, tuned, GRID_NAME, labels, title))
-    keys = [*base.scores, "total"]
-    columns = ["prompt", "seed"] + [f"{side}/{k}" for side in ("base", "tuned") for k in keys]
-    rows = []
-    for i, (p, s) in enumerate(zip(base.row_prompts(), base.row_seeds())):
-        row: Dict[str, Any] = {"prompt": p, "seed": s}
-        for side, r in (("base", base), ("tuned", tuned)):
-            for k in keys:
-                v = r.total if k == "total" else r.scores.get(k)
-                row[f"{side}/{k}"] = _csv_value(float(v[i])) if v is not None else "nan"
-        rows.append(row)
-    _write_scores_csv(out / SCORES_NAME, rows, columns)
-    return png, page
-
-
-def add_grid_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of ``flowrl grid``."""
-    p.add_argument("config", help="YAML run config")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (flowrl checkpoint or diffusers LoRA)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, help="output folder for grid.png, index.html, scores.csv")
-    p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per sampling call (default: prompts_per_step x group_size)")
-    p.add_argument("--pairs-per-row", type=int, default=None, help="base/tuned pairs per grid row (default: up to 4)")
-    return p
-
-
-def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
-    """``flowrl grid``: evaluate the config's model before and after loading ``--checkpoint`` on the
-    same prompts and seeds, and write the side-by-side grid, the HTML page and the scores."""
-    from flowrl.config import load_run_config
-    from flowrl.train.model import apply_checkpoint, check_checkpoint, check_checkpoint_fits
-
-    cfg = load_run_config(args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.pairs_per_row is not None and args.pairs_per_row < 1:
-        raise UsageError(f"--pairs-per-row must be >= 1, got {args.pairs_per_row}")
-    _check_image_model(cfg)
-    ckpt = check_checkpoint(args.checkpoint)  # a damaged or half-written checkpoint fails before any model loads
-    out = writable_dir(args.out, "--out")
-    reward = reward_from_config(cfg)
-    policy = load_policy(cfg)
-    check_checkpoint_fits(policy, ckpt)  # a checkpoint of another model fails before the base is sampled
-    settings = eval_settings(cfg)
-    if args.batch_size is not None:
-        settings["batch_size"] = args.batch_size
-    seeds = list(range(args.seeds))
-    base = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
-    logger.info("loaded %s", apply_checkpoint(policy, ckpt))
-    tuned = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
-    return write_comparison(out, base, tuned, labels=("base", f"tuned: {ckpt.name}"),
-                            title=f"{ckpt.name} vs base", pairs_per_row=args.pairs_per_row)
-
-
-def grid_command(argv: Optional[Sequence[str]] = None) -> int:
-    """``flowrl grid CONFIG [overrides] --checkpoint DIR --prompts FILE --out DIR [--seeds N]``."""
-    p = add_grid_arguments(ArgumentParser(
-        prog="flowrl grid", description="Side-by-side grid of the base model and a checkpoint (PNG + HTML)."))
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    png, page = run_grid(args)
-    logger.info("wrote %s and %s", png, page)
-    return 0
-
-
-main = grid_command  # `flowrl grid` through the CLI's pass-through table, or `python -m flowrl.train.evaluate`
-
-
 def _first_line(e: BaseException) -> str:
     """An exception's first line, cut to 300 characters (it may quote a prompt of any length)."""
     from scorers._text import short
 
     text = str(e)
     return short(text.splitlines()[0], 300) if text else ""
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from flowrl.cli import main as _cli_main
-
-    sys.exit(_cli_main(["grid", *sys.argv[1:]]))
-

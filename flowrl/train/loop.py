@@ -49,6 +49,7 @@ from flowrl.train.guard import (
 )
 from flowrl.train.metrics import mean, reward_metrics, update_metrics
 from flowrl.train.processes import Processes
+from flowrl.train.runfolder import append_jsonl, atomic_write
 
 log = logging.getLogger("flowrl.train")
 
@@ -584,7 +585,7 @@ class Trainer:
                         self.first_eval = ev
                     metrics.update({f"eval/{k}": v for k, v in ev.get("means", {}).items()})
             if self.procs.main:
-                _append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+                append_jsonl(self.run_dir / "metrics.jsonl", metrics)
             self._check_going_on()
             if cfg.train.tracker != "none":
                 self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
@@ -666,13 +667,6 @@ def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int
     return prompt, branch
 
 
-def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Drop records of steps after ``step`` (they will be repeated after a resume)."""
     if not path.is_file():
@@ -684,9 +678,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, json.JSONDecodeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(x + "\n" for x in keep))
 
 
 def _flat_config(cfg) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ It reads what a training run leaves in its folder::
     <run>/metrics.jsonl        one JSON object per training step: step, reward/total, reward/<name>,
                                kl, clip_frac, time/sampling, ... (written by the training loop)
     <run>/summary.json         steps, wall_clock_s, nfe, first_eval, last_eval (reward -> held-out mean)
-    <run>/eval.jsonl           one record per evaluation (flowrl.train.evaluate.save_eval)
+    <run>/eval.jsonl           one record per evaluation (flowrl.train.runfolder.save_eval)
     <run>/eval/step-XXXXXXXX/grid.png
     <run>/before_after/grid.png  the first evaluation next to the latest (image runs)
     <run>/config.yaml          the resolved config (shown folded at the end of the page)
@@ -26,16 +26,17 @@ canvas directly (no pyplot state, no display needed).
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from flowrl.inputs import ArgumentParser, UsageError, writable_dir
+from flowrl.train.runfolder import BEFORE_AFTER, EVAL_DIR, EVAL_LOG, GRID_NAME, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 REPORT = "report.html"
 PLOTS = "plots"
-BEFORE_AFTER = "before_after"
 MAX_PANELS = 12
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -86,8 +86,6 @@ def _number(x: Any) -> Optional[float]:
 
 def load_evals(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     """Records of ``eval.jsonl`` sorted by step, the last one kept for a step logged twice."""
-    from flowrl.train.evaluate import EVAL_LOG
-
     by_step: Dict[int, Dict[str, Any]] = {}
     for rec in read_jsonl(Path(run_dir) / EVAL_LOG):
         step = rec.get("step")
@@ -98,8 +96,6 @@ def load_evals(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
 
 def eval_grids(run_dir: Union[str, Path]) -> List[Tuple[int, Path]]:
     """(step, path) of every ``eval/step-XXXXXXXX/grid.png`` that exists, by step."""
-    from flowrl.train.evaluate import EVAL_DIR, GRID_NAME
-
     root = Path(run_dir) / EVAL_DIR
     if not root.is_dir():
         return []
@@ -177,12 +173,9 @@ def plot_panels(data: Mapping[str, Tuple[Sequence[float], Sequence[float]]], pat
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, p)
-    return p
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,8 +345,6 @@ def _curves(root: Path, metrics: Sequence[Mapping[str, Any]], evals: Sequence[Ma
 def _lead_figure(root: Path, evals: Sequence[Mapping[str, Any]]) -> Tuple[str, str]:
     """(heading, HTML) of the page's first figure: ``before_after/grid.png`` (the first evaluation next
     to the latest, same prompts and seeds) when the run wrote it, else the first and last evaluation grids."""
-    from flowrl.train.evaluate import GRID_NAME  # lazy like every flowrl.train.evaluate import here: it loads torch
-
     ba = root / BEFORE_AFTER / GRID_NAME
     if ba.is_file():
         caption = ("First evaluation (left of each pair) and the latest (right), same held-out prompts and seeds; "
@@ -405,8 +396,6 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
 
     Raises UsageError when ``run_dir`` is not a folder or holds none of metrics.jsonl, summary.json
     and eval.jsonl."""
-    from flowrl.train.evaluate import EVAL_LOG
-
     root = Path(run_dir)
     if not root.exists():
         raise UsageError(f"run folder not found: {root}")
@@ -500,11 +489,7 @@ pre{{background:#f6f6f6;padding:.6em}}</style></head><body>
 {config_html}
 </body></html>
 """
-    out = root / REPORT
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(root / REPORT, page)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

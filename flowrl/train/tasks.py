@@ -15,6 +15,10 @@ from torch import Tensor
 
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.train.data import step_generator
+from flowrl.train.runfolder import (
+    EVAL_DIR, EVAL_LOG, FIRST_EVAL, SAMPLES_NAME, append_jsonl, atomic_write, before_after_dir, eval_dir,
+    load_eval_result, save_eval, save_eval_result, write_comparison,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +202,8 @@ class FlowTask:
         """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,
         index.html, scores.csv: this process's first evaluation, normally the base model, next to this
         one, same prompts and seeds); returns the means and per-category details."""
-        from flowrl.train.evaluate import load_eval_result, save_eval, save_eval_result, write_comparison
-
         save_eval(run_dir, step, res)
-        kept = Path(run_dir) / "before_after" / "first.safetensors"  # the first evaluation, kept across resumes
+        kept = before_after_dir(run_dir) / FIRST_EVAL  # the first evaluation, kept across resumes
         if self._first_eval is None and kept.is_file():
             first_step, first = load_eval_result(kept)
             if first_step < step:  # a resumed run: its "before" is the run's first evaluation
@@ -211,7 +213,7 @@ class FlowTask:
             save_eval_result(kept, step, res)
         elif self._first_eval[0] != step:
             first_step, first = self._first_eval
-            write_comparison(Path(run_dir) / "before_after", first, res,
+            write_comparison(before_after_dir(run_dir), first, res,
                              labels=(f"step {first_step}", f"step {step}"), title="flowrl: before / after")
         s = res.summary()
         return {"means": s["means"], "details": s["details"]}
@@ -350,12 +352,10 @@ class TextTask:
         """Completions under ``eval/step-N/samples.jsonl`` and a record in ``eval.jsonl``."""
         import json
 
-        d = Path(run_dir) / "eval" / f"step-{step:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in res["samples"]), encoding="utf-8")
-        with open(Path(run_dir) / "eval.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), "means": res["means"], "details": {},
-                                "samples": f"eval/{d.name}/samples.jsonl"}) + "\n")
+        d = eval_dir(run_dir, step)
+        atomic_write(d / SAMPLES_NAME, "".join(json.dumps(x) + "\n" for x in res["samples"]))
+        append_jsonl(Path(run_dir) / EVAL_LOG, {"step": int(step), "means": res["means"], "details": {},
+                                                "samples": f"{EVAL_DIR}/{d.name}/{SAMPLES_NAME}"})
         return {"means": res["means"], "details": {}}
 
     def save_result(self, out_dir: Path) -> Path:
