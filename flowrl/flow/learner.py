@@ -85,6 +85,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.losses import LossConfig, StepTerms, mean_sq_diff, noise_aware_weights, policy_loss
+from flowrl.core.reference import adapters_disabled, has_adapters, unwrap
 from flowrl.core.stats import merge_stats
 from flowrl.flow.sampler import Rollout
 from flowrl.flow.steps import sde_mean_std, sde_step
@@ -114,18 +115,6 @@ _GRAD_KEYS = ("logps", "delta_sq", "ref_delta_sq", "v_ref_delta_sq")
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap(module: Any) -> Any:
-    """The model inside a DistributedDataParallel-like wrapper (``.module``), else the module."""
-    inner = getattr(module, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
-
-
-def has_adapters(module: Any) -> bool:
-    """Whether ``module`` carries a peft adapter (diffusers' PEFT integration or a ``PeftModel``)."""
-    m = _unwrap(module)
-    return bool(getattr(m, "peft_config", None))
-
-
 def kl_enabled(loss: LossConfig, beta: Optional[float] = None) -> bool:
     """Whether the KL term can be non-zero: ``beta`` (or ``loss.beta``) > 0, or a non-constant schedule."""
     b = loss.beta if beta is None else float(beta)
@@ -142,26 +131,10 @@ def reference_transformer(transformer: torch.nn.Module, loss: LossConfig) -> Opt
     """
     if not kl_enabled(loss) or has_adapters(transformer):
         return None
-    ref = copy.deepcopy(_unwrap(transformer))
+    ref = copy.deepcopy(unwrap(transformer))
     ref.requires_grad_(False)
     ref.eval()
     return ref
-
-
-@contextlib.contextmanager
-def _adapters_disabled(module: Any) -> Iterator[None]:
-    """Run ``module`` as its base model: ``disable_adapter()`` context of a ``PeftModel``, or
-    ``disable_adapters()``/``enable_adapters()`` of a diffusers model with PEFT adapters."""
-    m = _unwrap(module)
-    if callable(getattr(m, "disable_adapter", None)) and not hasattr(m, "disable_adapters"):
-        with m.disable_adapter():
-            yield
-        return
-    m.disable_adapters()
-    try:
-        yield
-    finally:
-        m.enable_adapters()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,7 +563,7 @@ class FlowLearner:
         if transformer is None or not has_adapters(transformer):
             raise ValueError("ref_transformer: the KL term needs a LoRA adapter on policy.transformer or a "
                              "ref_transformer")
-        with _adapters_disabled(transformer):
+        with adapters_disabled(transformer):
             yield
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.losses import LossConfig, policy_loss
+from flowrl.core.reference import adapters_disabled, has_adapters
 from flowrl.core.stats import merge_stats
 from flowrl.text.rollout import TextRollout, generate, token_logps
 
@@ -26,8 +27,8 @@ def _ref_context(model, ref_model):
     adapter disabled (no second copy of the weights), or ``ref_model`` when given."""
     if ref_model is not None:
         return contextlib.nullcontext()
-    if hasattr(model, "disable_adapter"):
-        return model.disable_adapter()
+    if has_adapters(model):
+        return adapters_disabled(model)
     raise ValueError("a KL term (beta > 0) needs a LoRA model (reference = adapter disabled) or a ref_model")
 
 
