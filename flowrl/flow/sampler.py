@@ -1,5 +1,17 @@
 """Run a sampling :class:`~flowrl.flow.plan.Plan` with a flow policy and return a :class:`Rollout`.
 
+Each step moves ``x`` from ``sigma`` to ``sigma_next`` with the policy's velocity ``v``: an ODE step
+(Euler ``x' = x + (sigma_next - sigma) v``, or Heun / DPM-Solver++(2M)), or, where the plan says so,
+an SDE step ``x' ~ N(mu(x, v), s^2 I)`` whose log-prob is stored for the GRPO update (Flow-GRPO,
+arXiv 2505.05470; the dynamics are :func:`flowrl.flow.steps.sde_step`'s). Rows multiply only at SDE
+steps (``same_noise`` groups, trees as in TempFlow-GRPO arXiv 2508.04324 and G²RPO arXiv
+2510.01982, whose node velocities are computed once). :func:`sample` runs in phases like a
+diffusers pipeline call: check inputs, sigmas and prompt embeddings, initial noise, the head (steps
+up to the last SDE step), one ODE tail per granularity, the Rollout. Only the span from the first
+to the last SDE step is stored, every state rounded through ``store_dtype`` before it is used or
+scored, so a recomputed transition scores exactly what was stored. Rows, NFE, storage, sweeps and
+tails in detail: ``docs/methods.md`` (flowrl.flow.sampler).
+
 The sampler needs only this protocol from ``policy`` (:class:`flowrl.flow.policy.FlowPolicy`
 implements it):
 
@@ -9,58 +21,6 @@ implements it):
   ``sigmas(num_steps, height, width)`` (``num_steps + 1`` sigmas ending with 0);
 * ``velocity(x, sigma, embeds, guidance_scale)`` (``sigma`` a ``[B]`` tensor);
 * ``decode(x) -> [B, 3, H, W]`` in [0, 1].
-
-How a rollout is computed
--------------------------
-All samples of all prompts advance together, one step at a time, as one batch of *rows*; a row is
-a distinct state. Rows multiply only at stochastic steps:
-
-* independent samples (default): ``P × G`` rows from the start, each with its own initial noise;
-* ``same_noise=True`` (Flow-GRPO ``same_latent``, DanceGRPO/MixGRPO/G²RPO ``init_same_noise``):
-  one row per prompt until the first SDE step, where each row becomes ``G`` children. The ODE
-  prefix is thus computed once per prompt (Flow-GRPO-Fast recomputes it for every member);
-* trees (``plan.kind == "tree"``): one row per tree until the first branching step; at a step with
-  branch factor b each row becomes b children. The velocity of a node is computed once and reused
-  by all its children (G²RPO's trick); each child draws its own noise. ``group_size`` is the number
-  of leaves per prompt: a multiple of ``plan.leaves`` (``group_size // plan.leaves`` trees, each with
-  its own initial noise; with ``same_noise`` they share it, so the trees' first-level children are
-  all siblings).
-
-Rows are kept in *leaf order* (prompt-major, then tree, then child index at each depth), so the
-final row ``n`` descends from row ``n // (N // r)`` of any earlier step that had ``r`` rows.
-
-NFE. ``Rollout.nfe`` counts velocity evaluations per row: one batched call on ``r`` rows adds ``r``;
-classifier-free guidance (two branches inside one ``policy.velocity`` call) counts once. For a tree
-this is the number of distinct nodes evaluated (summed over steps), not leaves × steps.
-``Rollout.velocity_calls`` counts the calls themselves (chunks included).
-
-Storage. Only the contiguous span from the first to the last SDE step is stored: ``T`` transitions
-(``step_index``), with ``latents[:, t]`` the state entering step ``step_index[t]`` and
-``latents[:, t + 1]`` the state it produced (``latents[:, T]``: the state after the last SDE step).
-Every state in the span is rounded through ``store_dtype`` *before* it is used, and each sampled
-``x'`` is rounded before it is scored (``sde_step(..., prev_sample=x'.to(store_dtype).float())``), so
-recomputing a transition from the stored tensors scores exactly what was stored (on-policy ratio
-exactly 1 when the recomputed velocity is bitwise the same).
-
-Sweeps (``plan.sweep``: a singular plan with ``singular_choice="all"``; G²RPO's ``eta_step_list``
-loop, TempFlow-GRPO's per-step branches). Every eligible step k branches in the same rollout from
-one deterministic trunk per prompt: the prompt's one initial noise (``same_noise`` is required) is
-integrated by the ODE to x_k, ``G`` rows take ONE stochastic step at k (their own noise, independent
-across k), then continue deterministically to the end (every granularity). It is run as K singular
-samplings (:meth:`~flowrl.flow.plan.Plan.singular_at`) that share the prompt embeddings and the
-initial noise; the SDE noise of branch k comes from a generator seeded by a draw from the caller's
-generator (per prompt for a list), so it differs between k's and a prompt's rows still depend on
-its own generator only. Rows are prompt-major, then branch step (in step order), then member:
-row ``(p, j, g)`` is ``p·K·G + j·G + g``; ``group_id = p·K + j`` (one advantage group per prompt and
-branch step), ``groups_per_prompt = K``, ``branch_step`` the row's k. Every row stores ONE
-transition (T = 1, its own ``sigmas``/``sigma_next``), and ``step_index`` is ``[-1]`` (the step
-differs between rows; read ``branch_step``).
-
-The ODE tail after the last SDE step is run once per continuation granularity (G²RPO) or on the
-compressed sigmas (MixGRPO-Flash), with the plan's ODE solver; deterministic steps before the first
-SDE step use ``plan.head_solver`` (default: the same solver). A multistep solver's history (the last
-x0 prediction) is updated at every step, stochastic ones included, and carried into the tail, as
-MixGRPO-Flash does: the first tail step after the window is already second order.
 """
 
 from __future__ import annotations
@@ -97,7 +57,7 @@ __all__ = ["Rollout", "sample", "tail_sigmas"]
 class Rollout:
     """One rollout of ``P`` prompts × ``G`` samples (``N = P·G`` rows, prompt-major), plain tensors.
 
-    Per stored transition t (``T`` of them; see the module doc for which steps are stored):
+    Per stored transition t (``T`` of them, the span from the first to the last SDE step):
     ``latents[:, t]`` → ``latents[:, t + 1]`` from ``sigmas[:, t]`` to ``sigma_next[:, t]`` with
     noise level ``noise_levels[:, t]`` and dynamics ``sde_kind``; ``log_probs[:, t]`` is its old
     log-prob (``reduction`` over latent elements; 0 on ODE steps), ``means[:, t]`` the old mean
@@ -112,7 +72,7 @@ class Rollout:
 
     Sweeps (``branch_step`` is not None): ``N = P·K·G`` rows, each with the one transition
     (T = 1) taken at its ``branch_step``; ``group_id = prompt_index·K + j`` for the j-th branch step
-    and ``groups_per_prompt = K`` (see the module doc).
+    and ``groups_per_prompt = K`` (see ``docs/methods.md``).
 
     Trees (``node_parent`` is not None): nodes are the distinct states created at stochastic steps
     plus one root per tree (parent −1, step −1). ``node_step[m]`` is the step whose transition
@@ -318,7 +278,7 @@ def _progress_bar(total: int, progress: Optional[bool]):
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: only when a bar is shown
 
     return tqdm(total=total, desc="sampling", leave=False)
 
@@ -521,7 +481,7 @@ def _check_inputs(call: _Call) -> None:
 
 
 def _sample(call: _Call) -> Rollout:
-    """One rollout (see :func:`sample` and the module doc), phase by phase."""
+    """One rollout (see :func:`sample`), phase by phase."""
     # 1. the noise schedule and the prompt embeddings
     sigmas = _sigmas(call)
     embeds = _encode_prompts(call)
@@ -796,15 +756,9 @@ def _per_prompt_noise(x: Tensor, generators: Sequence[torch.Generator], num_prom
 
 
 def _sample_sweep(call: _Call) -> Rollout:
-    """A sweep (see the module doc): one singular sampling per branch step k, all from the same
-    initial noise (one row per prompt) and prompt embeddings, concatenated prompt-major.
-
-    Cost against an ideal shared trunk: branch k recomputes the trunk up to x_k and its velocity
-    there, (k + 1)·P velocity rows, so the sweep spends P·sum_k (k + 1) trunk rows where one shared
-    trunk would spend P·(k_max + 1). The branches cost G·P·sum_k sum_g (tail steps after k at
-    granularity g) rows whatever the layout: for G²RPO (16 steps, k = 0..7, G = 12, granularities
-    [1, 2]) 36·P trunk rows instead of 8·P, beside 1680·P branch rows (+1.7 %).
-    """
+    """A sweep (``docs/methods.md``): one singular sampling per branch step k, all from the same
+    initial noise (one row per prompt) and prompt embeddings, concatenated prompt-major. (Its cost
+    against one shared trunk: ``docs/methods.md``.)"""
     embeds = _encode_prompts(call)
     init = _initial_noise(call, 1)
     steps = call.plan.sde_steps

@@ -3,7 +3,10 @@
 The learner does two things the training loop composes: a rollout (G completions per prompt,
 old and reference token log-probs stored) and the gradient of one optimizer minibatch (token
 log-probs recomputed with grad in chunks, :func:`flowrl.core.losses.policy_loss`, backward).
-The loop owns the optimizer step, the epochs over a rollout and the processes.
+The loop owns the optimizer step, the epochs over a rollout and the processes. Per token the loss is
+GRPO's (DeepSeekMath, arXiv 2402.03300) ``-min(w A, clip(w, 1 - eps, 1 + eps) A) + beta KL`` with
+``w = exp(log pi(o_t) - log pi_old(o_t))`` and the reference the model with its LoRA adapter
+disabled (:mod:`flowrl.core.reference`) or a given ``ref_model``.
 
 Loss variants are the names TRL users know (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``,
 ...): :func:`flowrl.core.losses.loss_preset` documents where they match TRL 1.16 and where not.
