@@ -2,74 +2,16 @@
 
 One call of :meth:`FlowLearner.minibatch_gradient` accumulates into ``.grad`` the gradient of the
 loss of one optimizer minibatch (a :class:`~flowrl.flow.sampler.Rollout`, usually
-``rollout.select(rows)``). The training loop owns everything around it (K inner epochs over a
-rollout, shuffled minibatches, the optimizer step, processes), exactly as for
-:class:`flowrl.text.learner.TextLearner`, so one loop drives both.
-
-How a stored transition is recomputed
--------------------------------------
-For stored step t and a chunk of the rows that train it (``rollout.trained[:, t]``):
-
-* velocity with grad ``v = policy.velocity(latents[:, t], sigmas[:, t], embeds, g)`` with the
-  rollout's guidance scale g (classifier-free guidance as in sampling: Flow-GRPO trains on the
-  same CFG velocity it samples with, arXiv 2505.05470, "fix cfg gradient detach");
-* ``sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=latents[:, t + 1], kind, reduction)``
-  gives the log-prob of the stored transition (the sampler scored the very same stored tensors, so
-  the first pass is exactly on-policy when the forward is bitwise the same; see below);
-* :func:`flowrl.core.losses.policy_loss` on ``[rows, 1]`` tensors, then ``backward`` at once, so
-  the graph of one step is freed before the next: peak memory is that of one forward + backward
-  of the chunk, whatever the number of trained steps (``bench/memory.py`` measures it).
-
-Splitting the loss over steps (why the per-row weight)
-------------------------------------------------------
-With m the trained mask, l the per-step loss and Z the whole-minibatch ``normalizer``
-(:func:`flowrl.core.losses.loss_normalizers`), every aggregation but one is a plain sum,
-``L = sum_{i,t} m_it l_it / Z``, and splits over t as is. ``seq-mean-token-mean`` (GRPO) is
-``L = sum_i (1 / c_i) sum_t m_it l_it / Z`` with ``c_i = max(1, sum_t m_it)`` the number of trained
-steps of row i. A single-step call of ``policy_loss`` sees a count of 1 per trained row, so rows are
-grouped by c_i and each group is passed the normaliser ``Z * c_i``: then
-``sum_t L_t = L`` term by term, for the policy term and the KL term alike (the KL is not
-covered by ``step_weights``, which is why the weight goes through the normaliser).
-
-A sequence-level ratio (``ratio_level="sequence"``, GSPO arXiv 2507.18071) couples all steps of a
-row through ``exp(mean_t log w_it)``. It is done in two passes, still one step graph at a time:
-pass 1 (no grad) computes every per-step quantity the loss depends on (log-probs, the
-mean-square terms), evaluates the loss on leaf copies of them and takes its partial derivatives
-``g``; pass 2 recomputes each step with grad and back-propagates ``sum g * quantity``, which by
-the chain rule is exactly the gradient of the full loss. Cost: one extra no-grad forward per step.
-
-Reference model and KL
-----------------------
-The KL reference is the same transformer with its LoRA adapter disabled (no second copy of the
-weights; Flow-GRPO does the same). Full fine-tuning keeps a frozen copy only when the KL is on:
-:func:`reference_transformer` returns it (or None), pass it as ``ref_transformer``. The reference
-forward (no grad) runs only when the current KL coefficient is non-zero. The sampled estimators
-k1/k2/k3 use the reference log-prob of the stored transition; ``"latent"`` the closed form
-``mean_d (mu_theta - mu_ref)^2 / (2 s^2)`` (times |dt| with ``kl_drop_dt``, as Flow-GRPO); and
-``"velocity"`` ``mean_d (v_theta - v_ref)^2``.
-
-GRPO-Guard (arXiv 2510.22319) ratio normalisation needs, per step, the std s, |dt| and
-``delta_sq = mean_d (mu_theta - mu_old)^2`` with ``mu_old = rollout.means[:, t]``: they are built for
-every dynamics kind (our CPS log-prob is the true Gaussian one, so ``logp_scale = 1``; with
-``reduction="sum"`` the log-prob is D times the mean-reduced one and ``logp_scale = D``).
-TempFlow-GRPO-style noise-aware step weights (arXiv 2508.04324) come from
-:func:`flowrl.core.losses.noise_aware_weights` on the transition stds (``s / mean s``), or, with
-``step_weight_scale`` c, are the absolute ``c · s`` of :func:`scaled_noise_weights` (TempFlow-GRPO's
-code: c = 2.25, about 1 / mean s over SD3's 10-step schedule, no per-minibatch normalisation).
-
-Exactly on-policy
------------------
-Rows that share their state at step t (a tree's siblings before they branch, a group with
-``same_noise`` at its first SDE step) are evaluated once, as the sampler did (G²RPO's trick,
-arXiv 2510.01982): consecutive rows with the same prompt, sigma and latent share one velocity row.
-With the whole rollout as one minibatch and the sampler's ``chunk_size``, the learner therefore
-runs the transformer on exactly the sampler's batches and the first pass has every ratio exactly
-1 (for a singular sweep, whose branch step k was sampled from the P trunk rows of its own call: a
-minibatch holding one branch step, ``train.num_minibatches = K``). Other splits evaluate the same rows in different batches; a model that is not batch-invariant
-(e.g. CPU GEMM blocking; the reason Flow-GRPO requires train batch = sample batch for SD3) then
-gives ratios 1 up to float rounding (about 1e-7). ``minibatch_gradient(..., on_policy=True)``, for
-minibatches taken before any optimizer step on the rollout, uses the recomputed (detached) log-probs
-and means as the old ones: every ratio is then exactly 1 whatever the batching.
+``rollout.select(rows)``); the training loop owns everything around it, exactly as for
+:class:`flowrl.text.learner.TextLearner`. For a stored transition ``x -> x'`` the velocity is
+recomputed with grad and ``log p(x' | x) = sde_step(x, v, sigma, sigma_next, a, prev_sample=x').log_prob``
+enters the clipped surrogate ``min(w A, clip(w, 1 - eps, 1 + eps) A)``, ``w = exp(log p - log p_old)``
+(Flow-GRPO, arXiv 2505.05470), summed as ``L = sum_{i,t} m_it l_it / Z`` over the trained mask m,
+one step's graph at a time (memory flat in the number of trained steps). The KL reference is the
+same transformer with its LoRA adapter disabled (:mod:`flowrl.core.reference`), or a frozen copy
+for full fine-tuning. Derivations (the per-row weight of GRPO's sequence mean, the two-pass
+sequence-level ratio, the KL estimators, GRPO-Guard, exact on-policy batching):
+``docs/methods.md`` (flowrl.flow.learner).
 """
 
 from __future__ import annotations
@@ -85,7 +27,9 @@ import torch
 from torch import Tensor
 
 from flowrl.core.losses import LossConfig, StepTerms, mean_sq_diff, noise_aware_weights, policy_loss
+from flowrl.core.reference import adapters_disabled, has_adapters, unwrap
 from flowrl.core.stats import merge_stats
+from flowrl.flow.policy import PromptEmbeds
 from flowrl.flow.sampler import Rollout
 from flowrl.flow.steps import sde_mean_std, sde_step
 
@@ -114,18 +58,6 @@ _GRAD_KEYS = ("logps", "delta_sq", "ref_delta_sq", "v_ref_delta_sq")
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap(module: Any) -> Any:
-    """The model inside a DistributedDataParallel-like wrapper (``.module``), else the module."""
-    inner = getattr(module, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
-
-
-def has_adapters(module: Any) -> bool:
-    """Whether ``module`` carries a peft adapter (diffusers' PEFT integration or a ``PeftModel``)."""
-    m = _unwrap(module)
-    return bool(getattr(m, "peft_config", None))
-
-
 def kl_enabled(loss: LossConfig, beta: Optional[float] = None) -> bool:
     """Whether the KL term can be non-zero: ``beta`` (or ``loss.beta``) > 0, or a non-constant schedule."""
     b = loss.beta if beta is None else float(beta)
@@ -142,26 +74,10 @@ def reference_transformer(transformer: torch.nn.Module, loss: LossConfig) -> Opt
     """
     if not kl_enabled(loss) or has_adapters(transformer):
         return None
-    ref = copy.deepcopy(_unwrap(transformer))
+    ref = copy.deepcopy(unwrap(transformer))
     ref.requires_grad_(False)
     ref.eval()
     return ref
-
-
-@contextlib.contextmanager
-def _adapters_disabled(module: Any) -> Iterator[None]:
-    """Run ``module`` as its base model: ``disable_adapter()`` context of a ``PeftModel``, or
-    ``disable_adapters()``/``enable_adapters()`` of a diffusers model with PEFT adapters."""
-    m = _unwrap(module)
-    if callable(getattr(m, "disable_adapter", None)) and not hasattr(m, "disable_adapters"):
-        with m.disable_adapter():
-            yield
-        return
-    m.disable_adapters()
-    try:
-        yield
-    finally:
-        m.enable_adapters()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,12 +101,12 @@ def seq_mean_row_counts(trained: Tensor) -> Tensor:
 def scaled_noise_weights(stds: Tensor, trained: Tensor, scale: float) -> Tensor:
     """Absolute noise-aware step weights ``w_nt = c · s_nt`` on trained transitions, 0 elsewhere.
 
-    TempFlow-GRPO (arXiv 2508.04324; Shredded-Pork/TempFlow-GRPO ``scripts/train_sd3_pr.py``)
-    multiplies each trained transition's clipped surrogate by ``2.25 · s_j``, s_j the transition std
-    (Flow-SDE: ``a sqrt(sigma / (1 - sigma)) sqrt(sigma - sigma_next)``) and 2.25 about
-    ``1 / mean_j s_j`` over the 9 trainable steps of SD3's 10-step shift-3 schedule at a = 0.7
-    (2.2522). Unlike :func:`flowrl.core.losses.noise_aware_weights` nothing is normalised, so a
-    minibatch's weights do not depend on what else it holds. Returns float32 ``[N, T]``.
+    TempFlow-GRPO (arXiv 2508.04324; its training script, see ``docs/methods.md``) multiplies each
+    trained transition's clipped surrogate by ``2.25 · s_j``, s_j the transition std (Flow-SDE:
+    ``a sqrt(sigma / (1 - sigma)) sqrt(sigma - sigma_next)``) and 2.25 about ``1 / mean_j s_j`` over
+    the 9 trainable steps of SD3's 10-step shift-3 schedule at a = 0.7 (2.2522). Unlike
+    :func:`flowrl.core.losses.noise_aware_weights` nothing is normalised, so a minibatch's weights do
+    not depend on what else it holds. Returns float32 ``[N, T]``.
     """
     if not math.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale: must be a finite number > 0, got {scale!r}")
@@ -590,7 +506,7 @@ class FlowLearner:
         if transformer is None or not has_adapters(transformer):
             raise ValueError("ref_transformer: the KL term needs a LoRA adapter on policy.transformer or a "
                              "ref_transformer")
-        with _adapters_disabled(transformer):
+        with adapters_disabled(transformer):
             yield
 
 
@@ -611,8 +527,6 @@ class _Context:
         if maker is not None:
             self.embeds = maker(rollout.embeds)
         else:
-            from flowrl.flow.policy import PromptEmbeds
-
             self.embeds = PromptEmbeds.from_tensors(rollout.embeds)
         dev = getattr(policy, "device", None)
         self.device = torch.device(dev) if dev is not None else rollout.latents.device

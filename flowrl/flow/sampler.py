@@ -1,5 +1,17 @@
 """Run a sampling :class:`~flowrl.flow.plan.Plan` with a flow policy and return a :class:`Rollout`.
 
+Each step moves ``x`` from ``sigma`` to ``sigma_next`` with the policy's velocity ``v``: an ODE step
+(Euler ``x' = x + (sigma_next - sigma) v``, or Heun / DPM-Solver++(2M)), or, where the plan says so,
+an SDE step ``x' ~ N(mu(x, v), s^2 I)`` whose log-prob is stored for the GRPO update (Flow-GRPO,
+arXiv 2505.05470; the dynamics are :func:`flowrl.flow.steps.sde_step`'s). Rows multiply only at SDE
+steps (``same_noise`` groups, trees as in TempFlow-GRPO arXiv 2508.04324 and G²RPO arXiv
+2510.01982, whose node velocities are computed once). :func:`sample` runs in phases like a
+diffusers pipeline call: check inputs, sigmas and prompt embeddings, initial noise, the head (steps
+up to the last SDE step), one ODE tail per granularity, the Rollout. Only the span from the first
+to the last SDE step is stored, every state rounded through ``store_dtype`` before it is used or
+scored, so a recomputed transition scores exactly what was stored. Rows, NFE, storage, sweeps and
+tails in detail: ``docs/methods.md`` (flowrl.flow.sampler).
+
 The sampler needs only this protocol from ``policy`` (:class:`flowrl.flow.policy.FlowPolicy`
 implements it):
 
@@ -9,66 +21,14 @@ implements it):
   ``sigmas(num_steps, height, width)`` (``num_steps + 1`` sigmas ending with 0);
 * ``velocity(x, sigma, embeds, guidance_scale)`` (``sigma`` a ``[B]`` tensor);
 * ``decode(x) -> [B, 3, H, W]`` in [0, 1].
-
-How a rollout is computed
--------------------------
-All samples of all prompts advance together, one step at a time, as one batch of *rows*; a row is
-a distinct state. Rows multiply only at stochastic steps:
-
-* independent samples (default): ``P × G`` rows from the start, each with its own initial noise;
-* ``same_noise=True`` (Flow-GRPO ``same_latent``, DanceGRPO/MixGRPO/G²RPO ``init_same_noise``):
-  one row per prompt until the first SDE step, where each row becomes ``G`` children. The ODE
-  prefix is thus computed once per prompt (Flow-GRPO-Fast recomputes it for every member);
-* trees (``plan.kind == "tree"``): one row per tree until the first branching step; at a step with
-  branch factor b each row becomes b children. The velocity of a node is computed once and reused
-  by all its children (G²RPO's trick); each child draws its own noise. ``group_size`` is the number
-  of leaves per prompt: a multiple of ``plan.leaves`` (``group_size // plan.leaves`` trees, each with
-  its own initial noise; with ``same_noise`` they share it, so the trees' first-level children are
-  all siblings).
-
-Rows are kept in *leaf order* (prompt-major, then tree, then child index at each depth), so the
-final row ``n`` descends from row ``n // (N // r)`` of any earlier step that had ``r`` rows.
-
-NFE. ``Rollout.nfe`` counts velocity evaluations per row: one batched call on ``r`` rows adds ``r``;
-classifier-free guidance (two branches inside one ``policy.velocity`` call) counts once. For a tree
-this is the number of distinct nodes evaluated (summed over steps), not leaves × steps.
-``Rollout.velocity_calls`` counts the calls themselves (chunks included).
-
-Storage. Only the contiguous span from the first to the last SDE step is stored: ``T`` transitions
-(``step_index``), with ``latents[:, t]`` the state entering step ``step_index[t]`` and
-``latents[:, t + 1]`` the state it produced (``latents[:, T]``: the state after the last SDE step).
-Every state in the span is rounded through ``store_dtype`` *before* it is used, and each sampled
-``x'`` is rounded before it is scored (``sde_step(..., prev_sample=x'.to(store_dtype).float())``), so
-recomputing a transition from the stored tensors scores exactly what was stored (on-policy ratio
-exactly 1 when the recomputed velocity is bitwise the same).
-
-Sweeps (``plan.sweep``: a singular plan with ``singular_choice="all"``; G²RPO's ``eta_step_list``
-loop, TempFlow-GRPO's per-step branches). Every eligible step k branches in the same rollout from
-one deterministic trunk per prompt: the prompt's one initial noise (``same_noise`` is required) is
-integrated by the ODE to x_k, ``G`` rows take ONE stochastic step at k (their own noise, independent
-across k), then continue deterministically to the end (every granularity). It is run as K singular
-samplings (:meth:`~flowrl.flow.plan.Plan.singular_at`) that share the prompt embeddings and the
-initial noise; the SDE noise of branch k comes from a generator seeded by a draw from the caller's
-generator (per prompt for a list), so it differs between k's and a prompt's rows still depend on
-its own generator only. Rows are prompt-major, then branch step (in step order), then member:
-row ``(p, j, g)`` is ``p·K·G + j·G + g``; ``group_id = p·K + j`` (one advantage group per prompt and
-branch step), ``groups_per_prompt = K``, ``branch_step`` the row's k. Every row stores ONE
-transition (T = 1, its own ``sigmas``/``sigma_next``), and ``step_index`` is ``[-1]`` (the step
-differs between rows; read ``branch_step``).
-
-The ODE tail after the last SDE step is run once per continuation granularity (G²RPO) or on the
-compressed sigmas (MixGRPO-Flash), with the plan's ODE solver; deterministic steps before the first
-SDE step use ``plan.head_solver`` (default: the same solver). A multistep solver's history (the last
-x0 prediction) is updated at every step, stochastic ones included, and carried into the tail, as
-MixGRPO-Flash does: the first tail step after the window is already second order.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, fields, replace
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -97,7 +57,7 @@ __all__ = ["Rollout", "sample", "tail_sigmas"]
 class Rollout:
     """One rollout of ``P`` prompts × ``G`` samples (``N = P·G`` rows, prompt-major), plain tensors.
 
-    Per stored transition t (``T`` of them; see the module doc for which steps are stored):
+    Per stored transition t (``T`` of them, the span from the first to the last SDE step):
     ``latents[:, t]`` → ``latents[:, t + 1]`` from ``sigmas[:, t]`` to ``sigma_next[:, t]`` with
     noise level ``noise_levels[:, t]`` and dynamics ``sde_kind``; ``log_probs[:, t]`` is its old
     log-prob (``reduction`` over latent elements; 0 on ODE steps), ``means[:, t]`` the old mean
@@ -112,7 +72,7 @@ class Rollout:
 
     Sweeps (``branch_step`` is not None): ``N = P·K·G`` rows, each with the one transition
     (T = 1) taken at its ``branch_step``; ``group_id = prompt_index·K + j`` for the j-th branch step
-    and ``groups_per_prompt = K`` (see the module doc).
+    and ``groups_per_prompt = K`` (see ``docs/methods.md``).
 
     Trees (``node_parent`` is not None): nodes are the distinct states created at stochastic steps
     plus one root per tree (parent −1, step −1). ``node_step[m]`` is the step whose transition
@@ -318,7 +278,7 @@ def _progress_bar(total: int, progress: Optional[bool]):
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: only when a bar is shown
 
     return tqdm(total=total, desc="sampling", leave=False)
 
@@ -358,36 +318,430 @@ def sample(
     taken on the rounded values). ``chunk_size``: at most this many rows per velocity call.
     ``progress``: show a tqdm bar over steps (None: only when stderr is a terminal).
     """
+    call = _Call(policy, prompts, plan, group_size, height, width, guidance_scale, generator, same_noise,
+                 negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
+    _check_inputs(call)
+    call = replace(call, prompts=list(prompts), guidance_scale=float(guidance_scale))
+    with torch.no_grad():
+        return _sample_sweep(call) if plan.sweep else _sample(call)
+
+
+@dataclass
+class _Call:
+    """The arguments of one sampling call (see :func:`sample`), read by every phase."""
+
+    policy: Any
+    prompts: list[str]
+    plan: Plan
+    group_size: int  # G
+    height: int
+    width: int
+    guidance_scale: float
+    generator: Any  # a torch.Generator, or a list of one per prompt
+    same_noise: bool
+    negative_prompt: str
+    store_dtype: torch.dtype
+    decode: bool
+    store_means: bool
+    chunk_size: Optional[int]
+    progress: Optional[bool]
+    embeds: Any = None  # the prompts' embeddings when already encoded (a sweep encodes once)
+    init_noise: Optional[Tensor] = None  # the initial rows (prompt-major) instead of a draw from ``generator``
+
+    @property
+    def num_prompts(self) -> int:  # P
+        return len(self.prompts)
+
+    @property
+    def num_rows(self) -> int:  # N = P·G, the final rows
+        return len(self.prompts) * self.group_size
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether ``generator`` is a list of one generator per prompt."""
+        return isinstance(self.generator, (list, tuple))
+
+
+class _Stored(NamedTuple):
+    """One stored transition as the head loop produced it (rows of that step, not yet the N final rows)."""
+
+    x_in: Tensor  # the state entering the step (before any branching at it)
+    log_prob: Tensor  # [rows] (0 on an ODE step)
+    mean: Optional[Tensor]  # [rows, *latent_shape] in store_dtype (None if store_means=False)
+    std: Tensor  # [rows]
+    rows: int  # rows after the step: the transition is shared by N // rows final rows
+
+
+@dataclass
+class _Tree:
+    """The nodes of a tree rollout: one root per row at the start, one node per row at each SDE step."""
+
+    parent: list[Tensor]  # per level: [nodes] parent of each node (-1 for a root)
+    step: list[Tensor]  # per level: [nodes] the step that created the node (-1 for a root)
+    prompt: list[Tensor]  # per level: [nodes] the node's prompt
+    row_node: Tensor  # [rows] the node of each current row
+    next_id: int
+    depth_nodes: list[Tensor] = field(default_factory=list)  # row_node after each SDE step
+    step_nodes: list[Optional[Tensor]] = field(default_factory=list)  # per stored step: its node (None: ODE)
+
+    @classmethod
+    def roots(cls, row_prompt: Tensor) -> "_Tree":
+        rows, device = int(row_prompt.shape[0]), row_prompt.device
+        return cls(parent=[torch.full((rows,), -1, dtype=torch.long, device=device)],
+                   step=[torch.full((rows,), -1, dtype=torch.long, device=device)],
+                   prompt=[row_prompt], row_node=torch.arange(rows, dtype=torch.long, device=device), next_id=rows)
+
+    def grow(self, step: int, factor: int, row_prompt: Tensor) -> None:
+        """The nodes created at SDE step ``step``, where every row became ``factor`` rows."""
+        rows, device = int(row_prompt.shape[0]), row_prompt.device
+        parent = self.row_node.repeat_interleave(factor)
+        self.row_node = torch.arange(self.next_id, self.next_id + rows, dtype=torch.long, device=device)
+        self.next_id += rows
+        self.parent.append(parent)
+        self.step.append(torch.full((rows,), step, dtype=torch.long, device=device))
+        self.prompt.append(row_prompt)
+        self.depth_nodes.append(self.row_node)
+        self.step_nodes.append(self.row_node)
+
+    def rollout_fields(self, n: int) -> dict[str, Tensor]:
+        """The tree fields of the :class:`Rollout` on its ``n`` final rows."""
+        device = self.row_node.device
+        none = torch.full((n,), -1, dtype=torch.long, device=device)
+        step_node = (torch.stack([none if s is None else _expand_rows(s, n) for s in self.step_nodes], dim=1)
+                     if self.step_nodes else torch.zeros(n, 0, dtype=torch.long, device=device))
+        return dict(node_parent=torch.cat(self.parent), node_step=torch.cat(self.step),
+                    node_prompt=torch.cat(self.prompt),
+                    leaf_path=torch.stack([_expand_rows(d, n) for d in self.depth_nodes], dim=1),
+                    step_node=step_node)
+
+
+@dataclass
+class _State:
+    """One rollout in progress: the current rows, their solvers and what the head has stored so far."""
+
+    call: _Call
+    sigmas: Tensor  # [S + 1] float32 on the CPU
+    embeds: Any
+    span: range  # the stored steps: first .. last SDE step (empty without one)
+    factors: list[int]  # every row becomes factors[i] rows at SDE step i
+    x: Tensor  # the current rows, in leaf order
+    row_prompt: Tensor  # [rows] the prompt of each current row
+    vel: _Velocity
+    ode: _Deterministic
+    bar: Any  # a tqdm bar, or None
+    stored: list[_Stored] = field(default_factory=list)
+    tree: Optional[_Tree] = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    def full(self, value: Tensor) -> Tensor:
+        """A per-row sigma tensor on the current rows."""
+        return _full(self.rows, value, self.x.device)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+# ---- phase 0: check inputs --------------------------------------------------------------------------
+
+
+def _check_inputs(call: _Call) -> None:
+    """Raise ``ValueError("<argument>: <reason>")`` for arguments :func:`sample` cannot run."""
+    plan, prompts, G = call.plan, call.prompts, call.group_size
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts: must be a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts: every prompt must be a string")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: must be an int >= 1, got {group_size!r}")
+    if not isinstance(G, int) or G < 1:
+        raise ValueError(f"group_size: must be an int >= 1, got {G!r}")
     if bool((plan.branch > 1).any()) and (not plan.is_tree or bool((plan.branch[~plan.sde] > 1).any())):
         raise ValueError("plan: branching (branch > 1) is only supported on the SDE steps of a 'tree' plan")
-    if plan.is_tree and group_size % plan.leaves != 0:
+    if plan.is_tree and G % plan.leaves != 0:
         raise ValueError(f"group_size: a tree plan with branch factors "
                          f"{[int(b) for b in plan.branch[plan.sde].tolist()]} has {plan.leaves} leaves per "
-                         f"tree; group_size ({group_size}) must be a multiple of it")
-    if height < 1 or width < 1:
-        raise ValueError(f"height/width: must be positive, got {height}x{width}")
-    if not isinstance(store_dtype, torch.dtype) or not store_dtype.is_floating_point:
-        raise ValueError(f"store_dtype: must be a floating torch.dtype, got {store_dtype!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size}")
-    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
-        raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), got {len(generator)}")
-    if plan.sweep:
-        if not same_noise:
-            raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from "
-                             "ONE ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
-        with torch.no_grad():
-            return _sample_sweep(policy, list(prompts), plan, group_size, height, width, float(guidance_scale),
-                                 generator, negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
-    with torch.no_grad():
-        return _sample(policy, list(prompts), plan, group_size, height, width, float(guidance_scale), generator,
-                       same_noise, negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
+                         f"tree; group_size ({G}) must be a multiple of it")
+    if call.height < 1 or call.width < 1:
+        raise ValueError(f"height/width: must be positive, got {call.height}x{call.width}")
+    if not isinstance(call.store_dtype, torch.dtype) or not call.store_dtype.is_floating_point:
+        raise ValueError(f"store_dtype: must be a floating torch.dtype, got {call.store_dtype!r}")
+    if call.chunk_size is not None and call.chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1 or None, got {call.chunk_size}")
+    if call.per_prompt and len(call.generator) != len(prompts):
+        raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), "
+                         f"got {len(call.generator)}")
+    if plan.sweep and not call.same_noise:
+        raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from "
+                         "ONE ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
+
+
+# ---- the sampling of one plan, in phases ---------------------------------------------------------------
+
+
+def _sample(call: _Call) -> Rollout:
+    """One rollout (see :func:`sample`), phase by phase."""
+    # 1. the noise schedule and the prompt embeddings
+    sigmas = _sigmas(call)
+    embeds = _encode_prompts(call)
+    # 2. the starting rows (one per prompt, tree or sample) and their initial noise
+    st = _prepare(call, sigmas, embeds)
+    # 3. the head: steps 0 .. the last SDE step; rows branch at SDE steps
+    for i in range(st.span.stop):
+        _head_step(st, i)
+    # 4. the tail: one deterministic continuation per granularity
+    finals = _tails(st)
+    # 5. the Rollout on the N final rows
+    return _assemble(st, finals)
+
+
+def _sigmas(call: _Call) -> Tensor:
+    """The policy's ``S + 1`` sigmas, float32 on the CPU."""
+    S = call.plan.num_steps
+    sigmas = call.policy.sigmas(S, call.height, call.width).detach().to("cpu", torch.float32)
+    if sigmas.shape != (S + 1,):
+        raise ValueError(f"plan: has {S} steps but policy.sigmas returned shape {tuple(sigmas.shape)}")
+    return sigmas
+
+
+def _encode_prompts(call: _Call) -> Any:
+    if call.embeds is not None:
+        return call.embeds
+    return call.policy.encode_prompts(call.prompts, negative_prompt=call.negative_prompt)
+
+
+def _row_layout(call: _Call) -> tuple[int, list[int]]:
+    """Rows per prompt at the start, and the factor by which every row multiplies at each step:
+    ``G`` samples from the start, or (``same_noise``) one row per prompt that becomes ``G`` at the
+    first SDE step; a tree starts with one row per tree (or one per prompt with ``same_noise``,
+    its first branching then also splitting the trees)."""
+    plan, G = call.plan, call.group_size
+    factors = [int(b) for b in plan.branch.tolist()]
+    first = plan.first_sde
+    if plan.is_tree:
+        n_trees = G // plan.leaves
+        if not call.same_noise:
+            return n_trees, factors
+        factors[first] *= n_trees
+        return 1, factors
+    if not call.same_noise:
+        return G, factors
+    if first is not None:
+        factors[first] = G
+    return 1, factors
+
+
+def _prepare(call: _Call, sigmas: Tensor, embeds: Any) -> _State:
+    """The state before step 0: the initial noise, the velocity and solver, the tree roots."""
+    plan = call.plan
+    sde_steps = plan.sde_steps
+    span = range(sde_steps[0], sde_steps[-1] + 1) if sde_steps else range(0)
+    init_per_prompt, factors = _row_layout(call)
+    x = _start_noise(call, init_per_prompt)
+    row_prompt = torch.arange(call.num_prompts, device=x.device).repeat_interleave(init_per_prompt)
+    vel = _Velocity(call.policy, embeds, call.guidance_scale, call.chunk_size)
+    vel.set_rows(row_prompt)
+    n_tail = sum(max(0, tail_sigmas(plan, sigmas, span.stop, g).numel() - 1) for g in plan.granularities)
+    return _State(call, sigmas, embeds, span, factors, x, row_prompt, vel, _Deterministic(plan.ode_solver, vel),
+                  bar=_progress_bar(span.stop + n_tail, call.progress),
+                  tree=_Tree.roots(row_prompt) if plan.is_tree else None)
+
+
+def _start_noise(call: _Call, per_prompt: int) -> Tensor:
+    """The starting rows: ``call.init_noise`` when given, else drawn."""
+    if call.init_noise is None:
+        return _initial_noise(call, per_prompt)
+    rows = call.num_prompts * per_prompt
+    if call.init_noise.shape[0] != rows:
+        raise ValueError(f"init_noise: needs {rows} rows ({per_prompt} per prompt), got {call.init_noise.shape[0]}")
+    return call.init_noise.to(torch.float32)
+
+
+def _initial_noise(call: _Call, per_prompt: int) -> Tensor:
+    """The ``per_prompt`` initial-noise rows of every prompt (prompt-major), float32: from
+    ``generator[p]`` for prompt p when ``generator`` is a list, else in one draw."""
+    policy, h, w = call.policy, call.height, call.width
+    if call.per_prompt:
+        return torch.cat([policy.initial_noise(per_prompt, h, w, g).to(torch.float32) for g in call.generator])
+    return policy.initial_noise(call.num_prompts * per_prompt, h, w, call.generator).to(torch.float32)
+
+
+def _head_step(st: _State, i: int) -> None:
+    """Step ``i`` before the tail: a stochastic step, or an ODE step (stored inside the span)."""
+    if i in st.span:  # a stored state is rounded through store_dtype before it is used
+        st.x = _round(st.x, st.call.store_dtype)
+    sig = st.full(st.sigmas[i])
+    v = st.vel(st.x, sig)
+    if bool(st.call.plan.sde[i]):
+        _sde_step(st, i, v, sig)
+    else:
+        _ode_step(st, i, v, sig)
+    st.tick()
+
+
+def _sde_step(st: _State, i: int, v: Tensor, sig: Tensor) -> None:
+    """A stochastic step: rows branch (the node's velocity is reused by its children), each row
+    draws x', and the rounded x' is scored."""
+    call, plan = st.call, st.call.plan
+    st.ode.observe(st.x, v, sig)
+    x_in, factor = st.x, st.factors[i]
+    if factor > 1:
+        v = _branch(st, factor, v)
+    if st.tree is not None:
+        st.tree.grow(i, factor, st.row_prompt)
+    sig, sig_n = st.full(st.sigmas[i]), st.full(st.sigmas[i + 1])
+    a = float(plan.noise_level[i])
+    noise = _per_prompt_noise(st.x, call.generator, call.num_prompts) if call.per_prompt else None
+    drawn = sde_step(st.x, v, sig, sig_n, a, None if call.per_prompt else call.generator, kind=plan.sde_kind,
+                     reduction=plan.reduction, noise=noise)
+    x_next = _round(drawn.prev_sample, call.store_dtype)
+    scored = sde_step(st.x, v, sig, sig_n, a, prev_sample=x_next, kind=plan.sde_kind, reduction=plan.reduction)
+    mean = scored.mean.to(call.store_dtype) if call.store_means else None
+    st.stored.append(_Stored(x_in, scored.log_prob.float(), mean, _std_rows(scored.std, st.rows), st.rows))
+    st.x = x_next
+
+
+def _branch(st: _State, factor: int, v: Tensor) -> Tensor:
+    """Every current row becomes ``factor`` consecutive rows (leaf order); returns ``v`` for them."""
+    idx = torch.arange(st.rows, device=st.x.device).repeat_interleave(factor)
+    st.x, st.row_prompt = st.x[idx], st.row_prompt[idx]
+    st.ode.expand(idx)
+    st.vel.set_rows(st.row_prompt)
+    return v[idx]
+
+
+def _ode_step(st: _State, i: int, v: Tensor, sig: Tensor) -> None:
+    """A deterministic head step (``plan.head_solver`` before the span); stored inside the span."""
+    call = st.call
+    in_span = i in st.span
+    x_next = st.ode.step(st.x, v, sig, st.full(st.sigmas[i + 1]), solver=None if in_span else call.plan.head_solver)
+    if in_span:
+        x_next = _round(x_next, call.store_dtype)
+        mean = x_next.to(call.store_dtype) if call.store_means else None
+        zeros = torch.zeros(st.rows, device=st.x.device)
+        st.stored.append(_Stored(st.x, zeros, mean, torch.zeros(st.rows, device=st.x.device), st.rows))
+        if st.tree is not None:
+            st.tree.step_nodes.append(None)
+    st.x = x_next
+
+
+def _tails(st: _State) -> list[Tensor]:
+    """The ODE continuation after the last SDE step for each granularity, each from the head's
+    state and solver history; ``st`` keeps the head's rows."""
+    plan, ode = st.call.plan, st.ode
+    history = (ode.x0_prev, ode.sigma_prev)
+    finals = []
+    for g in plan.granularities:
+        tail = tail_sigmas(plan, st.sigmas, st.span.stop, g)
+        ode.x0_prev, ode.sigma_prev = history
+        x = st.x
+        for j in range(tail.numel() - 1):
+            sig, sig_n = st.full(tail[j]), st.full(tail[j + 1])
+            x = ode.step(x, st.vel(x, sig), sig, sig_n)
+            st.tick()
+        finals.append(x)
+    if st.bar is not None:
+        st.bar.close()
+    return finals
+
+
+def _assemble(st: _State, finals: list[Tensor]) -> Rollout:
+    """Everything on the N final rows (leaf order), per-sample trained subsets drawn last."""
+    call, plan = st.call, st.call.plan
+    N, device = call.num_rows, st.x.device
+    latents, means, log_probs, stds = _stored_tensors(st)
+    span_idx = torch.tensor(list(st.span), dtype=torch.long)
+    trained = _trained(st, span_idx)
+    final_latents = torch.stack([_expand_rows(f, N) for f in finals], dim=1).to(call.store_dtype)
+    images, per_gran = _decode(st, finals) if call.decode else (None, None)
+    logger.debug("rollout: %s | %d prompts x %d | nfe %d in %d calls", plan.describe(), call.num_prompts,
+                 call.group_size, st.vel.nfe, st.vel.calls)
+    prompt_index = torch.arange(call.num_prompts, device=device).repeat_interleave(call.group_size)
+    return Rollout(
+        latents=latents,
+        means=means,
+        log_probs=log_probs,
+        stds=stds,
+        sigmas=_per_row(st.sigmas[span_idx], N, device),
+        sigma_next=_per_row(st.sigmas[span_idx + 1], N, device),
+        noise_levels=_per_row(plan.noise_level[span_idx].float(), N, device),
+        stochastic=_per_row(plan.sde[span_idx], N, device),
+        trained=trained,
+        step_index=span_idx.to(device),
+        final_latents=final_latents,
+        prompt_index=prompt_index,
+        group_id=prompt_index.clone(),
+        embeds=dict(st.embeds.tensors()),
+        prompts=list(call.prompts),
+        images=images,
+        images_per_granularity=per_gran,
+        granularities=tuple(plan.granularities),
+        nfe=st.vel.nfe,
+        velocity_calls=st.vel.calls,
+        sde_kind=plan.sde_kind,
+        reduction=plan.reduction,
+        guidance_scale=call.guidance_scale,
+        num_steps=plan.num_steps,
+        height=call.height,
+        width=call.width,
+        plan_kind=plan.kind,
+        **(st.tree.rollout_fields(N) if st.tree is not None else {}),
+    )
+
+
+def _per_row(values: Tensor, n: int, device: torch.device) -> Tensor:
+    """A ``[T]`` per-step tensor as ``[n, T]`` on ``device``."""
+    return values.unsqueeze(0).expand(n, values.shape[0]).clone().to(device)
+
+
+def _stored_tensors(st: _State) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """``latents``, ``means``, ``log_probs`` and ``stds`` of the stored span on the N final rows."""
+    call, N, T, device = st.call, st.call.num_rows, len(st.stored), st.x.device
+    latent_shape = tuple(st.x.shape[1:])
+    latents = torch.empty((N, T + 1, *latent_shape), dtype=call.store_dtype, device=device)
+    for t, s in enumerate(st.stored):
+        latents[:, t] = _expand_rows(s.x_in, N).to(call.store_dtype)
+    latents[:, T] = _expand_rows(st.x, N).to(call.store_dtype)  # T = 0: the initial noise
+    means = torch.empty((N, T, *latent_shape), dtype=call.store_dtype, device=device) if call.store_means else None
+    log_probs = torch.zeros(N, T, device=device)
+    stds = torch.zeros(N, T, device=device)
+    for t, s in enumerate(st.stored):
+        log_probs[:, t] = _expand_rows(s.log_prob, N)
+        stds[:, t] = _expand_rows(s.std, N)
+        if means is not None:
+            means[:, t] = _expand_rows(s.mean, N)
+    return latents, means, log_probs, stds
+
+
+def _trained(st: _State, span_idx: Tensor) -> Tensor:
+    """``[N, T]``: the plan's trained steps, per-sample subsets drawn from the generator, and with
+    ``tree_dedup`` a transition shared by several leaves kept on its first leaf only."""
+    call, plan, N, device = st.call, st.call.plan, st.call.num_rows, st.x.device
+    if plan.subset_size <= 0:
+        trained = _per_row(plan.trained[span_idx], N, device)
+    elif call.per_prompt:
+        trained = torch.cat([plan.trained_mask(call.group_size, g) for g in call.generator])[:, span_idx].to(device)
+    else:
+        trained = plan.trained_mask(N, call.generator)[:, span_idx].to(device)
+    if plan.tree_dedup:
+        for t, s in enumerate(st.stored):
+            if s.rows < N:  # this transition is shared by N // s.rows leaves: keep it on the first one
+                trained[:, t] &= (torch.arange(N, device=device) % (N // s.rows)) == 0
+    return trained
+
+
+def _decode(st: _State, finals: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The images of the first granularity ``[N, 3, H, W]`` and of all ``[N, n_granularities, 3, H, W]``,
+    decoded in chunks of ``chunk_size`` rows."""
+    N, rows = st.call.num_rows, st.rows
+    chunk = st.call.chunk_size or rows
+    decoded = []
+    for f in finals:
+        imgs = torch.cat([st.call.policy.decode(f[a:a + chunk]) for a in range(0, rows, chunk)], dim=0)
+        decoded.append(_expand_rows(imgs.float(), N))
+    per_gran = torch.stack(decoded, dim=1)
+    return per_gran[:, 0], per_gran
 
 
 def _per_prompt_noise(x: Tensor, generators: Sequence[torch.Generator], num_prompts: int) -> Tensor:
@@ -398,12 +752,30 @@ def _per_prompt_noise(x: Tensor, generators: Sequence[torch.Generator], num_prom
     return torch.cat(parts).to(x.device)
 
 
-def _initial_noise(policy, per_prompt: int, num_prompts: int, height: int, width: int, generator) -> Tensor:
-    """The ``per_prompt`` initial-noise rows of every prompt (prompt-major), float32: from
-    ``generator[p]`` for prompt p when ``generator`` is a list, else in one draw."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([policy.initial_noise(per_prompt, height, width, g).to(torch.float32) for g in generator])
-    return policy.initial_noise(num_prompts * per_prompt, height, width, generator).to(torch.float32)
+# ---- sweeps ----------------------------------------------------------------------------------------
+
+
+def _sample_sweep(call: _Call) -> Rollout:
+    """A sweep (``docs/methods.md``): one singular sampling per branch step k, all from the same
+    initial noise (one row per prompt) and prompt embeddings, concatenated prompt-major. (Its cost
+    against one shared trunk: ``docs/methods.md``.)"""
+    embeds = _encode_prompts(call)
+    init = _initial_noise(call, 1)
+    steps = call.plan.sde_steps
+    generators = _branch_generators(call, len(steps))
+    parts = [_sample(replace(call, plan=call.plan.singular_at(k), generator=generators[j], same_noise=True,
+                             embeds=embeds, init_noise=init))
+             for j, k in enumerate(steps)]
+    return _merge_sweep(call, parts)
+
+
+def _branch_generators(call: _Call, k: int) -> list[Any]:
+    """The SDE noise of branch j: a generator per branch (per prompt and branch for a list),
+    each seeded by a draw from the caller's generator."""
+    if call.per_prompt:
+        per_prompt = [[_child_generator(g) for _ in range(k)] for g in call.generator]
+        return [[per_prompt[p][j] for p in range(call.num_prompts)] for j in range(k)]
+    return [_child_generator(call.generator) for _ in range(k)]
 
 
 def _child_generator(generator: torch.Generator) -> torch.Generator:
@@ -412,33 +784,9 @@ def _child_generator(generator: torch.Generator) -> torch.Generator:
     return torch.Generator(device=generator.device).manual_seed(seed)
 
 
-def _sample_sweep(policy, prompts, plan: Plan, G, height, width, guidance_scale, generator, negative_prompt,
-                  store_dtype, decode, store_means, chunk_size, progress) -> Rollout:
-    """A sweep (see the module doc): one singular sampling per branch step k, all from the same
-    initial noise (one row per prompt) and prompt embeddings, concatenated prompt-major.
-
-    Cost against an ideal shared trunk: branch k recomputes the trunk up to x_k and its velocity
-    there, (k + 1)·P velocity rows, so the sweep spends P·sum_k (k + 1) trunk rows where one shared
-    trunk would spend P·(k_max + 1). The branches cost G·P·sum_k sum_g (tail steps after k at
-    granularity g) rows whatever the layout: for G²RPO (16 steps, k = 0..7, G = 12, granularities
-    [1, 2]) 36·P trunk rows instead of 8·P, beside 1680·P branch rows (+1.7 %).
-    """
-    P = len(prompts)
-    steps = plan.sde_steps
-    K = len(steps)
-    embeds = policy.encode_prompts(prompts, negative_prompt=negative_prompt)
-    init = _initial_noise(policy, 1, P, height, width, generator)
-    # the SDE noise of branch j: a generator per branch (per prompt and branch for a list)
-    if isinstance(generator, (list, tuple)):
-        per_prompt = [[_child_generator(g) for _ in range(K)] for g in generator]
-        branch_gens: list[Any] = [[per_prompt[p][j] for p in range(P)] for j in range(K)]
-    else:
-        branch_gens = [_child_generator(generator) for _ in range(K)]
-    parts = [_sample(policy, prompts, plan.singular_at(k), G, height, width, guidance_scale, branch_gens[j], True,
-                     negative_prompt, store_dtype, decode, store_means, chunk_size, progress,
-                     embeds=embeds, init_noise=init)
-             for j, k in enumerate(steps)]
-    # rows of part j are prompt-major (p·G + g): reorder to p·K·G + j·G + g
+def _merge_sweep(call: _Call, parts: list[Rollout]) -> Rollout:
+    """The K branch rollouts (rows ``p·G + g`` each) as one, rows ``p·K·G + j·G + g``."""
+    P, G, K = call.num_prompts, call.group_size, len(parts)
     cat = {}
     for name in Rollout._ROW_FIELDS:
         values = [getattr(r, name) for r in parts]
@@ -449,10 +797,9 @@ def _sample_sweep(policy, prompts, plan: Plan, G, height, width, guidance_scale,
     order = (j_idx.view(1, K, 1) * (P * G) + torch.arange(P, device=device).view(P, 1, 1) * G
              + torch.arange(G, device=device).view(1, 1, G)).reshape(-1)
     rows = {name: v[order.to(v.device)] for name, v in cat.items()}
-    prompt_index = rows["prompt_index"]
     branch = j_idx.repeat_interleave(G).repeat(P)  # j of each row
-    rows["group_id"] = prompt_index * K + branch
-    rows["branch_step"] = torch.tensor(steps, dtype=torch.long, device=device)[branch]
+    rows["group_id"] = rows["prompt_index"] * K + branch
+    rows["branch_step"] = torch.tensor(call.plan.sde_steps, dtype=torch.long, device=device)[branch]
     return replace(
         parts[0],
         **rows,
@@ -460,236 +807,5 @@ def _sample_sweep(policy, prompts, plan: Plan, G, height, width, guidance_scale,
         groups_per_prompt=K,
         nfe=sum(r.nfe for r in parts),
         velocity_calls=sum(r.velocity_calls for r in parts),
-        plan_kind=plan.kind,
+        plan_kind=call.plan.kind,
     )
-
-
-def _sample(policy, prompts, plan: Plan, G, height, width, guidance_scale, generator, same_noise,
-            negative_prompt, store_dtype, decode, store_means, chunk_size, progress, *,
-            embeds: Any = None, init_noise: Optional[Tensor] = None) -> Rollout:
-    """One rollout (see :func:`sample`). ``embeds``: the prompts' embeddings if already encoded;
-    ``init_noise``: the initial rows (``P × rows per prompt``, prompt-major) instead of a draw
-    from ``generator``, which then drives the other draws only."""
-    P = len(prompts)
-    N = P * G
-    S = plan.num_steps
-    sigmas = policy.sigmas(S, height, width).detach().to("cpu", torch.float32)
-    if sigmas.shape != (S + 1,):
-        raise ValueError(f"plan: has {S} steps but policy.sigmas returned shape {tuple(sigmas.shape)}")
-    if embeds is None:
-        embeds = policy.encode_prompts(prompts, negative_prompt=negative_prompt)
-
-    sde_steps = plan.sde_steps
-    first = sde_steps[0] if sde_steps else None
-    head_end = sde_steps[-1] + 1 if sde_steps else 0
-    span = list(range(first, head_end)) if sde_steps else []
-
-    # expansion factor of each step (applied to every row at SDE steps) and rows per prompt at start
-    factors = [int(b) for b in plan.branch.tolist()]
-    sde_list = [bool(b) for b in plan.sde.tolist()]
-    noise_list = [float(a) for a in plan.noise_level.tolist()]
-    if plan.is_tree:
-        n_trees = G // plan.leaves
-        if same_noise:
-            init_per_prompt = 1
-            factors[first] *= n_trees
-        else:
-            init_per_prompt = n_trees
-    elif same_noise:
-        init_per_prompt = 1
-        if first is not None:
-            factors[first] = G
-    else:
-        init_per_prompt = G
-
-    rows = P * init_per_prompt
-    per_prompt = isinstance(generator, (list, tuple))
-    if init_noise is not None:
-        if init_noise.shape[0] != rows:
-            raise ValueError(f"init_noise: needs {rows} rows ({init_per_prompt} per prompt), got {init_noise.shape[0]}")
-        x = init_noise.to(torch.float32)
-    else:
-        x = _initial_noise(policy, init_per_prompt, P, height, width, generator)
-    device = x.device
-    row_prompt = torch.arange(P, device=device).repeat_interleave(init_per_prompt)
-    vel = _Velocity(policy, embeds, guidance_scale, chunk_size)
-    vel.set_rows(row_prompt)
-    ode = _Deterministic(plan.ode_solver, vel)
-
-    tree = plan.is_tree
-    if tree:
-        node_parent = [torch.full((rows,), -1, dtype=torch.long, device=device)]
-        node_step = [torch.full((rows,), -1, dtype=torch.long, device=device)]
-        node_prompt = [row_prompt]
-        row_node = torch.arange(rows, dtype=torch.long, device=device)
-        next_id = rows
-        depth_nodes: list[Tensor] = []
-    step_nodes: list[Optional[Tensor]] = []
-
-    xs_in: list[Tensor] = []
-    recs: list[tuple[Tensor, Optional[Tensor], Tensor, int]] = []  # (log_prob, mean, std, rows_out)
-
-    n_tail = 0
-    for g in plan.granularities:
-        n_tail += max(0, tail_sigmas(plan, sigmas, head_end, g).numel() - 1)
-    bar = _progress_bar(head_end + n_tail, progress)
-
-    # ---- head: steps 0 .. last SDE step -------------------------------------------------------
-    for i in range(head_end):
-        in_span = i >= first
-        if in_span:
-            x = _round(x, store_dtype)
-        sig = _full(rows, sigmas[i], device)
-        sig_n = _full(rows, sigmas[i + 1], device)
-        v = vel(x, sig)
-        if sde_list[i]:
-            ode.observe(x, v, sig)
-            xs_in.append(x)
-            f = factors[i]
-            if f > 1:
-                idx = torch.arange(rows, device=device).repeat_interleave(f)
-                x, v, row_prompt = x[idx], v[idx], row_prompt[idx]
-                ode.expand(idx)
-                rows *= f
-                sig = _full(rows, sigmas[i], device)
-                sig_n = _full(rows, sigmas[i + 1], device)
-                vel.set_rows(row_prompt)
-            if tree:
-                parent = row_node.repeat_interleave(f)
-                row_node = torch.arange(next_id, next_id + rows, dtype=torch.long, device=device)
-                next_id += rows
-                node_parent.append(parent)
-                node_step.append(torch.full((rows,), i, dtype=torch.long, device=device))
-                node_prompt.append(row_prompt)
-                depth_nodes.append(row_node)
-            step_nodes.append(row_node if tree else None)
-            a = noise_list[i]
-            noise = _per_prompt_noise(x, generator, P) if per_prompt else None
-            drawn = sde_step(x, v, sig, sig_n, a, None if per_prompt else generator, kind=plan.sde_kind,
-                             reduction=plan.reduction, noise=noise)
-            x_next = _round(drawn.prev_sample, store_dtype)
-            scored = sde_step(x, v, sig, sig_n, a, prev_sample=x_next, kind=plan.sde_kind, reduction=plan.reduction)
-            mean = scored.mean.to(store_dtype) if store_means else None
-            recs.append((scored.log_prob.float(), mean, _std_rows(scored.std, rows), rows))
-            x = x_next
-        else:
-            x_next = ode.step(x, v, sig, sig_n, solver=None if in_span else plan.head_solver)
-            if in_span:
-                xs_in.append(x)
-                x_next = _round(x_next, store_dtype)
-                mean = x_next.to(store_dtype) if store_means else None
-                recs.append((torch.zeros(rows, device=device), mean, torch.zeros(rows, device=device), rows))
-                step_nodes.append(None)
-            x = x_next
-        if bar is not None:
-            bar.update(1)
-    head_x, head_rows = x, rows
-    head_history = (ode.x0_prev, ode.sigma_prev)
-
-    # ---- tail: one deterministic continuation per granularity ----------------------------------
-    finals = []
-    for g in plan.granularities:
-        tail = tail_sigmas(plan, sigmas, head_end, g)
-        xg = head_x
-        ode.x0_prev, ode.sigma_prev = head_history
-        for j in range(tail.numel() - 1):
-            sig = _full(head_rows, tail[j], device)
-            sig_n = _full(head_rows, tail[j + 1], device)
-            v = vel(xg, sig)
-            xg = ode.step(xg, v, sig, sig_n)
-            if bar is not None:
-                bar.update(1)
-        finals.append(xg)
-    if bar is not None:
-        bar.close()
-
-    # ---- assemble: everything to the N final rows ---------------------------------------------
-    T = len(span)
-    latent_shape = tuple(head_x.shape[1:])
-    latents = torch.empty((N, T + 1, *latent_shape), dtype=store_dtype, device=device)
-    for t, xt in enumerate(xs_in):
-        latents[:, t] = _expand_rows(xt, N).to(store_dtype)
-    latents[:, T] = _expand_rows(head_x, N).to(store_dtype)  # T = 0: the initial noise
-    means = torch.empty((N, T, *latent_shape), dtype=store_dtype, device=device) if store_means else None
-    log_probs = torch.zeros(N, T, device=device)
-    stds = torch.zeros(N, T, device=device)
-    for t, (lp, mean, std, _) in enumerate(recs):
-        log_probs[:, t] = _expand_rows(lp, N)
-        stds[:, t] = _expand_rows(std, N)
-        if means is not None:
-            means[:, t] = _expand_rows(mean, N)
-    span_idx = torch.tensor(span, dtype=torch.long)
-
-    def per_row(values: Tensor) -> Tensor:  # a [T] per-step tensor as [N, T] on the rollout's device
-        return values.unsqueeze(0).expand(N, T).clone().to(device)
-
-    sig_rows = per_row(sigmas[span_idx])
-    sig_next_rows = per_row(sigmas[span_idx + 1])
-    noise_rows = per_row(plan.noise_level[span_idx].float())
-    stochastic = per_row(plan.sde[span_idx])
-    if plan.subset_size > 0:
-        if per_prompt:
-            trained = torch.cat([plan.trained_mask(G, g) for g in generator])[:, span_idx].to(device)
-        else:
-            trained = plan.trained_mask(N, generator)[:, span_idx].to(device)
-    else:
-        trained = per_row(plan.trained[span_idx])
-    if plan.tree_dedup:
-        for t, (_, _, _, r_out) in enumerate(recs):
-            if r_out < N:  # this transition is shared by N // r_out leaves: keep it on the first one
-                trained[:, t] &= (torch.arange(N, device=device) % (N // r_out)) == 0
-
-    final_latents = torch.stack([_expand_rows(f, N) for f in finals], dim=1).to(store_dtype)
-    images = per_gran = None
-    if decode:
-        decoded = []
-        for f in finals:
-            imgs = torch.cat([policy.decode(f[a:a + (chunk_size or head_rows)])
-                              for a in range(0, head_rows, chunk_size or head_rows)], dim=0)
-            decoded.append(_expand_rows(imgs.float(), N))
-        per_gran = torch.stack(decoded, dim=1)
-        images = per_gran[:, 0]
-
-    logger.debug("rollout: %s | %d prompts x %d | nfe %d in %d calls", plan.describe(), P, G, vel.nfe, vel.calls)
-    prompt_index = torch.arange(P, device=device).repeat_interleave(G)
-    out = Rollout(
-        latents=latents,
-        means=means,
-        log_probs=log_probs,
-        stds=stds,
-        sigmas=sig_rows,
-        sigma_next=sig_next_rows,
-        noise_levels=noise_rows,
-        stochastic=stochastic,
-        trained=trained,
-        step_index=span_idx.to(device),
-        final_latents=final_latents,
-        prompt_index=prompt_index,
-        group_id=prompt_index.clone(),
-        embeds=dict(embeds.tensors()),
-        prompts=list(prompts),
-        images=images,
-        images_per_granularity=per_gran,
-        granularities=tuple(plan.granularities),
-        nfe=vel.nfe,
-        velocity_calls=vel.calls,
-        sde_kind=plan.sde_kind,
-        reduction=plan.reduction,
-        guidance_scale=guidance_scale,
-        num_steps=S,
-        height=height,
-        width=width,
-        plan_kind=plan.kind,
-    )
-    if tree:
-        out.node_parent = torch.cat(node_parent)
-        out.node_step = torch.cat(node_step)
-        out.node_prompt = torch.cat(node_prompt)
-        out.leaf_path = torch.stack([_expand_rows(d, N) for d in depth_nodes], dim=1)
-        out.step_node = torch.stack(
-            [_expand_rows(s, N) if s is not None else torch.full((N,), -1, dtype=torch.long, device=device)
-             for s in step_nodes],
-            dim=1,
-        ) if step_nodes else torch.zeros(N, 0, dtype=torch.long, device=device)
-    return out
-

@@ -3,7 +3,10 @@
 The learner does two things the training loop composes: a rollout (G completions per prompt,
 old and reference token log-probs stored) and the gradient of one optimizer minibatch (token
 log-probs recomputed with grad in chunks, :func:`flowrl.core.losses.policy_loss`, backward).
-The loop owns the optimizer step, the epochs over a rollout and the processes.
+The loop owns the optimizer step, the epochs over a rollout and the processes. Per token the loss is
+GRPO's (DeepSeekMath, arXiv 2402.03300) ``-min(w A, clip(w, 1 - eps, 1 + eps) A) + beta KL`` with
+``w = exp(log pi(o_t) - log pi_old(o_t))`` and the reference the model with its LoRA adapter
+disabled (:mod:`flowrl.core.reference`) or a given ``ref_model``.
 
 Loss variants are the names TRL users know (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``,
 ...): :func:`flowrl.core.losses.loss_preset` documents where they match TRL 1.16 and where not.
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.losses import LossConfig, policy_loss
+from flowrl.core.reference import adapters_disabled, has_adapters
 from flowrl.core.stats import merge_stats
 from flowrl.text.rollout import TextRollout, generate, token_logps
 
@@ -26,8 +30,8 @@ def _ref_context(model, ref_model):
     adapter disabled (no second copy of the weights), or ``ref_model`` when given."""
     if ref_model is not None:
         return contextlib.nullcontext()
-    if hasattr(model, "disable_adapter"):
-        return model.disable_adapter()
+    if has_adapters(model):
+        return adapters_disabled(model)
     raise ValueError("a KL term (beta > 0) needs a LoRA model (reference = adapter disabled) or a ref_model")
 
 
