@@ -655,8 +655,8 @@ def evaluate_model(
     ignore_prompt: bool = False,
 ) -> tuple[dict[str, float], Tensor]:
     """The RL evaluation (:func:`flowrl.train.evaluate.evaluate_policy` of the pipeline's policy: every
-    prompt with ``seeds`` (a list, or a count N: 0 .. N-1), the deterministic ODE sampler, ``manual_seed(s)`` noise) scored by
-    the ``shapes`` reward. Returns ``flowrl.demo.shapes.evaluate``'s summary (mean partial-credit
+    prompt with ``seeds``, a list or a count N for 0 .. N-1; the deterministic ODE sampler; ``manual_seed(s)``
+    noise) scored by the ``shapes`` reward. Returns ``flowrl.demo.shapes.evaluate``'s summary (mean partial-credit
     ``score``, strict ``accuracy``, ``geneval``, per category ``score/<cat>``, ``accuracy/<cat>``) and the
     images, rows prompt-major. ``ignore_prompt``: sample with the empty prompt, score against ``prompts``.
     """
