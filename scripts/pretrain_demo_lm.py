@@ -7,7 +7,8 @@ problems it never trains on) reaches the target, 25 % by default: right sometime
 so that GRPO (``flowrl train configs/llm_demo.yaml``) has something to improve. The script then
 reports the held-out (test-split) greedy accuracy and pass@k at temperature 1, writes the model
 folder with its tokenizer files and ``pretrain.json``, and with ``--rl-check`` runs a short GRPO
-run on the saved model (reloaded from the folder) to show that RL lifts it.
+run on the saved folder with flowrl's own training loop (``flowrl train``'s ``Trainer``, the text
+demo's settings) to show that RL lifts it.
 
     python scripts/pretrain_demo_lm.py                    # writes assets/demo_lm (about 1 minute on 1 core)
     python scripts/pretrain_demo_lm.py --rl-check         # ... then a few minutes of GRPO as a check
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
@@ -71,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--rl-check", action="store_true", help="after saving, run a short GRPO check on the saved model")
     p.add_argument("--rl-out", type=Path, default=None, help="write the GRPO check's record (JSON) here")
+    p.add_argument("--rl-run-dir", type=Path, default=None,
+                   help="keep the GRPO check's run folder here (default: a temporary folder, removed)")
     _add_fields(p, PretrainConfig)
     _add_fields(p, RLCheckConfig, prefix="rl-")
     return p.parse_args(argv)
@@ -103,21 +107,25 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({size / 1e6:.2f} MB, {metrics['parameters']} parameters)")
 
     if args.rl_check:
-        from flowrl.train.model import load_lm
-
-        rl_names = {f.name for f in dataclasses.fields(RLCheckConfig)}
-        rl_cfg = RLCheckConfig(**{k[3:]: v for k, v in vars(args).items() if k.startswith("rl_") and k[3:] in rl_names})
-        model, tok = load_lm(str(out))  # the saved folder, as the RL demo loads it
-        rec = rl_check(model, tok, rl_cfg, progress=progress)
-        print(f"GRPO check: held-out greedy accuracy {rec['before']:.3f} -> {rec['after']:.3f} "
-              f"in {rec['steps']} steps, {rec['wall_clock_s']:.0f} s")
-        for h in rec["history"]:
-            tr = "   -" if h["train_reward"] is None else f"{h['train_reward']:.3f}"
-            print(f"  step {h['step']:4d}  {h['wall_s']:7.1f} s  test acc {h['test_accuracy']:.3f}  train reward {tr}")
-        if args.rl_out is not None:
-            args.rl_out.parent.mkdir(parents=True, exist_ok=True)
-            args.rl_out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+        run_rl_check(args, out, progress)
     return 0
+
+
+def run_rl_check(args: argparse.Namespace, model_dir: Path, progress: bool) -> None:
+    """The GRPO check on the saved folder (``flowrl train`` of it, in ``--rl-run-dir`` or a temporary
+    run folder): print its held-out curve, write its record to ``--rl-out``."""
+    rl_names = {f.name for f in dataclasses.fields(RLCheckConfig)}
+    rl_cfg = RLCheckConfig(**{k[3:]: v for k, v in vars(args).items() if k.startswith("rl_") and k[3:] in rl_names})
+    with tempfile.TemporaryDirectory(prefix="rl_check_") as tmp:
+        rec = rl_check(model_dir, rl_cfg, args.rl_run_dir or Path(tmp) / "run", progress=progress)
+    print(f"GRPO check: held-out greedy accuracy {rec['before']:.3f} -> {rec['after']:.3f} "
+          f"in {rec['steps']} steps, {rec['wall_clock_s']:.0f} s")
+    for h in rec["history"]:
+        tr = "   -" if h["train_reward"] is None else f"{h['train_reward']:.3f}"
+        print(f"  step {h['step']:4d}  {h['train_s']:7.1f} s  test acc {h['test_accuracy']:.3f}  train reward {tr}")
+    if args.rl_out is not None:
+        args.rl_out.parent.mkdir(parents=True, exist_ok=True)
+        args.rl_out.write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -110,17 +110,6 @@ def test_latent_normalization_inverts_like_the_sd3_pipeline():
         D.latent_normalization(torch.tensor([1.0, float("nan")]))
 
 
-def test_lr_schedule_warmup_then_cosine():
-    peak, total, warm = 1e-3, 100, 10
-    lrs = [D.lr_at(s, total, peak, warm) for s in range(total + 1)]
-    assert lrs[0] == pytest.approx(peak / warm) and lrs[warm - 1] == pytest.approx(peak)
-    assert lrs[warm] == pytest.approx(peak)
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
-    assert lrs[total] == pytest.approx(0.1 * peak)
-    mid = warm + (total - warm) // 2  # halfway through the cosine: (1 + 0.1) / 2 of the peak
-    assert lrs[mid] == pytest.approx(peak * (0.1 + 0.9 * 0.5), rel=1e-9)
-
-
 def test_ema_update_closed_form():
     m = torch.nn.Linear(3, 2)
     ema = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
@@ -168,6 +157,27 @@ def test_flow_matching_loss_is_zero_at_the_pipelines_own_velocity():
         other = D.flow_matching_loss(pipe.transformer, out, eps, sig, pe.flip(0), pooled.flip(0))
     assert float(loss) < 1e-10
     assert float(other) > 1e-6  # swapping the prompts changes the velocity: the loss sees the text
+
+
+def test_evaluation_is_the_rl_evaluation_and_the_empty_prompt_reference_ignores_the_prompt():
+    from flowrl.flow.policy import FlowPolicy
+    from flowrl.train.evaluate import evaluate_policy
+    from scorers.shapes import ShapesScorer
+
+    cfg = _tiny_cfg(Path("/nonexistent"))
+    pipe = D.build_demo_pipeline(cfg)
+    prompts = ["a red circle", "two blue squares", "a red circle"]
+    kw = dict(seeds=2, num_steps=2, guidance_scale=3.0, max_sequence_length=cfg.max_sequence_length, batch_size=4)
+    summary, images = D.evaluate_model(pipe, prompts, **kw)
+    ref = evaluate_policy(FlowPolicy.from_pipeline(pipe, max_sequence_length=cfg.max_sequence_length), prompts, 2,
+                          num_steps=2, height=32, width=32, guidance_scale=3.0, reward=ShapesScorer(), batch_size=4)
+    assert torch.equal(images, ref.images) and images.shape == (6, 3, 32, 32)
+    assert summary == {k[len("shapes/"):]: v for k, v in ref.details.items()} and 0.0 <= summary["score"] <= 1.0
+    # the empty-prompt reference: rows of one seed are the same image whatever the prompt, scored against it
+    blind, blind_images = D.evaluate_model(pipe, prompts, ignore_prompt=True, **{**kw, "guidance_scale": 1.0})
+    assert torch.equal(blind_images[0], blind_images[2]) and torch.equal(blind_images[1], blind_images[3])
+    assert not torch.equal(blind_images[0], blind_images[1])  # seeds 0 and 1
+    assert set(blind) == set(summary)
 
 
 def test_random_text_encoders_separate_all_prompts():
@@ -289,6 +299,7 @@ def test_pretrain_smoke_loads_with_diffusers_and_resumes_bit_exactly(tmp_path):
     assert ev["renderer"]["score"] > 0.9  # the checker recognises the renderer's scenes at 32 px
     for row in ("model", "empty_prompt", "random_scene"):
         assert 0.0 <= ev[row]["score"] <= 1.0
+    assert ev["seeds"] == [0] and len(ev["prompts"]) == cfg.eval_prompts
     assert any(f"score/{c}" in ev["model"] for c in CATEGORIES)
     text = card.read_text()
     assert "max_sequence_length=2" in text and "| model |" in text

@@ -171,16 +171,38 @@ def test_script_end_to_end_with_tiny_settings(tmp_path, capsys):
     assert [h["step"] for h in rl["history"]] == [0, 1, 2]
 
 
-def test_rl_check_leaves_weights_alone_without_reward_signal():
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_rl_check_runs_the_trainer_and_leaves_weights_alone_without_reward_signal(tmp_path):
     model, tok = build_tiny_lm(seed=0)
-    before = [p.detach().clone() for p in model.parameters()]
-    rec = rl_check(model, tok, RLCheckConfig(steps=2, prompts_per_step=4, group_size=4, num_test=8, eval_every=1,
-                                             num_train_prompts=16, learning_rate=1e-2), progress=False)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = RLCheckConfig(steps=2, prompts_per_step=4, group_size=4, num_test=8, eval_every=1, num_train_prompts=16,
+                        learning_rate=1e-2)
+    rec = rl_check(tmp_path / "base", cfg, tmp_path / "run", progress=False)
     assert [h["step"] for h in rec["history"]] == [0, 1, 2] and rec["steps"] == 2
+    assert rec["history"][0]["train_reward"] is None
     # a random model is never right, so every group has zero variance, every advantage is 0 and
     # the update (AdamW, weight_decay=0, zero gradients) leaves the weights exactly where they were
     assert all(h["train_reward"] == 0.0 and h["test_accuracy"] == 0.0 for h in rec["history"][1:])
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    before, after = _weights(tmp_path / "base"), _weights(tmp_path / "run" / "model")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the run is an ordinary flowrl run folder, with the check's settings
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "family: lm" in saved and "arithmetic:test:2" in saved and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_rl_check_overrides_are_a_valid_run_config(tmp_path):
+    from flowrl.config import load_run_config
+
+    cfg = load_run_config(None, pt.rl_check_overrides("m", RLCheckConfig(max_seconds=30.0, lora=True), tmp_path))
+    assert (cfg.model.family, cfg.model.path, cfg.time_budget_s, cfg.train.lora) == ("lm", "m", 30.0, True)
+    assert (cfg.sample.prompts_per_step, cfg.sample.group_size, cfg.text.chunk_size) == (64, 8, 512)
+    assert cfg.rewards == {"exact_match": 1.0} and cfg.eval.seeds == [0] and cfg.loss_preset == "grpo"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,23 +247,18 @@ def test_shipped_demo_lm_sampling_near_zero_temperature_is_greedy(shipped):
     assert hot["pass_at_k"] > greedy + 0.2  # groups of 8 often hold a right answer: GRPO has signal
 
 
-def test_rl_check_on_the_shipped_model_moves_the_weights(shipped):
-    from flowrl.train.model import load_lm
-
-    model, tok = load_lm(str(ASSET))  # a private copy: rl_check trains in place
-    before = [p.detach().clone() for p in model.parameters()]
-    rec = rl_check(model, tok, RLCheckConfig(steps=2, prompts_per_step=8, num_test=16, eval_every=1), progress=False)
+def test_rl_check_on_the_shipped_model_moves_the_weights(shipped, tmp_path):
+    rec = rl_check(ASSET, RLCheckConfig(steps=2, prompts_per_step=8, num_test=16, eval_every=1), tmp_path / "run",
+                   progress=False)
     assert all(h["train_reward"] > 0.0 for h in rec["history"][1:])  # some samples are right
-    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters())) == len(before)
+    before, after = _weights(ASSET), _weights(tmp_path / "run" / "model")
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == len(before)
     assert rec["before"] == greedy_accuracy(shipped[0], shipped[1], arithmetic_records("test", 16, seed=0),
                                             max_new_tokens=4)
 
 
 @pytest.mark.slow
-def test_grpo_lifts_the_shipped_demo_lm(shipped):
-    from flowrl.train.model import load_lm
-
-    model, tok = load_lm(str(ASSET))
-    rec = rl_check(model, tok, RLCheckConfig(steps=100, prompts_per_step=16, learning_rate=3e-4, num_train_prompts=512,
-                                             num_test=256, eval_every=100), progress=False)
+def test_grpo_lifts_the_shipped_demo_lm(shipped, tmp_path):
+    rec = rl_check(ASSET, RLCheckConfig(steps=100, prompts_per_step=16, learning_rate=3e-4, num_train_prompts=512,
+                                        num_test=256, eval_every=100), tmp_path / "run", progress=False)
     assert rec["after"] >= rec["before"] + 0.10, rec["history"]

@@ -1,38 +1,13 @@
-"""Pretraining of the shipped demo model: a small SD3-format text-to-image model of ``shapes`` scenes.
+"""From-scratch pretraining of the shipped demo model (``assets/demo_sd3``): a small SD3-format
+text-to-image model of ``shapes`` scenes.
 
-``scripts/pretrain_demo.py`` calls :func:`pretrain`, which builds a ``StableDiffusion3Pipeline`` with
-:func:`flowrl.demo.tiny_image.build_tiny_sd3_pipeline` (MMDiT transformer, an ``AutoencoderKL`` with SD3's
-layout but 4 latent channels, two CLIP text encoders with offline whole-word tokenizers, no T5) and
-trains it from scratch on scenes drawn by :func:`flowrl.demo.shapes.render`:
-
-1. **VAE.** The autoencoder is trained on rendered scenes with ``MSE + kl_weight * KL`` (the VAE
-   objective of Kingma & Welling, arXiv 1312.6114, with the small KL weight of latent diffusion,
-   arXiv 2112.10752). Afterwards its latents are normalised the SD3 way,
-   ``z = (mean(x) - shift_factor) * scaling_factor`` with the data's mean and 1/std
-   (:func:`latent_normalization`), and the two factors are written into the VAE config.
-2. **Transformer.** The MMDiT is trained with the rectified-flow matching loss of SD3
-   (Esser et al., arXiv 2403.03206; Liu et al., arXiv 2209.03003): ``x_t = (1 - t) x_0 + t eps``,
-   target ``eps - x_0``, ``t`` logit-normal (SD3's default) or uniform, with the prompt replaced
-   by the empty prompt for a fraction ``prompt_dropout`` of the samples so that classifier-free
-   guidance (Ho & Salimans, arXiv 2207.12598) works. Prompts come from
-   ``flowrl.demo.shapes.prompts("train", ...)``; the latents of a fixed set of rendered scenes are
-   computed once. The weights saved are an exponential moving average of the trained ones.
-   The data is deliberately imperfect, like web-scale image-text pairs: a fraction
-   ``caption_noise`` of the scenes contradicts its caption in one attribute (:func:`noisy_scenes`:
-   another colour, count or shape, a missing object, swapped colours or positions -- the errors
-   GenEval counts; optionally also ``attribute_noise``: one object in another colour or shape) and a
-   fraction ``faded`` is washed out (:func:`wash_out`). The model therefore
-   makes these errors sometimes, and RL against the ``shapes`` reward has them to correct.
-3. **Evaluation.** Held-out prompts (``prompts("test", ...)``) are sampled with the pipeline's own
-   ``__call__`` (Euler ODE, CFG) and scored by the ``shapes`` checker, per GenEval category, next to
-   three references: the model with the empty prompt (a model that ignores the prompt), perfect
-   scenes of random training prompts, and the renderer's own scenes (the checker's ceiling).
-
-The text encoders stay random (frozen): different prompts still give different embeddings
-(:func:`embedding_separation` measures it). Everything is deterministic in ``seed``: every training
-step draws its data and noise from generators seeded by ``(seed, phase, step)``, so a run resumed from a
-checkpoint continues exactly as an uninterrupted one (on the same machine and thread count).
-Checkpoints (atomic, safetensors, :mod:`flowrl.train.checkpoint`) go to ``work_dir``.
+:func:`pretrain` builds a ``StableDiffusion3Pipeline`` (:func:`flowrl.demo.tiny_image.build_tiny_sd3_pipeline`),
+trains its VAE on rendered scenes (:func:`train_vae`), normalises its latents the SD3 way
+(:func:`latent_normalization`), trains the MMDiT with rectified-flow matching (:func:`train_transformer`) on
+deliberately imperfect scenes (:func:`noisy_scenes`, :func:`wash_out`), saves the EMA weights, and evaluates
+them on held-out prompts with the RL evaluation (:func:`evaluate_model`). Every step's data and noise derive
+from ``(seed, phase, step)``, so a run resumed from its checkpoints in ``work_dir`` equals an uninterrupted
+one. ``scripts/pretrain_demo.py`` is the command line; ``docs/demo.md`` describes the method.
 """
 
 from __future__ import annotations
@@ -54,7 +29,10 @@ from torch import Tensor
 from flowrl.demo.shapes import BACKGROUND, CATEGORIES, corrupt, evaluate, misattribute, render, vocabulary
 from flowrl.demo.shapes import prompts as shape_prompts
 from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
+from flowrl.flow.policy import FlowPolicy
 from flowrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowrl.train.evaluate import evaluate_policy, reward_from_config
+from flowrl.train.optim import lr_factor
 from flowrl.train.runfolder import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -70,18 +48,17 @@ __all__ = [
     "flow_matching_loss",
     "vae_loss",
     "latent_normalization",
-    "lr_at",
     "ema_update",
     "embedding_separation",
     "encode_prompt_table",
     "encode_latents",
     "train_vae",
     "train_transformer",
-    "generate",
     "evaluate_model",
     "reference_scores",
     "save_pipeline",
     "PhaseResult",
+    "SceneData",
     "pretrain",
     "format_evaluation",
     "write_model_card",
@@ -91,6 +68,7 @@ _PHASE_VAE = 1
 _PHASE_DIT = 2
 _PHASE_DATA = 3
 _PHASE_EVAL = 4
+_FINAL_LR_FRACTION = 0.1  # both phases: warm-up, then cosine decay to 10 % of the peak learning rate
 _CARD_SAMPLES = 24  # images of the first held-out prompts shown in the model card (samples.png)
 
 
@@ -145,6 +123,7 @@ class PretrainConfig:
     # --- bookkeeping ---
     checkpoint_every: int = 500  # steps between checkpoints (both phases)
     eval_prompts: int = 240  # held-out prompts for the final evaluation (balanced over categories)
+    eval_seeds: int = 1  # seeds per held-out prompt, 0..N-1, as the RL evaluation's eval.seeds (a repeated prompt gets new ones)
     eval_steps: int = 40  # Euler steps of evaluation sampling
     guidance_scale: float = 4.5  # CFG scale of evaluation sampling
     eval_batch_size: int = 40  # images per pipeline call during evaluation
@@ -156,7 +135,7 @@ class PretrainConfig:
         positive = (
             "threads", "image_size", "latent_channels", "vae_blocks", "num_layers", "num_heads", "head_dim",
             "clip_max_length", "max_sequence_length", "vae_batch_size", "num_scenes", "batch_size",
-            "checkpoint_every", "eval_steps", "eval_batch_size",
+            "checkpoint_every", "eval_seeds", "eval_steps", "eval_batch_size",
         )
         for name in positive:
             v = getattr(self, name)
@@ -314,19 +293,6 @@ def latent_normalization(latents: Tensor) -> tuple[float, float]:
     if std <= 0:
         raise ValueError("latents have zero spread: cannot normalise")
     return 1.0 / std, float(z.mean())
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.1) -> float:
-    """Learning rate at ``step`` (0-based): linear warmup to ``peak`` over ``warmup`` steps, then cosine
-    decay to ``final_frac * peak`` at ``total`` (SGDR's cosine schedule, Loshchilov & Hutter,
-    arXiv 1608.03983, without restarts)."""
-    if total < 1:
-        raise ValueError(f"total must be >= 1, got {total}")
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    span = max(total - warmup, 1)
-    p = min(max(step - warmup, 0) / span, 1.0)
-    return peak * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 @torch.no_grad()
@@ -525,7 +491,7 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, run_dir: str | Path, lo
     losses: list[float] = []
     bar = _progress(cfg.vae_steps, start, "VAE", cfg.progress)
     for step in range(start, cfg.vae_steps):
-        lr = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
+        lr = cfg.vae_lr * lr_factor(step, cfg.warmup_steps, cfg.vae_steps, _FINAL_LR_FRACTION)
         for g in opt.param_groups:
             g["lr"] = lr
         x = _vae_batch(cfg, step).to(device)
@@ -623,7 +589,7 @@ def train_transformer(
     losses: list[float] = []
     bar = _progress(cfg.steps, start, "transformer", cfg.progress)
     for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, _FINAL_LR_FRACTION)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = _generator(cfg.seed, _PHASE_DIT, step)
@@ -663,61 +629,45 @@ def train_transformer(
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate(
-    pipe: Any,
-    prompts: Sequence[str],
-    *,
-    seed: int,
-    num_steps: int,
-    guidance_scale: float,
-    max_sequence_length: int,
-    size: int | None = None,
-    batch_size: int = 40,
-) -> Tensor:
-    """Images ``[N, 3, H, W]`` in [0, 1] from the pipeline's own ``__call__`` (Euler ODE, CFG), one
-    generator per image seeded ``seed + i`` so that an image does not depend on the batching."""
-    if isinstance(prompts, str) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of strings")
-    size = size or int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i : i + batch_size])
-        gens = [torch.Generator(device="cpu").manual_seed(int(seed) + i + j) for j in range(len(chunk))]
-        res = pipe(
-            prompt=chunk,
-            height=size,
-            width=size,
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=gens,
-            max_sequence_length=max_sequence_length,
-            output_type="pt",
-        )
-        out.append(res.images.float().clamp(0, 1).cpu())
-    return torch.cat(out)
+class _EmptyPromptPolicy:
+    """A policy that is given the empty prompt whatever it is asked for: the reference of a model
+    that ignores the prompt (its images are scored against the prompts asked for)."""
+
+    def __init__(self, policy: Any):
+        self._policy = policy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = ""):
+        return self._policy.encode_prompts([""] * len(prompts), negative_prompt)
 
 
 def evaluate_model(
     pipe: Any,
     prompts: Sequence[str],
     *,
-    seed: int,
+    seeds: int | Sequence[int],
     num_steps: int,
     guidance_scale: float,
     max_sequence_length: int,
     batch_size: int = 40,
-    score_prompts: Sequence[str] | None = None,
+    device: str = "cpu",
+    ignore_prompt: bool = False,
 ) -> tuple[dict[str, float], Tensor]:
-    """``flowrl.demo.shapes.evaluate`` of images generated for ``prompts``: mean partial-credit ``score``,
-    strict ``accuracy``, ``geneval`` and per category ``score/<cat>``, ``accuracy/<cat>``.
-
-    ``score_prompts`` (default ``prompts``) are the prompts the images are scored against; giving
-    empty generation prompts with real ``score_prompts`` measures a model that ignores the prompt.
+    """The RL evaluation (:func:`flowrl.train.evaluate.evaluate_policy` of the pipeline's policy: every
+    prompt with ``seeds``, a list or a count N for 0 .. N-1; the deterministic ODE sampler; ``manual_seed(s)``
+    noise) scored by the ``shapes`` reward. Returns ``flowrl.demo.shapes.evaluate``'s summary (mean partial-credit
+    ``score``, strict ``accuracy``, ``geneval``, per category ``score/<cat>``, ``accuracy/<cat>``) and the
+    images, rows prompt-major. ``ignore_prompt``: sample with the empty prompt, score against ``prompts``.
     """
-    images = generate(pipe, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
-                      max_sequence_length=max_sequence_length, batch_size=batch_size)
-    return evaluate(images, list(score_prompts if score_prompts is not None else prompts)), images
+    policy = FlowPolicy.from_pipeline(pipe, device=device, max_sequence_length=max_sequence_length)
+    size = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+    res = evaluate_policy(_EmptyPromptPolicy(policy) if ignore_prompt else policy, prompts, seeds,
+                          num_steps=num_steps, height=size, width=size, guidance_scale=guidance_scale,
+                          reward=reward_from_config(None, {"shapes": 1.0}), batch_size=batch_size, progress=False)
+    prefix = "shapes/"
+    return {k[len(prefix):]: v for k, v in res.details.items() if k.startswith(prefix)}, res.images
 
 
 def reference_scores(prompts: Sequence[str], size: int, seed: int) -> dict[str, dict[str, float]]:
@@ -783,6 +733,69 @@ def _phase_vae(pipe: Any, cfg: PretrainConfig, work: Path, log: Callable[[dict],
     return res
 
 
+def _evaluate(pipe: Any, cfg: PretrainConfig, work: Path) -> dict[str, Any]:
+    """The held-out evaluation of the finished model (:func:`evaluate_model`, with CFG and with the
+    empty prompt) next to :func:`reference_scores`; writes the evaluation grid and the model card's
+    ``samples.png``. Empty when ``cfg.eval_prompts`` is 0."""
+    if not cfg.eval_prompts:
+        return {}
+    ev_prompts = shape_prompts("test", cfg.eval_prompts, seed=_step_seed(cfg.seed, _PHASE_EVAL, 0) % (2**32))
+    ref_seed = _step_seed(cfg.seed, _PHASE_EVAL, 1) % (2**31)
+    kw = dict(seeds=cfg.eval_seeds, num_steps=cfg.eval_steps, max_sequence_length=cfg.max_sequence_length,
+              batch_size=cfg.eval_batch_size, device=cfg.device)
+    model, imgs = evaluate_model(pipe, ev_prompts, guidance_scale=cfg.guidance_scale, **kw)
+    uncond, _ = evaluate_model(pipe, ev_prompts, guidance_scale=1.0, ignore_prompt=True, **kw)
+    rows = [p for p in ev_prompts for _ in range(cfg.eval_seeds)]
+    _save_grid(imgs[:48], work / "eval_grid.png")
+    (work / "eval_grid_prompts.txt").write_text("\n".join(rows[:48]) + "\n", encoding="utf-8")
+    _save_grid(imgs[:_CARD_SAMPLES], Path(cfg.output_dir) / "samples.png")
+    return {"model": model, "empty_prompt": uncond, **reference_scores(ev_prompts, cfg.image_size, ref_seed),
+            "prompts": ev_prompts, "seeds": list(range(cfg.eval_seeds)), "num_steps": cfg.eval_steps,
+            "guidance_scale": cfg.guidance_scale, "reference_seed": ref_seed}
+
+
+@dataclass
+class SceneData:
+    """The transformer's training data: normalised latents of the training scenes ``[N, C, h, w]``,
+    each scene's row ``prompt_index`` in the embedding table ``(prompt_embeds, pooled)`` whose row
+    ``empty_index`` is the empty prompt, the VAE's SD3 normalisation and the table's separation."""
+
+    latents: Tensor
+    prompt_index: Tensor
+    prompt_embeds: Tensor
+    pooled: Tensor
+    empty_index: int
+    scaling: float
+    shift: float
+    separation: dict[str, dict[str, float]]
+
+
+def _scene_data(pipe: Any, cfg: PretrainConfig) -> SceneData:
+    """Render the (noisy, partly washed-out) training scenes, encode them once with the trained VAE, set
+    the VAE's SD3 latent normalisation (``scaling_factor``, ``shift_factor``) and encode the prompt table."""
+    ds_seed = _step_seed(cfg.seed, _PHASE_DATA, 0)
+    scene_prompts = shape_prompts("train", cfg.num_scenes, seed=ds_seed % (2**32))
+    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1),
+                                       cfg.attribute_noise),
+                          cfg.image_size, np.random.default_rng(ds_seed))
+    images = wash_out(images, cfg.faded, cfg.fade_contrast, _step_seed(cfg.seed, _PHASE_DATA, 2))
+    raw = encode_latents(pipe.vae, images)
+    del images
+    scaling, shift = latent_normalization(raw)
+    pipe.vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
+    latents = ((raw - shift) * scaling).contiguous()
+    del raw
+    table_prompts = sorted(set(scene_prompts)) + [""]
+    row_of = {p: i for i, p in enumerate(table_prompts)}
+    prompt_index = torch.tensor([row_of[p] for p in scene_prompts], dtype=torch.long)
+    pe, pooled = encode_prompt_table(pipe, table_prompts, cfg.max_sequence_length)
+    separation = {
+        "pooled": embedding_separation(pooled[:-1]),
+        "sequence": embedding_separation(pe[:-1, : cfg.clip_max_length]),
+    }
+    return SceneData(latents, prompt_index, pe, pooled, len(table_prompts) - 1, scaling, shift, separation)
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run both phases (resuming from ``cfg.work_dir`` when checkpoints are there), save the pipeline
     to ``cfg.output_dir``, evaluate it, and return a summary (also written to ``work_dir/summary.json``
@@ -812,63 +825,28 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     # Phase 1: the VAE.
     vae_res = _phase_vae(pipe, cfg, work, log)
 
-    # The training scenes, their latents and the SD3 latent normalisation.
     t0 = time.time()
-    ds_seed = _step_seed(cfg.seed, _PHASE_DATA, 0)
-    scene_prompts = shape_prompts("train", cfg.num_scenes, seed=ds_seed % (2**32))
-    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1),
-                                       cfg.attribute_noise),
-                          cfg.image_size, np.random.default_rng(ds_seed))
-    images = wash_out(images, cfg.faded, cfg.fade_contrast, _step_seed(cfg.seed, _PHASE_DATA, 2))
-    raw = encode_latents(pipe.vae, images)
-    del images
-    scaling, shift = latent_normalization(raw)
-    pipe.vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
-    latents = ((raw - shift) * scaling).contiguous()
-    del raw
-    table_prompts = sorted(set(scene_prompts)) + [""]
-    row_of = {p: i for i, p in enumerate(table_prompts)}
-    prompt_index = torch.tensor([row_of[p] for p in scene_prompts], dtype=torch.long)
-    pe, pooled = encode_prompt_table(pipe, table_prompts, cfg.max_sequence_length)
-    separation = {
-        "pooled": embedding_separation(pooled[:-1]),
-        "sequence": embedding_separation(pe[:-1, : cfg.clip_max_length]),
-    }
+    data = _scene_data(pipe, cfg)
     data_s = time.time() - t0
 
     # Phase 2: the transformer; the saved weights are the EMA.
-    ema, dit_res = train_transformer(
-        pipe.transformer, latents, prompt_index, pe, pooled, len(table_prompts) - 1, cfg, work / "transformer", log
-    )
+    ema, dit_res = train_transformer(pipe.transformer, data.latents, data.prompt_index, data.prompt_embeds, data.pooled,
+                                     data.empty_index, cfg, work / "transformer", log)
     dtypes = {n: p.dtype for n, p in pipe.transformer.named_parameters()}
     pipe.transformer.load_state_dict({k: v.to(dtypes[k]) for k, v in ema.items()}, strict=False)
     pipe.transformer.eval()
     save_pipeline(pipe, cfg.output_dir)
 
-    # Evaluation on held-out prompts.
     t0 = time.time()
-    evaluation: dict[str, Any] = {}
-    if cfg.eval_prompts:
-        ev_prompts = shape_prompts("test", cfg.eval_prompts, seed=_step_seed(cfg.seed, _PHASE_EVAL, 0) % (2**32))
-        ev_seed = _step_seed(cfg.seed, _PHASE_EVAL, 1) % (2**31)
-        kw = dict(seed=ev_seed, num_steps=cfg.eval_steps, max_sequence_length=cfg.max_sequence_length,
-                  batch_size=cfg.eval_batch_size)
-        model, imgs = evaluate_model(pipe, ev_prompts, guidance_scale=cfg.guidance_scale, **kw)
-        uncond, _ = evaluate_model(pipe, [""] * len(ev_prompts), guidance_scale=1.0, score_prompts=ev_prompts, **kw)
-        refs = reference_scores(ev_prompts, cfg.image_size, ev_seed)
-        evaluation = {"model": model, "empty_prompt": uncond, **refs, "prompts": ev_prompts,
-                      "num_steps": cfg.eval_steps, "guidance_scale": cfg.guidance_scale, "seed": ev_seed}
-        _save_grid(imgs[:48], work / "eval_grid.png")
-        (work / "eval_grid_prompts.txt").write_text("\n".join(ev_prompts[:48]) + "\n", encoding="utf-8")
-        _save_grid(imgs[:_CARD_SAMPLES], Path(cfg.output_dir) / "samples.png")
+    evaluation = _evaluate(pipe, cfg, work)
     eval_s = time.time() - t0
 
     summary: dict[str, Any] = {
         "config": asdict(cfg),
         "parameters": params,
-        "vae_scaling_factor": scaling,
-        "vae_shift_factor": shift,
-        "embedding_separation": separation,
+        "vae_scaling_factor": data.scaling,
+        "vae_shift_factor": data.shift,
+        "embedding_separation": data.separation,
         "timings_s": {"vae_s": vae_res.elapsed_s, "data_s": data_s, "transformer_s": dit_res.elapsed_s, "eval_s": eval_s},
         "final_losses": {
             "vae": float(np.mean(vae_res.losses[-50:])) if vae_res.losses else None,
@@ -896,7 +874,8 @@ def format_evaluation(summary: dict[str, Any]) -> str:
             ("random scene", ev["random_scene"]), ("renderer", ev["renderer"])]
     head = "| " + " | ".join(["", *CATEGORIES, "mean score", "GenEval (strict)"]) + " |"
     lines = [
-        f"{len(ev['prompts'])} held-out prompts, {ev['num_steps']} Euler steps, CFG {ev['guidance_scale']} "
+        f"{len(ev['prompts'])} held-out prompts x {len(ev.get('seeds', [0]))} seed(s), {ev['num_steps']} Euler steps, "
+        f"CFG {ev['guidance_scale']} "
         "(empty prompt: CFG 1); partial-credit `shapes` score per GenEval category:",
         "",
         head,
@@ -918,10 +897,10 @@ def write_model_card(summary: dict[str, Any], out_dir: str | Path) -> Path:
     ev = summary.get("evaluation") or {}
     samples = ""
     if ev and (Path(out_dir) / "samples.png").is_file():
-        shown = ev["prompts"][:_CARD_SAMPLES]
+        shown = [q for q in ev["prompts"] for _ in ev.get("seeds", [0])][:_CARD_SAMPLES]
         samples = (
-            f"\n![samples](samples.png)\n\n`samples.png`: the model's images for the first {len(shown)} held-out "
-            "prompts (row by row, same seeds as the table): " + "; ".join(f"{i + 1}. {q}" for i, q in enumerate(shown)) + "\n"
+            f"\n![samples](samples.png)\n\n`samples.png`: the model's first {len(shown)} images of the held-out "
+            "evaluation (row by row, the table's prompts and seeds): " + "; ".join(f"{i + 1}. {q}" for i, q in enumerate(shown)) + "\n"
         )
     attr = (f", {cfg['attribute_noise']:.0%} (drawn independently) show one object in another colour or shape "
             f"(`flowrl.demo.shapes.misattribute`)") if cfg.get("attribute_noise", 0.0) > 0 else ""

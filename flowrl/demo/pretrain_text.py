@@ -1,16 +1,13 @@
-"""Supervised pretraining of the shipped demo LM, its evaluation, and a short GRPO check.
+"""Supervised pretraining of the shipped demo LM (``assets/demo_lm``), its evaluation, and a GRPO check.
 
-The text demo needs a base model that is *right sometimes but not often* on a verifiable task,
-so that GRPO has groups with both right and wrong answers to learn from. This module trains a
-tiny Qwen2 (:func:`flowrl.demo.tiny_text.build_tiny_lm`) by next-token prediction on
-``prompt + answer + <eos>`` (loss on the answer and EOS tokens only) for multi-digit arithmetic
-(:func:`flowrl.demo.arithmetic.arithmetic_records`) and stops as soon as its greedy exact-match
-accuracy on a validation set carved out of the *train* split reaches a target. The held-out
-``test`` split is only used for reporting.
-
-``scripts/pretrain_demo_lm.py`` is the command line around :func:`pretrain`; :func:`rl_check`
-runs a few minutes of GRPO (:class:`flowrl.text.learner.TextLearner` +
-:func:`flowrl.core.advantages.compute_advantages` + AdamW) to confirm that RL can lift the model.
+:func:`pretrain` trains a tiny Qwen2 (:func:`flowrl.demo.tiny_text.build_tiny_lm`) by next-token
+prediction on ``prompt + answer + <eos>`` of multi-digit arithmetic
+(:func:`flowrl.demo.arithmetic.arithmetic_records`) until its greedy exact-match accuracy on a
+validation set carved out of the *train* split reaches a target: right sometimes but not often,
+so that GRPO has groups with both right and wrong answers. The held-out ``test`` split is only
+used for reporting (:func:`greedy_accuracy`, :func:`pass_at_k`). :func:`rl_check` runs a short GRPO
+run on the saved model through flowrl's own :class:`flowrl.train.loop.Trainer` to confirm that RL
+lifts it. ``scripts/pretrain_demo_lm.py`` is the command line.
 """
 from __future__ import annotations
 
@@ -25,13 +22,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from flowrl.core.advantages import AdvantageConfig, compute_advantages
-from flowrl.core.losses import loss_normalizers, loss_preset
+from flowrl.config import load_run_config
 from flowrl.demo.arithmetic import arithmetic_records
 from flowrl.demo.tiny_text import build_tiny_lm
-from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import exact_match
 from flowrl.text.rollout import generate
+from flowrl.train.optim import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -221,13 +217,6 @@ class PretrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)  # one entry per validation check (loss None at 0)
 
 
-def lr_at(step: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then constant: ``peak * min(1, (step+1)/warmup)``."""
-    if warmup <= 0:
-        return peak
-    return peak * min(1.0, (step + 1) / warmup)
-
-
 def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     """Train a fresh tiny Qwen2 on ``cfg``'s arithmetic task until the validation greedy accuracy
     reaches ``cfg.target_accuracy`` (checked every ``eval_every`` steps, and before the first step)
@@ -264,7 +253,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.learning_rate, cfg.warmup_steps)
+                g["lr"] = cfg.learning_rate * lr_factor(step, cfg.warmup_steps)
             am = data["attention_mask"][idx]
             logits = model(input_ids=data["input_ids"][idx], attention_mask=am).logits
             loss = answer_nll(logits, data["labels"][idx])
@@ -319,26 +308,27 @@ def save_demo_lm(result: PretrainResult, cfg: PretrainConfig, out_dir, metrics: 
 @dataclass
 class RLCheckConfig:
     """Settings of :func:`rl_check`: GRPO with full fine-tuning on the train split, greedy
-    evaluation on the held-out test split (the same sources as ``arithmetic:train/test``)."""
+    evaluation on the held-out test split (``arithmetic:train`` / ``arithmetic:test``), each field one
+    key of the :class:`flowrl.config.RunConfig` it builds (:func:`rl_check_overrides`)."""
 
-    steps: int = 300  # GRPO steps (rollout + one on-policy update each)
-    prompts_per_step: int = 64  # prompts per rollout
-    group_size: int = 8  # samples per prompt
+    steps: int = 300  # GRPO steps (rollout + one on-policy update each): max_steps
+    prompts_per_step: int = 64  # prompts per rollout: sample.prompts_per_step
+    group_size: int = 8  # samples per prompt: sample.group_size
     learning_rate: float = 1e-3  # AdamW learning rate (full fine-tuning; LoRA wants ~3e-3)
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     temperature: float = 1.0  # sampling temperature
     max_new_tokens: int = 4  # completion length limit (3 answer digits + EOS for 2-digit addition)
-    loss: str = "grpo"  # flowrl.core.losses.loss_preset name
+    loss: str = "grpo"  # loss_preset (flowrl.core.losses.loss_preset)
     lora: bool = False  # train a LoRA adapter on q/k/v/o instead of all weights
     lora_rank: int = 16  # LoRA rank (the LM family default of flowrl.train.lora)
     lora_alpha: float = 32.0  # LoRA alpha
-    num_train_prompts: int = 4000  # train-split prompts drawn ('arithmetic:train' draws 512 unless limited)
+    num_train_prompts: int = 4000  # train-split prompts drawn: data.max_train_prompts
     eval_every: int = 50  # steps between held-out evaluations
-    max_seconds: Optional[float] = None  # stop early after this much wall clock
-    seed: int = 0  # rollout noise and prompt order
+    max_seconds: Optional[float] = None  # stop early after this much training time: time_budget_s
+    seed: int = 0  # rollout noise, prompt order and the problem draws
     digits: int = 2  # operand digits (must match the pretrained task)
-    num_test: int = 512  # held-out prompts for the greedy evaluation
+    num_test: int = 512  # held-out prompts for the greedy evaluation: eval.num_prompts
 
     def validate(self) -> "RLCheckConfig":
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_train_prompts", "eval_every",
@@ -350,74 +340,55 @@ class RLCheckConfig:
         return self
 
 
-def rl_check(model, tokenizer, cfg: RLCheckConfig, *, progress: bool = True) -> Dict[str, Any]:
-    """Run GRPO on ``model`` (in place; with ``cfg.lora`` on a peft wrapper of it) and return the held-out greedy accuracy curve:
-    ``{"history": [{"step", "wall_s", "test_accuracy", "train_reward"}...], "before", "after", "wall_clock_s"}``.
+def rl_check_overrides(model_dir, cfg: RLCheckConfig, run_dir, *, progress: bool = True) -> List[str]:
+    """The ``flowrl train`` overrides (``key=value``, no config file) of :func:`rl_check`'s run: the
+    text demo's setup (``configs/llm_demo.yaml``: family ``lm``, exact-match reward, greedy held-out
+    evaluation) with ``cfg``'s sizes, a checkpoint only at the end and no tracker."""
+    c = cfg.validate()
+    keys = {
+        "output_dir": str(run_dir), "seed": c.seed, "max_steps": c.steps, "time_budget_s": c.max_seconds,
+        "eval_every": c.eval_every, "checkpoint_every": c.steps, "loss_preset": c.loss, "rewards.exact_match": 1.0,
+        "model.family": "lm", "model.path": str(model_dir), "text.max_new_tokens": c.max_new_tokens,
+        "text.temperature": c.temperature, "text.chunk_size": c.prompts_per_step * c.group_size,
+        "sample.group_size": c.group_size, "sample.prompts_per_step": c.prompts_per_step,
+        "data.train": f"arithmetic:train:{c.digits}", "data.eval": f"arithmetic:test:{c.digits}",
+        "data.max_train_prompts": c.num_train_prompts, "eval.num_prompts": c.num_test, "eval.seeds": [0],
+        "train.lora": c.lora, "train.lora_rank": c.lora_rank, "train.lora_alpha": c.lora_alpha,
+        "train.learning_rate": c.learning_rate, "train.weight_decay": c.weight_decay,
+        "train.max_grad_norm": c.max_grad_norm, "train.tracker": "none", "train.progress": progress,
+    }
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in keys.items()]
 
-    Each step: ``prompts_per_step`` train prompts (a seeded walk through the train records),
-    ``group_size`` samples each (:meth:`TextLearner.rollout`), exact-match rewards, TRL-style group
-    z-scored advantages (:func:`compute_advantages`, GRPO arXiv 2402.03300), one on-policy
-    AdamW update of the ``cfg.loss`` preset's loss."""
-    cfg.validate()
-    train = arithmetic_records("train", cfg.num_train_prompts, seed=cfg.seed, digits=cfg.digits)
-    test = arithmetic_records("test", cfg.num_test, seed=cfg.seed, digits=cfg.digits)
-    loss_cfg = loss_preset(cfg.loss)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                 init_lora_weights="gaussian"))
-    learner = TextLearner(model, tokenizer, loss_cfg, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          chunk_size=cfg.prompts_per_step * cfg.group_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train), generator=gen).tolist()
-    pos = 0
-    t0 = time.perf_counter()
-    acc = greedy_accuracy(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
-    history: List[Dict[str, Any]] = [{"step": 0, "wall_s": 0.0, "test_accuracy": acc, "train_reward": None}]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+def rl_check(model_dir, cfg: RLCheckConfig, run_dir, *, progress: bool = True) -> Dict[str, Any]:
+    """GRPO on the model folder ``model_dir`` with flowrl's own training loop
+    (:class:`flowrl.train.loop.Trainer`, run folder ``run_dir``, settings :func:`rl_check_overrides`):
+    the same rollout, exact-match reward, group-normalised advantages, update and greedy held-out
+    evaluation as ``flowrl train configs/llm_demo.yaml``. Returns the held-out greedy accuracy curve,
+    ``{"history": [{"step", "train_s", "test_accuracy", "train_reward"}...], "before", "after", "steps",
+    "wall_clock_s", "run_dir", "config"}`` (``train_reward``: the mean reward of the steps since the
+    previous evaluation; ``train_s``: training seconds so far, evaluations excluded). The trained
+    model is ``run_dir/model`` (``run_dir/lora`` with ``cfg.lora``)."""
+    from flowrl.train.loop import Trainer  # heavy (accelerate, the flow and text stacks): only the check needs it
 
-        bar = tqdm(total=cfg.steps, desc="GRPO check", unit="step")
-    rewards_seen: List[float] = []
-    step = 0
-    try:
-        for step in range(1, cfg.steps + 1):
-            if pos + cfg.prompts_per_step > len(order):
-                order = torch.randperm(len(train), generator=gen).tolist()
-                pos = 0
-            batch = [train[i] for i in order[pos:pos + cfg.prompts_per_step]]
-            pos += cfg.prompts_per_step
-            ro = learner.rollout([r["prompt"] for r in batch], group_size=cfg.group_size, seed=cfg.seed * 100003 + step)
-            answers = [batch[i]["answer"] for i in ro.prompt_index.tolist()]
-            r = torch.tensor(exact_match(None, ro.completions, answer=answers), dtype=torch.float32)
-            rewards_seen.append(float(r.mean()))
-            adv, _ = compute_advantages(r, ro.prompt_index, AdvantageConfig())
-            opt.zero_grad(set_to_none=True)
-            norm = loss_normalizers(ro.completion_mask, loss_cfg.aggregation)
-            learner.minibatch_gradient(ro, adv, normalizer=norm)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            done = cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds
-            if step % cfg.eval_every == 0 or step == cfg.steps or done:
-                acc = greedy_accuracy(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
-                tr = sum(rewards_seen) / len(rewards_seen)
-                rewards_seen = []
-                history.append({"step": step, "wall_s": round(time.perf_counter() - t0, 1), "test_accuracy": acc,
-                                "train_reward": tr})
-                log.debug("GRPO step %d: held-out greedy accuracy %.3f (train reward %.3f)", step, acc, tr)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{float(r.mean()):.2f}", test_acc=f"{history[-1]['test_accuracy']:.3f}")
-            if done:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    model.eval()
+    summary = Trainer(load_run_config(None, rl_check_overrides(model_dir, cfg, run_dir, progress=progress))).run()
+    history = _rl_history(Path(run_dir))
     return {"history": history, "before": history[0]["test_accuracy"], "after": history[-1]["test_accuracy"],
-            "steps": step, "wall_clock_s": round(time.perf_counter() - t0, 1), "config": asdict(cfg)}
+            "steps": summary["steps"], "wall_clock_s": round(summary["wall_clock_s"], 1), "run_dir": str(run_dir),
+            "config": asdict(cfg)}
+
+
+def _rl_history(run_dir: Path) -> List[Dict[str, Any]]:
+    """One entry per evaluation of a finished run folder: its step, held-out exact-match accuracy
+    (``eval.jsonl``), the training seconds so far and the mean training reward since the previous
+    evaluation (``metrics.jsonl``; None at step 0)."""
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    out, prev = [], 0
+    for ev in evals:
+        seen = [m for m in steps if prev < m["step"] <= ev["step"]]
+        train_s = float(sum(m["time/step"] for m in steps if m["step"] <= ev["step"]))
+        out.append({"step": ev["step"], "train_s": round(train_s, 1), "test_accuracy": ev["means"]["exact_match"],
+                    "train_reward": sum(m["reward/exact_match"] for m in seen) / len(seen) if seen else None})
+        prev = ev["step"]
+    return out

@@ -107,7 +107,8 @@ def check_resume_config(saved: Optional[Dict[str, Any]], current: Dict[str, Any]
 def apply_optimizer_settings(optimizer, scheduler, lr: float, weight_decay: float) -> None:
     """After restoring optimizer and LR scheduler state, make the run's current learning rate and
     weight decay the ones in effect (the restored state carries the saved ones): the scheduler's
-    base rates, each group's ``initial_lr`` and its current ``lr`` = lr x the schedule's factor."""
+    base rates, each group's ``initial_lr`` and its current ``lr`` = lr x the schedule's factor
+    (:func:`flowrl.train.optim.lr_factor`, through the scheduler's own lambdas)."""
     scheduler.base_lrs = [float(lr)] * len(optimizer.param_groups)
     for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = float(lr)

@@ -48,6 +48,7 @@ from flowrl.train.guard import (
     GracefulStop, RunLock, apply_optimizer_settings, check_resume_config, check_update, weight_norm,
 )
 from flowrl.train.metrics import mean, reward_metrics, update_metrics
+from flowrl.train.optim import warmup_scheduler
 from flowrl.train.processes import Processes
 from flowrl.train.runfolder import append_jsonl, atomic_write
 
@@ -136,8 +137,7 @@ class Trainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=tuple(tc.adam_betas),
                                            eps=tc.adam_eps, weight_decay=tc.weight_decay)
-        warm = tc.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = warmup_scheduler(self.optimizer, tc.warmup_steps)
         # The LR scheduler is deliberately not prepared: accelerate's AcceleratedScheduler steps the
         # wrapped scheduler num_processes times per optimizer step (it assumes a per-process
         # dataloader split), which would make the LR (warm-up) depend on the number of processes.
