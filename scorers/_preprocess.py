@@ -1,70 +1,19 @@
 """Image preprocessing for the learned scorers: torch on float tensors (differentiable), the
 official PIL pipelines on PIL images and uint8 tensors.
 
-Every learned scorer turns its images into its model's input with the same steps its authors use:
-a bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and normalisation with the
-model's published mean/std. On a float batch [B, 3, H, W] in [0, 1] this runs in torch, which keeps
-the autograd graph, so a reward can be differentiated w.r.t. the images (``differentiable=True``).
+Every learned scorer turns its images into its model's input with the steps its authors use: a
+bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and normalisation with the
+model's published mean/std (:class:`PreprocessSpec`; :data:`CLIP_224`, :data:`HF_CLIP_224`,
+:data:`HPS_224`). Two paths:
 
-Sources of the constants and behaviour (each model's own release):
+* float tensors [B, 3, H, W] in [0, 1] (:func:`preprocess`): torch's antialiased bicubic
+  ``interpolate``, differentiable; within 1.1/255 per pixel of the official PIL transform
+  (bit-identical for HPS, whose official resize runs on the float tensor);
+* PIL images and uint8 tensors (:func:`pil_pixel_values`): the official PIL pipeline itself, with
+  its operation order and arithmetic, so the pixels equal the official transform's.
 
-* OpenAI CLIP (``openai/CLIP clip/clip.py::_transform``, checked @ d05afc43): ``Resize(n_px,
-  BICUBIC)`` of the shorter side and ``CenterCrop(n_px)`` on the PIL image, then ``convert("RGB")``,
-  ``ToTensor``, ``Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)``.
-  open_clip uses the same constants (``open_clip/constants.py``: ``OPENAI_DATASET_MEAN/STD``) and
-  the same transform for ``ViT-L-14`` 'openai' (the LAION aesthetic predictor's backbone):
-  :data:`CLIP_224`.
-* HPS v2 / v2.1 (``tgxs002/HPSv2 hpsv2/img_score.py`` and ``hpsv2/src/open_clip/transform.py``,
-  checked @ 866735ec): ``create_model_and_transforms('ViT-H-14', ..., light_augmentation=True)``
-  selects the validation transform ``ToTensor()``, ``ResizeMaxSize(224)`` (longer side to 224,
-  ``F.resize`` bicubic on the float tensor, zero padding to a square),
-  ``Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)``: :data:`HPS_224`. ``F.resize`` takes
-  torchvision's default ``antialias``: True since torchvision 0.17, False for tensors before — on a
-  512² image the two differ by up to 6.6/255 (smooth) and 175/255 (white noise); we follow
-  today's default.
-* PickScore_v1 is scored with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
-  (``preprocessor_config.json``: ``shortest_edge`` 224, ``resample`` 3 = bicubic, ``crop_size`` 224,
-  ``image_mean``/``image_std`` = the OpenAI CLIP constants; yuvalkirstain/PickScore @ f79607ff pins
-  transformers 4.27.3, whose ``CLIPImageProcessor`` converts to RGB first, resizes with PIL, crops,
-  rescales in float64 and normalises in float32). transformers' ``center_crop`` truncates the offset
-  (``(H - h) // 2``), torchvision rounds it: :data:`HF_CLIP_224`. transformers 5's default
-  ``CLIPImageProcessor`` is a torchvision backend (uint8 tensor resize) that differs from the PIL one
-  by up to 2/255; ``CLIPImageProcessorPil`` keeps the 4.27.3 arithmetic (except that it composites
-  alpha onto white, where 4.27.3 dropped alpha; we follow 4.27.3).
-* ImageReward v1.0 (BLIP ViT-L, ``THUDM/ImageReward ImageReward/ImageReward.py::_transform``,
-  checked @ c1392c6d): the OpenAI CLIP transform above at 224 (PIL input only): :data:`CLIP_224`.
-* LAION aesthetic predictor (christophschuhmann/improved-aesthetic-predictor ``simple_inference.py``
-  @ 6934dd81: ``clip.load("ViT-L/14")``'s ``preprocess`` on a PIL image): :data:`CLIP_224`.
-
-Two paths:
-
-* **float tensors** (what a flow policy decodes; :func:`preprocess`): resizing uses
-  ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, PyTorch's port of PIL's
-  antialiased bicubic filter (Keys kernel, a = -0.5). Differentiable. For ``shortest_crop`` specs
-  (CLIP_224, HF_CLIP_224) it is *not* the official transform, which resamples the uint8 image with
-  PIL: PIL works in fixed point and rounds to uint8 after each of its two 1-D passes. The float
-  path does the two passes with a clamp to [0, 1] in between (as PIL's uint8 saturates) but no
-  rounding. Measured in float64 on random 8-bit images (white noise and smooth fields, 97×150 to
-  1024×768, resized to 224) against the official pixels: ≤ 1.1/255 per pixel, mean 0.26/255
-  (1.6/255 for unquantised float images against the official transform of their 8-bit version);
-  with one 2-D pass clamped only at the end (flowrl before this check) it was 3.0/255 on smooth
-  and 21/255 on white-noise images, same mean (the per-pass clamp fixes the outliers, not the
-  mean, so scores barely change). On tiny random models at 224 px (float64) the float path moves
-  scores by up to 3 % of their spread: ImageReward 1.3e-3 (smooth) / 2.7e-3 (noise), 1.0 % / 2.8 %;
-  PickScore 0.25 % / 0.36 %; aesthetic 0.9 % / 2.5 %. The real models' numbers may differ.
-  ``longest_pad`` (HPS) *is* the official transform on 8-bit pixels (bit-identical), since HPS
-  itself resizes the float tensor.
-* **PIL images and uint8 tensors** (:func:`pil_pixel_values`): the official pipeline itself, run
-  with PIL and the same operation order and arithmetic as the reference code
-  (:attr:`PreprocessSpec.pil_pipeline`), so the pixels equal the official transform's to float32
-  rounding (tests: bit-identical). Not differentiable (the input is 8-bit). :class:`scorers.base.Scorer`
-  hands PIL lists and uint8 tensors unchanged to scorers that set ``pil_input`` (PickScore, HPS,
-  aesthetic, clipscore, ImageReward, remote).
-
-Tests (tests/test_scorer_preprocess.py) compare both paths with torchvision, open_clip and
-transformers' PIL image processor.
-
-The shared checkpoint-loading helpers live in :mod:`scorers._loading` and are re-exported here.
+The source of each spec and the measured differences between the paths are in docs/methods.md
+("Image preprocessing"). Checkpoint-loading helpers live in :mod:`scorers._loading`.
 """
 from __future__ import annotations
 
@@ -74,13 +23,6 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from scorers._loading import (  # noqa: F401  (re-exported: one import place for scorer modules)
-    CheckpointError,
-    check_state_dict,
-    load_checkpoint_file,
-    load_state_dict_strict,
-)
 
 # OpenAI CLIP normalisation constants (openai/CLIP clip/clip.py::_transform; identical in
 # open_clip/constants.py OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and

@@ -1,37 +1,16 @@
 """CLIP encoders shared by the learned scorers, and the ``clipscore`` scorer.
 
-Two back-ends, each loading a published checkpoint as released, through one code path for hub ids
-and local paths:
+Two back-ends load a published checkpoint as released (hub id or local path), checked key by key:
+:class:`OpenClipEncoder` (an open_clip architecture filled from a state-dict file; HPS v2/v2.1, the
+LAION aesthetic predictor) and :class:`HFClipEncoder` (transformers' ``CLIPModel``; PickScore).
+Both take a float tensor [B, 3, H, W] in [0, 1] (preprocessed in torch, differentiable) or PIL
+images / a uint8 tensor (the official PIL pipeline of the encoder's
+:class:`~scorers._preprocess.PreprocessSpec`).
 
-* :class:`OpenClipEncoder` — an open_clip architecture (``"ViT-H-14"``, ``"ViT-L-14"``, or a JSON
-  model config file for a custom one) built without weights, then filled from a state-dict file read
-  with ``torch.load(weights_only=True)`` and checked key by key (:mod:`scorers._loading`). Used by
-  HPS v2/v2.1 and the LAION aesthetic predictor.
-* :class:`HFClipEncoder` — transformers' ``CLIPModel.from_pretrained`` (hub id or local folder) with
-  any missing/unexpected/mismatched key turned into an error, plus the tokenizer and the image
-  preprocessing constants of a named processor. Used by PickScore.
-
-Both take images in two forms (:meth:`OpenClipEncoder.pixel_values`):
-
-* a float tensor [B, 3, H, W] in [0, 1] (what the training loop decodes): preprocessed in torch
-  (:func:`scorers._preprocess.preprocess`), so features are differentiable w.r.t. the pixels;
-* PIL images (any mode, any sizes) or a ``torch.uint8`` tensor [B, 3, H, W]: the official PIL
-  pipeline of the encoder's :class:`~scorers._preprocess.PreprocessSpec`
-  (:func:`scorers._preprocess.pil_pixel_values`; OpenAI CLIP / open_clip's ``_transform`` for
-  ``CLIP_224``, transformers' ``CLIPImageProcessor`` for a processor's spec, HPS v2's transform for
-  ``HPS_224``), so the pixels equal the official package's. The scorers built on these encoders set
-  :attr:`scorers.base.Scorer.pil_input`, so such input reaches them as it is.
-
-The two paths give the same pixels for HPS (its official resize runs on the float tensor) and differ
-by PIL's uint8 rounding for the others (≤ 1.1/255 per pixel; :mod:`scorers._preprocess`).
-
-``clipscore`` (Radford et al., arXiv 2103.00020; CLIP-S of Hessel et al., arXiv 2104.08718):
-the cosine similarity of the L2-normalised image and text embeddings, reported in one of three
-conventions (option ``convention``):
-
-* ``"cosine"`` (default): cos(image, text) in [-1, 1];
-* ``"clip_s"``: 2.5 · max(cos, 0) — CLIP-S as defined by Hessel et al. (w = 2.5);
-* ``"x100"``: 100 · max(cos, 0) — the ×100 scale of torchmetrics' ``CLIPScore``.
+``clipscore`` (Radford et al., arXiv 2103.00020; CLIP-S of Hessel et al., arXiv 2104.08718) is the
+cosine similarity of the L2-normalised image and text embeddings, in one of three conventions
+(option ``convention``): ``"cosine"`` (default, in [-1, 1]), ``"clip_s"`` (2.5 · max(cos, 0)) or
+``"x100"`` (100 · max(cos, 0), torchmetrics' scale). See docs/methods.md ("CLIP back-ends").
 """
 from __future__ import annotations
 

@@ -1,49 +1,17 @@
 """ImageReward v1.0 (Xu et al., arXiv 2304.05977) without the ``image-reward`` package.
 
-The published ``ImageReward.pt`` (hub repo ``THUDM/ImageReward``) is a bare ``state_dict`` of the
-authors' ``ImageReward`` module (``ImageReward/ImageReward.py`` and ``ImageReward/models/BLIP/*`` in
-github.com/THUDM/ImageReward). It holds
+The published ``ImageReward.pt`` (a BLIP ViT-L/16 image encoder, BLIP's BERT-base "MED" text
+encoder with cross-attention to the image tokens, and a linear reward head) is loaded into
+transformers' :class:`~transformers.BlipVisionModel` and :class:`~transformers.BlipTextModel`
+through :data:`KEY_TABLE`. Scoring follows the official ``ImageReward.score``:
 
-* ``blip.visual_encoder.*``: a BLIP ViT-L/16 at 224 px (24 pre-norm blocks, width 1024, 16 heads,
-  MLP 4096, LayerNorm eps 1e-6, exact GELU, fused ``qkv``);
-* ``blip.text_encoder.*``: BLIP's BERT-base "MED" encoder (``med_config.json``: 12 post-norm layers,
-  width 768, 12 heads, 3072, vocab 30524 = bert-base-uncased + ``[DEC]`` + ``[ENC]``, LayerNorm eps
-  1e-12, no token-type embeddings) with a cross-attention block in every layer whose key/value read
-  the 1024-wide image tokens; plus the persistent buffer ``embeddings.position_ids``;
-* ``blip.vision_proj`` / ``blip.text_proj``: BLIP's 256-d contrastive projections (saved with the
-  module, not used by the reward);
-* ``mlp.layers.{0,2,4,6,7}``: the reward head 768→1024→128→64→16→1, purely linear (the ReLUs are
-  commented out upstream), with dropouts 0.2, 0.2, 0.1 at indices 1, 3, 5.
+    r = mlp(text_encoder(prompt, cross-attending to vit(image))[first token])
+    score = (r - 0.16717362830052426) / 1.0333394966054072
 
-We load it into transformers' :class:`~transformers.BlipVisionModel` (identical computation to the
-timm-style ViT: same qkv layout, pre-norm blocks, final norm = ``post_layernorm``) and
-:class:`~transformers.BlipTextModel` (a port of the same ``med.py``), through :data:`KEY_TABLE`.
-
-Scoring, as the official ``ImageReward.score``/``score_gard`` do it:
-
-1. image: ``Resize(224, BICUBIC)`` of the shorter side, ``CenterCrop(224)``, RGB, ``ToTensor``,
-   ``Normalize`` with the OpenAI CLIP mean/std (``ImageReward/ImageReward.py::_transform``, checked
-   against THUDM/ImageReward @ c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb). Upstream runs it on a PIL
-   image, so the resize is PIL's, on uint8. Here:
-
-   * PIL images or a ``torch.uint8`` tensor [B, 3, H, W]: that same pipeline, with PIL
-     (:func:`scorers._preprocess.pil_pixel_values`) — pixels equal the official transform's
-     (bit-identical in float32 in the tests), so scores match the package to model rounding;
-   * a float tensor in [0, 1] (what the training loop decodes): the resize runs in torch
-     (:func:`scorers._preprocess.preprocess`) so the score can be differentiated w.r.t. the image.
-     It is not PIL's uint8 resampling: on random 8-bit images (97×150 … 1024×768 → 224, float64)
-     the pixels differ from the official transform by ≤ 1.1/255 (mean 0.26/255; before the
-     per-pass clamp of :func:`scorers._preprocess.resize_shorter_side`: ≤ 3/255 on smooth images,
-     21/255 on white noise), and a tiny random ImageReward's score by ≤ 1.3e-3 (smooth) / 2.7e-3
-     (noise), 1–3 % of its score spread. Pass uint8/PIL to get the package's numbers;
-2. prompt: bert-base-uncased tokenizer with ``[DEC]`` added as bos token and ``[ENC]`` as an extra
-   special token (``models/BLIP/blip.py::init_tokenizer``), ``padding="max_length"``,
-   ``truncation=True``, ``max_length=35``. The sequence starts with the ordinary ``[CLS]``: the
-   official reward code computes ``enc_token_id`` but never substitutes it for ``[CLS]`` (unlike
-   BLIP's ITM head), so neither do we;
-3. text encoder with cross-attention to all image tokens (all-ones image mask), feature = hidden
-   state of the first token, ``r = mlp(feature)``;
-4. ``score = (r − 0.16717362830052426) / 1.0333394966054072`` (``ImageReward.mean``/``.std``).
+with the OpenAI CLIP transform at 224 px (PIL on PIL/uint8 input, as upstream; differentiable torch
+on float input) and the bert-base-uncased tokenizer plus ``[DEC]``/``[ENC]`` at ``max_length=35``.
+How each checkpoint key maps onto the modules, and the measured float-path differences, are in
+docs/methods.md ("ImageReward v1.0").
 """
 from __future__ import annotations
 
@@ -56,15 +24,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from scorers._loading import CheckpointError, check_state_dict, load_checkpoint_file, load_state_dict_strict
 from scorers._preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    CheckpointError,
     PreprocessSpec,
-    check_state_dict,
     is_pil_or_uint8,
-    load_checkpoint_file,
-    load_state_dict_strict,
     pil_pixel_values,
     preprocess,
 )

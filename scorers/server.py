@@ -1,19 +1,12 @@
 """``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/1``
 protocol (specified in :mod:`scorers.remote`; JSON and PNG only, never pickle).
 
-Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). The event loop
-reads requests and answers ``/health`` at once; JSON parsing and PNG decoding run in a small thread
-pool; calls into the scorer run one at a time in one worker thread. Requests that arrive while the
-scorer is busy are merged into one call (up to ``max_batch_images`` images, waiting at most
-``batch_wait_ms`` for more) and its scores are split back per request; ``max_batch_images=0`` turns
-merging off. When a merged call raises, its requests are scored again one by one, so only the bad one
-gets the 500. Binds 127.0.0.1 unless told otherwise; no authentication.
-
-Limits (each a 4xx/503 with ``{"error": "..."}``, and the server keeps serving): body bytes
-(``max_request_bytes``, 413), pixels per image (``max_image_pixels``) and per request
-(``max_request_pixels``), both read from the PNG headers before anything is decoded (400), and decoded
-pixels of all requests in flight (``max_inflight_pixels``: 503 with ``Retry-After``). The design and
-its reasons are in docs/architecture.md ("The scorer server").
+Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). Requests that
+arrive while the scorer is busy are merged into one scorer call (``max_batch_images``,
+``batch_wait_ms``) and its scores split back per request. Body bytes, pixels per image and per
+request (read from the PNG headers before decoding) and decoded pixels in flight are limited (413,
+400, 503 with ``Retry-After``). Binds 127.0.0.1 unless told otherwise; no authentication. Design:
+docs/architecture.md ("The scorer server"); batching and limits: docs/methods.md.
 
 Python use::
 
@@ -203,20 +196,6 @@ def read_score_request(
     return out
 
 
-def parse_score_request(
-    body: bytes,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    same_size: bool = True,
-    max_request_pixels: Optional[int] = None,
-):
-    """JSON body of ``POST /score`` -> (images: list of PIL images as decoded, prompts, metadata).
-
-    :func:`read_score_request` and then the decoding; raises :class:`BadRequest` (400).
-    :func:`scorer_input` turns the images into what a scorer takes."""
-    req = read_score_request(body, max_pixels, same_size, max_request_pixels)
-    return req.decode(), req.prompts, req.metadata
-
-
 def scorer_input(scorer: Callable, pil: List[Any]):
     """What ``scorer`` is called with for the decoded images ``pil``: the PIL list itself for a
     :class:`scorers.base.Scorer` or anything with ``pil_input = True`` (a learned scorer then
@@ -236,13 +215,6 @@ def _json_scores(values: Any, n: int, label: str) -> List[Optional[float]]:
     if len(vals) != n:
         raise RuntimeError(f"{label} returned {len(vals)} scores for {n} images")
     return [v if math.isfinite(v) else None for v in vals]
-
-
-def format_scores(out: Any, n: int) -> Dict[str, Any]:
-    """Scorer output (tensor [n], or a mapping name -> tensor [n]) -> the JSON reply object.
-
-    Non-finite scores become ``null``."""
-    return split_scores(out, [n])[0]
 
 
 def split_scores(out: Any, sizes: Sequence[int]) -> List[Dict[str, Any]]:

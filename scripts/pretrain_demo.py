@@ -1,38 +1,18 @@
 #!/usr/bin/env python
 """Pretrain the shipped demo model (``assets/demo_sd3``) from scratch on CPU.
 
-The model is a small Stable Diffusion 3 pipeline in diffusers' own format -- an MMDiT transformer, an
-``AutoencoderKL`` and two CLIP text encoders with their tokenizers, no T5 -- trained on synthetic
-scenes ("a red circle above a blue square", "three green triangles", ...) drawn by
-``flowrl.demo.shapes.render``. The text encoders stay random; their tokenizers give every word of the
-scene grammar one token (``--tokenizer words``, the default; ``chars`` splits words into characters; with
-whole words the same 6000 steps reach a held-out score of 0.60 instead of 0.54 on clean captions). The
-training data is imperfect on purpose, as web data is (``--caption-noise``: scenes that contradict their
-caption in one attribute; ``--faded``: washed-out scenes), so that the model makes GenEval's errors
-sometimes and RL has them to correct. It loads with the same code that loads SD3.5 from the hub::
+A small Stable Diffusion 3 pipeline in diffusers' own format (MMDiT, ``AutoencoderKL``, two random
+CLIP text encoders with whole-word tokenizers, no T5) is trained on synthetic scenes of
+``flowrl.demo.shapes`` with deliberate caption noise, then evaluated on held-out prompts with the
+``shapes`` checker (the code is ``flowrl/demo/pretrain_image.py``; what it does step by step is in
+docs/demo.md). It loads with the same code that loads SD3.5 from the hub::
 
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained("assets/demo_sd3", text_encoder_3=None, tokenizer_3=None)
     image = pipe("a red circle above a blue square", guidance_scale=4.5, max_sequence_length=1).images[0]
 
-What this script does (the code is in ``flowrl/demo/pretrain_image.py``):
-
-1. trains the VAE as an autoencoder on rendered scenes (MSE + a small KL term), then sets its
-   ``scaling_factor``/``shift_factor`` so that latents have zero mean and unit variance;
-2. renders ``--num-scenes`` training scenes of ``flowrl.demo.shapes.prompts("train", ...)``, encodes them
-   once (a fraction of them contradicting their caption or washed out), and trains the transformer with
-   the rectified-flow matching loss (logit-normal timesteps,
-   10 % empty prompts for classifier-free guidance); the saved weights are an EMA;
-3. saves the pipeline (``save_pretrained``) to ``--output-dir`` and evaluates it on held-out prompts
-   (``prompts("test", ...)``) with the ``shapes`` checker, per GenEval category, next to an
-   empty-prompt reference (what ignoring the prompt scores) and the renderer's own scenes (the
-   checker's ceiling).
-
-Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps; rerunning the same command resumes
-where a crashed run stopped, and gives the same weights as an uninterrupted run.
-
-Example (``assets/demo_sd3`` was made this way, written to a scratch folder and copied; its README.md records
-the exact command and the time it took)::
+Checkpoints go to ``--work-dir``; rerunning the same command resumes and gives the same weights as an
+uninterrupted run. ``assets/demo_sd3`` was made with (its README.md records the exact command)::
 
     python scripts/pretrain_demo.py --output-dir assets/demo_sd3 --work-dir runs/pretrain_demo --threads 2
 """

@@ -1,22 +1,17 @@
 """Tiny, real-format SD3 and FLUX.1 pipelines built offline with random weights.
 
-The models here have exactly the architecture of the released checkpoints, only much smaller:
+The models have exactly the architecture of the released checkpoints, only much smaller:
 
 * SD3 / SD3.5-Medium (arXiv 2403.03206): an MMDiT ``SD3Transformer2DModel`` with QK RMS-norm and
-  dual-attention layers (as SD3.5-Medium), two CLIP text encoders with projection (CLIP-L with
-  quick-GELU, CLIP-G with GELU), no T5 (``text_encoder_3=None``), a 16-channel ``AutoencoderKL``
-  with SD3's scaling/shift factors, and ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+  dual-attention layers, two CLIP text encoders with projection, no T5, a 16-channel
+  ``AutoencoderKL`` and ``FlowMatchEulerDiscreteScheduler(shift=3.0)``;
 * FLUX.1-dev: a ``FluxTransformer2DModel`` with guidance embedding, double- and single-stream
-  blocks and 3-axis RoPE, a CLIP text encoder (pooled output) and a T5 encoder (gated-GELU,
-  as T5 v1.1), a 16-channel ``AutoencoderKL`` with FLUX's scaling/shift factors, and the
-  resolution-dependent ("dynamic") shifting scheduler of FLUX.1.
+  blocks and 3-axis RoPE, a CLIP and a T5 encoder, a 16-channel ``AutoencoderKL`` and FLUX.1's
+  dynamic-shifting scheduler.
 
-Tokenizers are built in code from a character-level vocabulary (CLIP: byte-level BPE without
-merges; T5: Unigram over single characters), so nothing is downloaded. They are saved with the
-pipeline, so ``save_tiny`` folders reload with the ordinary ``<Pipeline>.from_pretrained``.
-
-The same seed always gives the same weights: each component is initialised under its own
-seed derived from ``seed`` inside a forked RNG, so the caller's global RNG is untouched.
+Tokenizers are built in code from a character-level vocabulary, so nothing is downloaded; saved
+folders reload with ``<Pipeline>.from_pretrained``. The same seed always gives the same weights
+(each component under its own derived seed, in a forked RNG).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """Flow-matching text-to-image models as RL policies: a thin adapter over diffusers pipelines.
 
 A :class:`FlowPolicy` exposes exactly what a sampler and a learner need from a rectified-flow
-model (SD3 / SD3.5, arXiv 2403.03206; FLUX.1), in the convention shared by all reviewed
-GRPO-style codebases (Flow-GRPO, arXiv 2505.05470, section 1 of the project's research notes):
+model (SD3 / SD3.5, arXiv 2403.03206; FLUX.1):
 
 * interpolation ``x_sigma = (1 - sigma) * x0 + sigma * eps`` with ``sigma in [0, 1]``, sigma = 1 pure noise;
 * the network predicts the velocity ``v ~ eps - x0``; an ODE (Euler) step is ``x' = x + v * (sigma' - sigma)``;
 * the latent layout the sampler works in is the pipeline's own: SD3 ``[B, C, h, w]``, FLUX packed
   2x2 patches ``[B, h*w/4, 4C]``.
 
-Only the transformer is trainable; text encoders and the VAE are frozen (``requires_grad=False``)
-and may be kept in a lower precision (``frozen_dtype``). Prompt embeddings are cached per prompt
-string (LRU). :meth:`FlowPolicy.velocity` reproduces one denoiser evaluation of the pipeline's
-``__call__`` (timestep scaling, classifier-free guidance for SD3, guidance embedding for FLUX),
-which ``tests/test_policy.py`` checks against the pipelines' own sampling loops.
+Only the transformer is trainable; text encoders and the VAE are frozen and may be kept in a lower
+precision (``frozen_dtype``). Prompt embeddings are cached per prompt string (LRU).
+:meth:`FlowPolicy.velocity` reproduces one denoiser evaluation of the pipeline's ``__call__``
+(timestep scaling, classifier-free guidance for SD3, guidance embedding for FLUX).
 """
 
 from __future__ import annotations
@@ -224,9 +222,9 @@ class FlowPolicy:
 
     Attributes: ``pipeline`` (the diffusers pipeline), ``transformer`` (the only trainable module),
     ``device``, ``dtype`` (the transformer's), ``frozen_dtype`` (text encoders and VAE),
-    ``max_sequence_length`` (T5 length), ``nfe`` (velocity evaluations since :meth:`reset_nfe`:
-    one per call of :meth:`velocity`, whether or not it ran the CFG branch; the CFG branch is one
-    transformer call on a 2B batch).
+    ``max_sequence_length`` (T5 length), ``nfe`` (velocity evaluations since construction or since
+    it was last set to 0: one per call of :meth:`velocity`, whether or not it ran the CFG branch;
+    the CFG branch is one transformer call on a 2B batch).
     """
 
     pipeline_class_name: ClassVar[str] = ""
@@ -369,10 +367,6 @@ class FlowPolicy:
         """The frozen modules by pipeline attribute name (text encoders, VAE)."""
         return {n: getattr(self.pipeline, n) for n in self._frozen_names if getattr(self.pipeline, n, None) is not None}
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the transformer that require grad."""
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
     def to(self, device: torch.device | str) -> "FlowPolicy":
         """Move every module and the prompt cache to ``device``."""
         self.device = torch.device(device)
@@ -390,10 +384,6 @@ class FlowPolicy:
     @property
     def vae_scale_factor(self) -> int:
         return int(self.pipeline.vae_scale_factor)
-
-    def reset_nfe(self) -> None:
-        """Set the velocity-evaluation counter back to 0."""
-        self.nfe = 0
 
     def clear_prompt_cache(self) -> None:
         """Forget all cached prompt embeddings."""

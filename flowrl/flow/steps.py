@@ -7,19 +7,12 @@ Conventions (rectified flow, as in diffusers' ``FlowMatchEulerDiscreteScheduler`
 * sampling moves from ``sigma`` to ``sigma_next < sigma``; ``dt = sigma_next - sigma`` is negative;
 * derived estimates ``x0_hat = x - sigma * v`` and ``x1_hat = x + (1 - sigma) * v`` (noise estimate).
 
-``sigma``, ``sigma_next`` and ``noise_level`` may be Python numbers, 0-dim tensors, or ``[B]`` tensors
-(one value per batch element); they are broadcast against ``x``, which may be ``[B, C, H, W]`` (SD3
-latents) or packed ``[B, L, D]`` (Flux). Everything is computed in float32 (float64 if an input is
-float64): half precision can overflow in the drift terms (Flow-GRPO casts to fp32 for the same reason,
-"bf16 can overflow"). Samples come back in ``x``'s dtype; means, stds and log-probs stay in the compute
-dtype.
-
-Checks on argument *values* (ranges of sigma, noise_level, std) are done for Python numbers and CPU
-tensors only, so that a step on an accelerator never forces a device synchronisation.
-
-Papers: Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818), Coefficients-Preserving Sampling
-(arXiv 2509.05952), MixGRPO (arXiv 2507.21802), DPM-Solver++ (arXiv 2211.01095), EDM / Heun
-(arXiv 2206.00364).
+``sigma``, ``sigma_next`` and ``noise_level`` may be numbers, 0-dim or ``[B]`` tensors, broadcast
+against ``x`` (``[B, C, H, W]`` SD3 latents or packed ``[B, L, D]`` Flux). Computation is in float32
+(float64 for float64 input); samples come back in ``x``'s dtype. The SDE steps are Flow-GRPO's
+(arXiv 2505.05470), DanceGRPO's (arXiv 2505.07818) and CPS (arXiv 2509.05952); the ODE solvers
+are Euler, Heun (EDM, arXiv 2206.00364) and DPM-Solver++ (arXiv 2211.01095). See docs/methods.md
+("Sampling steps").
 """
 
 from __future__ import annotations
