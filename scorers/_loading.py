@@ -70,7 +70,7 @@ def unwrap_state_dict(obj: Mapping[str, Any], wrappers: Iterable[str] = ("state_
     """Return ``obj[w]`` for the first wrapper key ``w`` present whose value is a dict, else ``obj``.
 
     Training scripts often save ``{"state_dict": ..., "epoch": ...}`` (e.g. open_clip's
-    ``main.py``); the released scorer files are either that or a bare state dict.
+    training script); the released scorer files are either that or a bare state dict.
     """
     for w in wrappers:
         inner = obj.get(w)

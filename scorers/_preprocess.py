@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# OpenAI CLIP normalisation constants (openai/CLIP clip/clip.py::_transform; identical in
-# open_clip/constants.py OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and
-# BLIP/ImageReward preprocessing).
+# OpenAI CLIP normalisation constants (OpenAI CLIP's ``_transform``; identical to open_clip's
+# OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and BLIP/ImageReward preprocessing).
 OPENAI_CLIP_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -81,7 +80,7 @@ def resize_shorter_side(images: torch.Tensor, size: int, clamp: bool = True) -> 
     if not clamp:
         x = F.interpolate(x, size=out_hw, mode="bicubic", align_corners=False, antialias=True)
         return x.to(images.dtype)
-    # Pillow src/libImaging/Resample.c::ImagingResampleInner (checked @ 01f132fb): horizontal pass
+    # Pillow's resampling (docs/methods.md, "Upstream references"): horizontal pass
     # first into an 8-bit temporary image, then vertical; a pass whose size does not change is
     # skipped. Each 8-bit pass ends in clip8, i.e. rounds and clamps; we only clamp.
     if out_hw[1] != w:
@@ -129,8 +128,8 @@ def resize_longer_side_and_pad(images: torch.Tensor, size: int, fill: float = 0.
 
     s = size / max(H, W); (h', w') = (round(H·s), round(W·s)); bicubic resize (skipped when s = 1);
     pad ⌊(size−w')/2⌋ left, the rest right, ⌊(size−h')/2⌋ top, the rest bottom, with ``fill``.
-    This is ``ResizeMaxSize`` of HPS v2's bundled open_clip (``hpsv2/src/open_clip/transform.py``),
-    which the official scorer ``hpsv2/img_score.py`` selects with ``light_augmentation=True``; it runs
+    This is ``ResizeMaxSize`` of HPS v2's bundled open_clip, which the official scorer selects
+    with ``light_augmentation=True`` (docs/methods.md, "Image preprocessing"); it runs
     on the float tensor after ``ToTensor()``, so nothing is clamped. HPS v2: Wu et al., arXiv 2306.09341.
     ``antialias=True`` is torchvision's tensor default since 0.17. Differentiable.
     """
@@ -211,7 +210,7 @@ CLIP_224 = PreprocessSpec()
 # transformers CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore_v1, clipscore with
 # transformers): shortest_edge 224, bicubic, crop 224 with truncated offsets, OpenAI constants.
 HF_CLIP_224 = PreprocessSpec(crop_rounding="floor")
-# HPS v2 / v2.1 official scorer (hpsv2/img_score.py: create_model_and_transforms(..., light_augmentation=True)
+# HPS v2 / v2.1 official scorer (create_model_and_transforms(..., light_augmentation=True)
 # -> ToTensor, ResizeMaxSize(224, fill=0), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)).
 HPS_224 = PreprocessSpec(mode="longest_pad", clamp=False)
 
@@ -289,9 +288,8 @@ def as_pil_images(images: Any) -> List[Any]:
 
 
 def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
-    """torchvision's PIL pipeline (openai/CLIP clip/clip.py::_transform @ d05afc43, identical in
-    THUDM/ImageReward ImageReward/ImageReward.py::_transform @ c1392c6d and open_clip's
-    ``image_transform(..., is_train=False)``): ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter
+    """torchvision's PIL pipeline (OpenAI CLIP's ``_transform``, identical in ImageReward's and
+    open_clip's ``image_transform(..., is_train=False)``; docs/methods.md, "Image preprocessing"): ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter
     side to n (long side truncated), ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
     ``convert("RGB")`` (after the resize, as upstream), ``ToTensor`` (uint8 → float32, ÷ 255).
     Returns float32 [3, n, n] before normalisation."""
@@ -311,7 +309,7 @@ def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
 
 def _pil_transformers(im: Any, spec: PreprocessSpec) -> np.ndarray:
     """transformers' CLIPImageProcessor on PIL (the "slow" processor of transformers 4.27.3, which
-    yuvalkirstain/PickScore @ f79607ff pins; ``CLIPImageProcessorPil`` in transformers 5):
+    PickScore's code pins; ``CLIPImageProcessorPil`` in transformers 5):
     ``convert("RGB")`` first, ``PIL.resize(BICUBIC)`` of the shorter side (long side truncated),
     crop at ⌊(H − n)/2⌋, rescale ``uint8.astype(float64) · (1/255)`` → float32.
     Returns float32 [3, n, n] before normalisation."""
@@ -337,8 +335,7 @@ def pil_pixel_values(images: Any, spec: PreprocessSpec = CLIP_224, dtype: torch.
       reference code's operation order, sizes and offsets; then x = (v/255 − mean)/std in float32
       (torchvision ``Normalize`` / transformers ``normalize`` both subtract then divide in float32).
     * ``tensor`` (HPS v2): ``ToTensor`` of the RGB image, then :func:`preprocess` — the official
-      ``ResizeMaxSize`` runs on the float tensor too (tgxs002/HPSv2 @ 866735ec
-      hpsv2/src/open_clip/transform.py), so the float path is the official one. HPS keeps RGBA
+      ``ResizeMaxSize`` runs on the float tensor too, so the float path is the official one. HPS keeps RGBA
       images as 4 channels; here every image is converted to RGB.
 
     Images of different sizes are allowed (each is resized on its own, as upstream). Not

@@ -39,12 +39,12 @@ from scorers.registry import register
 
 logger = logging.getLogger(__name__)
 
-# ImageReward/ImageReward.py: ``self.mean`` / ``self.std`` of the ImageReward class.
+# ``self.mean`` / ``self.std`` of the official ImageReward class.
 REWARD_MEAN: float = 0.16717362830052426
 REWARD_STD: float = 1.0333394966054072
-# ImageReward/ImageReward.py: ``self.blip.tokenizer(prompt, padding='max_length', truncation=True, max_length=35)``.
+# The official ``self.blip.tokenizer(prompt, padding='max_length', truncation=True, max_length=35)``.
 MAX_LENGTH: int = 35
-# The hub repository and file name of the release (ImageReward/utils.py ``_MODELS``).
+# The hub repository and file name of the release (the official package's ``_MODELS``).
 DEFAULT_CHECKPOINT: str = "THUDM/ImageReward"
 CHECKPOINT_FILENAME: str = "ImageReward.pt"
 DEFAULT_TOKENIZER: str = "bert-base-uncased"
@@ -60,7 +60,7 @@ ENC_TOKEN: str = "[ENC]"
 @dataclass(frozen=True)
 class ImageRewardConfig:
     """Sizes of the ImageReward architecture. Defaults are the published v1.0 model:
-    ``BLIP_Pretrain(image_size=224, vit='large')`` (models/BLIP/blip.py::create_vit) and
+    ``BLIP_Pretrain(image_size=224, vit='large')`` (BLIP's ``create_vit``) and
     ``med_config.json``; ``encoder_width`` = the ViT width, as ``BLIP_Pretrain`` sets it."""
 
     image_size: int = 224  # input resolution of the ViT (and of the resize/crop)
@@ -166,8 +166,8 @@ class ImageRewardConfig:
 
 def normalize_reward(raw: torch.Tensor, mean: float = REWARD_MEAN, std: float = REWARD_STD) -> torch.Tensor:
     """ImageReward's published standardisation: score = (r − mean) / std, with
-    mean = 0.16717362830052426, std = 1.0333394966054072 (Xu et al., arXiv 2304.05977;
-    ``ImageReward/ImageReward.py``)."""
+    mean = 0.16717362830052426, std = 1.0333394966054072 (Xu et al., arXiv 2304.05977; the
+    official ``ImageReward`` class)."""
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")
     return (raw - mean) / std
@@ -258,7 +258,7 @@ class ImageRewardModel(nn.Module):
 # (official, ours). An entry ending in "." maps a prefix (the rest of the key is kept); other
 # entries map one whole key. "{i}" stands for a layer index. Order matters: the first match wins.
 KEY_TABLE: Tuple[Tuple[str, str], ...] = (
-    # BLIP ViT (models/BLIP/vit.py, timm layout) -> transformers BlipVisionModel
+    # BLIP ViT (timm layout) -> transformers BlipVisionModel
     ("blip.visual_encoder.cls_token", "vision.embeddings.class_embedding"),
     ("blip.visual_encoder.pos_embed", "vision.embeddings.position_embedding"),
     ("blip.visual_encoder.patch_embed.proj.", "vision.embeddings.patch_embedding."),
@@ -269,8 +269,8 @@ KEY_TABLE: Tuple[Tuple[str, str], ...] = (
     ("blip.visual_encoder.blocks.{i}.mlp.fc1.", "vision.encoder.layers.{i}.mlp.fc1."),
     ("blip.visual_encoder.blocks.{i}.mlp.fc2.", "vision.encoder.layers.{i}.mlp.fc2."),
     ("blip.visual_encoder.norm.", "vision.post_layernorm."),
-    # BLIP MED text encoder (models/BLIP/med.py) -> transformers BlipTextModel, a port of the same
-    # file: the sub-module names (embeddings.*, encoder.layer.{i}.attention.self.query, ...
+    # BLIP MED text encoder -> transformers BlipTextModel, a port of the same
+    # code: the sub-module names (embeddings.*, encoder.layer.{i}.attention.self.query, ...
     # crossattention.*, intermediate.*, output.*) are identical.
     ("blip.text_encoder.", "text."),
     ("blip.vision_proj.", "vision_proj."),
@@ -280,7 +280,7 @@ KEY_TABLE: Tuple[Tuple[str, str], ...] = (
 )
 
 # Official keys that hold a derived value rather than weights: checked (if present), not loaded.
-# med.py registers ``position_ids`` = arange(max_position_embeddings) as a persistent buffer;
+# BLIP's MED registers ``position_ids`` = arange(max_position_embeddings) as a persistent buffer;
 # transformers keeps it non-persistent.
 DERIVED_KEYS: Tuple[str, ...] = ("blip.text_encoder.embeddings.position_ids",)
 
@@ -382,7 +382,7 @@ def resolve_checkpoint(checkpoint: Union[str, "os.PathLike[str]", None]) -> str:
 
 
 def prepare_tokenizer(tokenizer: Any = DEFAULT_TOKENIZER):
-    """BLIP's tokenizer (models/BLIP/blip.py::init_tokenizer): a BERT WordPiece tokenizer (a folder or hub
+    """BLIP's tokenizer (BLIP's ``init_tokenizer``): a BERT WordPiece tokenizer (a folder or hub
     id, default ``bert-base-uncased``, or a tokenizer object) with ``[DEC]`` added as bos token and
     ``[ENC]`` as an additional special token; ``tokenizer.enc_token_id`` is set as upstream. Tokens
     already present are not added twice."""
@@ -446,7 +446,7 @@ class ImageRewardScorer(Scorer):
         self.model.head.float()  # upstream applies the MLP to float32 features
         self.model.requires_grad_(False)
         size = model.config.image_size
-        # ImageReward/ImageReward.py::_transform: Resize(224, BICUBIC) + CenterCrop(224) on the PIL image,
+        # The official ``_transform``: Resize(224, BICUBIC) + CenterCrop(224) on the PIL image,
         # RGB, ToTensor, Normalize with the OpenAI CLIP mean/std (torchvision's PIL pipeline).
         self.preprocess_spec = PreprocessSpec(resize=size, crop=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                                               pil_pipeline="torchvision")
@@ -455,7 +455,7 @@ class ImageRewardScorer(Scorer):
         """Images → the model's normalised [b, 3, S, S] input.
 
         Float [b, 3, H, W] in [0, 1]: torch resize/crop/normalise (differentiable). PIL image(s) or a
-        uint8 tensor: the official PIL pipeline (ImageReward/ImageReward.py::_transform), float32."""
+        uint8 tensor: the official PIL pipeline (ImageReward's ``_transform``), float32."""
         if is_pil_or_uint8(images):
             return pil_pixel_values(images, self.preprocess_spec)
         return preprocess(images, self.preprocess_spec)

@@ -117,8 +117,8 @@ def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
     * ``gdpo``: per-reward group z-score, weighted sum, batch z-score (GDPO 2601.05242; TRL
       ``multi_objective_aggregation='normalize_then_sum'``).
     * ``mixgrpo``: per-reward group z-score (Bessel std, eps 1e-8) then the sum weighted by the reward
-      weights divided by their sum, clipped at 5 (MixGRPO ``advantage_aggr``, 2507.21802; checked
-      against Tencent-Hunyuan/MixGRPO ``fastvideo/train_grpo_flux.py`` at e5cdd6a).
+      weights divided by their sum, clipped at 5 (MixGRPO ``advantage_aggr``, 2507.21802; the
+      authors' code it was checked against: docs/methods.md, "Upstream references").
     * ``flow_grpo``: per-prompt mean, population std, eps 1e-4, clip 5 (Flow-GRPO 2505.05470;
       its SD3 configs set ``global_std=True`` -> pass ``scale='batch'``).
     * ``dance_grpo``: group mean, Bessel std, eps 1e-8, clip 5 (DanceGRPO 2505.07818).

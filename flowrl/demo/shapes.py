@@ -850,7 +850,7 @@ def score_objects(
     So an image with exactly the prompt's objects scores 1, a swapped colour binding scores 0.5, one
     extra object divides the score by 1.5, and an empty image scores 0.
 
-    **Strict correctness** (GenEval, arXiv:2310.11513, ``evaluate_images.py``): every required
+    **Strict correctness** (GenEval, arXiv:2310.11513, its image evaluation): every required
     object is found with its shape (and colour when named); counting additionally needs *exactly* n
     objects of that shape (and colour); position needs the relation to hold. Other extra objects do
     not matter (GenEval checks only the named classes).

@@ -552,7 +552,7 @@ def compressed_sigmas(sigmas_tail: Tensor, ratio: float, *, shift: float = 1.0) 
     ``sigma = shift u / (1 + (shift - 1) u)``), then shifted back. With ``shift = 1`` (the default)
     the spacing is uniform in sigma; pass the schedule's shift (3.0 for SD3/MixGRPO's Flux recipe)
     to reproduce MixGRPO's re-discretisation, which is a linspace in unshifted time followed by the
-    shift. The step count is MixGRPO's (``sampling_utils.py``: ``int(max((S - L) * r, 1))`` points
+    shift. The step count is MixGRPO's (its sampling code: ``int(max((S - L) * r, 1))`` points
     after the last SDE step L, where ``S - L = n + 1``), except that where that leaves no step
     (late windows) MixGRPO stops above sigma 0 and decodes a noisy latent, and this takes one step
     to the end. The endpoints are copied exactly; the result has ``sigmas_tail``'s dtype and device. Solve it with

@@ -1,7 +1,7 @@
 """LoRA through peft, saved so that diffusers and transformers/peft load it as-is.
 
-Defaults per model family follow the anchors' recipes (Flow-GRPO ``scripts/train_sd3.py`` and
-``scripts/train_flux.py``; TRL's usual attention projections for causal LMs):
+Defaults per model family follow the anchors' recipes (Flow-GRPO's SD3 and FLUX training scripts;
+TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA defaults"):
 
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
