@@ -39,6 +39,7 @@ def _reset_peak() -> None:
 
 def _child(case: str, args) -> dict:
     """Set up, warm up, then measure one case in this (fresh) process."""
+    # Imported here, in the measuring child only: the parent just starts children and prints.
     import gc
 
     import torch

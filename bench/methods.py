@@ -219,7 +219,7 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     best_final = max(rows, key=lambda r: r[1])
     print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f})")
 
-    import matplotlib
+    import matplotlib  # heavy: only for the plot at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

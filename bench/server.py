@@ -23,6 +23,10 @@ import tempfile
 import threading
 import time
 
+import torch
+
+from scorers.remote import RemoteScorer, RemoteScorerError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,7 +44,7 @@ class SimulatedModel:
 
 def serve(args) -> int:
     """The server subprocess: print the URL, serve until SIGINT, print the scorer's counters."""
-    from scorers.server import ScorerServer
+    from scorers.server import ScorerServer  # in the server subprocess only
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     kw = {"max_inflight_pixels": args.max_inflight_pixels} if args.max_inflight_pixels else {}
@@ -79,10 +83,6 @@ class _RetryCounter(logging.Handler):
 
 
 def run_mode(args, max_batch_images: int) -> dict:
-    import torch
-
-    from scorers.remote import RemoteScorer, RemoteScorerError
-
     log_path = tempfile.mktemp(prefix="flowrl-bench-server-", suffix=".log")
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--call-ms", str(args.call_ms), "--image-ms",
            str(args.image_ms), "--max-batch-images", str(max_batch_images)]

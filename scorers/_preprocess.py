@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # OpenAI CLIP normalisation constants (OpenAI CLIP's ``_transform``; identical to open_clip's
 # OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and BLIP/ImageReward preprocessing).
@@ -245,10 +246,6 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec = CLIP_224, dtype: tor
 
 
 def _is_pil(obj: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency of torchvision and transformers
-        return False
     return isinstance(obj, Image.Image)
 
 
@@ -274,7 +271,6 @@ def as_pil_images(images: Any) -> List[Any]:
         x = images.unsqueeze(0) if images.ndim == 3 else images
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"uint8 images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-        from PIL import Image
 
         arr = x.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         return [Image.fromarray(a, "RGB") for a in arr]
@@ -289,12 +285,11 @@ def as_pil_images(images: Any) -> List[Any]:
 
 def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
     """torchvision's PIL pipeline (OpenAI CLIP's ``_transform``, identical in ImageReward's and
-    open_clip's ``image_transform(..., is_train=False)``; docs/methods.md, "Image preprocessing"): ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter
-    side to n (long side truncated), ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
+    open_clip's ``image_transform(..., is_train=False)``; docs/methods.md, "Image preprocessing"):
+    ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter side to n (long side truncated),
+    ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
     ``convert("RGB")`` (after the resize, as upstream), ``ToTensor`` (uint8 → float32, ÷ 255).
     Returns float32 [3, n, n] before normalisation."""
-    from PIL import Image
-
     w, h = im.size
     nh, nw = shorter_side_size(h, w, spec.resize)
     if (nh, nw) != (h, w):
@@ -313,8 +308,6 @@ def _pil_transformers(im: Any, spec: PreprocessSpec) -> np.ndarray:
     ``convert("RGB")`` first, ``PIL.resize(BICUBIC)`` of the shorter side (long side truncated),
     crop at ⌊(H − n)/2⌋, rescale ``uint8.astype(float64) · (1/255)`` → float32.
     Returns float32 [3, n, n] before normalisation."""
-    from PIL import Image
-
     im = im.convert("RGB")
     w, h = im.size
     nh, nw = shorter_side_size(h, w, spec.resize)

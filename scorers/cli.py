@@ -23,7 +23,9 @@ import sys
 from typing import Dict, List, Optional, Sequence, TextIO
 
 import torch
+from PIL import Image
 
+import scorers
 from flowrl.inputs import DTYPE_NAMES, ArgumentParser, UsageError, torch_dtype, writable_file  # UsageError: bad input, exit status 2
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -114,8 +116,6 @@ def _load_groups(paths: List[str]):
     """Open the images as they are (no mode conversion: the official pipelines convert to RGB
     themselves, some after resizing); group indices by size (scorers without an official PIL
     pipeline batch images of one size)."""
-    from PIL import Image
-
     images, groups = [], {}
     for i, p in enumerate(paths):
         try:
@@ -135,7 +135,6 @@ def _fmt(x: float) -> str:
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
     """Entry point of ``flowrl score`` (see the module docstring). Returns the exit status."""
     out = stdout or sys.stdout
-    import scorers
 
     try:
         args = build_parser().parse_args(argv)

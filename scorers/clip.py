@@ -95,7 +95,7 @@ def _pixel_values(images, spec: PreprocessSpec, dtype: torch.dtype, device: torc
 def open_clip_arch(arch: str) -> str:
     """An open_clip model name, or the path of a JSON model config (registered under its file stem;
     this is how tests build reduced models of the same architecture family)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     if arch.endswith(".json"):
         if not os.path.isfile(arch):
@@ -115,7 +115,7 @@ def resolve_open_clip_weights(arch: str, checkpoint: str, filename: Optional[str
     """Local file for ``checkpoint``: an open_clip pretrained tag for ``arch`` (e.g. ``"openai"``,
     fetched by open_clip from its hub mirror) or anything :func:`resolve_checkpoint_file` accepts.
     Returns (path, quick_gelu from the pretrained tag or None)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     if not os.path.exists(os.fspath(checkpoint)) and "/" not in checkpoint and ":" not in checkpoint:
         cfg = open_clip.pretrained.get_pretrained_cfg(arch, checkpoint)
@@ -139,7 +139,7 @@ class _DropRandomInitWarning(logging.Filter):
 
 def create_open_clip_model(name: str, quick_gelu: bool) -> torch.nn.Module:
     """``open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)`` (weights to be loaded)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     filt = _DropRandomInitWarning()
     root = logging.getLogger()
@@ -176,7 +176,7 @@ class OpenClipEncoder:
         wrappers: Sequence[str] = ("state_dict",),
         what: str = "open_clip checkpoint",
     ):
-        import open_clip
+        import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
         name = open_clip_arch(arch)
         path, tag_quick_gelu = resolve_open_clip_weights(name, checkpoint, filename, what)
@@ -248,7 +248,7 @@ def spec_from_image_processor(ip: Any) -> PreprocessSpec:
 def load_hf_clip_model(checkpoint: str, device="cpu", dtype: torch.dtype = torch.float32, what: str = "CLIP checkpoint"):
     """``transformers.CLIPModel.from_pretrained(checkpoint)`` (hub id or local folder); a missing,
     unexpected or wrongly shaped key is a :class:`CheckpointError` (transformers would only warn)."""
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # heavy: transformers, only for HF CLIP (PickScore)
 
     try:
         model, info = CLIPModel.from_pretrained(
@@ -280,7 +280,7 @@ class HFClipEncoder:
         max_length: int = 77,
         what: str = "CLIP checkpoint",
     ):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer  # heavy: transformers (see above)
 
         self.model = load_hf_clip_model(checkpoint, device, dtype, what)
         processor = processor or checkpoint

@@ -141,7 +141,7 @@ class ImageRewardConfig:
 
     def vision_config(self):
         """The :class:`transformers.BlipVisionConfig` of the image tower."""
-        from transformers import BlipVisionConfig
+        from transformers import BlipVisionConfig  # heavy: transformers, only when ImageReward is built
 
         return BlipVisionConfig(
             hidden_size=self.vision_width, intermediate_size=self.vision_mlp, num_hidden_layers=self.vision_layers,
@@ -152,7 +152,7 @@ class ImageRewardConfig:
     def text_config(self):
         """The :class:`transformers.BlipTextConfig` of the text encoder (``is_decoder=True`` only makes
         transformers build the cross-attention blocks; the model is run bidirectionally)."""
-        from transformers import BlipTextConfig
+        from transformers import BlipTextConfig  # heavy: transformers, only when ImageReward is built
 
         return BlipTextConfig(
             vocab_size=self.vocab_size, hidden_size=self.text_width, encoder_hidden_size=self.vision_width,
@@ -204,7 +204,7 @@ class ImageRewardModel(nn.Module):
 
     def __init__(self, config: Optional[ImageRewardConfig] = None):
         super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
+        from transformers import BlipTextModel, BlipVisionModel  # heavy: transformers, only when ImageReward is built
 
         self.config = ImageRewardConfig.from_any(config)
         c = self.config
@@ -367,7 +367,7 @@ def resolve_checkpoint(checkpoint: Union[str, "os.PathLike[str]", None]) -> str:
             raise FileNotFoundError(f"checkpoint folder {ckpt} has no {CHECKPOINT_FILENAME}")
         return path
     if ckpt.count("/") == 1 and not ckpt.startswith((".", "/")) and not ckpt.endswith((".pt", ".pth")):
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # heavy: only to download the hub checkpoint
 
         try:
             return hf_hub_download(repo_id=ckpt, filename=CHECKPOINT_FILENAME)
@@ -387,7 +387,7 @@ def prepare_tokenizer(tokenizer: Any = DEFAULT_TOKENIZER):
     ``[ENC]`` as an additional special token; ``tokenizer.enc_token_id`` is set as upstream. Tokens
     already present are not added twice."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import BertTokenizer
+        from transformers import BertTokenizer  # heavy: transformers, only when ImageReward is built
 
         tokenizer = BertTokenizer.from_pretrained(os.fspath(tokenizer))
     if not callable(tokenizer) or not hasattr(tokenizer, "add_special_tokens"):

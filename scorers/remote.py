@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from scorers._preprocess import is_pil_or_uint8
 from scorers._text import short
@@ -82,8 +83,6 @@ def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
 def encode_png(image: torch.Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """One image [3, H, W] (float in [0, 1]) -> the bytes of an 8-bit RGB PNG (lossless after
     :func:`quantize_uint8`)."""
-    from PIL import Image
-
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be [3, H, W], got shape {tuple(image.shape)}")
     arr = quantize_uint8(image).permute(1, 2, 0).contiguous().cpu().numpy()
@@ -113,8 +112,6 @@ def encode_pil_png(image: Any, compress_level: int = PNG_COMPRESS_LEVEL) -> byte
 
 def encode_uint8_png(image: torch.Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """One uint8 image [3, H, W] -> the bytes of an 8-bit RGB PNG of exactly these levels."""
-    from PIL import Image
-
     if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"image must be uint8 [3, H, W], got {image.dtype} of shape {tuple(image.shape)}")
     buf = io.BytesIO()

@@ -35,8 +35,10 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
+from scorers.registry import UnknownScorerError, get
 from scorers.remote import PROTOCOL, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class ServeDependencyError(ImportError):
 
 def _serving_libs():
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  (optional: the ``serve`` extra)
         import uvicorn
     except ImportError as e:
         raise ServeDependencyError(
@@ -105,8 +107,6 @@ def _png_size(s: Any, i: int) -> Tuple[int, int]:
 def _decode_png(s: str, i: int):
     """``images[i]`` -> the PIL image as loaded, in the PNG's own mode (400 on anything else). Not
     converted to RGB: the official pipelines convert after resizing (matters for RGBA)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         raw = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
@@ -390,7 +390,7 @@ class _ClientGone(Exception):
 
 
 def _json_response(status: int, obj: Dict[str, Any], close: bool = False, headers: Optional[Dict[str, str]] = None):
-    from starlette.responses import Response
+    from starlette.responses import Response  # optional: the ``serve`` extra (fastapi's starlette)
 
     hdrs = dict(headers or {})
     if close:
@@ -403,7 +403,7 @@ def _protocol_class(request_timeout: float):
     the connection closes after its reply); a client that half-closes its socket after sending still
     gets its reply (a short body is then a 400 saying so); a connection that sends no request within
     ``request_timeout`` s is closed."""
-    import h11
+    import h11  # optional: the ``serve`` extra (uvicorn's h11)
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class ScorerProtocol(H11Protocol):
@@ -534,8 +534,6 @@ class ScorerServer:
             raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
         _, uvicorn = _serving_libs()  # before building a model: a missing extra fails fast
         if isinstance(scorer, str):
-            from scorers.registry import get
-
             name, fn = scorer, get(scorer, **scorer_kwargs)
         else:
             if scorer_kwargs:
@@ -617,7 +615,7 @@ class ScorerServer:
         return f"http://{host}:{port}"
 
     def _build_app(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI, Request  # optional: the ``serve`` extra
         from starlette.exceptions import HTTPException
 
         @asynccontextmanager
@@ -944,8 +942,6 @@ def scorer_kwargs_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``flowrl serve-scorer NAME [--port P] [--host H] [--checkpoint C] ...``; returns the exit status."""
-    from scorers.registry import UnknownScorerError
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(list(argv) if argv is not None else None)

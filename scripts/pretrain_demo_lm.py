@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({size / 1e6:.2f} MB, {metrics['parameters']} parameters)")
 
     if args.rl_check:
-        from flowrl.train.model import load_lm
+        from flowrl.train.model import load_lm  # only for --rl-check
 
         rl_names = {f.name for f in dataclasses.fields(RLCheckConfig)}
         rl_cfg = RLCheckConfig(**{k[3:]: v for k, v in vars(args).items() if k.startswith("rl_") and k[3:] in rl_names})

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
+from flowrl.flow.schedule import sigmas_for_scheduler
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PromptEmbeds", "FlowPolicy", "SD3Policy", "FluxPolicy"]
@@ -176,7 +178,7 @@ def _read_model_index(path: str, hub_kwargs: dict[str, Any] | None = None) -> di
         if not f.is_file():
             raise FileNotFoundError(f"model folder {path!r} has no model_index.json (not a diffusers pipeline folder)")
         return json.loads(f.read_text())
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # heavy: diffusers, only when a pipeline is loaded
 
     try:
         return dict(DiffusionPipeline.load_config(path, **(hub_kwargs or {})))
@@ -197,7 +199,7 @@ def _check_model_path(path: str) -> None:
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``{"dtype": ...}`` for diffusers versions that renamed ``torch_dtype`` (0.42+), else ``{"torch_dtype": ...}``."""
     try:
-        from diffusers.utils import deprecation_utils
+        from diffusers.utils import deprecation_utils  # heavy: diffusers (see above)
 
         if hasattr(deprecation_utils, "_resolve_dtype"):
             return {"dtype": dtype}
@@ -486,8 +488,6 @@ class FlowPolicy:
         """The pipeline's sigma schedule for ``num_steps`` steps: float32 ``[num_steps + 1]``,
         decreasing from ~1 and ending with 0 (``flowrl.flow.schedule.sigmas_for_scheduler`` on the
         scheduler's config, with the image token count for dynamic shifting)."""
-        from flowrl.flow.schedule import sigmas_for_scheduler
-
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         cfg = dict(self.pipeline.scheduler.config)
@@ -595,7 +595,7 @@ class SD3Policy(FlowPolicy):
 
     @classmethod
     def _pipeline_cls(cls):
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import StableDiffusion3Pipeline  # heavy: diffusers (see above)
 
         return StableDiffusion3Pipeline
 
@@ -630,7 +630,7 @@ class SD3Policy(FlowPolicy):
         return (h // p) * (w // p)
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
 
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -699,7 +699,7 @@ class FluxPolicy(FlowPolicy):
 
     @classmethod
     def _pipeline_cls(cls):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # heavy: diffusers (see above)
 
         return FluxPipeline
 
@@ -752,7 +752,7 @@ class FluxPolicy(FlowPolicy):
         )
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
 
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import torch
+
+from flowrl.train.data import load_records
 from scorers._text import short
 
 __all__ = ["preflight_errors", "preflight_warnings"]
@@ -22,8 +25,6 @@ __all__ = ["preflight_errors", "preflight_warnings"]
 
 def _device_problem(device: str) -> Optional[str]:
     """Why ``device`` cannot be used on this machine (None: it can, or it cannot be told)."""
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
@@ -66,8 +67,6 @@ def _effective_weights(cfg) -> List[float]:
 def _prompts_of(source: str, limit: Optional[int], seed: int) -> Optional[List[str]]:
     """The prompts of a prompt source, or None when it cannot be read (the loop reports that)."""
     try:
-        from flowrl.train.data import load_records
-
         return [r["prompt"] for r in load_records(source, limit=limit, seed=seed)]
     except Exception:  # a missing or malformed source is the loop's error to report, not ours
         return None
@@ -83,7 +82,7 @@ def _shapes_warning(cfg, which: str, prompts: Optional[Sequence[str]]) -> Option
         prompts = _prompts_of(source, limit, cfg.seed)
         if prompts is None:
             return None
-    from flowrl.demo.shapes import parse
+    from flowrl.demo.shapes import parse  # lazy: demo imports the library (and shapes pulls in scipy)
 
     bad = []
     for p in prompts:
@@ -154,8 +153,6 @@ def preflight_warnings(cfg, *, train_prompts: Optional[Sequence[str]] = None,
                    "pick the device and falls back to the CPU (slow); flowrl sample and flowrl grid, which load "
                    "the model on model.device, will fail")
     else:
-        import torch
-
         try:
             dev = torch.device(cfg.model.device)
         except (RuntimeError, ValueError, TypeError):  # pragma: no cover - validate() refuses it
