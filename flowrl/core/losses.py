@@ -162,24 +162,8 @@ def loss_preset(name: str, **overrides: Any) -> LossConfig:
     ``sapo``      ``sapo``: soft gate, seq-mean-token-mean (2511.20347)
     ============  =====================================================================
 
-    Where we match TRL exactly (verified by ``tests/test_trl_parity.py``): per-token loss, the
-    two-sided ``delta`` clip, the k3 KL and its ratio weighting (``use_bias_correction_kl``,
-    default True in 1.16 -> ``kl_ratio_weighted='importance'``), and each aggregation when the
-    optimizer batch is one micro-batch on one process.
-
-    Where we differ, and why:
-
-    * ``grpo``/``dr_grpo``/``luspo``/``sapo``: TRL divides by the *micro-batch* row count and by
-      the accumulation steps; we divide by the optimizer batch's row count. Identical when all
-      micro-batches have the same number of rows (TRL's case); ours stays exact when they don't.
-    * ``dapo``/``cispo``: TRL divides by the token count of the *generation* batch rescaled by
-      GA/S (``num_items_in_batch / P * GA / S``); we use the exact token count of the optimizer
-      batch. Identical when ``steps_per_generation == gradient_accumulation_steps``.
-    * ``bnpo`` is inherently micro-batch dependent in TRL (documented there); ``normalizer_scope``
-      is ``micro_batch`` so callers pass the micro-batch mask times the number of micro-batches.
-    * ``dapo`` sets ``eps_high=0.28`` (the DAPO paper's value; TRL leaves it equal to ``epsilon``).
-      ``cispo`` sets ``eps_high=5.0`` (TRL's documented recommendation; TRL's own fallback is
-      ``epsilon=0.2``, which caps every ratio at 0.2). Override to match a TRL run exactly.
+    Where these match TRL exactly and where (and why) they differ: docs/methods.md ("Loss presets
+    against TRL 1.16").
     """
     base: dict[str, dict[str, Any]] = {
         "grpo": {"aggregation": "seq-mean-token-mean"},

@@ -366,13 +366,7 @@ def sde_mean_std(
     rectified flow is again the Euler step) with ``s = 0``. Computed in float32 (or float64); ``mu``
     has ``x``'s shape, ``s`` is ``[B,1,...,1]`` or 0-dim. Gradients flow from ``mu`` to ``velocity``.
 
-    Marginals (measured with the exact velocity of a Gaussian data model, tests/test_steps.py):
-    flow_sde and dance_sde discretise SDEs that share the ODE's marginals, so their samples converge to
-    the data distribution as the steps get finer; dance_sde at first order, flow_sde much more slowly
-    (its ``g^2 ~ 1/(1 - sigma)`` makes the near-noise steps stiff; error ~ ``h^(a^2/2)``). CPS keeps the
-    coefficients of ``x0_hat`` and of unit noise exact, but since ``x0_hat`` is a posterior mean each
-    step loses variance by an amount that does not vanish with the step size: at ``a = 0.8`` the final
-    variance is 35-40% too small at 50 to 800 steps alike (the mean is right).
+    How the three SDEs' marginals compare (measured): docs/methods.md ("Sampling steps").
     """
     _check_x(x)
     _check_same_shape(x, velocity, "x", "velocity")
