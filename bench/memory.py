@@ -2,31 +2,13 @@
 
 Run: ``OMP_NUM_THREADS=1 python bench/memory.py`` (CPU, tiny SD3 built offline; about a minute).
 
-What is compared. One rollout (``--rows`` samples, a full plan of ``--steps`` steps, CFG 4.5, LoRA on
-the transformer) is sampled once per process. Then exactly one of these runs and is measured:
-
-* ``fwd+bwd``: one forward with grad of ``policy.velocity`` on the ``--rows`` states of one step,
-  ``v.square().mean().backward()`` -- the unit cost that cannot be avoided;
-* ``learner k``: ``FlowLearner.minibatch_gradient`` on the rollout with its first k steps trained
-  (k = 2, 5, 10), i.e. k recomputed transitions with grad, the loss core, k backward calls;
-* ``learner k +KL``: the same with beta > 0 (a no-grad reference forward per step, adapter disabled);
-* ``one graph k``: the naive way, all k steps' log-probs in one autograd graph, one backward
-  (shows what the step-by-step accumulation saves, and that the measurement sees growth).
-
-The reported ratio is (peak growth of the case) / (peak growth of ``fwd+bwd``); the learner's must
-stay <= 1.1 and flat in k.
-
-How memory is measured (CPU). Each case runs in a fresh subprocess started with
-``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every allocation of 64 KiB or more (all
-activation tensors) with ``mmap`` and gives it back with ``munmap`` on free, so the resident set
-size follows the bytes torch holds instead of malloc's cached free lists (torch's CPU allocator is
-plain malloc, no caching). After the setup and one warm-up of the case (so one-time allocations --
-oneDNN primitives, lazily created buffers -- are not counted), gradients are set to None, and the
-process resets the kernel's RSS high-water mark (writing ``5`` to ``/proc/self/clear_refs``, Linux
->= 4.0: VmHWM := current VmRSS). It reads VmRSS, runs the case once, and reads VmHWM: the
-peak growth is VmHWM - VmRSS (page-granular, exact for the whole process, torch or not). A
-calibration case allocates and frees a 64 MiB tensor and must read ~64 MiB. Every case is run
-``--repeats`` times in separate processes; the table shows the median.
+Cases, each in a fresh subprocess after a warm-up: ``fwd+bwd`` (one forward with grad of
+``policy.velocity`` and a backward, the unit cost), ``learner k`` (``FlowLearner.minibatch_gradient``
+training k = 2, 5, 10 steps), ``learner k +KL`` (with a reference forward) and ``one graph k`` (all k
+steps in one autograd graph, the naive way). The table shows, per case, the median over
+``--repeats`` of (peak RSS growth of the case) / (that of ``fwd+bwd``); the learner's must stay
+<= 1.1 and flat in k. How the peak is measured (glibc mmap threshold, VmHWM reset through
+/proc/self/clear_refs): docs/methods.md ("How bench/memory.py measures memory").
 """
 
 from __future__ import annotations
@@ -57,6 +39,7 @@ def _reset_peak() -> None:
 
 def _child(case: str, args) -> dict:
     """Set up, warm up, then measure one case in this (fresh) process."""
+    # Imported here, in the measuring child only: the parent just starts children and prints.
     import gc
 
     import torch

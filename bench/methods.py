@@ -2,25 +2,16 @@
 
 For each preset in ``configs/methods/`` and each seed, train the demo model for ``--budget`` seconds of
 training time (sampling + scoring + updates; evaluation time is not charged to the method), evaluating on
-the held-out prompts every ``--eval-every`` steps. Prints one table:
-
-    method | NFE/step | s/step | held-out reward at the budget (mean ± spread over seeds) | time to reach
-    vanilla Flow-GRPO's final reward
-
-and saves the reward-versus-training-time curves as one PNG (``--out``/methods.png), plus the raw
-numbers as JSON.
-
-Every (method, seed) run is a ``flowrl train`` subprocess with ``--threads`` torch threads
-(``OMP_NUM_THREADS``); ``--jobs`` of them run side by side. On a 2-core laptop keep ``--jobs 1
---threads 2``; on a many-core machine ``--jobs N --threads 1`` runs N methods at once on equal
-footing (each run is charged only its own training time, so the budget is the same for all).
+the held-out prompts every ``--eval-every`` steps. Prints one table (method, NFE/step, s/step, held-out
+reward at the budget over seeds, time to reach vanilla Flow-GRPO's final reward) and saves the
+reward-versus-training-time curves as ``--out``/methods.png, plus the raw numbers as JSON.
 
     python bench/methods.py --budget 240 --seeds 0 1 [--methods flow_grpo mixgrpo ...] [--out runs/methods]
     python bench/methods.py --jobs 12 --threads 1 --methods-dir my_presets/   # any folder of overlays
     python bench/methods.py --budget 240 --seeds 0 1 2 --reuse   # add seeds; finished runs are read, not retrained
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
-(``flow_grpo``) is always run, from that folder or else from ``configs/methods/``.
+(``flow_grpo``) is always run. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
 """
 from __future__ import annotations
 
@@ -228,7 +219,7 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     best_final = max(rows, key=lambda r: r[1])
     print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f})")
 
-    import matplotlib
+    import matplotlib  # heavy: only for the plot at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

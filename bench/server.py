@@ -2,21 +2,12 @@
 
 Run: ``python bench/server.py`` (about half a minute on 2 CPU cores).
 
-The server (``scorers.server.ScorerServer`` on 127.0.0.1) runs as its own subprocess with a simulated
-GPU model: every scorer call costs a fixed ``--call-ms`` plus ``--image-ms`` per image, spent in
-``time.sleep`` (the GIL is released, as during a CUDA call), and returns the mean pixel value of each
-image, which the clients check. ``--clients`` threads (default 200) start together, each a ``remote``
-client (its retries and back-off included) sending ``--requests`` requests of ``--images`` images of
-``--size`` x ``--size`` pixels in turn. The same load runs twice, each against a fresh server
-process: with batching (``--max-batch-images``, the server's default 64) and without (0).
-
-Printed per mode: requests served with correct scores, errors by kind (requests that failed after all
-retries, and wrong scores), retried attempts by cause (e.g. 503 when the in-flight pixel budget is
-spent), the server's scorer calls, its peak resident memory (VmHWM of the server process from
-/proc/PID/status, beside its RSS when idle after start-up, before the load), tracebacks in its log,
-the server's CPU seconds during the load (clients and server share the machine's cores), wall time
-and throughput (images scored / wall time), then the throughput ratio. The ratio measured
-side by side is the result; absolute times on a shared CPU mean little.
+A ``scorers.server.ScorerServer`` subprocess serves a simulated GPU model (``--call-ms`` per call plus
+``--image-ms`` per image, spent sleeping); ``--clients`` ``remote`` clients send ``--requests``
+requests each. The same load runs against a fresh server with batching (``--max-batch-images``) and
+without (0); printed per mode: correct replies, errors and retries by cause, scorer calls, the
+server's peak memory and CPU seconds, wall time and throughput, then the throughput ratio, which is
+the result. What each number is: docs/methods.md ("How bench/server.py loads the scorer server").
 """
 from __future__ import annotations
 
@@ -31,6 +22,10 @@ import sys
 import tempfile
 import threading
 import time
+
+import torch
+
+from scorers.remote import RemoteScorer, RemoteScorerError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +44,7 @@ class SimulatedModel:
 
 def serve(args) -> int:
     """The server subprocess: print the URL, serve until SIGINT, print the scorer's counters."""
-    from scorers.server import ScorerServer
+    from scorers.server import ScorerServer  # in the server subprocess only
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     kw = {"max_inflight_pixels": args.max_inflight_pixels} if args.max_inflight_pixels else {}
@@ -88,10 +83,6 @@ class _RetryCounter(logging.Handler):
 
 
 def run_mode(args, max_batch_images: int) -> dict:
-    import torch
-
-    from scorers.remote import RemoteScorer, RemoteScorerError
-
     log_path = tempfile.mktemp(prefix="flowrl-bench-server-", suffix=".log")
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--call-ms", str(args.call_ms), "--image-ms",
            str(args.image_ms), "--max-batch-images", str(max_batch_images)]

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="an SD3-format model folder (default: a fresh tiny one)")
     args = ap.parse_args(argv)
 
+    # heavy (torch, diffusers via the tiny model): after argument parsing, so --help is instant
     from flowrl.config import load_run_config
     from flowrl.demo.tiny_image import save_tiny
     from flowrl.train.loop import train

@@ -18,6 +18,7 @@ import urllib.parse
 from typing import Any, Iterable, Mapping, MutableMapping, Optional, Tuple, Union
 
 import torch
+from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         obj: Any = load_file(path, device=str(map_location))
     else:
         try:
@@ -70,7 +69,7 @@ def unwrap_state_dict(obj: Mapping[str, Any], wrappers: Iterable[str] = ("state_
     """Return ``obj[w]`` for the first wrapper key ``w`` present whose value is a dict, else ``obj``.
 
     Training scripts often save ``{"state_dict": ..., "epoch": ...}`` (e.g. open_clip's
-    ``main.py``); the released scorer files are either that or a bare state dict.
+    training script); the released scorer files are either that or a bare state dict.
     """
     for w in wrappers:
         inner = obj.get(w)
@@ -201,7 +200,7 @@ def resolve_checkpoint_file(checkpoint: PathLike, filename: Optional[str] = None
             name, file_in_repo = rest, filename
         if not file_in_repo:
             raise ValueError(f"{what}: hub id {spec!r} needs a file name (use 'owner/name:file')")
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # heavy: only to download a hub checkpoint
 
         try:
             return hf_hub_download(repo_id=f"{owner}/{name}", filename=file_in_repo)

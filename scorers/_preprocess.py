@@ -1,70 +1,19 @@
 """Image preprocessing for the learned scorers: torch on float tensors (differentiable), the
 official PIL pipelines on PIL images and uint8 tensors.
 
-Every learned scorer turns its images into its model's input with the same steps its authors use:
-a bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and normalisation with the
-model's published mean/std. On a float batch [B, 3, H, W] in [0, 1] this runs in torch, which keeps
-the autograd graph, so a reward can be differentiated w.r.t. the images (``differentiable=True``).
+Every learned scorer turns its images into its model's input with the steps its authors use: a
+bicubic resize, a square centre crop (or, for HPS, a letterbox pad), and normalisation with the
+model's published mean/std (:class:`PreprocessSpec`; :data:`CLIP_224`, :data:`HF_CLIP_224`,
+:data:`HPS_224`). Two paths:
 
-Sources of the constants and behaviour (each model's own release):
+* float tensors [B, 3, H, W] in [0, 1] (:func:`preprocess`): torch's antialiased bicubic
+  ``interpolate``, differentiable; within 1.1/255 per pixel of the official PIL transform
+  (bit-identical for HPS, whose official resize runs on the float tensor);
+* PIL images and uint8 tensors (:func:`pil_pixel_values`): the official PIL pipeline itself, with
+  its operation order and arithmetic, so the pixels equal the official transform's.
 
-* OpenAI CLIP (``openai/CLIP clip/clip.py::_transform``, checked @ d05afc43): ``Resize(n_px,
-  BICUBIC)`` of the shorter side and ``CenterCrop(n_px)`` on the PIL image, then ``convert("RGB")``,
-  ``ToTensor``, ``Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)``.
-  open_clip uses the same constants (``open_clip/constants.py``: ``OPENAI_DATASET_MEAN/STD``) and
-  the same transform for ``ViT-L-14`` 'openai' (the LAION aesthetic predictor's backbone):
-  :data:`CLIP_224`.
-* HPS v2 / v2.1 (``tgxs002/HPSv2 hpsv2/img_score.py`` and ``hpsv2/src/open_clip/transform.py``,
-  checked @ 866735ec): ``create_model_and_transforms('ViT-H-14', ..., light_augmentation=True)``
-  selects the validation transform ``ToTensor()``, ``ResizeMaxSize(224)`` (longer side to 224,
-  ``F.resize`` bicubic on the float tensor, zero padding to a square),
-  ``Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)``: :data:`HPS_224`. ``F.resize`` takes
-  torchvision's default ``antialias``: True since torchvision 0.17, False for tensors before — on a
-  512² image the two differ by up to 6.6/255 (smooth) and 175/255 (white noise); we follow
-  today's default.
-* PickScore_v1 is scored with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
-  (``preprocessor_config.json``: ``shortest_edge`` 224, ``resample`` 3 = bicubic, ``crop_size`` 224,
-  ``image_mean``/``image_std`` = the OpenAI CLIP constants; yuvalkirstain/PickScore @ f79607ff pins
-  transformers 4.27.3, whose ``CLIPImageProcessor`` converts to RGB first, resizes with PIL, crops,
-  rescales in float64 and normalises in float32). transformers' ``center_crop`` truncates the offset
-  (``(H - h) // 2``), torchvision rounds it: :data:`HF_CLIP_224`. transformers 5's default
-  ``CLIPImageProcessor`` is a torchvision backend (uint8 tensor resize) that differs from the PIL one
-  by up to 2/255; ``CLIPImageProcessorPil`` keeps the 4.27.3 arithmetic (except that it composites
-  alpha onto white, where 4.27.3 dropped alpha; we follow 4.27.3).
-* ImageReward v1.0 (BLIP ViT-L, ``THUDM/ImageReward ImageReward/ImageReward.py::_transform``,
-  checked @ c1392c6d): the OpenAI CLIP transform above at 224 (PIL input only): :data:`CLIP_224`.
-* LAION aesthetic predictor (christophschuhmann/improved-aesthetic-predictor ``simple_inference.py``
-  @ 6934dd81: ``clip.load("ViT-L/14")``'s ``preprocess`` on a PIL image): :data:`CLIP_224`.
-
-Two paths:
-
-* **float tensors** (what a flow policy decodes; :func:`preprocess`): resizing uses
-  ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, PyTorch's port of PIL's
-  antialiased bicubic filter (Keys kernel, a = -0.5). Differentiable. For ``shortest_crop`` specs
-  (CLIP_224, HF_CLIP_224) it is *not* the official transform, which resamples the uint8 image with
-  PIL: PIL works in fixed point and rounds to uint8 after each of its two 1-D passes. The float
-  path does the two passes with a clamp to [0, 1] in between (as PIL's uint8 saturates) but no
-  rounding. Measured in float64 on random 8-bit images (white noise and smooth fields, 97×150 to
-  1024×768, resized to 224) against the official pixels: ≤ 1.1/255 per pixel, mean 0.26/255
-  (1.6/255 for unquantised float images against the official transform of their 8-bit version);
-  with one 2-D pass clamped only at the end (flowrl before this check) it was 3.0/255 on smooth
-  and 21/255 on white-noise images, same mean (the per-pass clamp fixes the outliers, not the
-  mean, so scores barely change). On tiny random models at 224 px (float64) the float path moves
-  scores by up to 3 % of their spread: ImageReward 1.3e-3 (smooth) / 2.7e-3 (noise), 1.0 % / 2.8 %;
-  PickScore 0.25 % / 0.36 %; aesthetic 0.9 % / 2.5 %. The real models' numbers may differ.
-  ``longest_pad`` (HPS) *is* the official transform on 8-bit pixels (bit-identical), since HPS
-  itself resizes the float tensor.
-* **PIL images and uint8 tensors** (:func:`pil_pixel_values`): the official pipeline itself, run
-  with PIL and the same operation order and arithmetic as the reference code
-  (:attr:`PreprocessSpec.pil_pipeline`), so the pixels equal the official transform's to float32
-  rounding (tests: bit-identical). Not differentiable (the input is 8-bit). :class:`scorers.base.Scorer`
-  hands PIL lists and uint8 tensors unchanged to scorers that set ``pil_input`` (PickScore, HPS,
-  aesthetic, clipscore, ImageReward, remote).
-
-Tests (tests/test_scorer_preprocess.py) compare both paths with torchvision, open_clip and
-transformers' PIL image processor.
-
-The shared checkpoint-loading helpers live in :mod:`scorers._loading` and are re-exported here.
+The source of each spec and the measured differences between the paths are in docs/methods.md
+("Image preprocessing"). Checkpoint-loading helpers live in :mod:`scorers._loading`.
 """
 from __future__ import annotations
 
@@ -74,17 +23,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from scorers._loading import (  # noqa: F401  (re-exported: one import place for scorer modules)
-    CheckpointError,
-    check_state_dict,
-    load_checkpoint_file,
-    load_state_dict_strict,
-)
-
-# OpenAI CLIP normalisation constants (openai/CLIP clip/clip.py::_transform; identical in
-# open_clip/constants.py OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and
-# BLIP/ImageReward preprocessing).
+# OpenAI CLIP normalisation constants (OpenAI CLIP's ``_transform``; identical to open_clip's
+# OPENAI_DATASET_MEAN/STD and in the laion CLIP-ViT-H-14 and BLIP/ImageReward preprocessing).
 OPENAI_CLIP_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -139,7 +81,7 @@ def resize_shorter_side(images: torch.Tensor, size: int, clamp: bool = True) -> 
     if not clamp:
         x = F.interpolate(x, size=out_hw, mode="bicubic", align_corners=False, antialias=True)
         return x.to(images.dtype)
-    # Pillow src/libImaging/Resample.c::ImagingResampleInner (checked @ 01f132fb): horizontal pass
+    # Pillow's resampling (docs/methods.md, "Upstream references"): horizontal pass
     # first into an 8-bit temporary image, then vertical; a pass whose size does not change is
     # skipped. Each 8-bit pass ends in clip8, i.e. rounds and clamps; we only clamp.
     if out_hw[1] != w:
@@ -187,8 +129,8 @@ def resize_longer_side_and_pad(images: torch.Tensor, size: int, fill: float = 0.
 
     s = size / max(H, W); (h', w') = (round(H·s), round(W·s)); bicubic resize (skipped when s = 1);
     pad ⌊(size−w')/2⌋ left, the rest right, ⌊(size−h')/2⌋ top, the rest bottom, with ``fill``.
-    This is ``ResizeMaxSize`` of HPS v2's bundled open_clip (``hpsv2/src/open_clip/transform.py``),
-    which the official scorer ``hpsv2/img_score.py`` selects with ``light_augmentation=True``; it runs
+    This is ``ResizeMaxSize`` of HPS v2's bundled open_clip, which the official scorer selects
+    with ``light_augmentation=True`` (docs/methods.md, "Image preprocessing"); it runs
     on the float tensor after ``ToTensor()``, so nothing is clamped. HPS v2: Wu et al., arXiv 2306.09341.
     ``antialias=True`` is torchvision's tensor default since 0.17. Differentiable.
     """
@@ -269,7 +211,7 @@ CLIP_224 = PreprocessSpec()
 # transformers CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore_v1, clipscore with
 # transformers): shortest_edge 224, bicubic, crop 224 with truncated offsets, OpenAI constants.
 HF_CLIP_224 = PreprocessSpec(crop_rounding="floor")
-# HPS v2 / v2.1 official scorer (hpsv2/img_score.py: create_model_and_transforms(..., light_augmentation=True)
+# HPS v2 / v2.1 official scorer (create_model_and_transforms(..., light_augmentation=True)
 # -> ToTensor, ResizeMaxSize(224, fill=0), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)).
 HPS_224 = PreprocessSpec(mode="longest_pad", clamp=False)
 
@@ -304,10 +246,6 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec = CLIP_224, dtype: tor
 
 
 def _is_pil(obj: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency of torchvision and transformers
-        return False
     return isinstance(obj, Image.Image)
 
 
@@ -333,7 +271,6 @@ def as_pil_images(images: Any) -> List[Any]:
         x = images.unsqueeze(0) if images.ndim == 3 else images
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"uint8 images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-        from PIL import Image
 
         arr = x.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
         return [Image.fromarray(a, "RGB") for a in arr]
@@ -347,14 +284,12 @@ def as_pil_images(images: Any) -> List[Any]:
 
 
 def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
-    """torchvision's PIL pipeline (openai/CLIP clip/clip.py::_transform @ d05afc43, identical in
-    THUDM/ImageReward ImageReward/ImageReward.py::_transform @ c1392c6d and open_clip's
-    ``image_transform(..., is_train=False)``): ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter
-    side to n (long side truncated), ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
+    """torchvision's PIL pipeline (OpenAI CLIP's ``_transform``, identical in ImageReward's and
+    open_clip's ``image_transform(..., is_train=False)``; docs/methods.md, "Image preprocessing"):
+    ``Resize(n, BICUBIC)`` → ``PIL.resize`` of the shorter side to n (long side truncated),
+    ``CenterCrop`` → ``PIL.crop`` at round((H − n)/2), then
     ``convert("RGB")`` (after the resize, as upstream), ``ToTensor`` (uint8 → float32, ÷ 255).
     Returns float32 [3, n, n] before normalisation."""
-    from PIL import Image
-
     w, h = im.size
     nh, nw = shorter_side_size(h, w, spec.resize)
     if (nh, nw) != (h, w):
@@ -369,12 +304,10 @@ def _pil_torchvision(im: Any, spec: PreprocessSpec) -> np.ndarray:
 
 def _pil_transformers(im: Any, spec: PreprocessSpec) -> np.ndarray:
     """transformers' CLIPImageProcessor on PIL (the "slow" processor of transformers 4.27.3, which
-    yuvalkirstain/PickScore @ f79607ff pins; ``CLIPImageProcessorPil`` in transformers 5):
+    PickScore's code pins; ``CLIPImageProcessorPil`` in transformers 5):
     ``convert("RGB")`` first, ``PIL.resize(BICUBIC)`` of the shorter side (long side truncated),
     crop at ⌊(H − n)/2⌋, rescale ``uint8.astype(float64) · (1/255)`` → float32.
     Returns float32 [3, n, n] before normalisation."""
-    from PIL import Image
-
     im = im.convert("RGB")
     w, h = im.size
     nh, nw = shorter_side_size(h, w, spec.resize)
@@ -395,8 +328,7 @@ def pil_pixel_values(images: Any, spec: PreprocessSpec = CLIP_224, dtype: torch.
       reference code's operation order, sizes and offsets; then x = (v/255 − mean)/std in float32
       (torchvision ``Normalize`` / transformers ``normalize`` both subtract then divide in float32).
     * ``tensor`` (HPS v2): ``ToTensor`` of the RGB image, then :func:`preprocess` — the official
-      ``ResizeMaxSize`` runs on the float tensor too (tgxs002/HPSv2 @ 866735ec
-      hpsv2/src/open_clip/transform.py), so the float path is the official one. HPS keeps RGBA
+      ``ResizeMaxSize`` runs on the float tensor too, so the float path is the official one. HPS keeps RGBA
       images as 4 channels; here every image is converted to RGB.
 
     Images of different sizes are allowed (each is resized on its own, as upstream). Not

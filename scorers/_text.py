@@ -5,6 +5,7 @@ A prompt (or a scorer's error text) may be megabytes long; a message quotes at m
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __all__ = ["bound_log_messages", "short"]
@@ -27,8 +28,6 @@ def bound_log_messages(limit: int = 2000) -> None:
     and for every logger, libraries' included: diffusers' notice of a truncated CLIP prompt quotes
     the whole cut-off text, megabytes for a megabyte prompt. Installs a record factory once;
     later calls only change the limit."""
-    import logging
-
     global _LOG_LIMIT
     _LOG_LIMIT = int(limit)
     if _LOG_LIMIT_INSTALLED:

@@ -1,22 +1,13 @@
 """LAION aesthetic predictor v2 ("improved aesthetic predictor", C. Schuhmann, LAION, 2022).
 
-How the official checkpoint maps onto the code (checked against
-``christophschuhmann/improved-aesthetic-predictor``, ``simple_inference.py``):
+``sac+logos+ava1-l14-linearMSE.pth`` is the bare state dict of a purely linear MLP
+768→1024→128→64→16→1 (:class:`AestheticMLP` keeps its layout, so the file loads as is) on the
+L2-normalised image embedding of OpenAI CLIP ViT-L/14 (open_clip ``ViT-L-14`` ``openai``, CLIP
+preprocessing :data:`scorers._preprocess.CLIP_224`).
 
-* ``sac+logos+ava1-l14-linearMSE.pth`` is the bare state dict of ``MLP(768).layers``, an
-  ``nn.Sequential`` of Linear(768,1024), Dropout(0.2), Linear(1024,128), Dropout(0.2),
-  Linear(128,64), Dropout(0.1), Linear(64,16), Linear(16,1) — no activations (the ReLUs are
-  commented out in the release; "linearMSE"). Its keys are therefore ``layers.0``, ``layers.2``,
-  ``layers.4``, ``layers.6``, ``layers.7`` (``.weight``/``.bias``); :class:`AestheticMLP` keeps that
-  exact layout, so the file loads as is (``torch.load(weights_only=True)`` + strict key check).
-* Input: the image embedding of OpenAI CLIP ViT-L/14 (``clip.load("ViT-L/14")``,
-  ``encode_image``), L2-normalised (a zero vector is left unchanged). We use open_clip
-  ``ViT-L-14`` with the ``openai`` weights (QuickGELU) and the CLIP preprocessing (224, bicubic
-  resize of the shorter side, centre crop, OpenAI mean/std; :data:`scorers._preprocess.CLIP_224`).
-  PIL images and uint8 tensors go through that transform as ``clip.load``'s ``preprocess`` runs it
-  (PIL resize and crop, then RGB; :func:`scorers._preprocess.pil_pixel_values`), float tensors
-  through the differentiable torch path (≤ 1.1/255 per pixel from PIL's uint8 rounding).
-* score = MLP(ê) — roughly 1–10 (the AVA rating scale). The prompt is not used.
+    score = MLP(e / |e|)      (roughly 1-10, the AVA rating scale; the prompt is not used)
+
+How the release maps onto the code: docs/methods.md ("LAION aesthetic predictor v2").
 """
 from __future__ import annotations
 

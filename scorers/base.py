@@ -4,22 +4,13 @@ Call convention (all scorers)::
 
     scores = scorer(images, prompts, **metadata)   # torch.Tensor [B], float32, on CPU
 
-``images``: a float tensor [B, 3, H, W] with values in [0, 1] (what a flow policy decodes), a list
-of PIL images, or a ``torch.uint8`` tensor [B, 3, H, W] (8-bit levels 0..255). ``prompts``: a list
-of B strings. Subclasses implement :meth:`Scorer.score_batch` on a chunk of at most ``batch_size``
-images; this class does the chunking, the input checks and the output checks.
-
-What :meth:`Scorer.score_batch` receives:
-
-* a float tensor is moved to the scorer's device and cast to float32, chunk by chunk (the training
-  loop's path; differentiable with ``differentiable=True``);
-* PIL images and uint8 tensors go, when the scorer sets :attr:`Scorer.pil_input` (the learned
-  scorers: PickScore, HPS v2/v2.1, aesthetic, clipscore, ImageReward), to ``score_batch`` as they are — a list
-  of PIL images (any mode, any sizes) or a uint8 tensor chunk on the CPU — so that the scorer runs
-  its model's official PIL preprocessing on them (:func:`scorers._preprocess.pil_pixel_values`);
-  they carry no gradient, so that call runs under ``torch.no_grad()``;
-* otherwise they are converted to float32 [B, 3, H, W] in [0, 1] first: PIL images with
-  ``convert("RGB")`` and v / 255 (all of one size), uint8 tensors with v / 255 — the same values.
+``images``: a float tensor [B, 3, H, W] in [0, 1] (what a flow policy decodes), a list of PIL images,
+or a ``torch.uint8`` tensor [B, 3, H, W]. ``prompts``: B strings. Subclasses implement
+:meth:`Scorer.score_batch` on a chunk of at most ``batch_size`` images; this class does the chunking
+and the input and output checks. A float tensor reaches ``score_batch`` on the scorer's device as
+float32 (differentiable with ``differentiable=True``); PIL images and uint8 tensors reach it
+unchanged, under ``torch.no_grad()``, when the scorer sets :attr:`Scorer.pil_input` (the learned
+scorers, which run their official PIL preprocessing), else converted to float32 in [0, 1] (v / 255).
 """
 from __future__ import annotations
 

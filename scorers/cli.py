@@ -4,27 +4,12 @@
                  [--output scores.csv] [--device cpu] [--dtype float32] [--batch-size 16]
                  [--option KEY=VALUE ...]
 
-Matching images to prompts: the image files in DIR (``.png .jpg .jpeg .webp .bmp``, any case; not
-recursive) are sorted by file name (plain string order, as ``ls`` shows them: name them with
-zero-padded numbers, ``0001.png``, ``0002.png``, …), and the i-th image is paired with the i-th line
-of FILE (UTF-8, one prompt per line; the line break is removed, nothing else). The counts must be
-equal, except that a file with a single prompt is used for every image.
-
-``--scorer`` may be repeated to get several columns (``--checkpoint`` then is not allowed; pass
-``--option NAME.checkpoint=PATH``). ``--option KEY=VALUE`` passes a factory option (the value is
-read as JSON when it parses, e.g. ``batch_size=4``, ``scale=0.038``, else as a string);
-``NAME.KEY=VALUE`` targets one scorer when several are given.
-
-Images are passed to the scorers as PIL images, as loaded (their own mode: RGB, RGBA, L, P, ...), so
-the learned scorers preprocess them exactly as their official packages do on ``Image.open(path)``
-(for the torchvision-style pipelines the conversion to RGB comes after the resize, which matters for
-RGBA images; :mod:`scorers._preprocess`). Scorers without an official PIL pipeline convert them to
-RGB floats in [0, 1].
-
-Prints a table (file, scores, prompt) and the mean ± std of each scorer, and writes ``scores.csv``
-(columns ``image, prompt, <scorer>...``; non-finite scores are written as ``nan``/``inf``).
-Returns 0 on success, 2 on a usage or input error (one line on stderr: a missing argument, a folder
-without images, a non-UTF-8 prompt file, an ``--output`` that cannot be written, ...).
+The images of DIR, sorted by file name, are paired with the lines of FILE in order (one prompt for
+all images if FILE holds one line), and passed to the scorers as PIL images as loaded, so learned
+scorers preprocess them as their official packages do. ``--scorer`` may be repeated (one column
+each; ``--option NAME.KEY=VALUE`` targets one). Prints a table and each scorer's mean ± std and
+writes ``scores.csv`` (``image, prompt, <scorer>...``). Returns 0, or 2 on a usage or input error
+(one line on stderr). The pairing rules in full: docs/methods.md ("flowrl score").
 """
 from __future__ import annotations
 
@@ -38,7 +23,9 @@ import sys
 from typing import Dict, List, Optional, Sequence, TextIO
 
 import torch
+from PIL import Image
 
+import scorers
 from flowrl.inputs import DTYPE_NAMES, ArgumentParser, UsageError, torch_dtype, writable_file  # UsageError: bad input, exit status 2
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -129,8 +116,6 @@ def _load_groups(paths: List[str]):
     """Open the images as they are (no mode conversion: the official pipelines convert to RGB
     themselves, some after resizing); group indices by size (scorers without an official PIL
     pipeline batch images of one size)."""
-    from PIL import Image
-
     images, groups = [], {}
     for i, p in enumerate(paths):
         try:
@@ -150,7 +135,6 @@ def _fmt(x: float) -> str:
 def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
     """Entry point of ``flowrl score`` (see the module docstring). Returns the exit status."""
     out = stdout or sys.stdout
-    import scorers
 
     try:
         args = build_parser().parse_args(argv)

@@ -1,37 +1,16 @@
 """CLIP encoders shared by the learned scorers, and the ``clipscore`` scorer.
 
-Two back-ends, each loading a published checkpoint as released, through one code path for hub ids
-and local paths:
+Two back-ends load a published checkpoint as released (hub id or local path), checked key by key:
+:class:`OpenClipEncoder` (an open_clip architecture filled from a state-dict file; HPS v2/v2.1, the
+LAION aesthetic predictor) and :class:`HFClipEncoder` (transformers' ``CLIPModel``; PickScore).
+Both take a float tensor [B, 3, H, W] in [0, 1] (preprocessed in torch, differentiable) or PIL
+images / a uint8 tensor (the official PIL pipeline of the encoder's
+:class:`~scorers._preprocess.PreprocessSpec`).
 
-* :class:`OpenClipEncoder` — an open_clip architecture (``"ViT-H-14"``, ``"ViT-L-14"``, or a JSON
-  model config file for a custom one) built without weights, then filled from a state-dict file read
-  with ``torch.load(weights_only=True)`` and checked key by key (:mod:`scorers._loading`). Used by
-  HPS v2/v2.1 and the LAION aesthetic predictor.
-* :class:`HFClipEncoder` — transformers' ``CLIPModel.from_pretrained`` (hub id or local folder) with
-  any missing/unexpected/mismatched key turned into an error, plus the tokenizer and the image
-  preprocessing constants of a named processor. Used by PickScore.
-
-Both take images in two forms (:meth:`OpenClipEncoder.pixel_values`):
-
-* a float tensor [B, 3, H, W] in [0, 1] (what the training loop decodes): preprocessed in torch
-  (:func:`scorers._preprocess.preprocess`), so features are differentiable w.r.t. the pixels;
-* PIL images (any mode, any sizes) or a ``torch.uint8`` tensor [B, 3, H, W]: the official PIL
-  pipeline of the encoder's :class:`~scorers._preprocess.PreprocessSpec`
-  (:func:`scorers._preprocess.pil_pixel_values`; OpenAI CLIP / open_clip's ``_transform`` for
-  ``CLIP_224``, transformers' ``CLIPImageProcessor`` for a processor's spec, HPS v2's transform for
-  ``HPS_224``), so the pixels equal the official package's. The scorers built on these encoders set
-  :attr:`scorers.base.Scorer.pil_input`, so such input reaches them as it is.
-
-The two paths give the same pixels for HPS (its official resize runs on the float tensor) and differ
-by PIL's uint8 rounding for the others (≤ 1.1/255 per pixel; :mod:`scorers._preprocess`).
-
-``clipscore`` (Radford et al., arXiv 2103.00020; CLIP-S of Hessel et al., arXiv 2104.08718):
-the cosine similarity of the L2-normalised image and text embeddings, reported in one of three
-conventions (option ``convention``):
-
-* ``"cosine"`` (default): cos(image, text) in [-1, 1];
-* ``"clip_s"``: 2.5 · max(cos, 0) — CLIP-S as defined by Hessel et al. (w = 2.5);
-* ``"x100"``: 100 · max(cos, 0) — the ×100 scale of torchmetrics' ``CLIPScore``.
+``clipscore`` (Radford et al., arXiv 2103.00020; CLIP-S of Hessel et al., arXiv 2104.08718) is the
+cosine similarity of the L2-normalised image and text embeddings, in one of three conventions
+(option ``convention``): ``"cosine"`` (default, in [-1, 1]), ``"clip_s"`` (2.5 · max(cos, 0)) or
+``"x100"`` (100 · max(cos, 0), torchmetrics' scale). See docs/methods.md ("CLIP back-ends").
 """
 from __future__ import annotations
 
@@ -116,7 +95,7 @@ def _pixel_values(images, spec: PreprocessSpec, dtype: torch.dtype, device: torc
 def open_clip_arch(arch: str) -> str:
     """An open_clip model name, or the path of a JSON model config (registered under its file stem;
     this is how tests build reduced models of the same architecture family)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     if arch.endswith(".json"):
         if not os.path.isfile(arch):
@@ -136,7 +115,7 @@ def resolve_open_clip_weights(arch: str, checkpoint: str, filename: Optional[str
     """Local file for ``checkpoint``: an open_clip pretrained tag for ``arch`` (e.g. ``"openai"``,
     fetched by open_clip from its hub mirror) or anything :func:`resolve_checkpoint_file` accepts.
     Returns (path, quick_gelu from the pretrained tag or None)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     if not os.path.exists(os.fspath(checkpoint)) and "/" not in checkpoint and ":" not in checkpoint:
         cfg = open_clip.pretrained.get_pretrained_cfg(arch, checkpoint)
@@ -160,7 +139,7 @@ class _DropRandomInitWarning(logging.Filter):
 
 def create_open_clip_model(name: str, quick_gelu: bool) -> torch.nn.Module:
     """``open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)`` (weights to be loaded)."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
     filt = _DropRandomInitWarning()
     root = logging.getLogger()
@@ -197,7 +176,7 @@ class OpenClipEncoder:
         wrappers: Sequence[str] = ("state_dict",),
         what: str = "open_clip checkpoint",
     ):
-        import open_clip
+        import open_clip  # heavy: open_clip, only for HPS / aesthetic
 
         name = open_clip_arch(arch)
         path, tag_quick_gelu = resolve_open_clip_weights(name, checkpoint, filename, what)
@@ -269,7 +248,7 @@ def spec_from_image_processor(ip: Any) -> PreprocessSpec:
 def load_hf_clip_model(checkpoint: str, device="cpu", dtype: torch.dtype = torch.float32, what: str = "CLIP checkpoint"):
     """``transformers.CLIPModel.from_pretrained(checkpoint)`` (hub id or local folder); a missing,
     unexpected or wrongly shaped key is a :class:`CheckpointError` (transformers would only warn)."""
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # heavy: transformers, only for HF CLIP (PickScore)
 
     try:
         model, info = CLIPModel.from_pretrained(
@@ -301,7 +280,7 @@ class HFClipEncoder:
         max_length: int = 77,
         what: str = "CLIP checkpoint",
     ):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer  # heavy: transformers (see above)
 
         self.model = load_hf_clip_model(checkpoint, device, dtype, what)
         processor = processor or checkpoint

@@ -1,27 +1,14 @@
 """HPS v2 and v2.1 (Wu et al., "Human Preference Score v2", arXiv 2306.09341).
 
-How the official checkpoints map onto the code (checked against ``tgxs002/HPSv2``,
-``hpsv2/img_score.py`` and its bundled ``hpsv2/src/open_clip``):
+The official checkpoints (``HPS_v2_compressed.pt`` for ``hpsv2``, ``HPS_v2.1_compressed.pt`` for
+``hpsv21``, hub repo ``xswu/HPSv2``) hold the state dict of an open_clip ``ViT-H-14`` CLIP; they are
+read into current open_clip with ``torch.load(weights_only=True)`` and a strict key check. The
+tokenizer is open_clip's (context 77); preprocessing is HPS v2's ``ResizeMaxSize(224)`` letterbox
+(:data:`scorers._preprocess.HPS_224`), whose float path is the official transform.
 
-* Files ``HPS_v2_compressed.pt`` (``hpsv2``) and ``HPS_v2.1_compressed.pt`` (``hpsv21``) in the hub
-  repo ``xswu/HPSv2``. Each is a dict whose ``"state_dict"`` entry is the state dict of an open_clip
-  ``ViT-H-14`` CLIP (no ``module.`` prefix; keys ``visual.*``, ``transformer.resblocks.*``,
-  ``token_embedding.weight``, ``positional_embedding``, ``ln_final.*``, ``text_projection``,
-  ``logit_scale``); the official code loads it with ``model.load_state_dict(checkpoint['state_dict'])``
-  (strict). The bundled open_clip's ``CLIP`` and today's ``open_clip.model.CLIP`` have the same
-  parameter names and shapes and compute the same features (checked once on a reduced config),
-  so the file is read into current open_clip with ``torch.load(weights_only=True)`` and our strict
-  key check.
-* Tokenizer: ``get_tokenizer('ViT-H-14')`` — open_clip's ``SimpleTokenizer`` (context 77).
-* Preprocessing: ``create_model_and_transforms(..., light_augmentation=True)`` → ``ToTensor``,
-  ``ResizeMaxSize(224)`` (longer side to 224, bicubic, zero-pad to a square), ``Normalize`` with the
-  OpenAI CLIP mean/std (:data:`scorers._preprocess.HPS_224`). The official resize runs on the float
-  tensor, so our float path is the official transform; PIL images and uint8 tensors are converted
-  to RGB and ``ToTensor``-ed first (:func:`scorers._preprocess.pil_pixel_values`; upstream would
-  keep an RGBA image's 4 channels), and may differ in size.
-* score = diag(image_features @ text_features.T) with both L2-normalised (``output_dict=True``
-  features of open_clip are normalised), i.e. cos(image, text) of matched pairs; typical values
-  are 0.2–0.35. The official scorer runs under CUDA autocast (fp16); pass ``dtype`` to match.
+    score = cos(image_features, text_features)      (matched pairs; typically 0.2-0.35)
+
+How the checkpoint maps onto the code: docs/methods.md ("HPS v2 / v2.1").
 """
 from __future__ import annotations
 

@@ -1,49 +1,17 @@
 """ImageReward v1.0 (Xu et al., arXiv 2304.05977) without the ``image-reward`` package.
 
-The published ``ImageReward.pt`` (hub repo ``THUDM/ImageReward``) is a bare ``state_dict`` of the
-authors' ``ImageReward`` module (``ImageReward/ImageReward.py`` and ``ImageReward/models/BLIP/*`` in
-github.com/THUDM/ImageReward). It holds
+The published ``ImageReward.pt`` (a BLIP ViT-L/16 image encoder, BLIP's BERT-base "MED" text
+encoder with cross-attention to the image tokens, and a linear reward head) is loaded into
+transformers' :class:`~transformers.BlipVisionModel` and :class:`~transformers.BlipTextModel`
+through :data:`KEY_TABLE`. Scoring follows the official ``ImageReward.score``:
 
-* ``blip.visual_encoder.*``: a BLIP ViT-L/16 at 224 px (24 pre-norm blocks, width 1024, 16 heads,
-  MLP 4096, LayerNorm eps 1e-6, exact GELU, fused ``qkv``);
-* ``blip.text_encoder.*``: BLIP's BERT-base "MED" encoder (``med_config.json``: 12 post-norm layers,
-  width 768, 12 heads, 3072, vocab 30524 = bert-base-uncased + ``[DEC]`` + ``[ENC]``, LayerNorm eps
-  1e-12, no token-type embeddings) with a cross-attention block in every layer whose key/value read
-  the 1024-wide image tokens; plus the persistent buffer ``embeddings.position_ids``;
-* ``blip.vision_proj`` / ``blip.text_proj``: BLIP's 256-d contrastive projections (saved with the
-  module, not used by the reward);
-* ``mlp.layers.{0,2,4,6,7}``: the reward head 768→1024→128→64→16→1, purely linear (the ReLUs are
-  commented out upstream), with dropouts 0.2, 0.2, 0.1 at indices 1, 3, 5.
+    r = mlp(text_encoder(prompt, cross-attending to vit(image))[first token])
+    score = (r - 0.16717362830052426) / 1.0333394966054072
 
-We load it into transformers' :class:`~transformers.BlipVisionModel` (identical computation to the
-timm-style ViT: same qkv layout, pre-norm blocks, final norm = ``post_layernorm``) and
-:class:`~transformers.BlipTextModel` (a port of the same ``med.py``), through :data:`KEY_TABLE`.
-
-Scoring, as the official ``ImageReward.score``/``score_gard`` do it:
-
-1. image: ``Resize(224, BICUBIC)`` of the shorter side, ``CenterCrop(224)``, RGB, ``ToTensor``,
-   ``Normalize`` with the OpenAI CLIP mean/std (``ImageReward/ImageReward.py::_transform``, checked
-   against THUDM/ImageReward @ c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb). Upstream runs it on a PIL
-   image, so the resize is PIL's, on uint8. Here:
-
-   * PIL images or a ``torch.uint8`` tensor [B, 3, H, W]: that same pipeline, with PIL
-     (:func:`scorers._preprocess.pil_pixel_values`) — pixels equal the official transform's
-     (bit-identical in float32 in the tests), so scores match the package to model rounding;
-   * a float tensor in [0, 1] (what the training loop decodes): the resize runs in torch
-     (:func:`scorers._preprocess.preprocess`) so the score can be differentiated w.r.t. the image.
-     It is not PIL's uint8 resampling: on random 8-bit images (97×150 … 1024×768 → 224, float64)
-     the pixels differ from the official transform by ≤ 1.1/255 (mean 0.26/255; before the
-     per-pass clamp of :func:`scorers._preprocess.resize_shorter_side`: ≤ 3/255 on smooth images,
-     21/255 on white noise), and a tiny random ImageReward's score by ≤ 1.3e-3 (smooth) / 2.7e-3
-     (noise), 1–3 % of its score spread. Pass uint8/PIL to get the package's numbers;
-2. prompt: bert-base-uncased tokenizer with ``[DEC]`` added as bos token and ``[ENC]`` as an extra
-   special token (``models/BLIP/blip.py::init_tokenizer``), ``padding="max_length"``,
-   ``truncation=True``, ``max_length=35``. The sequence starts with the ordinary ``[CLS]``: the
-   official reward code computes ``enc_token_id`` but never substitutes it for ``[CLS]`` (unlike
-   BLIP's ITM head), so neither do we;
-3. text encoder with cross-attention to all image tokens (all-ones image mask), feature = hidden
-   state of the first token, ``r = mlp(feature)``;
-4. ``score = (r − 0.16717362830052426) / 1.0333394966054072`` (``ImageReward.mean``/``.std``).
+with the OpenAI CLIP transform at 224 px (PIL on PIL/uint8 input, as upstream; differentiable torch
+on float input) and the bert-base-uncased tokenizer plus ``[DEC]``/``[ENC]`` at ``max_length=35``.
+How each checkpoint key maps onto the modules, and the measured float-path differences, are in
+docs/methods.md ("ImageReward v1.0").
 """
 from __future__ import annotations
 
@@ -56,15 +24,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from scorers._loading import CheckpointError, check_state_dict, load_checkpoint_file, load_state_dict_strict
 from scorers._preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
-    CheckpointError,
     PreprocessSpec,
-    check_state_dict,
     is_pil_or_uint8,
-    load_checkpoint_file,
-    load_state_dict_strict,
     pil_pixel_values,
     preprocess,
 )
@@ -74,12 +39,12 @@ from scorers.registry import register
 
 logger = logging.getLogger(__name__)
 
-# ImageReward/ImageReward.py: ``self.mean`` / ``self.std`` of the ImageReward class.
+# ``self.mean`` / ``self.std`` of the official ImageReward class.
 REWARD_MEAN: float = 0.16717362830052426
 REWARD_STD: float = 1.0333394966054072
-# ImageReward/ImageReward.py: ``self.blip.tokenizer(prompt, padding='max_length', truncation=True, max_length=35)``.
+# The official ``self.blip.tokenizer(prompt, padding='max_length', truncation=True, max_length=35)``.
 MAX_LENGTH: int = 35
-# The hub repository and file name of the release (ImageReward/utils.py ``_MODELS``).
+# The hub repository and file name of the release (the official package's ``_MODELS``).
 DEFAULT_CHECKPOINT: str = "THUDM/ImageReward"
 CHECKPOINT_FILENAME: str = "ImageReward.pt"
 DEFAULT_TOKENIZER: str = "bert-base-uncased"
@@ -95,7 +60,7 @@ ENC_TOKEN: str = "[ENC]"
 @dataclass(frozen=True)
 class ImageRewardConfig:
     """Sizes of the ImageReward architecture. Defaults are the published v1.0 model:
-    ``BLIP_Pretrain(image_size=224, vit='large')`` (models/BLIP/blip.py::create_vit) and
+    ``BLIP_Pretrain(image_size=224, vit='large')`` (BLIP's ``create_vit``) and
     ``med_config.json``; ``encoder_width`` = the ViT width, as ``BLIP_Pretrain`` sets it."""
 
     image_size: int = 224  # input resolution of the ViT (and of the resize/crop)
@@ -176,7 +141,7 @@ class ImageRewardConfig:
 
     def vision_config(self):
         """The :class:`transformers.BlipVisionConfig` of the image tower."""
-        from transformers import BlipVisionConfig
+        from transformers import BlipVisionConfig  # heavy: transformers, only when ImageReward is built
 
         return BlipVisionConfig(
             hidden_size=self.vision_width, intermediate_size=self.vision_mlp, num_hidden_layers=self.vision_layers,
@@ -187,7 +152,7 @@ class ImageRewardConfig:
     def text_config(self):
         """The :class:`transformers.BlipTextConfig` of the text encoder (``is_decoder=True`` only makes
         transformers build the cross-attention blocks; the model is run bidirectionally)."""
-        from transformers import BlipTextConfig
+        from transformers import BlipTextConfig  # heavy: transformers, only when ImageReward is built
 
         return BlipTextConfig(
             vocab_size=self.vocab_size, hidden_size=self.text_width, encoder_hidden_size=self.vision_width,
@@ -201,8 +166,8 @@ class ImageRewardConfig:
 
 def normalize_reward(raw: torch.Tensor, mean: float = REWARD_MEAN, std: float = REWARD_STD) -> torch.Tensor:
     """ImageReward's published standardisation: score = (r − mean) / std, with
-    mean = 0.16717362830052426, std = 1.0333394966054072 (Xu et al., arXiv 2304.05977;
-    ``ImageReward/ImageReward.py``)."""
+    mean = 0.16717362830052426, std = 1.0333394966054072 (Xu et al., arXiv 2304.05977; the
+    official ``ImageReward`` class)."""
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")
     return (raw - mean) / std
@@ -239,7 +204,7 @@ class ImageRewardModel(nn.Module):
 
     def __init__(self, config: Optional[ImageRewardConfig] = None):
         super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
+        from transformers import BlipTextModel, BlipVisionModel  # heavy: transformers, only when ImageReward is built
 
         self.config = ImageRewardConfig.from_any(config)
         c = self.config
@@ -293,7 +258,7 @@ class ImageRewardModel(nn.Module):
 # (official, ours). An entry ending in "." maps a prefix (the rest of the key is kept); other
 # entries map one whole key. "{i}" stands for a layer index. Order matters: the first match wins.
 KEY_TABLE: Tuple[Tuple[str, str], ...] = (
-    # BLIP ViT (models/BLIP/vit.py, timm layout) -> transformers BlipVisionModel
+    # BLIP ViT (timm layout) -> transformers BlipVisionModel
     ("blip.visual_encoder.cls_token", "vision.embeddings.class_embedding"),
     ("blip.visual_encoder.pos_embed", "vision.embeddings.position_embedding"),
     ("blip.visual_encoder.patch_embed.proj.", "vision.embeddings.patch_embedding."),
@@ -304,8 +269,8 @@ KEY_TABLE: Tuple[Tuple[str, str], ...] = (
     ("blip.visual_encoder.blocks.{i}.mlp.fc1.", "vision.encoder.layers.{i}.mlp.fc1."),
     ("blip.visual_encoder.blocks.{i}.mlp.fc2.", "vision.encoder.layers.{i}.mlp.fc2."),
     ("blip.visual_encoder.norm.", "vision.post_layernorm."),
-    # BLIP MED text encoder (models/BLIP/med.py) -> transformers BlipTextModel, a port of the same
-    # file: the sub-module names (embeddings.*, encoder.layer.{i}.attention.self.query, ...
+    # BLIP MED text encoder -> transformers BlipTextModel, a port of the same
+    # code: the sub-module names (embeddings.*, encoder.layer.{i}.attention.self.query, ...
     # crossattention.*, intermediate.*, output.*) are identical.
     ("blip.text_encoder.", "text."),
     ("blip.vision_proj.", "vision_proj."),
@@ -315,7 +280,7 @@ KEY_TABLE: Tuple[Tuple[str, str], ...] = (
 )
 
 # Official keys that hold a derived value rather than weights: checked (if present), not loaded.
-# med.py registers ``position_ids`` = arange(max_position_embeddings) as a persistent buffer;
+# BLIP's MED registers ``position_ids`` = arange(max_position_embeddings) as a persistent buffer;
 # transformers keeps it non-persistent.
 DERIVED_KEYS: Tuple[str, ...] = ("blip.text_encoder.embeddings.position_ids",)
 
@@ -402,7 +367,7 @@ def resolve_checkpoint(checkpoint: Union[str, "os.PathLike[str]", None]) -> str:
             raise FileNotFoundError(f"checkpoint folder {ckpt} has no {CHECKPOINT_FILENAME}")
         return path
     if ckpt.count("/") == 1 and not ckpt.startswith((".", "/")) and not ckpt.endswith((".pt", ".pth")):
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # heavy: only to download the hub checkpoint
 
         try:
             return hf_hub_download(repo_id=ckpt, filename=CHECKPOINT_FILENAME)
@@ -417,12 +382,12 @@ def resolve_checkpoint(checkpoint: Union[str, "os.PathLike[str]", None]) -> str:
 
 
 def prepare_tokenizer(tokenizer: Any = DEFAULT_TOKENIZER):
-    """BLIP's tokenizer (models/BLIP/blip.py::init_tokenizer): a BERT WordPiece tokenizer (a folder or hub
+    """BLIP's tokenizer (BLIP's ``init_tokenizer``): a BERT WordPiece tokenizer (a folder or hub
     id, default ``bert-base-uncased``, or a tokenizer object) with ``[DEC]`` added as bos token and
     ``[ENC]`` as an additional special token; ``tokenizer.enc_token_id`` is set as upstream. Tokens
     already present are not added twice."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import BertTokenizer
+        from transformers import BertTokenizer  # heavy: transformers, only when ImageReward is built
 
         tokenizer = BertTokenizer.from_pretrained(os.fspath(tokenizer))
     if not callable(tokenizer) or not hasattr(tokenizer, "add_special_tokens"):
@@ -481,7 +446,7 @@ class ImageRewardScorer(Scorer):
         self.model.head.float()  # upstream applies the MLP to float32 features
         self.model.requires_grad_(False)
         size = model.config.image_size
-        # ImageReward/ImageReward.py::_transform: Resize(224, BICUBIC) + CenterCrop(224) on the PIL image,
+        # The official ``_transform``: Resize(224, BICUBIC) + CenterCrop(224) on the PIL image,
         # RGB, ToTensor, Normalize with the OpenAI CLIP mean/std (torchvision's PIL pipeline).
         self.preprocess_spec = PreprocessSpec(resize=size, crop=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                                               pil_pipeline="torchvision")
@@ -490,7 +455,7 @@ class ImageRewardScorer(Scorer):
         """Images → the model's normalised [b, 3, S, S] input.
 
         Float [b, 3, H, W] in [0, 1]: torch resize/crop/normalise (differentiable). PIL image(s) or a
-        uint8 tensor: the official PIL pipeline (ImageReward/ImageReward.py::_transform), float32."""
+        uint8 tensor: the official PIL pipeline (ImageReward's ``_transform``), float32."""
         if is_pil_or_uint8(images):
             return pil_pixel_values(images, self.preprocess_spec)
         return preprocess(images, self.preprocess_spec)

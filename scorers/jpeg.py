@@ -1,6 +1,6 @@
 """JPEG (in)compressibility rewards of DDPO (Black et al., arXiv 2305.13301).
 
-DDPO's definition (``ddpo_pytorch/rewards.py``): quantise the image to uint8 with
+DDPO's definition (its reward code; docs/methods.md, "Upstream references"): quantise the image to uint8 with
 ``(x · 255).round().clamp(0, 255)``, save it with PIL as JPEG at quality 95, and take the file size
 in kilobytes (bytes / 1000). ``jpeg_incompressibility`` = size; ``jpeg_compressibility`` = −size.
 The encoding is not differentiable: asking for ``differentiable=True`` is an error.

@@ -1,22 +1,15 @@
 """``vlm_judge``: a vision-language model behind an OpenAI-compatible chat-completions endpoint
 (vLLM, SGLang, ...) grades each image against its prompt.
 
-For every image it POSTs to ``{url}/chat/completions``::
-
-    {"model": MODEL, "temperature": 0.0, "max_tokens": N,
-     "messages": [{"role": "system", "content": SYSTEM},              # only when ``system`` is set
-                  {"role": "user", "content": [
-                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
-                      {"type": "text", "text": TEMPLATE with {prompt} replaced by the prompt}]}]}
-
-and reads ``choices[0].message.content``. The score is the number captured by ``pattern`` (its group
-named ``score``, else its first group, else the whole match; the last match in the answer counts)
-divided by ``scale``. The defaults follow the point-score convention of UnifiedReward
-(arXiv:2503.05236) as Flow-GRPO (arXiv:2505.05470) uses it: the answer ends with ``Final Score: x``
-for x in 1..5, divided by 5.
-An answer with no match is an invalid sample (NaN): counted in :attr:`VLMJudge.unparseable` and
-reported in a warning, never a silent zero. Requests run concurrently on a small thread pool, with the
-same timeout, retry and error rules as the ``remote`` scorer (:func:`scorers.remote.request_json`).
+For every image it POSTs to ``{url}/chat/completions`` (``temperature`` 0, an optional system
+message, a user message with the image as a PNG data URL and ``template`` with ``{prompt}``
+filled in) and reads ``choices[0].message.content``. The score is the number captured by
+``pattern`` (group ``score``, else the first group, else the whole match; the last match counts)
+divided by ``scale``; the defaults read ``Final Score: x`` for x in 1..5 and divide by 5
+(UnifiedReward's point score, arXiv:2503.05236, as Flow-GRPO uses it). An answer with no match is
+an invalid sample (NaN), counted in :attr:`VLMJudge.unparseable` and warned about. Requests run
+concurrently with the ``remote`` scorer's timeout and retry rules
+(:func:`scorers.remote.request_json`).
 """
 from __future__ import annotations
 

@@ -9,15 +9,11 @@ From a config such as ``rewards: {pickscore: 1.0, hpsv21: 0.5}``::
     out.valid                             # [N] bool: every weighted component finite
     out.issues                            # [RewardIssue(scorer, kind, count, message), ...]
 
-A scorer that returns NaN/inf for some samples, or raises (all of its samples), or returns the wrong
-shape, is reported by name with the number of samples affected (logged as a warning and kept in
-``issues``); those samples are marked invalid and their ``total`` is NaN, so a training loop that
-skips ``~valid`` never trains on them and one that forgets to is stopped by the NaN instead of
-silently averaging a bad reward. Components with weight 0 are computed and reported (for
-monitoring) but do not invalidate samples. ``on_error="raise"`` makes a raising scorer abort.
-
-This is Flow-GRPO's ``multi_score`` (a weighted sum plus per-reward details; Liu et al.,
-arXiv 2505.05470) with explicit invalid-sample handling.
+A scorer that returns NaN/inf for some samples, raises, or returns the wrong shape is reported by
+name with the number of samples affected; those samples are invalid (``total`` NaN). Components with
+weight 0 are computed and reported but do not invalidate samples; ``on_error="raise"`` makes a
+raising scorer abort. This is Flow-GRPO's ``multi_score`` (arXiv 2505.05470) with explicit
+invalid-sample handling.
 """
 from __future__ import annotations
 
@@ -67,13 +63,6 @@ class Rewards:
     @property
     def n_invalid(self) -> int:
         return int((~self.valid).sum())
-
-    def invalid_counts(self) -> Dict[str, int]:
-        """Scorer name → samples it made invalid or unusable in this batch (0 for clean scorers)."""
-        counts = {name: 0 for name in self.components}
-        for issue in self.issues:
-            counts[issue.scorer] = counts.get(issue.scorer, 0) + issue.count
-        return counts
 
     def summary(self) -> Dict[str, float]:
         """Means for logging: ``total`` over valid samples, each component over its finite values,

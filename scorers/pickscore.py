@@ -1,23 +1,14 @@
 """PickScore_v1 (Kirstain et al., "Pick-a-Pic", arXiv 2305.01569).
 
-How the official checkpoint maps onto the code:
+``yuvalkirstain/PickScore_v1`` is a transformers ``CLIPModel`` folder, loaded with every key checked
+(:func:`scorers.clip.load_hf_clip_model`); prompts and images are processed as the authors' processor
+``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` does (PIL pipeline on PIL/uint8 input, differentiable torch
+on float input).
 
-* ``yuvalkirstain/PickScore_v1`` is a transformers ``CLIPModel`` folder (CLIP ViT-H-14 fine-tuned
-  on Pick-a-Pic); it is loaded with ``CLIPModel.from_pretrained`` (hub id or local folder), and any
-  missing / unexpected / mis-shaped key is an error (:func:`scorers.clip.load_hf_clip_model`).
-* The authors score with ``AutoProcessor.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")``:
-  its tokenizer (``padding=True, truncation=True, max_length=77``) and its image processor
-  (shortest edge 224, bicubic, centre crop 224, OpenAI CLIP mean/std). We use that tokenizer and
-  read the image constants from that processor's config. PIL images and uint8 tensors go through
-  that processor's own PIL pipeline (as transformers 4.27.3, the authors' pin: RGB, PIL bicubic
-  resize, floored crop offsets; :func:`scorers._preprocess.pil_pixel_values`), so the pixels equal
-  the authors'; float tensors (the training loop's) are resized / cropped / normalised in torch,
-  differentiably, which differs from PIL's uint8 rounding by ≤ 1.1/255 per pixel
-  (:mod:`scorers._preprocess`).
-* score = logit_scale.exp() · cos(image, text), with the image and text embeddings L2-normalised —
-  the authors' ``model.logit_scale.exp() * (text_embs @ image_embs.T)``, taking the matched pairs.
-  Typical values are around 20–23. Option ``scale`` multiplies the result (Flow-GRPO trains on
-  PickScore / 26, i.e. ``scale=1/26``); the default 1.0 is the authors' score.
+    score = scale * logit_scale.exp() * cos(image, text)      (matched pairs; typically 20-23)
+
+Option ``scale`` defaults to 1.0, the authors' score (Flow-GRPO trains on ``scale=1/26``). How the
+checkpoint maps onto the code: docs/methods.md ("PickScore_v1").
 """
 from __future__ import annotations
 

@@ -1,60 +1,19 @@
 """Scorers that run in another process, reached over HTTP with the flowrl scorer protocol (no pickle).
 
-Large reward models (GenEval's detector, OCR, VLM judges) often need their own environment, so users
-run them as servers (``flowrl serve-scorer NAME``, see :mod:`scorers.server`) and train against them
-with the ``remote`` scorer defined here. Flow-GRPO (arXiv:2505.05470) ships pickled Python objects over HTTP for this;
-unpickling lets the server run code chosen by whoever sends the bytes, so this protocol carries only
-JSON and PNG.
+Users run a large reward model as a server (``flowrl serve-scorer NAME``, :mod:`scorers.server`) and
+train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/1`` carries
+only JSON and PNG:
 
-Protocol ``flowrl-scorer/1``
-----------------------------
-``GET /health``
-    200 with ``{"status": "ok", "protocol": "flowrl-scorer/1", "scorer": NAME,
-    "max_request_bytes": N}``.
+* ``GET /health`` -> ``{"status": "ok", "protocol": "flowrl-scorer/1", "scorer": NAME,
+  "max_request_bytes": N}``;
+* ``POST /score`` with a JSON body ``{"protocol": 1, "prompts": [B strings], "images": [B base64
+  PNGs], "metadata": {...}}`` -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
+  (non-finite scores as ``null``, read back as NaN); errors are 4xx/5xx with ``{"error": message}``.
 
-``POST /score`` with ``Content-Type: application/json`` and a ``Content-Length`` header; the body is::
-
-    {"protocol": 1,                        # optional; a server rejects a version it does not speak
-     "prompts": ["a red cube", ...],       # B strings
-     "images": ["<base64 PNG>", ...],      # B standard-base64 PNG files (8 bit per channel)
-     "metadata": {"key": [...B values] or a scalar, ...}}   # optional, passed to the scorer
-
-The reply is 200 with ``{"scores": [B numbers]}`` or, for a scorer with named components,
-``{"scores": {"name": [B numbers], ...}}``. A score that is not finite is sent as ``null`` (JSON has
-no NaN) and read back as NaN, i.e. an invalid sample. Clients also accept a bare JSON list.
-
-Errors are a 4xx/5xx status with ``{"error": "message"}``: 400 malformed request (bad JSON, wrong
-field types, lengths that disagree, an image that is not a PNG), 404 unknown path, 411 no
-Content-Length, 413 body over the server's limit, 415 a content type other than JSON, 408 the body did
-not arrive in time, 503 the server is busy (its budget of decoded pixels in flight is spent; with a
-``Retry-After`` header), 500 the scorer itself raised. A client retries 408, 429, 502, 503, 504 and
-connection failures, waiting at least what a ``Retry-After`` header asks, never the other 4xx nor 500
-(both repeat for the same batch).
-
-Why JSON with base64 PNG rather than multipart: one standard, dependency-free parser on both sides
-(the standard library's multipart parser, ``cgi``, is removed in Python 3.13), metadata of any JSON
-shape travels beside the images without a second encoding, and any language can speak it; base64
-adds a third to the size of already-compressed PNGs, small next to the cost of scoring them.
-What travels, and what a remote score therefore equals:
-
-* a float batch (what the training loop scores) is sent as 8-bit RGB PNGs of
-  ``q = round(255 * clamp(x, 0, 1))`` (:func:`quantize_uint8`); a ``torch.uint8`` batch as its own
-  pixels; PIL images as they are, in their own mode when PNG stores it losslessly (``1``, ``L``,
-  ``LA``, ``P``, ``RGB``, ``RGBA``; other modes are converted to RGB first). A request may mix
-  image sizes only for PIL input and only when the served scorer takes PIL input.
-* the server hands the decoded PIL images to the scorer (:mod:`scorers.server`). A learned scorer
-  (PickScore, HPS v2/v2.1, aesthetic, clipscore, ImageReward) preprocesses them with its model's
-  official PIL pipeline, exactly as for PIL or uint8 input in process; the other scorers (JPEG,
-  ``shapes``, plain callables, ...) get the float tensor ``q / 255``.
-
-So the remote score of a float batch ``x`` is the in-process score of the uint8 tensor
-``quantize_uint8(x)``. For scorers without an official PIL path that is the score of
-``round(255 x) / 255``, as before; for the learned scorers it is the official-package score of those
-8-bit pixels, which is not the float path of ``x``: PickScore, aesthetic, clipscore and ImageReward
-resize with PIL on uint8 (≤ 1.1/255 per pixel from the float path of the same pixels; on tiny
-random test models that moved scores by up to ~3 % of their spread, :mod:`scorers._preprocess`), so
-their remote scores change by that much from before; HPS's official resize runs on the float tensor
-and matches the float path of ``q / 255``.
+A client retries 408, 429, 502, 503, 504 and connection failures (honouring ``Retry-After``), never
+the other 4xx nor 500. A float batch travels as the 8-bit PNGs of :func:`quantize_uint8`, so its
+remote score is the in-process score of those uint8 pixels. The full protocol, its error codes and
+why it is JSON + PNG are in docs/methods.md ("The remote scorer protocol").
 """
 from __future__ import annotations
 
@@ -74,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from scorers._preprocess import is_pil_or_uint8
 from scorers._text import short
@@ -123,8 +83,6 @@ def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
 def encode_png(image: torch.Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """One image [3, H, W] (float in [0, 1]) -> the bytes of an 8-bit RGB PNG (lossless after
     :func:`quantize_uint8`)."""
-    from PIL import Image
-
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be [3, H, W], got shape {tuple(image.shape)}")
     arr = quantize_uint8(image).permute(1, 2, 0).contiguous().cpu().numpy()
@@ -154,8 +112,6 @@ def encode_pil_png(image: Any, compress_level: int = PNG_COMPRESS_LEVEL) -> byte
 
 def encode_uint8_png(image: torch.Tensor, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """One uint8 image [3, H, W] -> the bytes of an 8-bit RGB PNG of exactly these levels."""
-    from PIL import Image
-
     if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"image must be uint8 [3, H, W], got {image.dtype} of shape {tuple(image.shape)}")
     buf = io.BytesIO()
@@ -523,31 +479,6 @@ class RemoteScorer(Scorer):
         except RemoteScorerError as err:
             self._fail(err, n)
             return torch.full((n,), math.nan)
-
-    def score_components(self, images, prompts: Sequence[str], **metadata) -> Dict[str, torch.Tensor]:
-        """Every named component, each a float32 tensor [B] (a plain list reply is named ``"score"``).
-
-        With ``on_error="invalid"`` a failed batch gives NaN under the component names seen so far
-        (``"score"`` before any reply).
-        """
-        x = as_8bit_batch(images) if is_pil_or_uint8(images) else as_image_tensor(images)
-        prompts = list(prompts)
-        if len(prompts) != len(x):
-            raise ValueError(f"{self.name}: got {len(x)} images but {len(prompts)} prompts")
-        parts: Dict[str, List[torch.Tensor]] = {}
-        for start in range(0, len(x), self.batch_size):
-            stop = start + self.batch_size
-            chunk = x[start:stop]
-            meta = {k: (v[start:stop] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in metadata.items()}
-            try:
-                out = self._request(chunk, prompts[start:stop], meta)
-                out = {"score": out} if isinstance(out, torch.Tensor) else out
-            except RemoteScorerError as err:
-                self._fail(err, len(chunk))
-                out = {k: torch.full((len(chunk),), math.nan) for k in (self._component_names or ["score"])}
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in parts.items()}
 
     def __repr__(self) -> str:
         return f"RemoteScorer(url={self.url!r}, batch_size={self.batch_size}, on_error={self.on_error!r})"

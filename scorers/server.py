@@ -1,19 +1,13 @@
 """``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/1``
 protocol (specified in :mod:`scorers.remote`; JSON and PNG only, never pickle).
 
-Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). The event loop
-reads requests and answers ``/health`` at once; JSON parsing and PNG decoding run in a small thread
-pool; calls into the scorer run one at a time in one worker thread. Requests that arrive while the
-scorer is busy are merged into one call (up to ``max_batch_images`` images, waiting at most
-``batch_wait_ms`` for more) and its scores are split back per request; ``max_batch_images=0`` turns
-merging off. When a merged call raises, its requests are scored again one by one, so only the bad one
-gets the 500. Binds 127.0.0.1 unless told otherwise; no authentication.
-
-Limits (each a 4xx/503 with ``{"error": "..."}``, and the server keeps serving): body bytes
-(``max_request_bytes``, 413), pixels per image (``max_image_pixels``) and per request
-(``max_request_pixels``), both read from the PNG headers before anything is decoded (400), and decoded
-pixels of all requests in flight (``max_inflight_pixels``: 503 with ``Retry-After``). The design and
-its reasons are in docs/architecture.md ("The scorer server").
+Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). Requests that
+arrive while the scorer is busy are merged into one scorer call (``max_batch_images``,
+``batch_wait_ms``) and its scores split back per request. Body bytes, pixels per image and per
+request (read from the PNG headers before decoding) and decoded pixels in flight are limited (413,
+400, 503 with ``Retry-After``). Binds 127.0.0.1 unless told otherwise; no authentication. Design:
+docs/architecture.md ("The scorer server"); batching and limits: docs/methods.md. Reading and
+checking requests: :mod:`scorers._server_requests`; batching: :mod:`scorers._server_batching`.
 
 Python use::
 
@@ -24,34 +18,32 @@ Python use::
 # are imported lazily inside ScorerServer._build_app.
 import argparse
 import asyncio
-import base64
-import binascii
-import io
 import ipaddress
 import json
 import logging
 import math
 import os
 import socket
-import struct
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
-from scorers.remote import PROTOCOL, PROTOCOL_VERSION
+from scorers._server_batching import _Batcher, _batch_key, _Failure, _Job
+from scorers._server_requests import DEFAULT_MAX_IMAGE_PIXELS, BadRequest, ScoreRequest, read_score_request, scorer_input
+from scorers.base import takes_8bit_images
+from scorers.registry import UnknownScorerError, get
+from scorers.remote import PROTOCOL
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18090
 DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20  # 256 MiB: 64 images of 1024x1024 as PNG fit comfortably
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_REQUEST_PIXELS = 32 * 2**20  # 32 images of 1024x1024; 96 MiB as 8-bit RGB
 DEFAULT_MAX_INFLIGHT_PIXELS = 64 * 2**20  # decoded pixels of all requests being decoded, queued or scored
 DEFAULT_MAX_BATCH_IMAGES = 64
@@ -61,18 +53,8 @@ RETRY_AFTER_S = 1  # the Retry-After of a 503 (whole seconds, as HTTP wants)
 LISTEN_BACKLOG = 2048
 SERVE_INSTALL_HINT = 'pip install "flowrl[serve]"'
 _DRAIN_FACTOR = 4  # an oversized body up to this many times the limit is read and dropped before 413
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RETRY = {"Retry-After": str(RETRY_AFTER_S)}
 _GRACE_S = 5  # Ctrl-C: requests in flight get this long; 1 s before its end, waiting ones get a 503
-
-
-class BadRequest(Exception):
-    """A client error: becomes an HTTP ``status`` reply with ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class ServeDependencyError(ImportError):
@@ -81,327 +63,13 @@ class ServeDependencyError(ImportError):
 
 def _serving_libs():
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  (optional: the ``serve`` extra)
         import uvicorn
     except ImportError as e:
         raise ServeDependencyError(
             f"the scorer server needs fastapi and uvicorn ({e}); install them with: {SERVE_INSTALL_HINT}"
         ) from None
     return fastapi, uvicorn
-
-
-# ----------------------------------------------------------------------------------------------
-# requests: JSON, PNG headers, decoding
-# ----------------------------------------------------------------------------------------------
-
-
-def _png_size(s: Any, i: int) -> Tuple[int, int]:
-    """(width, height) of ``images[i]`` from its PNG header (the first 24 bytes; nothing decoded)."""
-    if not isinstance(s, str):
-        raise BadRequest(400, f"images[{i}] must be a base64 string, got {type(s).__name__}")
-    try:
-        head = base64.b64decode(s[:32], validate=True)  # 32 base64 characters = the first 24 bytes
-    except (binascii.Error, ValueError):
-        raise BadRequest(400, f"images[{i}] is not valid base64") from None
-    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise BadRequest(400, f"images[{i}] is not a PNG file")
-    w, h = struct.unpack(">II", head[16:24])
-    return w, h
-
-
-def _decode_png(s: str, i: int):
-    """``images[i]`` -> the PIL image as loaded, in the PNG's own mode (400 on anything else). Not
-    converted to RGB: the official pipelines convert after resizing (matters for RGBA)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(400, f"images[{i}] is not valid base64") from None
-    try:
-        im = Image.open(io.BytesIO(raw), formats=["PNG"])
-    except Image.DecompressionBombError as e:
-        raise BadRequest(400, f"images[{i}] is refused by Pillow: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise BadRequest(400, f"images[{i}] is not a PNG file") from None
-    try:
-        im.load()
-    except Image.DecompressionBombError as e:
-        raise BadRequest(400, f"images[{i}] is refused by Pillow: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadRequest(400, f"images[{i}] is a broken PNG ({e})") from None
-    return im
-
-
-class ScoreRequest:
-    """A ``POST /score`` body, checked (fields, PNG headers, pixel limits) but not decoded yet.
-
-    ``pixels``: the sum of width x height of its images; ``size``: their one size, or None when
-    they may differ."""
-
-    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]]):
-        self.prompts = prompts
-        self.metadata = metadata
-        self.images = images
-        self.sizes = sizes
-        self.pixels = sum(w * h for w, h in sizes)
-
-    def decode(self) -> List[Any]:
-        """The PIL images as loaded (400 for a broken PNG)."""
-        return [_decode_png(s, i) for i, s in enumerate(self.images)]
-
-
-def read_score_request(
-    body: bytes,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    same_size: bool = True,
-    max_request_pixels: Optional[int] = None,
-) -> ScoreRequest:
-    """JSON body of ``POST /score`` -> :class:`ScoreRequest`, every limit checked from the PNG headers
-    (``max_pixels`` per image, ``max_request_pixels`` in all, one size when ``same_size``). Raises
-    :class:`BadRequest` (400) naming the offending field."""
-    try:
-        req = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BadRequest(400, f"body is not valid JSON ({e})") from None
-    if not isinstance(req, dict):
-        raise BadRequest(400, f"body must be a JSON object, got {type(req).__name__}")
-    version = req.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} (protocol: 1)")
-    unknown = sorted(set(req) - {"protocol", "prompts", "images", "metadata"})
-    if unknown:
-        raise BadRequest(400, f"unknown field(s) {unknown}; expected prompts, images, metadata")
-    prompts, images, metadata = req.get("prompts"), req.get("images"), req.get("metadata", {})
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest(400, "'prompts' must be a list of strings")
-    if not isinstance(images, list):
-        raise BadRequest(400, "'images' must be a list of base64 PNG strings")
-    if len(images) != len(prompts):
-        raise BadRequest(400, f"got {len(images)} images but {len(prompts)} prompts")
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
-        raise BadRequest(400, f"'metadata' must be a JSON object, got {type(metadata).__name__}")
-    for k, v in metadata.items():
-        if isinstance(v, list) and len(v) != len(prompts):
-            raise BadRequest(400, f"metadata[{k!r}] has {len(v)} entries for {len(prompts)} images")
-    sizes = []
-    for i, s in enumerate(images):
-        w, h = _png_size(s, i)
-        if w * h > max_pixels:
-            raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
-        sizes.append((w, h))
-    out = ScoreRequest(prompts, metadata, images, sizes)
-    if max_request_pixels is not None and out.pixels > max_request_pixels:
-        raise BadRequest(
-            400, f"the request's {len(sizes)} images hold {out.pixels} pixels, over the server's limit of "
-            f"{max_request_pixels} pixels per request; send smaller batches (batch_size)"
-        )
-    if same_size and len(set(sizes)) > 1:
-        raise BadRequest(400, f"images must share one size, got {sorted(set(sizes))}")
-    return out
-
-
-def parse_score_request(
-    body: bytes,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    same_size: bool = True,
-    max_request_pixels: Optional[int] = None,
-):
-    """JSON body of ``POST /score`` -> (images: list of PIL images as decoded, prompts, metadata).
-
-    :func:`read_score_request` and then the decoding; raises :class:`BadRequest` (400).
-    :func:`scorer_input` turns the images into what a scorer takes."""
-    req = read_score_request(body, max_pixels, same_size, max_request_pixels)
-    return req.decode(), req.prompts, req.metadata
-
-
-def scorer_input(scorer: Callable, pil: List[Any]):
-    """What ``scorer`` is called with for the decoded images ``pil``: the PIL list itself for a
-    :class:`scorers.base.Scorer` or anything with ``pil_input = True`` (a learned scorer then
-    preprocesses them as its official package does; the base class converts them to float for the
-    others), else float32 [B, 3, H, W] in [0, 1] of their RGB pixels (one size)."""
-    if isinstance(scorer, Scorer) or takes_8bit_images(scorer):
-        return pil
-    return pil_to_tensor(pil) if pil else torch.zeros(0, 3, 1, 1)
-
-
-def _json_scores(values: Any, n: int, label: str) -> List[Optional[float]]:
-    """Scores (tensor, array or list) -> n JSON numbers, non-finite ones as None."""
-    if isinstance(values, (list, tuple)):
-        vals = [math.nan if v is None else float(v) for v in values]
-    else:
-        vals = torch.as_tensor(values).detach().to("cpu", torch.float64).reshape(-1).tolist()
-    if len(vals) != n:
-        raise RuntimeError(f"{label} returned {len(vals)} scores for {n} images")
-    return [v if math.isfinite(v) else None for v in vals]
-
-
-def format_scores(out: Any, n: int) -> Dict[str, Any]:
-    """Scorer output (tensor [n], or a mapping name -> tensor [n]) -> the JSON reply object.
-
-    Non-finite scores become ``null``."""
-    return split_scores(out, [n])[0]
-
-
-def split_scores(out: Any, sizes: Sequence[int]) -> List[Dict[str, Any]]:
-    """The output of one scorer call on requests of ``sizes`` images, concatenated -> one JSON reply
-    object per request."""
-    total, starts = 0, []
-    for n in sizes:
-        starts.append(total)
-        total += n
-    if isinstance(out, Mapping):
-        comps = {str(k): _json_scores(v, total, f"component {k!r}") for k, v in out.items()}
-        return [{"scores": {k: v[a:a + n] for k, v in comps.items()}} for a, n in zip(starts, sizes)]
-    vals = _json_scores(out, total, "the scorer")
-    return [{"scores": vals[a:a + n]} for a, n in zip(starts, sizes)]
-
-
-# ----------------------------------------------------------------------------------------------
-# micro-batching: one scorer call at a time, in one worker thread
-# ----------------------------------------------------------------------------------------------
-
-
-class _Failure:
-    """A request's error reply: the scorer raised (500) or the server is stopping (503)."""
-
-    def __init__(self, message: str, status: int = 500):
-        self.message = message
-        self.status = status
-
-
-class _Job:
-    """One request waiting for the scorer: its input (PIL list or float tensor), prompts, metadata."""
-
-    __slots__ = ("inputs", "prompts", "metadata", "n", "key", "future", "t")
-
-    def __init__(self, inputs, prompts, metadata, key, future, t):
-        self.inputs, self.prompts, self.metadata = inputs, prompts, metadata
-        self.n, self.key, self.future, self.t = len(prompts), key, future, t
-
-
-def _batch_key(size: Optional[Tuple[int, int]], metadata: Mapping[str, Any]) -> tuple:
-    """Requests with equal keys can share a scorer call: same image size (when the scorer needs one),
-    same metadata keys, per-sample lists under the same keys and equal values under the others."""
-    meta = tuple(
-        (k, None if isinstance(v, list) else json.dumps(v, sort_keys=True)) for k, v in sorted(metadata.items())
-    )
-    return size, meta
-
-
-class _Batcher:
-    """Collects jobs in the event loop and scores them in one worker thread, merging compatible ones."""
-
-    def __init__(self, scorer: Callable, name: str, max_batch_images: int, batch_wait_s: float):
-        self.scorer = scorer
-        self.name = name
-        self.max_batch_images = max_batch_images  # 0: every request alone
-        self.batch_wait_s = batch_wait_s
-        self.queue: List[_Job] = []
-        self.running: List[_Job] = []
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="flowrl-scorer")
-        self.calls = 0  # scorer calls
-        self.requests_served = 0  # requests the scorer returned scores for
-        self._wake: Optional[asyncio.Event] = None
-
-    def submit(self, job: _Job) -> None:
-        self.queue.append(job)
-        self._wake.set()
-
-    def fail_all(self, failure: _Failure) -> None:
-        """Answer every queued and running job with ``failure`` (the server is stopping)."""
-        for job in self.queue + self.running:
-            if not job.future.done():
-                job.future.set_result(failure)
-        self.queue = []
-
-    def _compatible_images(self, first: _Job) -> int:
-        return sum(j.n for j in self.queue if j.key == first.key)
-
-    def _take(self) -> List[_Job]:
-        self.queue = [j for j in self.queue if not j.future.done()]  # cancelled: the request is gone
-        if not self.queue:
-            return []
-        first = self.queue[0]
-        batch, total = [first], first.n
-        if self.max_batch_images > 0:
-            for j in self.queue[1:]:
-                if j.key == first.key and total + j.n <= self.max_batch_images:
-                    batch.append(j)
-                    total += j.n
-        taken = set(map(id, batch))
-        self.queue = [j for j in self.queue if id(j) not in taken]
-        return batch
-
-    async def run(self) -> None:
-        """The collector: forever, take the oldest job and what can join it, score them, reply."""
-        self._wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.queue:
-                self._wake.clear()
-                await self._wake.wait()
-            if self.max_batch_images > 0 and self.batch_wait_s > 0:
-                # a short wait for company, counted from the oldest job's arrival (none when it waited
-                # already, e.g. while the scorer was busy)
-                deadline = self.queue[0].t + self.batch_wait_s
-                while self.queue and self._compatible_images(self.queue[0]) < self.max_batch_images:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        break
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), left)
-                    except asyncio.TimeoutError:
-                        break
-            batch = self._take()
-            if not batch:
-                continue
-            self.running = batch
-            try:
-                results = await loop.run_in_executor(self.pool, self._score, batch)
-            except Exception as e:  # a bug here must not stop the collector
-                log.exception("scorer worker failed")
-                results = [_Failure(f"internal server error: {type(e).__name__}: {e}")] * len(batch)
-            finally:
-                self.running = []
-            for job, res in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(res)
-
-    def _call(self, jobs: List[_Job]) -> List[Dict[str, Any]]:
-        if len(jobs) == 1:
-            inputs, prompts, meta = jobs[0].inputs, jobs[0].prompts, jobs[0].metadata
-        else:
-            first = jobs[0].inputs
-            inputs = torch.cat([j.inputs for j in jobs]) if isinstance(first, torch.Tensor) else [im for j in jobs for im in j.inputs]
-            prompts = [p for j in jobs for p in j.prompts]
-            meta = {
-                k: ([x for j in jobs for x in j.metadata[k]] if isinstance(v, list) else v)
-                for k, v in jobs[0].metadata.items()
-            }
-        self.calls += 1
-        out = self.scorer(inputs, prompts, **meta)
-        replies = split_scores(out, [j.n for j in jobs])
-        self.requests_served += len(jobs)
-        return replies
-
-    def _score(self, jobs: List[_Job]) -> List[Union[Dict[str, Any], _Failure]]:
-        """In the worker thread: one call for ``jobs``; if it raises and merged several requests, each
-        request again alone, so that only the failing one gets the 500."""
-        try:
-            return self._call(jobs)
-        except Exception as e:  # the scorer's failure is the client's 500, never the server's end
-            if len(jobs) > 1:
-                log.warning(
-                    "scorer %s raised %s on %d merged requests (%d images); scoring them one by one",
-                    self.name, type(e).__name__, len(jobs), sum(j.n for j in jobs),
-                )
-                return [self._score([j])[0] for j in jobs]
-            log.exception("scorer %s failed on a batch of %d", self.name, jobs[0].n)
-            return [_Failure(f"scorer {self.name!r} raised {type(e).__name__}: {e}")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +86,7 @@ class _ClientGone(Exception):
 
 
 def _json_response(status: int, obj: Dict[str, Any], close: bool = False, headers: Optional[Dict[str, str]] = None):
-    from starlette.responses import Response
+    from starlette.responses import Response  # optional: the ``serve`` extra (fastapi's starlette)
 
     hdrs = dict(headers or {})
     if close:
@@ -431,7 +99,7 @@ def _protocol_class(request_timeout: float):
     the connection closes after its reply); a client that half-closes its socket after sending still
     gets its reply (a short body is then a 400 saying so); a connection that sends no request within
     ``request_timeout`` s is closed."""
-    import h11
+    import h11  # optional: the ``serve`` extra (uvicorn's h11)
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class ScorerProtocol(H11Protocol):
@@ -562,8 +230,6 @@ class ScorerServer:
             raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
         _, uvicorn = _serving_libs()  # before building a model: a missing extra fails fast
         if isinstance(scorer, str):
-            from scorers.registry import get
-
             name, fn = scorer, get(scorer, **scorer_kwargs)
         else:
             if scorer_kwargs:
@@ -645,7 +311,7 @@ class ScorerServer:
         return f"http://{host}:{port}"
 
     def _build_app(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI, Request  # optional: the ``serve`` extra
         from starlette.exceptions import HTTPException
 
         @asynccontextmanager
@@ -972,8 +638,6 @@ def scorer_kwargs_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``flowrl serve-scorer NAME [--port P] [--host H] [--checkpoint C] ...``; returns the exit status."""
-    from scorers.registry import UnknownScorerError
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_arg_parser().parse_args(list(argv) if argv is not None else None)

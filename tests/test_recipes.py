@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import runpy
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 import torch
 
+from flowrl.cli import main as flowrl_main
 from flowrl.config import RunConfig, load_run_config
 from flowrl.flow.plan import build_plan, plan_generator
 from flowrl.text.rewards import register_reward
@@ -364,41 +364,34 @@ def raw_lora_zero_init(cfg: RunConfig) -> bool:
     return cfg.train.lora and cfg.train.lora_init in ("gaussian", "default")
 
 
-def _run_script(script: str, argv: List[str]) -> int:
-    ns = runpy.run_path(str(ROOT / "scripts" / script))
-    return ns["main"](argv)
-
-
 def _metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_llm_script_runs_the_tiny_config(tiny_models, tmp_path, capsys):
+def test_flowrl_train_runs_the_tiny_lm_config(tiny_models, tmp_path, capsys):
     out = tmp_path / "llm"
-    rc = _run_script("train_llm.py", [str(ROOT / "configs" / "tiny_llm.yaml"), f"model.path={tiny_models['lm']}",
-                                      f"output_dir={out}", "max_steps=1", "train.tracker=none",
-                                      "train.progress=false", "resume=none"])
+    rc = flowrl_main(["train", str(ROOT / "configs" / "tiny_llm.yaml"), f"model.path={tiny_models['lm']}",
+                     f"output_dir={out}", "max_steps=1", "train.tracker=none",
+                     "train.progress=false", "resume=none"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and "digit_accuracy" in summary["last_eval"]
     assert math.isfinite(_metrics(out)[0]["loss"])
-    assert '"steps": 1' in capsys.readouterr().out  # the script prints the summary
+    assert '"steps": 1' in capsys.readouterr().out  # `flowrl train` prints the summary
 
 
-def test_train_flux_script_runs_the_tiny_config(tiny_models, tmp_path):
+def test_flowrl_train_runs_the_tiny_flux_config(tiny_models, tmp_path):
     out = tmp_path / "flux"
-    rc = _run_script("train_flux.py", [str(ROOT / "configs" / "tiny_flux.yaml"), f"model.path={tiny_models['flux']}",
-                                       f"output_dir={out}", "max_steps=1", "train.tracker=none",
-                                       "train.progress=false", "resume=none", "sample.eval_num_steps=2",
-                                       "eval.num_prompts=1", "eval.seeds=[0]", "rewards={jpeg_compressibility: 1.0}"])
+    rc = flowrl_main(["train", str(ROOT / "configs" / "tiny_flux.yaml"), f"model.path={tiny_models['flux']}",
+                     f"output_dir={out}", "max_steps=1", "train.tracker=none",
+                     "train.progress=false", "resume=none", "sample.eval_num_steps=2",
+                     "eval.num_prompts=1", "eval.seeds=[0]", "rewards={jpeg_compressibility: 1.0}"])
     assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 1
     m = _metrics(out)[0]
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["skipped_optimizer_steps"] == 0
 
 
-def test_scripts_reject_the_wrong_family_and_bad_keys(capsys):
-    assert _run_script("train_sd3.py", [str(ROOT / "configs" / "tiny_flux.yaml")]) == 2
-    assert "family" in capsys.readouterr().err
-    assert _run_script("train_llm.py", [str(ROOT / "configs" / "tiny_llm.yaml"), "train.learnig_rate=1"]) == 2
+def test_flowrl_train_rejects_bad_keys_in_one_line(capsys):
+    assert flowrl_main(["train", str(ROOT / "configs" / "tiny_llm.yaml"), "train.learnig_rate=1"]) == 2
     err = capsys.readouterr().err
     assert "train.learnig_rate" in err and "train.learning_rate" in err and "Traceback" not in err

@@ -1,27 +1,16 @@
 """Group-relative advantages and their 2025 variants (torch only).
 
-Everything here is shared by the image path (one reward per generated image, a group = the images
-of one prompt) and the text path (one reward per completion). Shapes:
+Shared by the image path (one reward per image, a group = the images of one prompt) and the text
+path (one reward per completion). Rewards are ``[N]`` or ``[N, R]``, ``group_ids [N]`` integer ids;
+the result is ``[N]`` per trajectory (trees: ``[N, T]`` per transition,
+:func:`tree_transition_advantages`). The GRPO advantage (Shao et al., arXiv 2402.03300) is
 
-* rewards ``[N]`` (one reward) or ``[N, R]`` (R reward models / functions),
-* ``group_ids [N]`` integer ids (any values; equal id = same group),
-* the result is ``[N]`` per trajectory. Trees give ``[N, T]`` per stored transition
-  (:func:`tree_transition_advantages`).
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps)
 
-Conventions (with the library each default comes from):
-
-* ``A_i = (r_i - mu) / (sigma + eps)`` -- eps is *added* to the std, as in TRL, verl and Flow-GRPO.
-* ``sigma`` is the Bessel-corrected std by default (TRL ``nanstd``, verl/DanceGRPO ``torch.std``);
-  ``std_unbiased=False`` gives the population std of Flow-GRPO's ``np.std``.
-* A non-finite reward (NaN, +inf or -inf) marks an invalid sample: it is excluded from every
-  statistic, gets advantage exactly 0 and ``keep=False``, and counts in ``invalid_count``. It is
-  never averaged in. (An infinite reward is treated exactly as NaN.)
-* A group whose valid rewards are all equal (``max - min <= zero_std_tol``) carries no signal;
-  with a group baseline its advantages are exactly 0. Groups with fewer than two valid samples
-  count as zero-variance too.
-
-All statistics are computed in float64 and returned in the rewards' floating dtype
-(float32 for integer rewards).
+with the Bessel-corrected std by default (``std_unbiased=False``: Flow-GRPO's population std). A
+non-finite reward marks an invalid sample: excluded from every statistic, advantage exactly 0,
+``keep=False``. Statistics run in float64. Where each default comes from: docs/methods.md
+("Group-relative advantages").
 """
 
 from __future__ import annotations
@@ -128,8 +117,8 @@ def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
     * ``gdpo``: per-reward group z-score, weighted sum, batch z-score (GDPO 2601.05242; TRL
       ``multi_objective_aggregation='normalize_then_sum'``).
     * ``mixgrpo``: per-reward group z-score (Bessel std, eps 1e-8) then the sum weighted by the reward
-      weights divided by their sum, clipped at 5 (MixGRPO ``advantage_aggr``, 2507.21802; checked
-      against Tencent-Hunyuan/MixGRPO ``fastvideo/train_grpo_flux.py`` at e5cdd6a).
+      weights divided by their sum, clipped at 5 (MixGRPO ``advantage_aggr``, 2507.21802; the
+      authors' code it was checked against: docs/methods.md, "Upstream references").
     * ``flow_grpo``: per-prompt mean, population std, eps 1e-4, clip 5 (Flow-GRPO 2505.05470;
       its SD3 configs set ``global_std=True`` -> pass ``scale='batch'``).
     * ``dance_grpo``: group mean, Bessel std, eps 1e-8, clip 5 (DanceGRPO 2505.07818).

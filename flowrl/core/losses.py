@@ -1,37 +1,18 @@
 """The policy-loss core shared by the flow (image) path and the LLM (text) path (torch only).
 
-Both paths call :func:`policy_loss` with per-action tensors of shape ``[N, T]``:
+Both paths call :func:`policy_loss` with per-action tensors ``[N, T]`` (text: tokens of a
+completion; flow: trained denoising steps of a trajectory, with a :class:`StepTerms` bundle)::
 
-* text: N completions, T completion tokens, ``logps`` = per-token log-probs;
-* flow: N trajectories, T trained denoising steps, ``logps`` = per-step Gaussian transition
-  log-probs (mean over latent elements, the convention of Flow-GRPO/DanceGRPO/MixGRPO);
-  the flow learner also passes a :class:`StepTerms` bundle (transition std, |dt|, mean-square
-  differences of the Gaussian means) for GRPO-Guard ratio normalisation and closed-form KLs.
+    log w  = log pi - log pi_old                 (per token; GSPO: masked mean over t)
+    l      = -min(w A, clip(w, 1 - eps_lo, 1 + eps_hi) A) + beta KL
+    loss   = sum_{i,t} m l / normalizer
 
-Pipeline (each step a small pure function below)::
-
-    log w   = log pi - log pi_old              (token)   or masked mean over t (GSPO, sequence)
-    log w  <- s (log w / kappa + mean(delta^2)/(2 s^2))            (GRPO-Guard RatioNorm, optional)
-    l_pol   = -min(min(w, delta_2s) A, clip(w, 1-eps_lo, 1+eps_hi) A)  (or CISPO / SAPO)
-    l_pol  *= step weights, 1/|dt| (GRPO-Guard reweighting), ...
-    l       = l_pol + beta * KL                 (k1/k2/k3, optionally x w; or closed-form Gaussian)
-    loss    = sum_{i,t} m l / normalizer       (or sum_i [sum_t m l / sum_t m] / normalizer)
-
-**The normaliser is always an explicit argument.** Compute it once per optimizer step with
-:func:`loss_normalizers` on the mask of the *whole optimizer batch* (all micro-batches, summed
-over processes with ``reduce_fn``), *before* splitting into micro-batches. Then the sum of the
-micro-batch losses equals the full-batch loss exactly, whatever the split. This is the bug
-class TRL and verl users hit most (trl #3021, #5619; verl #5625). Two consequences for callers:
-
-* Do not divide the micro-batch loss by the number of accumulation steps again
-  (``accelerate.Accelerator.backward`` divides by ``gradient_accumulation_steps``; either call
-  ``loss.backward()`` directly or multiply by that number first).
-* Data parallel training averages gradients over P processes; :func:`loss_normalizers`
-  therefore returns the global count divided by ``world_size`` (exactly as TRL does for
-  ``dapo``), so that the averaged gradient equals the gradient of the global loss.
-
-Named presets (:func:`loss_preset`) give TRL 1.16 semantics for ``grpo``, ``bnpo``, ``dr_grpo``,
-``dapo``, ``gspo``, ``cispo``, ``luspo``, ``sapo``; see its docstring for where we differ and why.
+PPO clipping (Schulman et al., arXiv 1707.06347) as in GRPO (Shao et al., arXiv 2402.03300), with
+the variants DAPO, Dr. GRPO, GSPO, CISPO, SAPO and GRPO-Guard's RatioNorm as options. The
+normaliser is an explicit argument: compute it once per optimizer step with
+:func:`loss_normalizers` over the whole optimizer batch, so micro-batch losses sum to the full-batch
+loss exactly. :func:`loss_preset` names TRL 1.16's presets. The full pipeline and why the normaliser
+is explicit are in docs/methods.md ("The policy-loss pipeline").
 """
 
 from __future__ import annotations
@@ -181,24 +162,8 @@ def loss_preset(name: str, **overrides: Any) -> LossConfig:
     ``sapo``      ``sapo``: soft gate, seq-mean-token-mean (2511.20347)
     ============  =====================================================================
 
-    Where we match TRL exactly (verified by ``tests/test_trl_parity.py``): per-token loss, the
-    two-sided ``delta`` clip, the k3 KL and its ratio weighting (``use_bias_correction_kl``,
-    default True in 1.16 -> ``kl_ratio_weighted='importance'``), and each aggregation when the
-    optimizer batch is one micro-batch on one process.
-
-    Where we differ, and why:
-
-    * ``grpo``/``dr_grpo``/``luspo``/``sapo``: TRL divides by the *micro-batch* row count and by
-      the accumulation steps; we divide by the optimizer batch's row count. Identical when all
-      micro-batches have the same number of rows (TRL's case); ours stays exact when they don't.
-    * ``dapo``/``cispo``: TRL divides by the token count of the *generation* batch rescaled by
-      GA/S (``num_items_in_batch / P * GA / S``); we use the exact token count of the optimizer
-      batch. Identical when ``steps_per_generation == gradient_accumulation_steps``.
-    * ``bnpo`` is inherently micro-batch dependent in TRL (documented there); ``normalizer_scope``
-      is ``micro_batch`` so callers pass the micro-batch mask times the number of micro-batches.
-    * ``dapo`` sets ``eps_high=0.28`` (the DAPO paper's value; TRL leaves it equal to ``epsilon``).
-      ``cispo`` sets ``eps_high=5.0`` (TRL's documented recommendation; TRL's own fallback is
-      ``epsilon=0.2``, which caps every ratio at 0.2). Override to match a TRL run exactly.
+    Where these match TRL exactly and where (and why) they differ: docs/methods.md ("Loss presets
+    against TRL 1.16").
     """
     base: dict[str, dict[str, Any]] = {
         "grpo": {"aggregation": "seq-mean-token-mean"},

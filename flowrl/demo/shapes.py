@@ -1,45 +1,21 @@
 """The demo's verifiable reward: a GenEval-style scene grammar, a renderer and an image checker.
 
 GenEval (Ghosh et al., 2023, arXiv:2310.11513) scores text-to-image alignment with an object
-detector on prompts from six templates. This module is the same idea for simple synthetic scenes, so
-that a small model trained on CPU can be aligned with a reward that is *verifiable* (computed by
-image analysis only, no learned weights):
+detector on prompts from six templates; this module is the same idea for simple synthetic scenes,
+scored by image analysis only (no learned weights):
 
-* **Vocabulary.** Colours ``red, orange, yellow, green, blue, purple`` (GenEval's first six colour
-  names), shapes ``circle, square, triangle`` (axis-aligned squares, upright triangles whose width
-  equals their height), relations ``left of, right of, above, below``, counts ``two, three, four``
-  (GenEval counts 2..4). The background is plain light grey, RGB ``(240, 240, 240)``.
-* **Grammar** (GenEval's templates without "a photo of", which :func:`parse` accepts and drops)::
+* grammar: colours ``red orange yellow green blue purple``, shapes ``circle square triangle``,
+  relations ``left of, right of, above, below``, counts ``two three four``, in GenEval's six
+  categories (single_object, two_object, counting, colors, position, color_attr; :func:`parse`);
+* :func:`render` draws a matching scene on light grey, :func:`corrupt` one that contradicts the
+  prompt in the attribute its category tests;
+* :func:`check` segments the image by palette colour, classifies each component's shape
+  (:func:`classify_shape`) and scores the prompt: partial credit in [0, 1] and GenEval's strict
+  correctness (:func:`score_objects`); :func:`evaluate` gives per-category accuracies;
+* :func:`prompts` samples disjoint train / held-out pools (:func:`split_of`).
 
-      single_object  "a circle"
-      two_object     "a circle and a square"
-      counting       "three green triangles"
-      colors         "a red circle"
-      position       "a red circle above a blue square"     (the first object relative to the second)
-      color_attr     "a red square and a blue circle"
-
-  GenEval's counting and position prompts name no colour; here (as the flowrl issue asks) the
-  generated ones do, and :func:`parse` accepts both forms. Objects of one scene have distinct shapes
-  (GenEval draws distinct classes); color_attr prompts are generated with distinct colours.
-* **Renderer.** :func:`render` draws a matching scene with random sizes and positions, objects never
-  overlapping (a gap between bounding boxes) and position relations held with a margin; edges are
-  anti-aliased by 4x supersampling. Colourless objects get a random palette colour.
-  :func:`corrupt` gives a scene that contradicts a prompt in the one attribute its category tests
-  (the caption noise the demo model is pretrained with).
-* **Checker.** :func:`check` classifies pixels against the palette (a background-blend model, robust
-  to soft edges and blur), labels connected components, drops tiny ones, gives each its majority
-  colour, classifies its shape by overlap with moment-fitted soft templates (:func:`classify_shape`),
-  matches the detected objects to the prompt's required objects and tests the relation with
-  GenEval's rule on bounding-box centres. It returns a partial-credit score in [0, 1] and GenEval's
-  strict correctness (see :func:`score_objects` for both definitions). Objects are assumed not to
-  touch (the renderer keeps them apart); two touching objects are seen as one.
-* **Splits.** :func:`prompts` samples from disjoint train / held-out prompt pools; the held-out pool
-  of each category is the 20 % of its prompt strings with the smallest SHA-256 (at least one, at most
-  all but one), see :func:`split_of`.
-
-The scorer ``shapes`` (:class:`scorers.shapes.ShapesScorer`) returns the partial-credit score (or the strict 0/1
-correctness with ``reward="strict"``); :func:`evaluate` gives the per-category strict accuracies
-for evaluation reports.
+The scorer ``shapes`` (:class:`scorers.shapes.ShapesScorer`) wraps :func:`check`. Details of the
+grammar, renderer and checker are in docs/demo.md ("The shapes reward").
 """
 from __future__ import annotations
 
@@ -874,7 +850,7 @@ def score_objects(
     So an image with exactly the prompt's objects scores 1, a swapped colour binding scores 0.5, one
     extra object divides the score by 1.5, and an empty image scores 0.
 
-    **Strict correctness** (GenEval, arXiv:2310.11513, ``evaluate_images.py``): every required
+    **Strict correctness** (GenEval, arXiv:2310.11513, its image evaluation): every required
     object is found with its shape (and colour when named); counting additionally needs *exactly* n
     objects of that shape (and colour); position needs the relation to hold. Other extra objects do
     not matter (GenEval checks only the named classes).

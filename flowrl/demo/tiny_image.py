@@ -1,22 +1,17 @@
 """Tiny, real-format SD3 and FLUX.1 pipelines built offline with random weights.
 
-The models here have exactly the architecture of the released checkpoints, only much smaller:
+The models have exactly the architecture of the released checkpoints, only much smaller:
 
 * SD3 / SD3.5-Medium (arXiv 2403.03206): an MMDiT ``SD3Transformer2DModel`` with QK RMS-norm and
-  dual-attention layers (as SD3.5-Medium), two CLIP text encoders with projection (CLIP-L with
-  quick-GELU, CLIP-G with GELU), no T5 (``text_encoder_3=None``), a 16-channel ``AutoencoderKL``
-  with SD3's scaling/shift factors, and ``FlowMatchEulerDiscreteScheduler(shift=3.0)``.
+  dual-attention layers, two CLIP text encoders with projection, no T5, a 16-channel
+  ``AutoencoderKL`` and ``FlowMatchEulerDiscreteScheduler(shift=3.0)``;
 * FLUX.1-dev: a ``FluxTransformer2DModel`` with guidance embedding, double- and single-stream
-  blocks and 3-axis RoPE, a CLIP text encoder (pooled output) and a T5 encoder (gated-GELU,
-  as T5 v1.1), a 16-channel ``AutoencoderKL`` with FLUX's scaling/shift factors, and the
-  resolution-dependent ("dynamic") shifting scheduler of FLUX.1.
+  blocks and 3-axis RoPE, a CLIP and a T5 encoder, a 16-channel ``AutoencoderKL`` and FLUX.1's
+  dynamic-shifting scheduler.
 
-Tokenizers are built in code from a character-level vocabulary (CLIP: byte-level BPE without
-merges; T5: Unigram over single characters), so nothing is downloaded. They are saved with the
-pipeline, so ``save_tiny`` folders reload with the ordinary ``<Pipeline>.from_pretrained``.
-
-The same seed always gives the same weights: each component is initialised under its own
-seed derived from ``seed`` inside a forked RNG, so the caller's global RNG is untouched.
+Tokenizers are built in code from a character-level vocabulary, so nothing is downloaded; saved
+folders reload with ``<Pipeline>.from_pretrained``. The same seed always gives the same weights
+(each component under its own derived seed, in a forked RNG).
 """
 
 from __future__ import annotations
@@ -85,7 +80,7 @@ def tiny_clip_tokenizer(max_length: int = 16, words: Sequence[str] = ()):
     overlaps of the short vocabularies this is meant for). Other words fall back to characters. ``max_length``
     becomes ``model_max_length`` (the pipelines pad CLIP input to it).
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy: transformers, only when a tiny model is built
 
     if max_length < 3:
         raise ValueError(f"max_length must be >= 3 (bos + token + eos), got {max_length}")
@@ -119,7 +114,7 @@ def tiny_t5_tokenizer(max_length: int = 512):
     vocabulary: ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5, the SentencePiece word marker ``▁``,
     then ASCII letters, digits and punctuation. No sentinel (extra_id) tokens.
     """
-    from transformers import T5Tokenizer
+    from transformers import T5Tokenizer  # heavy: transformers, only when a tiny model is built
 
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -140,7 +135,7 @@ def _seeded(seed: int, offset: int, build):
 
 
 def _tiny_vae(seed: int, offset: int, latent_channels: int, factors: tuple[float, float], vae_blocks: int):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy: diffusers, only when a tiny model is built
 
     if vae_blocks < 1:
         raise ValueError(f"vae_blocks must be >= 1, got {vae_blocks}")
@@ -168,7 +163,7 @@ def _tiny_vae(seed: int, offset: int, latent_channels: int, factors: tuple[float
 
 
 def _clip_config(tokenizer, hidden: int, projection: int, act: str):
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig  # heavy: transformers, only when a tiny model is built
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -208,8 +203,8 @@ def build_tiny_sd3_pipeline(
     ``dual_attention=False, qk_norm=None`` gives the SD3-Medium variant. ``clip_words``: whole-word
     tokens of both CLIP tokenizers (:func:`tiny_clip_tokenizer`; default character-level).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # heavy: diffusers, only when a tiny model is built
+    from transformers import CLIPTextModelWithProjection  # heavy: transformers, only when a tiny model is built
 
     tok1 = tiny_clip_tokenizer(clip_max_length, clip_words)
     tok2 = tiny_clip_tokenizer(clip_max_length, clip_words)
@@ -276,8 +271,8 @@ def build_tiny_flux_pipeline(
     schnell variant) and RoPE axes that sum to ``head_dim``. Images must have sides divisible by
     ``2 * vae_scale_factor`` (4 px by default).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # heavy: diffusers, only when a tiny model is built
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel  # heavy: transformers, only when a tiny model is built
 
     if head_dim % 4 != 0 or head_dim < 8:
         raise ValueError(f"head_dim must be a multiple of 4 and >= 8 (RoPE axes), got {head_dim}")

@@ -21,8 +21,8 @@ DEFAULT_CHARS = string.digits + string.ascii_lowercase + " +-*=?:.,()"
 def char_tokenizer(chars: Sequence[str] = DEFAULT_CHARS):
     """A character-level ``PreTrainedTokenizerFast`` (one token per character), left padding,
     built with the ``tokenizers`` library (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # heavy: tokenizers/transformers, only when the tiny LM is built
+    from transformers import PreTrainedTokenizerFast  # heavy (see above)
 
     vocab = {PAD: 0, EOS: 1, UNK: 2}
     for c in chars:
@@ -40,7 +40,7 @@ def build_tiny_lm(tokenizer=None, *, hidden_size: int = 64, layers: int = 2, hea
                   intermediate_size: int = 128, max_positions: int = 128, seed: int = 0):
     """(model, tokenizer): a randomly initialised ``Qwen2ForCausalLM`` of a few hundred thousand
     parameters and its char tokenizer. Same seed, same weights."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # heavy: transformers, only when the tiny LM is built
 
     tokenizer = tokenizer or char_tokenizer()
     config = Qwen2Config(

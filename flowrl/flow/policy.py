@@ -1,19 +1,17 @@
 """Flow-matching text-to-image models as RL policies: a thin adapter over diffusers pipelines.
 
 A :class:`FlowPolicy` exposes exactly what a sampler and a learner need from a rectified-flow
-model (SD3 / SD3.5, arXiv 2403.03206; FLUX.1), in the convention shared by all reviewed
-GRPO-style codebases (Flow-GRPO, arXiv 2505.05470, section 1 of the project's research notes):
+model (SD3 / SD3.5, arXiv 2403.03206; FLUX.1):
 
 * interpolation ``x_sigma = (1 - sigma) * x0 + sigma * eps`` with ``sigma in [0, 1]``, sigma = 1 pure noise;
 * the network predicts the velocity ``v ~ eps - x0``; an ODE (Euler) step is ``x' = x + v * (sigma' - sigma)``;
 * the latent layout the sampler works in is the pipeline's own: SD3 ``[B, C, h, w]``, FLUX packed
   2x2 patches ``[B, h*w/4, 4C]``.
 
-Only the transformer is trainable; text encoders and the VAE are frozen (``requires_grad=False``)
-and may be kept in a lower precision (``frozen_dtype``). Prompt embeddings are cached per prompt
-string (LRU). :meth:`FlowPolicy.velocity` reproduces one denoiser evaluation of the pipeline's
-``__call__`` (timestep scaling, classifier-free guidance for SD3, guidance embedding for FLUX),
-which ``tests/test_policy.py`` checks against the pipelines' own sampling loops.
+Only the transformer is trainable; text encoders and the VAE are frozen and may be kept in a lower
+precision (``frozen_dtype``). Prompt embeddings are cached per prompt string (LRU).
+:meth:`FlowPolicy.velocity` reproduces one denoiser evaluation of the pipeline's ``__call__``
+(timestep scaling, classifier-free guidance for SD3, guidance embedding for FLUX).
 """
 
 from __future__ import annotations
@@ -30,6 +28,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
+
+from flowrl.flow.schedule import sigmas_for_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _read_model_index(path: str, hub_kwargs: dict[str, Any] | None = None) -> di
         if not f.is_file():
             raise FileNotFoundError(f"model folder {path!r} has no model_index.json (not a diffusers pipeline folder)")
         return json.loads(f.read_text())
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # heavy: diffusers, only when a pipeline is loaded
 
     try:
         return dict(DiffusionPipeline.load_config(path, **(hub_kwargs or {})))
@@ -199,7 +199,7 @@ def _check_model_path(path: str) -> None:
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``{"dtype": ...}`` for diffusers versions that renamed ``torch_dtype`` (0.42+), else ``{"torch_dtype": ...}``."""
     try:
-        from diffusers.utils import deprecation_utils
+        from diffusers.utils import deprecation_utils  # heavy: diffusers (see above)
 
         if hasattr(deprecation_utils, "_resolve_dtype"):
             return {"dtype": dtype}
@@ -224,9 +224,9 @@ class FlowPolicy:
 
     Attributes: ``pipeline`` (the diffusers pipeline), ``transformer`` (the only trainable module),
     ``device``, ``dtype`` (the transformer's), ``frozen_dtype`` (text encoders and VAE),
-    ``max_sequence_length`` (T5 length), ``nfe`` (velocity evaluations since :meth:`reset_nfe`:
-    one per call of :meth:`velocity`, whether or not it ran the CFG branch; the CFG branch is one
-    transformer call on a 2B batch).
+    ``max_sequence_length`` (T5 length), ``nfe`` (velocity evaluations since construction or since
+    it was last set to 0: one per call of :meth:`velocity`, whether or not it ran the CFG branch;
+    the CFG branch is one transformer call on a 2B batch).
     """
 
     pipeline_class_name: ClassVar[str] = ""
@@ -369,10 +369,6 @@ class FlowPolicy:
         """The frozen modules by pipeline attribute name (text encoders, VAE)."""
         return {n: getattr(self.pipeline, n) for n in self._frozen_names if getattr(self.pipeline, n, None) is not None}
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the transformer that require grad."""
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
     def to(self, device: torch.device | str) -> "FlowPolicy":
         """Move every module and the prompt cache to ``device``."""
         self.device = torch.device(device)
@@ -390,10 +386,6 @@ class FlowPolicy:
     @property
     def vae_scale_factor(self) -> int:
         return int(self.pipeline.vae_scale_factor)
-
-    def reset_nfe(self) -> None:
-        """Set the velocity-evaluation counter back to 0."""
-        self.nfe = 0
 
     def clear_prompt_cache(self) -> None:
         """Forget all cached prompt embeddings."""
@@ -496,8 +488,6 @@ class FlowPolicy:
         """The pipeline's sigma schedule for ``num_steps`` steps: float32 ``[num_steps + 1]``,
         decreasing from ~1 and ending with 0 (``flowrl.flow.schedule.sigmas_for_scheduler`` on the
         scheduler's config, with the image token count for dynamic shifting)."""
-        from flowrl.flow.schedule import sigmas_for_scheduler
-
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         cfg = dict(self.pipeline.scheduler.config)
@@ -605,7 +595,7 @@ class SD3Policy(FlowPolicy):
 
     @classmethod
     def _pipeline_cls(cls):
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import StableDiffusion3Pipeline  # heavy: diffusers (see above)
 
         return StableDiffusion3Pipeline
 
@@ -640,7 +630,7 @@ class SD3Policy(FlowPolicy):
         return (h // p) * (w // p)
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
 
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -709,7 +699,7 @@ class FluxPolicy(FlowPolicy):
 
     @classmethod
     def _pipeline_cls(cls):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # heavy: diffusers (see above)
 
         return FluxPipeline
 
@@ -762,7 +752,7 @@ class FluxPolicy(FlowPolicy):
         )
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
 
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")

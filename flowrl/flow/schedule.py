@@ -2,22 +2,16 @@
 
 Each function returns exactly the ``sigmas`` tensor that diffusers' ``FlowMatchEulerDiscreteScheduler``
 holds after the pipeline's ``set_timesteps`` call: float32, length ``num_steps + 1``, decreasing from
-1 (noise) to a final appended 0 (data). The arithmetic follows the scheduler's own steps and dtypes
-(float32 where it works in float32, float64 where numpy does), so the values agree bit for bit in
-practice and to float32 rounding in any case.
+1 (noise) to a final appended 0 (data).
 
-* SD3 / SD3.5 (``StableDiffusion3Pipeline``, static ``shift``, 3.0 in their scheduler configs): the
-  scheduler spaces ``num_steps`` points linearly between ``sigma_max * 1000`` and ``sigma_min * 1000``,
-  where ``sigma_min`` is the *already shifted* smallest training sigma ``shift(1/1000)`` (0.002994 for
-  shift 3), divides by 1000 and shifts again: ``sigma = shift t / (1 + (shift - 1) t)``
-  (Esser et al., SD3, arXiv 2403.03206, section 5.3.2).
-* FLUX.1 (``FluxPipeline``, ``use_dynamic_shifting=True``): the pipeline feeds
-  ``linspace(1, 1/num_steps, num_steps)`` and the resolution-dependent
-  ``mu = flux_mu(image_seq_len)``; the scheduler applies the exponential time shift
-  ``sigma = e^mu / (e^mu + (1/t - 1))``, which is SD3's shift with ``shift = e^mu``.
+* SD3 / SD3.5: linear spacing, shifted by ``sigma = shift t / (1 + (shift - 1) t)`` (Esser et al.,
+  SD3, arXiv 2403.03206, section 5.3.2; ``shift`` 3.0);
+* FLUX.1: the resolution-dependent shift ``sigma = e^mu / (e^mu + (1/t - 1))`` with
+  ``mu = flux_mu(image_seq_len)``, SD3's shift with ``shift = e^mu``.
 
-The transformers are conditioned on ``timestep = sigma * num_train_timesteps`` (see
-:func:`sigma_to_timestep`).
+The transformers are conditioned on ``timestep = sigma * num_train_timesteps``
+(:func:`sigma_to_timestep`). How the arithmetic follows the scheduler's: docs/methods.md ("Sigma
+schedules").
 """
 
 from __future__ import annotations

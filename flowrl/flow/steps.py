@@ -7,19 +7,12 @@ Conventions (rectified flow, as in diffusers' ``FlowMatchEulerDiscreteScheduler`
 * sampling moves from ``sigma`` to ``sigma_next < sigma``; ``dt = sigma_next - sigma`` is negative;
 * derived estimates ``x0_hat = x - sigma * v`` and ``x1_hat = x + (1 - sigma) * v`` (noise estimate).
 
-``sigma``, ``sigma_next`` and ``noise_level`` may be Python numbers, 0-dim tensors, or ``[B]`` tensors
-(one value per batch element); they are broadcast against ``x``, which may be ``[B, C, H, W]`` (SD3
-latents) or packed ``[B, L, D]`` (Flux). Everything is computed in float32 (float64 if an input is
-float64): half precision can overflow in the drift terms (Flow-GRPO casts to fp32 for the same reason,
-"bf16 can overflow"). Samples come back in ``x``'s dtype; means, stds and log-probs stay in the compute
-dtype.
-
-Checks on argument *values* (ranges of sigma, noise_level, std) are done for Python numbers and CPU
-tensors only, so that a step on an accelerator never forces a device synchronisation.
-
-Papers: Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818), Coefficients-Preserving Sampling
-(arXiv 2509.05952), MixGRPO (arXiv 2507.21802), DPM-Solver++ (arXiv 2211.01095), EDM / Heun
-(arXiv 2206.00364).
+``sigma``, ``sigma_next`` and ``noise_level`` may be numbers, 0-dim or ``[B]`` tensors, broadcast
+against ``x`` (``[B, C, H, W]`` SD3 latents or packed ``[B, L, D]`` Flux). Computation is in float32
+(float64 for float64 input); samples come back in ``x``'s dtype. The SDE steps are Flow-GRPO's
+(arXiv 2505.05470), DanceGRPO's (arXiv 2505.07818) and CPS (arXiv 2509.05952); the ODE solvers
+are Euler, Heun (EDM, arXiv 2206.00364) and DPM-Solver++ (arXiv 2211.01095). See docs/methods.md
+("Sampling steps").
 """
 
 from __future__ import annotations
@@ -373,13 +366,7 @@ def sde_mean_std(
     rectified flow is again the Euler step) with ``s = 0``. Computed in float32 (or float64); ``mu``
     has ``x``'s shape, ``s`` is ``[B,1,...,1]`` or 0-dim. Gradients flow from ``mu`` to ``velocity``.
 
-    Marginals (measured with the exact velocity of a Gaussian data model, tests/test_steps.py):
-    flow_sde and dance_sde discretise SDEs that share the ODE's marginals, so their samples converge to
-    the data distribution as the steps get finer; dance_sde at first order, flow_sde much more slowly
-    (its ``g^2 ~ 1/(1 - sigma)`` makes the near-noise steps stiff; error ~ ``h^(a^2/2)``). CPS keeps the
-    coefficients of ``x0_hat`` and of unit noise exact, but since ``x0_hat`` is a posterior mean each
-    step loses variance by an amount that does not vanish with the step size: at ``a = 0.8`` the final
-    variance is 35-40% too small at 50 to 800 steps alike (the mean is right).
+    How the three SDEs' marginals compare (measured): docs/methods.md ("Sampling steps").
     """
     _check_x(x)
     _check_same_shape(x, velocity, "x", "velocity")
@@ -559,7 +546,7 @@ def compressed_sigmas(sigmas_tail: Tensor, ratio: float, *, shift: float = 1.0) 
     ``sigma = shift u / (1 + (shift - 1) u)``), then shifted back. With ``shift = 1`` (the default)
     the spacing is uniform in sigma; pass the schedule's shift (3.0 for SD3/MixGRPO's Flux recipe)
     to reproduce MixGRPO's re-discretisation, which is a linspace in unshifted time followed by the
-    shift. The step count is MixGRPO's (``sampling_utils.py``: ``int(max((S - L) * r, 1))`` points
+    shift. The step count is MixGRPO's (its sampling code: ``int(max((S - L) * r, 1))`` points
     after the last SDE step L, where ``S - L = n + 1``), except that where that leaves no step
     (late windows) MixGRPO stops above sigma 0 and decodes a noisy latent, and this takes one step
     to the end. The endpoints are copied exactly; the result has ``sigmas_tail``'s dtype and device. Solve it with

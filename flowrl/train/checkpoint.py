@@ -2,22 +2,16 @@
 
 Layout of one checkpoint folder ``<run>/checkpoints/step-00000010/``::
 
-    weights.safetensors   trainable weights (LoRA or full), as safetensors
-    state.pt              optimizer + LR scheduler state dicts and other tensor state (torch.save; read
-                          back with ``torch.load(weights_only=True)`` only, so no pickle code runs)
+    weights.safetensors   trainable weights (LoRA or full)
+    state.pt              optimizer + LR scheduler state and other tensors (read with weights_only=True)
     rng.json              every RNG state: Python, numpy, torch CPU (+ CUDA), named torch generators
-    meta.json             step, wall clock, the JSON-able state of the loop (stat tracker, counters)
-    COMPLETE              written last: the step and a manifest (size and SHA-256 of every file above);
-                          a folder without it is half-written and ignored on resume
+    meta.json             step, wall clock, the JSON-able state of the loop
+    COMPLETE              written last: the step and a manifest (size and SHA-256 of every file)
 
-The folder is written under a temporary name in the same directory and renamed into place, so a
-crash at any moment leaves either the previous checkpoints or the new one, never a torn one. The
-previous checkpoint is kept until the new one is complete; ``keep_last`` bounds how many stay.
-
-:func:`verify_checkpoint` checks a folder against its manifest (sizes, checksums, the step in the
-folder name, ``meta.json`` and the marker agreeing) and raises :class:`CheckpointError`, one line
-naming the folder and what is wrong. :func:`latest_checkpoint` returns the newest folder that
-verifies, warning about each newer one it skips; :func:`load_checkpoint` verifies before it reads.
+A folder is written under a temporary name and renamed into place, so a crash leaves either the
+previous checkpoints or the new one; ``keep_last`` bounds how many stay. :func:`verify_checkpoint`
+checks a folder against its manifest (raising :class:`CheckpointError`, one line);
+:func:`latest_checkpoint` returns the newest that verifies; :func:`load_checkpoint` verifies first.
 """
 from __future__ import annotations
 

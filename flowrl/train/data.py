@@ -13,6 +13,7 @@ Every record is a dict with at least ``prompt``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -34,7 +35,7 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
     if kind in ("shapes", "arithmetic") and rest.split(":")[0] not in ("train", "test") and not Path(source).exists():
         raise UsageError(f"prompt source {source!r}: the {kind} split must be 'train' or 'test'")
     if kind == "shapes" and rest in ("train", "test"):
-        from flowrl.demo import shapes
+        from flowrl.demo import shapes  # lazy: demo imports the library, not the other way round
 
         # Balanced over the GenEval categories, like the held-out draw: the category pools differ in
         # size by 300x (2 single-object vs 691 position strings), so all of the strings would make
@@ -44,7 +45,7 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
         chosen = shapes.prompts(rest, n, seed)
         records = [{"prompt": p} for p in chosen]
     elif kind == "arithmetic" and rest.split(":")[0] in ("train", "test"):
-        from flowrl.demo.arithmetic import arithmetic_records
+        from flowrl.demo.arithmetic import arithmetic_records  # lazy: demo imports the library
 
         parts = rest.split(":")
         digits = int(parts[1]) if len(parts) > 1 else 2
@@ -85,8 +86,6 @@ def _read_jsonl(path: Path) -> List[Record]:
 
 def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
     """A CPU generator seeded from (seed, step, purpose): the same on every process."""
-    import hashlib
-
     h = hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
 

@@ -38,7 +38,7 @@ class RunLock:
     drops the lock when the process dies, so a killed run never leaves a stale lock."""
 
     def __init__(self, run_dir: Path):
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken
 
         self.path = Path(run_dir) / LOCK_NAME
         self._f = open(self.path, "a+", encoding="utf-8")

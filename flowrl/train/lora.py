@@ -1,7 +1,7 @@
 """LoRA through peft, saved so that diffusers and transformers/peft load it as-is.
 
-Defaults per model family follow the anchors' recipes (Flow-GRPO ``scripts/train_sd3.py`` and
-``scripts/train_flux.py``; TRL's usual attention projections for causal LMs):
+Defaults per model family follow the anchors' recipes (Flow-GRPO's SD3 and FLUX training scripts;
+TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA defaults"):
 
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
@@ -38,7 +38,7 @@ DEFAULTS = {
 def lora_config(family: str, rank: Optional[int] = None, alpha: Optional[float] = None,
                 targets: Optional[Sequence[str]] = None, init: str = "gaussian", dropout: float = 0.0):
     """A peft ``LoraConfig`` with the family's defaults for whatever is left as None."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: peft (imports transformers), only for LoRA runs
 
     if family not in DEFAULTS:
         raise ValueError(f"family: unknown model family {family!r} (expected one of {sorted(DEFAULTS)})")
@@ -115,7 +115,7 @@ def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Te
 def save_diffusers_lora(pipeline_cls, transformer: torch.nn.Module, out_dir, adapter_name: str = "default") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` loads,
     with the adapter's LoraConfig (alpha included) in the file's metadata."""
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict  # heavy: peft (see above)
 
     out = writable_dir(out_dir, "LoRA folder")
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 
+from flowrl.flow.policy import FlowPolicy, FluxPolicy, SD3Policy
 from flowrl.inputs import UsageError, torch_dtype
+from flowrl.train.checkpoint import COMPLETE, CheckpointError, load_checkpoint, verify_checkpoint
+from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer, check_weights_fit, load_trainable_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 def build_flow_policy(model_cfg, device: Optional[str] = None):
     """A :class:`flowrl.flow.policy.FlowPolicy` from ``ModelConfig`` (hub id or local folder)."""
-    from flowrl.flow.policy import FlowPolicy, FluxPolicy, SD3Policy
-
     if not model_cfg.path:
         raise UsageError("model.path is empty: give a hub id or a local model folder")
     p = Path(model_cfg.path).expanduser()
@@ -64,7 +66,7 @@ def set_fixed_shift(policy, shift: float) -> None:
 
 def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
     """(model, tokenizer) from a hub id or a local folder (the same code for both); left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, only for LM runs
 
     p = Path(path)
     if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
@@ -83,8 +85,6 @@ _FLOWRL_FILES = ("weights.safetensors", "meta.json", "state.pt")
 
 def _is_flowrl_checkpoint(path: Path) -> bool:
     """A flowrl checkpoint folder (complete or not); otherwise a diffusers LoRA folder is assumed."""
-    from flowrl.train.checkpoint import COMPLETE
-
     if (path / COMPLETE).is_file():
         return True
     return not (path / LORA_FILE).is_file() and any((path / n).exists() for n in _FLOWRL_FILES)
@@ -92,10 +92,6 @@ def _is_flowrl_checkpoint(path: Path) -> bool:
 
 def _safetensors_shapes(path: Path, name: str) -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every tensor in ``path / name``, read from its header only."""
-    from safetensors import safe_open
-
-    from flowrl.train.checkpoint import CheckpointError
-
     try:
         with safe_open(str(path / name), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -105,9 +101,7 @@ def _safetensors_shapes(path: Path, name: str) -> Dict[str, Tuple[int, ...]]:
 
 
 def _lora_config(lora: Any, path: Path):
-    from peft import LoraConfig
-
-    from flowrl.train.checkpoint import CheckpointError
+    from peft import LoraConfig  # heavy: peft (imports transformers), only to read a saved LoRA
 
     try:
         return LoraConfig(**lora)
@@ -118,8 +112,6 @@ def _lora_config(lora: Any, path: Path):
 def _checkpoint_kind(path: Path) -> str:
     """``"flowrl"`` or ``"diffusers"``; UsageError naming ``path`` when it is neither, or a
     half-written flowrl checkpoint."""
-    from flowrl.train.checkpoint import COMPLETE, verify_checkpoint
-
     if not path.exists():
         raise UsageError(f"checkpoint not found: {path}")
     if not path.is_dir():
@@ -136,8 +128,6 @@ def _checkpoint_kind(path: Path) -> str:
 
 def _meta_lora(path: Path) -> Optional[dict]:
     """The LoRA config recorded in a flowrl checkpoint's meta.json (None: full weights)."""
-    from flowrl.train.checkpoint import CheckpointError
-
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -153,8 +143,6 @@ def check_checkpoint(checkpoint) -> Path:
     verifies against its manifest (:func:`flowrl.train.checkpoint.verify_checkpoint`; half-written,
     truncated, damaged), and its weights file, like a diffusers LoRA's, must be readable
     safetensors. Returns the folder; raises a UsageError naming it otherwise."""
-    from flowrl.train.checkpoint import verify_checkpoint
-
     path = Path(checkpoint)
     if _checkpoint_kind(path) == "flowrl":
         verify_checkpoint(path)
@@ -176,8 +164,6 @@ def _lora_shapes(transformer, config, source: str, target: str) -> Optional[Dict
     """Name -> shape of the LoRA weights that ``config`` adds to ``transformer``, found on a copy of
     its architecture on the meta device (no memory, the model is not changed); None when no copy
     can be built."""
-    from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer
-
     if getattr(transformer, "peft_config", None):  # an adapter is already there: the checkpoint loads into it
         return {n: tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
     try:
@@ -200,8 +186,6 @@ def _check_diffusers_lora_fits(transformer, saved: Dict[str, Tuple[int, ...]], s
     """Every ``transformer.<layer>.lora_A/B.weight`` of a diffusers LoRA must name a layer of the
     model with matching sizes (diffusers itself ignores LoRA weights of layers the model lacks).
     Weights in other layouts are left to diffusers' own converters and checks."""
-    from flowrl.train.lora import WeightsMismatchError
-
     keys = sorted(k for k in saved if re.fullmatch(r"transformer\..+\.lora_[AB]\.weight", k))
     if not keys:
         return
@@ -234,8 +218,6 @@ def check_checkpoint_fits(policy, checkpoint, model: Optional[str] = None) -> No
     """Raise :class:`flowrl.train.lora.WeightsMismatchError` (a UsageError) when ``checkpoint``
     was trained on another model (other architecture or sizes), from the weights' names and shapes
     only: ``policy`` is not changed. ``model``: how the message names the model."""
-    from flowrl.train.lora import check_weights_fit
-
     path = Path(checkpoint)
     kind = _checkpoint_kind(path)
     source, target = f"checkpoint {path}", model or model_name(policy)
@@ -258,9 +240,6 @@ def apply_checkpoint(policy, checkpoint, model: Optional[str] = None) -> str:
     """Load ``checkpoint`` (see module doc) into ``policy``'s transformer; returns what was loaded.
     A bad folder or weights trained on another model raise a one-line UsageError naming the folder
     (and the model: ``model``, else :func:`model_name`) before the model is changed."""
-    from flowrl.train.checkpoint import load_checkpoint
-    from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer, load_trainable_state_dict
-
     path = Path(checkpoint)
     kind = _checkpoint_kind(path)
     source, target = f"checkpoint {path}", model or model_name(policy)

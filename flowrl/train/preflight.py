@@ -1,33 +1,23 @@
 """Settings that load and validate but would do nothing, said once before a run starts.
 
 :func:`preflight_warnings` looks at a validated :class:`flowrl.config.RunConfig` and returns one
-line per silent no-op; the training loop logs each as a warning at start. Nothing here changes the
-config or stops the run:
+line per silent no-op, which the training loop logs as a warning at start (nothing here changes the
+config or stops the run): ``max_steps: 0``; a group-relative advantage with one sample per group
+and nothing else giving it a baseline; every reward weight 0; ``train.per_prompt_stat_tracking``
+with a plan that does not use it; a ``model.device`` this machine lacks (accelerate then trains on
+the CPU); the ``shapes`` reward with prompts outside its grammar.
 
-* ``max_steps: 0``: no training step runs;
-* a group-relative advantage with ``sample.group_size: 1`` (or a one-leaf tree): every advantage
-  is exactly 0. Not warned when something else gives a single sample a baseline: the per-prompt
-  reward history (``train.per_prompt_stat_tracking``, flat plans), a batch baseline
-  (``advantage.center: batch`` / ``none``) or NGRPO's virtual samples (``advantage.ngrpo_max_reward``);
-* every reward weight 0: every total reward, hence every advantage, is 0;
-* ``train.per_prompt_stat_tracking`` with a plan that does not use it (trees, multi-granularity);
-* ``model.device`` naming an accelerator this machine does not have: ``flowrl train`` lets
-  accelerate pick the device, which is then the CPU (training runs, slowly); a GPU index
-  (``cuda:1``) is not used by ``flowrl train`` either (a single process runs on the current GPU);
-* the ``shapes`` reward with prompts outside its grammar (``data.train`` / ``data.eval`` that are not
-  ``shapes:<split>`` and hold such prompts): it cannot verify them, so their samples are invalid
-  (with its default ``on_invalid_prompt: raise`` a training step that draws one loses its whole batch).
-
-What would fail later instead of doing nothing is refused earlier: impossible combinations are
-``ConfigError`` lines from :func:`flowrl.config.load_run_config` (``RunConfig.validate``), and
-:func:`preflight_errors` gives the problems that make the commands which load the model on
-``model.device`` themselves (``flowrl sample``, ``flowrl grid``) fail: a device this machine does
-not have. ``flowrl train`` does not need it (accelerate falls back to the CPU; the warning says so).
+What would fail later is refused earlier: impossible combinations are ``ConfigError`` lines from
+:func:`flowrl.config.load_run_config`, and :func:`preflight_errors` gives the problems that make
+``flowrl sample`` and ``flowrl grid`` (which load the model on ``model.device`` themselves) fail.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import torch
+
+from flowrl.train.data import load_records
 from scorers._text import short
 
 __all__ = ["preflight_errors", "preflight_warnings"]
@@ -35,8 +25,6 @@ __all__ = ["preflight_errors", "preflight_warnings"]
 
 def _device_problem(device: str) -> Optional[str]:
     """Why ``device`` cannot be used on this machine (None: it can, or it cannot be told)."""
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
@@ -79,8 +67,6 @@ def _effective_weights(cfg) -> List[float]:
 def _prompts_of(source: str, limit: Optional[int], seed: int) -> Optional[List[str]]:
     """The prompts of a prompt source, or None when it cannot be read (the loop reports that)."""
     try:
-        from flowrl.train.data import load_records
-
         return [r["prompt"] for r in load_records(source, limit=limit, seed=seed)]
     except Exception:  # a missing or malformed source is the loop's error to report, not ours
         return None
@@ -96,7 +82,7 @@ def _shapes_warning(cfg, which: str, prompts: Optional[Sequence[str]]) -> Option
         prompts = _prompts_of(source, limit, cfg.seed)
         if prompts is None:
             return None
-    from flowrl.demo.shapes import parse
+    from flowrl.demo.shapes import parse  # lazy: demo imports the library (and shapes pulls in scipy)
 
     bad = []
     for p in prompts:
@@ -108,7 +94,7 @@ def _shapes_warning(cfg, which: str, prompts: Optional[Sequence[str]]) -> Option
         return None
     n, k = len(prompts), len(bad)
     head = (f"data.{which}: {short(source, 120, quote=True)} holds " +
-            (f"no prompt of the shapes grammar" if k == n else f"{k} of {n} prompts outside the shapes grammar") +
+            ("no prompt of the shapes grammar" if k == n else f"{k} of {n} prompts outside the shapes grammar") +
             f" (e.g. {short(bad[0], 60, quote=True)}), which the shapes reward verifies (the prompts of "
             "'shapes:train' / 'shapes:test')")
     masks_only_them = (cfg.reward_options.get("shapes") or {}).get("on_invalid_prompt", "raise") == "nan"
@@ -167,8 +153,6 @@ def preflight_warnings(cfg, *, train_prompts: Optional[Sequence[str]] = None,
                    "pick the device and falls back to the CPU (slow); flowrl sample and flowrl grid, which load "
                    "the model on model.device, will fail")
     else:
-        import torch
-
         try:
             dev = torch.device(cfg.model.device)
         except (RuntimeError, ValueError, TypeError):  # pragma: no cover - validate() refuses it

@@ -6,6 +6,7 @@ evaluation schedule, logging. :class:`Task` is what a path provides.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -13,12 +14,24 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from flowrl.core.advantages import tree_transition_advantages
+from flowrl.flow.learner import FlowLearner, reference_transformer
+from flowrl.flow.plan import build_plan, plan_generator
+from flowrl.flow.sampler import sample
 from flowrl.inputs import UsageError, torch_dtype
+from flowrl.text.learner import TextLearner
+from flowrl.text.rewards import resolve_reward, score_completions
+from flowrl.text.rollout import completion_mask_from_ids, row_seed
 from flowrl.train.data import step_generator
+from flowrl.train.evaluate import eval_settings, evaluate_policy
+from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
+from flowrl.train.model import build_flow_policy, load_lm, lora_meta
 from flowrl.train.runfolder import (
     EVAL_DIR, EVAL_LOG, FIRST_EVAL, SAMPLES_NAME, append_jsonl, atomic_write, before_after_dir, eval_dir,
     load_eval_result, save_eval, save_eval_result, write_comparison,
 )
+from scorers.multi import MultiReward
+from scorers.registry import get_factory
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +85,12 @@ class FlowTask:
     """SD3 / Flux policy trained with a sampling plan (:mod:`flowrl.flow`)."""
 
     def __init__(self, cfg, device):
-        from flowrl.flow.learner import FlowLearner
-        from flowrl.train.model import build_flow_policy
-        from scorers.registry import get_factory
-
         self.cfg = cfg
         for name in cfg.rewards:  # an unknown scorer is a usage error: report it before loading the model
             get_factory(name)
         self.policy = build_flow_policy(cfg.model, device=str(device))
         self.device = device
         self._setup_trainable()
-        from flowrl.flow.learner import reference_transformer
 
         self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
                                    chunk_size=cfg.sample.chunk_size, step_weighting=cfg.train.step_weighting,
@@ -93,8 +101,6 @@ class FlowTask:
 
     # -- model ------------------------------------------------------------------------------------
     def _setup_trainable(self) -> None:
-        from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present
-
         t = self.policy.transformer
         tc = self.cfg.train
         if tc.lora:
@@ -107,7 +113,7 @@ class FlowTask:
                 torch.manual_seed(self.cfg.seed)  # the same LoRA init on every process
                 add_lora_to_transformer(t, lc)
             if t.dtype != torch.float32:  # LoRA weights train in fp32 beside a half-precision base
-                from diffusers.training_utils import cast_training_params
+                from diffusers.training_utils import cast_training_params  # heavy: diffusers, only for half-precision LoRA
 
                 cast_training_params(t, dtype=torch.float32)
         else:
@@ -127,9 +133,6 @@ class FlowTask:
         """Sample ``group_size`` trajectories for each record. The randomness of prompt ``k`` at
         this step comes from a generator seeded by (seed, step, k), so a prompt's samples do not
         depend on which process samples it or what else is in the batch."""
-        from flowrl.flow.plan import build_plan, plan_generator
-        from flowrl.flow.sampler import sample
-
         c = self.cfg
         plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
         gens = [step_generator(c.seed, step, f"sample/{k}") for k in keys]
@@ -142,8 +145,6 @@ class FlowTask:
 
     def reward_model(self):
         if self._reward is None:
-            from scorers.multi import MultiReward
-
             self._reward = MultiReward(self.cfg.rewards, device=self.device, options=self.cfg.reward_options)
         return self._reward
 
@@ -166,8 +167,6 @@ class FlowTask:
     def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
         """Per-transition advantages of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO:
         :func:`flowrl.core.advantages.tree_transition_advantages`); None for flat groups."""
-        from flowrl.core.advantages import tree_transition_advantages
-
         if ro.node_parent is None:
             return None
         adv, valid = tree_transition_advantages(ro.node_parent, ro.leaf_path[:, -1], ro.step_node, total, adv_cfg)
@@ -193,8 +192,6 @@ class FlowTask:
     def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
         """The held-out evaluation with the settings ``flowrl sample`` uses (:func:`eval_settings`:
         evaluation steps, guidance, rows per call, ``sample.chunk_size``)."""
-        from flowrl.train.evaluate import eval_settings, evaluate_policy
-
         return evaluate_policy(self.policy, [r["prompt"] for r in records], list(seeds), reward=self.reward_model(),
                                **eval_settings(self.cfg))
 
@@ -220,13 +217,9 @@ class FlowTask:
 
     def checkpoint_meta(self) -> Dict[str, Any]:
         """The LoRA config (None: full weights), which ``flowrl sample --checkpoint`` rebuilds."""
-        from flowrl.train.model import lora_meta
-
         return {"lora": lora_meta(self.module) if self.cfg.train.lora else None}
 
     def save_result(self, out_dir: Path) -> Path:
-        from flowrl.train.lora import save_diffusers_lora
-
         out_dir = Path(out_dir)
         if self.cfg.train.lora:
             return save_diffusers_lora(type(self.policy.pipeline), self.policy.transformer, out_dir / "lora")
@@ -245,10 +238,6 @@ class TextTask:
     """A transformers causal LM trained with GRPO (:mod:`flowrl.text`)."""
 
     def __init__(self, cfg, device):
-        from flowrl.text.learner import TextLearner
-        from flowrl.text.rewards import resolve_reward
-        from flowrl.train.model import load_lm
-
         self.cfg = cfg
         self.device = device
         try:  # before loading the model: an unknown reward is reported at once
@@ -266,9 +255,7 @@ class TextTask:
                                    top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref)
 
     def _setup_trainable(self, model):
-        from peft import get_peft_model
-
-        from flowrl.train.lora import lora_config
+        from peft import get_peft_model  # heavy: peft (imports transformers), only for LM LoRA runs
 
         tc = self.cfg.train
         if tc.lora:
@@ -291,14 +278,10 @@ class TextTask:
         self.learner.forward_model = m
 
     def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
-        from flowrl.text.rollout import row_seed
-
         return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
                                     seed=row_seed(self.cfg.seed, step), prompt_keys=list(keys))
 
     def score(self, ro, records: Sequence[Dict]):
-        from flowrl.text.rewards import score_completions
-
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
         r, names = score_completions(self.reward_fns, prompts, ro.completions, _row_metadata(records, ro.prompt_index))
         return r, names, {"issues": []}
@@ -327,9 +310,6 @@ class TextTask:
     def evaluate(self, records: Sequence[Dict], seeds: Sequence[int]):
         """Greedy completions of the held-out prompts; the mean of each reward (e.g. exact-match
         accuracy)."""
-        from flowrl.text.rewards import score_completions
-        from flowrl.text.rollout import completion_mask_from_ids
-
         tok, model = self.tokenizer, self.model
         prompts = [r["prompt"] for r in records]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -350,8 +330,6 @@ class TextTask:
 
     def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
         """Completions under ``eval/step-N/samples.jsonl`` and a record in ``eval.jsonl``."""
-        import json
-
         d = eval_dir(run_dir, step)
         atomic_write(d / SAMPLES_NAME, "".join(json.dumps(x) + "\n" for x in res["samples"]))
         append_jsonl(Path(run_dir) / EVAL_LOG, {"step": int(step), "means": res["means"], "details": {},
