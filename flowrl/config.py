@@ -429,22 +429,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear LR warm-up (optimizer steps)
     num_iterations: int = 1  # K inner epochs over each rollout (1: exactly on-policy)
     num_minibatches: int = 1  # optimizer steps per inner epoch (the rollout split into this many minibatches)
-    sweep_split: Literal["branch", "prompt"] = "branch"  # singular sweep: minibatches of whole branch steps (G2RPO) or of whole prompts (TempFlow-GRPO)
-    lora: bool = True  # train a LoRA adapter (false: full fine-tuning)
-    lora_rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
-    lora_alpha: Optional[float] = None  # null: the family default (2 x rank)
-    lora_targets: Optional[List[str]] = None  # module name suffixes (null: the family default)
-    lora_init: str = "gaussian"  # peft init_lora_weights ('gaussian' as Flow-GRPO, or 'default')
-    ema: bool = False  # keep an EMA of the trainable weights for evaluation and saving
-    ema_decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
-    ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
     gradient_checkpointing: bool = False  # trade compute for memory in the update
-    step_weighting: Literal["none", "noise_aware"] = "none"  # flow: per-step loss weights (TempFlow-GRPO noise-aware: the step's std s_t)
-    step_weight_scale: Optional[float] = None  # noise_aware: absolute weights scale * s_t (TempFlow-GRPO code 2.25); null: s_t / mean s over the minibatch's trained steps
-    per_prompt_stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps
-    stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
-    stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     max_update_ratio: Optional[float] = 0.5  # stop (without checkpointing) when one optimizer step changes the trainable weights' norm by more than this fraction; null: off
     keep_last: int = 2  # checkpoints kept on disk
@@ -459,23 +445,39 @@ class TrainConfig:
         check_number("adam_eps", self.adam_eps, gt=0)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
-        if self.sweep_split not in ("branch", "prompt"):
-            raise ValueError(f"sweep_split: must be 'branch' or 'prompt', got {self.sweep_split!r}")
-        for name in ("num_iterations", "num_minibatches", "ema_every", "keep_last", "max_bad_steps"):
+        for name in ("num_iterations", "num_minibatches", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        check_number("ema_decay", self.ema_decay, gt=0, lt=1)
         check_number("max_grad_norm", self.max_grad_norm, gt=0, inf_ok=True, why=".inf: no clipping")
         check_number("max_update_ratio", self.max_update_ratio, gt=0, none_ok=True)
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
-        check_number("lora_alpha", self.lora_alpha, gt=0, none_ok=True)
-        if self.step_weight_scale is not None:
-            if self.step_weighting != "noise_aware":
-                raise ValueError("step_weight_scale: only used with step_weighting: noise_aware (set it, or leave the scale null)")
-            check_number("step_weight_scale", self.step_weight_scale, gt=0, none_ok=True)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # train a LoRA adapter (false: full fine-tuning)
+    rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
+    alpha: Optional[float] = None  # null: the family default (2 x rank)
+    targets: Optional[List[str]] = None  # module name suffixes (null: the family default)
+    init: str = "gaussian"  # peft init_lora_weights ('gaussian' as Flow-GRPO, or 'default')
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {self.rank}")
+        check_number("alpha", self.alpha, gt=0, none_ok=True)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False  # keep an EMA of the trainable weights for evaluation and saving
+    decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
+    every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every: must be >= 1, got {self.every}")
+        check_number("decay", self.decay, gt=0, lt=1)
 
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
@@ -502,13 +504,15 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # rollout settings (text)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # rewards -> advantages
     loss: LossConfig = field(default_factory=LossConfig)  # the policy loss
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, LoRA, EMA, precision, robustness
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, precision, loop robustness
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the LoRA adapter (or full fine-tuning)
+    ema: EmaConfig = field(default_factory=EmaConfig)  # an EMA of the trained weights
     data: DataConfig = field(default_factory=DataConfig)  # prompt sources
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
 
     @property
     def stat_tracker_applies(self) -> bool:
-        """Whether ``train.per_prompt_stat_tracking`` would be used: text runs and flat image plans
+        """Whether ``advantage.stat_tracking`` would be used: text runs and flat image plans
         (trees compare siblings, multi-granularity plans normalise within each granularity)."""
         return self.model.family == "lm" or (self.plan.kind != "tree" and list(self.plan.granularities) == [1])
 
@@ -533,23 +537,23 @@ class RunConfig:
         if adv.normalize_weights and adv.reward_weights is None and not sum(self.rewards.values()) > 0:
             raise ValueError(f"advantage.normalize_weights: the weights in 'rewards' must have a positive sum to be "
                              f"normalised, got {dict(self.rewards)}")
-        if self.train.per_prompt_stat_tracking and self.stat_tracker_applies:
+        if adv.stat_tracking and self.stat_tracker_applies:
             if adv.ngrpo_max_reward is not None:
-                raise ValueError("train.per_prompt_stat_tracking: cannot be combined with advantage.ngrpo_max_reward "
+                raise ValueError("advantage.stat_tracking: cannot be combined with advantage.ngrpo_max_reward "
                                  "(NGRPO calibrates the group baseline; the tracker replaces it)")
             if adv.multi_reward == "normalize_then_sum" and len(self.rewards) > 1:
-                raise ValueError("train.per_prompt_stat_tracking: not supported with advantage.multi_reward: "
+                raise ValueError("advantage.stat_tracking: not supported with advantage.multi_reward: "
                                  "normalize_then_sum and several rewards")
         if self.plan.is_sweep and not self.sample.same_noise:
-            raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular_choice: all): "
+            raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular.choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
-            for b in self.plan.branch_factors:
+            for b in self.plan.tree.branch_factors:
                 leaves *= b
             if self.sample.group_size % leaves:
                 raise ValueError(f"sample.group_size: {self.sample.group_size} is not a multiple of the tree's "
-                                 f"{leaves} leaves (plan.branch_factors={self.plan.branch_factors})")
+                                 f"{leaves} leaves (plan.tree.branch_factors={self.plan.tree.branch_factors})")
 
 
 _PRESETS = {

@@ -108,7 +108,7 @@ def test_float_keys_cover_every_section():
     keys = {k for k, _, _ in _FLOAT_KEYS}
     for k in ("time_budget_s", "rewards", "model.shift", "sample.guidance_scale", "text.temperature", "text.top_p",
               "eval.guidance_scale", "train.learning_rate", "train.weight_decay", "train.adam_eps", "train.adam_betas",
-              "train.lora_alpha", "plan.noise_level", "plan.branch_noise", "advantage.eps", "advantage.clip",
+              "lora.alpha", "plan.noise_level", "plan.tree.branch_noise", "advantage.eps", "advantage.clip",
               "advantage.reward_weights", "loss.eps_low", "loss.kl_target", "loss.sapo_tau_neg"):
         assert k in keys, k
 
@@ -121,7 +121,7 @@ def test_every_float_key_rejects_nan_and_inf(key, tp, default, bad):
     if key == "rewards":
         override, want = f"rewards.shapes={bad}", "rewards.shapes"
     elif typing.get_origin(tp) in (list, tuple) or any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(tp)):
-        n = len(default) if default else {"plan.branch_noise": 2, "advantage.reward_weights": 1}[key]
+        n = len(default) if default else {"plan.tree.branch_noise": 2, "advantage.reward_weights": 1}[key]
         override, want = f"{key}=[{', '.join([bad] * n)}]", key
     else:
         override, want = f"{key}={bad}", key
@@ -152,10 +152,17 @@ def test_every_float_key_rejects_nan_and_inf(key, tp, default, bad):
         (["advantage.reward_weights=[1, 2]"], "advantage.reward_weights", "2 weights for the 1 reward(s)"),
         (["advantage.normalize_weights=true", "rewards={shapes: 1, jpeg: -1}"], "advantage.normalize_weights",
          "positive sum"),
-        (["train.per_prompt_stat_tracking=true", "advantage.ngrpo_max_reward=1"], "train.per_prompt_stat_tracking",
+        (["advantage.stat_tracking=true", "advantage.ngrpo_max_reward=1"], "advantage.stat_tracking",
          "ngrpo_max_reward"),
-        (["train.per_prompt_stat_tracking=true", "advantage.multi_reward=normalize_then_sum",
-          "rewards={shapes: 1, jpeg: 1}"], "train.per_prompt_stat_tracking", "normalize_then_sum"),
+        (["advantage.stat_tracking=true", "advantage.multi_reward=normalize_then_sum",
+          "rewards={shapes: 1, jpeg: 1}"], "advantage.stat_tracking", "normalize_then_sum"),
+        (["lora.rank=0"], "lora.rank", ">= 1"),
+        (["ema.decay=1"], "ema.decay", "< 1"),
+        (["ema.every=0"], "ema.every", ">= 1"),
+        (["plan.window.size=0"], "plan.window.size", ">= 1"),
+        (["plan.kind=window", "plan.window.size=9"], "plan.window.size", "do not fit"),
+        (["plan.tail.ratio=2"], "plan.tail.ratio", "(0, 1]"),
+        (["plan.singular.sweep_split=steps"], "plan.singular.sweep_split", "not one of"),
     ],
 )
 def test_absurd_values_name_the_key(override, key, fragment):
@@ -171,7 +178,7 @@ def test_meaningful_edge_values_still_load():
                                  "model.device=cuda:1"])
     assert cfg.train.learning_rate == 1.0 and cfg.train.max_grad_norm == float("inf") and cfg.time_budget_s is None
     # the tracker is not used by tree plans: its NGRPO conflict does not apply there (preflight warns instead)
-    load_run_config(None, ["train.per_prompt_stat_tracking=true", "advantage.ngrpo_max_reward=1", "plan.kind=tree",
+    load_run_config(None, ["advantage.stat_tracking=true", "advantage.ngrpo_max_reward=1", "plan.kind=tree",
                            "sample.same_noise=true"])
 
 

@@ -42,7 +42,7 @@ Every state in the span is rounded through ``store_dtype`` *before* it is used, 
 recomputing a transition from the stored tensors scores exactly what was stored (on-policy ratio
 exactly 1 when the recomputed velocity is bitwise the same).
 
-Sweeps (``plan.sweep``: a singular plan with ``singular_choice="all"``; G²RPO's ``eta_step_list``
+Sweeps (``plan.sweep``: a singular plan with ``singular.choice="all"``; G²RPO's ``eta_step_list``
 loop, TempFlow-GRPO's per-step branches). Every eligible step k branches in the same rollout from
 one deterministic trunk per prompt: the prompt's one initial noise (``same_noise`` is required) is
 integrated by the ODE to x_k, ``G`` rows take ONE stochastic step at k (their own noise, independent
@@ -380,7 +380,7 @@ def sample(
         raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), got {len(generator)}")
     if plan.sweep:
         if not same_noise:
-            raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from "
+            raise ValueError("same_noise: a singular sweep (plan.singular.choice: all) branches every step from "
                              "ONE ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
         with torch.no_grad():
             return _sample_sweep(policy, list(prompts), plan, group_size, height, width, float(guidance_scale),
