@@ -7,6 +7,8 @@ nesting, and every field has a default and a one-line comment. A command line ov
 Every problem with a config (an unknown key, a wrong type, an impossible value) raises
 :class:`ConfigError`, whose message is one line naming the key and, for unknown keys, the closest
 valid key. The command line turns it into that line on stderr and exit status 2, never a traceback.
+A key of an earlier version (:data:`MOVED`, e.g. ``train.lora_rank``) is refused with the key it
+moved to (``train.lora_rank: moved to lora.rank``).
 
 The machinery here (``from_dict``, ``apply_overrides``, ``to_dict``) is generic over dataclasses:
 a concern's dataclass may live next to the code that uses it (``flowrl.flow.plan.PlanConfig``) and
@@ -305,10 +307,35 @@ def validate(cfg, root=None, prefix: str = "") -> None:
         raise _value_error(prefix, e) from None
 
 
-def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), preprocess=None):
+def _leaf(data: dict, key: str) -> Any:
+    """The value at dotted ``key`` of a nested dict, or _MISSING."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_moved(cls, moved: Dict[str, str], data: dict, overrides: Sequence[str] = ()) -> None:
+    """Raise ``ConfigError("<old key>: moved to <new key>")`` for the first key of ``moved`` (old
+    dotted key -> new) found in the raw dict ``data`` or as an override's key. An old key that is a
+    section of ``cls`` now (``plan.window``) counts only when it holds a plain value."""
+    sections = set(valid_keys(cls))
+    given = [(key, value) for key, value, _ in map(_parse_override, overrides)]
+    given += [(key, _leaf(data, key)) for key in moved]
+    for key, value in given:
+        if key in moved and value is not _MISSING and not (key in sections and isinstance(value, dict)):
+            raise ConfigError(key, f"moved to {moved[key]}")
+
+
+def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), preprocess=None,
+         moved: Optional[Dict[str, str]] = None):
     """Load a config of dataclass ``cls`` from YAML ``path`` (optional; ``include:`` overlays are
-    followed), apply overrides, then ``preprocess(data)`` (e.g. presets), build and validate."""
+    followed), refuse keys that ``moved`` (old dotted key -> new) names, apply overrides, then
+    ``preprocess(data)`` (e.g. presets), build and validate."""
     data = _read_yaml_with_includes(Path(path)) if path is not None else {}
+    check_moved(cls, moved or {}, data, overrides)
     data = apply_overrides(cls, data, overrides)
     if preprocess is not None:
         data = preprocess(data)
@@ -584,10 +611,45 @@ def _apply_presets(data: dict) -> dict:
     return data
 
 
+# Keys of earlier versions (old dotted key -> where it lives now). A config that uses one is refused
+# with one line naming the new key; a checkpoint's saved config is read through it (upgrade_keys).
+MOVED = {
+    **{f"train.{old}": f"lora.{new}" for old, new in (
+        ("lora", "enabled"), ("lora_rank", "rank"), ("lora_alpha", "alpha"), ("lora_targets", "targets"),
+        ("lora_init", "init"))},
+    **{f"train.{old}": f"ema.{new}" for old, new in (("ema", "enabled"), ("ema_decay", "decay"), ("ema_every", "every"))},
+    "train.per_prompt_stat_tracking": "advantage.stat_tracking",
+    "train.stat_buffer_size": "advantage.stat_buffer_size",
+    "train.stat_min_count": "advantage.stat_min_count",
+    "train.sweep_split": "plan.singular.sweep_split",
+    "train.step_weighting": "plan.step_weighting",
+    "train.step_weight_scale": "plan.step_weight_scale",
+    "plan.fraction": "plan.subset.fraction",
+    "plan.per_sample": "plan.subset.per_sample",
+    "plan.window": "plan.window.size",
+    "plan.window_start": "plan.window.start",
+    "plan.window_range": "plan.window.range",
+    **{f"plan.{name}": f"plan.window.{name}" for name in (
+        "stride", "shift_interval", "schedule", "roll_back", "min_shift_interval", "exp_k", "exp_threshold")},
+    "plan.compress_ratio": "plan.tail.ratio",
+    "plan.compress_shift": "plan.tail.shift",
+    "plan.singular_steps": "plan.singular.steps",
+    "plan.singular_choice": "plan.singular.choice",
+    **{f"plan.{name}": f"plan.tree.{name}" for name in ("branch_factors", "branch_steps", "branch_noise")},
+    "plan.tree_dedup": "plan.tree.dedup",
+}
+
+
+def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A flattened (dotted keys) config with every old key of :data:`MOVED` renamed to its new
+    key: how a checkpoint saved by an earlier version is compared with the current config."""
+    return {MOVED.get(key, key): value for key, value in flat.items()}
+
+
 def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:
     """The CLI's entry point: YAML (with ``include:`` of a base file) + overrides + presets ->
-    validated :class:`RunConfig`."""
-    return load(RunConfig, path, overrides, preprocess=_apply_presets)
+    validated :class:`RunConfig`. Keys of earlier versions (:data:`MOVED`) are refused by name."""
+    return load(RunConfig, path, overrides, preprocess=_apply_presets, moved=MOVED)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
