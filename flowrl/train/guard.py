@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from flowrl.config import upgrade_keys
 from flowrl.inputs import UsageError
 from scorers._text import short
 
@@ -79,8 +80,9 @@ def _resumable(key: str) -> bool:
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[tuple], List[tuple]]:
     """``(allowed, refused)``: the ``(key, saved value, current value)`` of every leaf that differs
     between a checkpoint's config and the current one, split by :data:`RESUMABLE`. ``rewards``
-    (name -> weight) is compared as a whole."""
-    a, b = _flatten(saved), _flatten(current)
+    (name -> weight) is compared as a whole; keys an earlier version saved are read under their new
+    names (:func:`flowrl.config.upgrade_keys`)."""
+    a, b = upgrade_keys(_flatten(saved)), _flatten(current)
     allowed, refused = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")

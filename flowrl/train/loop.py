@@ -11,9 +11,9 @@ nor the updated weights depend on the number of processes (:mod:`flowrl.train.pr
 collectives and the gradient averaging under DDP; FSDP and other wrappers are called as they are,
 ``backward(loss, last)`` synchronising on a minibatch's last pass).
 
-Singular sweeps (``plan.singular_choice: all``) give each prompt K advantage groups, one per branch
+Singular sweeps (``plan.singular.choice: all``) give each prompt K advantage groups, one per branch
 step; :func:`minibatch_split` decides how minibatches cut them (G²RPO: one optimizer step per
-branch step, in step order; TempFlow-GRPO, ``train.sweep_split: prompt``: blocks of prompts).
+branch step, in step order; TempFlow-GRPO, ``plan.singular.sweep_split: prompt``: blocks of prompts).
 
 Robustness (:mod:`flowrl.train.guard`). Invalid samples (a NaN/inf reward, a failed remote batch)
 get advantage 0, are masked out of the loss and counted; a NaN/inf loss or gradient skips the
@@ -114,7 +114,7 @@ class Trainer:
         tc = cfg.train
         # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
         self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
-        self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, tc.sweep_split)
+        self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, cfg.plan.singular.sweep_split)
         local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
@@ -148,15 +148,15 @@ class Trainer:
         self.local_grads = self.procs.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see flowrl.train.processes
         self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None
-        if tc.ema:
+        if cfg.ema.enabled:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=False)
+            self.ema = EMAModel(params, decay=cfg.ema.decay, use_ema_warmup=False)
         from flowrl.core.advantages import PerPromptStatTracker
         from flowrl.core.losses import AdaptiveKLController
 
-        self.tracker = (PerPromptStatTracker(tc.stat_buffer_size, tc.stat_min_count)
-                        if tc.per_prompt_stat_tracking else None)
+        self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
+                        if cfg.advantage.stat_tracking else None)
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
         self.step = 0
         self.optimizer_steps = 0
@@ -466,7 +466,7 @@ class Trainer:
                                   f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm)")
         self.scheduler.step()
         self.optimizer_steps += 1
-        if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
+        if self.ema is not None and self.optimizer_steps % self.cfg.ema.every == 0:
             self.ema.step(self.params)
         return st, gn, ratio
 
@@ -644,7 +644,7 @@ def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "
         return 1, M
     if M % K == 0:
         return M // K, K
-    raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular_choice: all): "
+    raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular.choice: all): "
                      f"must divide {K} (minibatches of whole branch steps) or be a multiple of it "
                      f"(each branch step's prompts split further)")
 
