@@ -208,6 +208,23 @@ def to_dict(cfg) -> dict:
     return conv(cfg)
 
 
+def flat_dict(d: dict, sep: str = ".", whole: Sequence[str] = (), scalars_only: bool = False) -> Dict[str, Any]:
+    """The leaves of a nested dict as ``{"train.learning_rate": 3e-4, ...}``. A section named in
+    ``whole`` (a top-level key) and an empty section are one leaf each; ``scalars_only`` turns every
+    value that is not a bool, int, float or str into its ``str`` (for a tracker's hyperparameters)."""
+    out: Dict[str, Any] = {}
+
+    def walk(v, key):
+        if isinstance(v, dict) and v and key not in whole:
+            for k, x in v.items():
+                walk(x, f"{key}{sep}{k}" if key else str(k))
+        else:
+            out[key] = v if not scalars_only or isinstance(v, (bool, int, float, str)) else str(v)
+
+    walk(d, "")
+    return out
+
+
 def _parse_override(item: str) -> Tuple[str, Any, str]:
     if "=" not in item:
         raise ConfigError(item, "an override must look like dotted.key=value")

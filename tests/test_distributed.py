@@ -80,8 +80,9 @@ DRIVER_SRC = textwrap.dedent(
 
         def finish(self):
             from safetensors.torch import save_file
+            from flowrl.train.lora import trainable_state_dict
 
-            save_file({k: v.contiguous().cpu() for k, v in self._trainable_state().items()},
+            save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(self.task.module).items()},
                       os.path.join(out, f"final-rank{self.procs.rank}.safetensors"))
             with open(os.path.join(out, f"beta-rank{self.procs.rank}.json"), "w") as f:
                 json.dump({"beta": self._beta(), "world": self.procs.world}, f)

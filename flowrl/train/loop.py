@@ -30,15 +30,20 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.nn.parallel import DistributedDataParallel
 
-from flowrl.config import RunConfig, dump, to_dict
-from flowrl.core.advantages import compute_advantages, multi_granularity_advantages
-from flowrl.inputs import UsageError
+from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
+from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
+from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
+from flowrl.inputs import UsageError, writable_dir
 from flowrl.train.checkpoint import (
     capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
     verify_checkpoint,
@@ -47,10 +52,15 @@ from flowrl.train.data import choose_prompts, load_records, local_layout, step_g
 from flowrl.train.guard import (
     GracefulStop, RunLock, apply_optimizer_settings, check_resume_config, check_update, weight_norm,
 )
+from flowrl.train.lora import load_trainable_state_dict, trainable_state_dict
 from flowrl.train.metrics import mean, reward_metrics, update_metrics
 from flowrl.train.optim import warmup_scheduler
+from flowrl.train.preflight import preflight_warnings
 from flowrl.train.processes import Processes
+from flowrl.train.report import write_report
 from flowrl.train.runfolder import append_jsonl, atomic_write
+from flowrl.train.tasks import build_task
+from scorers._text import bound_log_messages
 
 log = logging.getLogger("flowrl.train")
 
@@ -84,18 +94,12 @@ class Trainer:
     """Holds the run's state; :meth:`run` executes ``max_steps`` steps (resuming if asked)."""
 
     def __init__(self, cfg: RunConfig, accelerator=None):
-        from accelerate import Accelerator
-
-        from flowrl.inputs import writable_dir
-
         self.cfg = cfg
         self.run_dir = writable_dir(cfg.output_dir, "output_dir")  # before accelerate or a model touches it
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         if accelerator is None:
-            from accelerate.utils import ProjectConfiguration
-
             log_with = None if tc.tracker == "none" else tc.tracker
             project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
             accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
@@ -103,6 +107,8 @@ class Trainer:
         self.acc = accelerator
         self.procs = Processes(accelerator)
         self._lock = None
+        self._t0 = time.time()  # this segment's start (run() sets it again when training starts)
+        self._reward_names: List[str] = []  # the task's reward names, known after the first scoring
         try:
             self._claim_run_dir()
             self._setup(cfg, accelerator)
@@ -119,15 +125,9 @@ class Trainer:
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
         if self.procs.main:  # settings that would silently do nothing: said once, before the model loads
-            from flowrl.train.preflight import preflight_warnings
-
             for line in preflight_warnings(cfg, train_prompts=[r["prompt"] for r in self.train_records],
                                            eval_prompts=[r["prompt"] for r in self.eval_records]):
                 log.warning("%s", line)
-
-        from flowrl.train.tasks import build_task
-
-        from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # Python, numpy and torch: the whole RNG state is a function of the seed
         self.task = build_task(cfg, accelerator.device)
@@ -143,8 +143,6 @@ class Trainer:
         # dataloader split), which would make the LR (warm-up) depend on the number of processes.
         wrapped, self.optimizer = accelerator.prepare(self.task.module, self.optimizer)
         self.wrapped = wrapped
-        from torch.nn.parallel import DistributedDataParallel
-
         self.local_grads = self.procs.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see flowrl.train.processes
         self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None
@@ -152,9 +150,6 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=cfg.ema.decay, use_ema_warmup=False)
-        from flowrl.core.advantages import PerPromptStatTracker
-        from flowrl.core.losses import AdaptiveKLController
-
         self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
                         if cfg.advantage.stat_tracking else None)
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
@@ -169,9 +164,6 @@ class Trainer:
         self.last_eval: Optional[Dict[str, float]] = None
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.task.module.named_parameters() if p.requires_grad}
-
     def save(self) -> Path:
         tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ema is not None:
@@ -185,7 +177,7 @@ class Trainer:
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
         }
         path = None
-        weights = self._trainable_state()
+        weights = trainable_state_dict(self.task.module)
         if not all(bool(torch.isfinite(w).all()) for w in weights.values()):  # the update check should have stopped earlier
             raise TrainingStopped(f"step {self.step}: non-finite weights are never checkpointed. {self._last_good()}")
         if self.procs.main:
@@ -245,8 +237,6 @@ class Trainer:
                 log.warning("set aside %s (newer than the resumed step %d) as %s", p.name, step, dest.name)
 
     def maybe_resume(self) -> None:
-        from flowrl.train.lora import load_trainable_state_dict
-
         path = self.resume_from
         if path is None:
             if self.procs.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
@@ -289,8 +279,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- one step
     def _beta(self) -> float:
-        from flowrl.core.losses import kl_coefficient
-
         if self.kl_ctl is not None:
             return float(self.kl_ctl.value)
         return kl_coefficient(self.optimizer_steps, self.cfg.loss)
@@ -372,8 +360,6 @@ class Trainer:
         """``train.num_iterations`` epochs over the rollout, each ``num_minibatches`` optimizer
         steps on blocks of rows in a seeded order (branch blocks in step order for sweeps); returns
         :func:`update_metrics`."""
-        from flowrl.core.losses import loss_normalizers
-
         cfg, tc = self.cfg, self.cfg.train
         mask = self.task.action_mask(batch).bool()
         mask = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
@@ -530,7 +516,7 @@ class Trainer:
                     dump(cfg, self.run_dir / "config.yaml")
                 self.maybe_resume()
                 if cfg.train.tracker != "none":
-                    self.acc.init_trackers("flowrl", config=_flat_config(cfg))
+                    self.acc.init_trackers("flowrl", config=flat_dict(to_dict(cfg), sep="/", scalars_only=True))
                 if self.first_eval is None and cfg.eval.at_start and self.step == 0:
                     self.first_eval = self.last_eval = self.evaluate()
                 self._loop(stop)
@@ -617,8 +603,6 @@ class Trainer:
             summary["result"] = str(result)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
             try:
-                from flowrl.train.report import write_report
-
                 write_report(self.run_dir)
             except Exception as e:  # the report is a convenience; never lose a finished run over it
                 log.warning("could not write report.html: %s", e)
@@ -681,43 +665,18 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     atomic_write(path, "".join(x + "\n" for x in keep))
 
 
-def _flat_config(cfg) -> Dict[str, Any]:
-    out = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            elif isinstance(v, (int, float, str, bool)):
-                out[f"{prefix}{k}"] = v
-            else:
-                out[f"{prefix}{k}"] = str(v)
-
-    walk(to_dict(cfg))
-    return out
-
-
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Run the training loop for a validated config; returns ``summary.json``'s content."""
     return Trainer(cfg).run()
 
 
-def train_command(config: Optional[str], overrides=(), *, family: Optional[str] = None, prog: str = "flowrl") -> int:
-    """What ``flowrl train`` and the ``scripts/train_*.py`` entry points do: load the config with its
-    overrides, check the model family (scripts are per family), train, print the held-out
-    before/after numbers. Config and usage errors print one line and return 2; a run stopped for
-    non-finite steps returns 3."""
-    import sys
-
-    from flowrl.config import ConfigError, load_run_config
-    from scorers._text import bound_log_messages
-
-    bound_log_messages()  # scripts/train_*.py come here without flowrl.cli
+def train_command(config: Optional[str], overrides=(), *, prog: str = "flowrl") -> int:
+    """``flowrl train``: load the config with its overrides, train, print the held-out before/after
+    numbers. Config and usage errors print one line and return 2; a run stopped for non-finite steps
+    returns 3."""
+    bound_log_messages()  # also when called without flowrl.cli (accelerate launch -m flowrl.cli goes through it too)
     try:
         cfg = load_run_config(config, overrides)
-        if family is not None and cfg.model.family != family:
-            other = "llm" if cfg.model.family == "lm" else cfg.model.family
-            raise UsageError(f"model.family is {cfg.model.family!r}; this script trains {family!r} (use scripts/train_{other}.py)")
         summary = train(cfg)
     except (ConfigError, UsageError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
