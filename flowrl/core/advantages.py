@@ -343,6 +343,28 @@ def _batch_moments(v: Tensor, valid: Tensor, unbiased: bool) -> tuple[Tensor, Te
     return mean, (((x - mean) ** 2).sum() / (x.numel() - ddof)).sqrt()
 
 
+def _tracked_stats(
+    r: Tensor, valid: Tensor, tracker: PerPromptStatTracker, prompt_keys: Sequence[Hashable] | None, unbiased: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-sample mean and std of each prompt's reward history (DDPO 2305.13301, Flow-GRPO 2505.05470).
+
+    The valid rewards join their prompt's history first; a prompt with fewer than
+    ``max(min_count, 1)`` tracked rewards uses the batch mean and std (DDPO's rule).
+    """
+    assert prompt_keys is not None
+    idx = torch.nonzero(valid, as_tuple=False).flatten().tolist()
+    t_mean = torch.zeros_like(r)
+    t_std = torch.zeros_like(r)
+    t_cnt = torch.zeros_like(r)
+    if idx:
+        m, s, c = tracker.update([prompt_keys[i] for i in idx], r[idx], unbiased=unbiased)
+        sel = torch.tensor(idx, device=r.device)
+        t_mean[sel], t_std[sel], t_cnt[sel] = m.to(r.device), s.to(r.device), c.to(r.device)
+    b_mean, b_std = _batch_moments(r, valid, unbiased)
+    enough = t_cnt >= max(tracker.min_count, 1)
+    return torch.where(enough, t_mean, b_mean.expand_as(r)), torch.where(enough, t_std, b_std.expand_as(r))
+
+
 def _normalize_column(
     r: Tensor,
     valid: Tensor,
@@ -354,8 +376,9 @@ def _normalize_column(
     """One reward column -> advantages (float64), following cfg.center / cfg.scale.
 
     A = (r - baseline) / (sigma + eps)   (or r - baseline when scale='none');
-    baseline = group mean, batch mean or 0; sigma = group std, batch std.
-    With a tracker the group statistics are the prompt's history statistics.
+    baseline = group mean, batch mean or 0; sigma = group std, batch std. The group statistics
+    include NGRPO's virtual samples (arXiv 2509.18851) when ``cfg.ngrpo_max_reward`` is set; with
+    a tracker they are the prompt's history statistics (:func:`_tracked_stats`).
     """
     virtual = cfg.ngrpo_max_reward
     gs = group_stats(
@@ -369,18 +392,7 @@ def _normalize_column(
     )
     mean_g, std_g = gs.mean, gs.std
     if tracker is not None:
-        idx = torch.nonzero(valid, as_tuple=False).flatten().tolist()
-        t_mean = torch.zeros_like(r)
-        t_std = torch.zeros_like(r)
-        t_cnt = torch.zeros_like(r)
-        if idx:
-            m, s, c = tracker.update([prompt_keys[i] for i in idx], r[idx], unbiased=cfg.std_unbiased)
-            sel = torch.tensor(idx, device=r.device)
-            t_mean[sel], t_std[sel], t_cnt[sel] = m.to(r.device), s.to(r.device), c.to(r.device)
-        b_mean, b_std = _batch_moments(r, valid, cfg.std_unbiased)
-        enough = t_cnt >= max(tracker.min_count, 1)
-        mean_g = torch.where(enough, t_mean, b_mean.expand_as(r))
-        std_g = torch.where(enough, t_std, b_std.expand_as(r))
+        mean_g, std_g = _tracked_stats(r, valid, tracker, prompt_keys, cfg.std_unbiased)
     if cfg.center == "group":
         base = mean_g
     elif cfg.center == "batch":
@@ -396,6 +408,109 @@ def _normalize_column(
         # exact zeros for groups without signal (r - mean may otherwise be ~1e-16)
         adv = torch.where(gs.zero_var, torch.zeros_like(adv), adv)
     return adv, gs
+
+
+def _reward_matrix(rewards: Tensor) -> tuple[Tensor, torch.dtype]:
+    """``[N]``/``[N, R]`` rewards -> ``([N, R] float64 with NaN for every non-finite value, output dtype)``.
+
+    +-inf is invalid exactly as NaN is; finite values pass through unchanged.
+    """
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards: must have shape [N] or [N, R], got {tuple(rewards.shape)}")
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    r2 = rewards.detach().to(torch.float64)
+    if r2.ndim == 1:
+        r2 = r2.unsqueeze(1)
+    r2 = torch.where(torch.isfinite(r2), r2, torch.full_like(r2, float("nan")))
+    if r2.shape[1] == 0:
+        raise ValueError("rewards: need at least one reward column")
+    return r2, out_dtype
+
+
+def _reward_weights(cfg: AdvantageConfig, num_r: int, device: torch.device) -> Tensor:
+    """w_k, one per reward column (all 1 by default), divided by sum_k w_k with ``normalize_weights`` (MixGRPO)."""
+    weights = cfg.reward_weights if cfg.reward_weights is not None else (1.0,) * num_r
+    if len(weights) != num_r:
+        raise ValueError(f"reward_weights: {len(weights)} weights for {num_r} reward columns")
+    w = torch.tensor(weights, dtype=torch.float64, device=device)
+    return w / w.sum() if cfg.normalize_weights else w
+
+
+def _check_tracker(
+    cfg: AdvantageConfig, tracker: PerPromptStatTracker | None, prompt_keys: Sequence[Hashable] | None,
+    n: int, num_r: int,
+) -> None:
+    """A tracker needs one prompt key per sample, one normalised column and no NGRPO."""
+    if tracker is None:
+        return
+    if prompt_keys is None or len(prompt_keys) != n:
+        raise ValueError("prompt_keys: a tracker needs one prompt key per sample")
+    if cfg.multi_reward == "normalize_then_sum" and num_r > 1:
+        raise ValueError("tracker: not supported with multi_reward='normalize_then_sum'")
+    if cfg.ngrpo_max_reward is not None:
+        raise ValueError("tracker: not supported together with ngrpo_max_reward")
+
+
+def _weighted_total(r2: Tensor, col_nan: Tensor, w: Tensor, valid: Tensor) -> Tensor:
+    """r_i = sum_k w_k r_ik over the finite columns; NaN for invalid samples."""
+    total = torch.where(col_nan, torch.zeros_like(r2), r2 * w).sum(1)
+    return torch.where(valid, total, torch.full_like(total, float("nan")))
+
+
+def _normalize_then_sum(
+    r2: Tensor, col_nan: Tensor, valid: Tensor, w: Tensor, group_ids: Tensor, cfg: AdvantageConfig
+) -> tuple[Tensor, Tensor, GroupStats]:
+    """A_i = sum_k w_k A_ik, each column normalised alone (MixGRPO 2507.21802, GDPO 2601.05242).
+
+    ``post_norm='batch'`` then z-scores A over the valid samples (GDPO, TRL ``normalize_then_sum``).
+    Returns ``(A, zero-variance in every column, the last column's GroupStats)``.
+    """
+    adv = torch.zeros(r2.shape[0], dtype=torch.float64, device=r2.device)
+    zero_var = torch.ones(r2.shape[0], dtype=torch.bool, device=r2.device)
+    for k in range(r2.shape[1]):
+        col_valid = valid & ~col_nan[:, k]
+        a_k, gs = _normalize_column(r2[:, k], col_valid, group_ids, cfg, None, None)
+        adv = adv + torch.where(col_valid, w[k] * a_k, torch.zeros_like(a_k))
+        zero_var = zero_var & gs.zero_var
+    if cfg.post_norm == "batch":
+        m, s = _batch_moments(adv, valid, cfg.std_unbiased)
+        adv = (adv - m) / (s + cfg.eps)
+    return adv, zero_var, gs
+
+
+def _clip_advantages(adv: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
+    """A <- clamp(A, -c, c) (Flow-GRPO/DanceGRPO ``adv_clip_max``); returns ``(A, |A| > c)``."""
+    if clip is None:
+        return adv, torch.zeros(adv.shape, dtype=torch.bool, device=adv.device)
+    return adv.clamp(-clip, clip), adv.abs() > clip
+
+
+def _advantage_stats(
+    keep: Tensor, counts: dict[str, Tensor], logged: Tensor, valid: Tensor, group_ids: Tensor, gs: GroupStats,
+    zero_var: Tensor, cfg: AdvantageConfig,
+) -> dict[str, Any]:
+    """``keep``, group and sample counts (``counts``: name -> bool mask) and the moments of the
+    (weighted, summed) reward, as Python numbers."""
+    num_groups = gs.num_groups
+    zero_g = torch.zeros(num_groups, dtype=torch.bool, device=logged.device).index_put_(
+        (gs.index,), zero_var, accumulate=False
+    )
+    rs = logged[valid]
+    std_g = group_stats(logged, group_ids, valid, unbiased=cfg.std_unbiased)
+    per_group_std = torch.zeros(num_groups, dtype=torch.float64, device=logged.device).index_put_(
+        (std_g.index,), std_g.std
+    )
+    return {
+        "keep": keep,
+        "num_groups": num_groups,
+        "zero_std_count": int(zero_g.sum().item()),
+        "zero_std_frac": float(zero_g.float().mean().item()) if num_groups else 0.0,
+        **{name: int(mask.sum().item()) for name, mask in counts.items()},
+        "reward_mean": float(rs.mean().item()) if rs.numel() else float("nan"),
+        "reward_std": float(rs.std(unbiased=cfg.std_unbiased).item()) if rs.numel() > 1 else 0.0,
+        "reward_std_mean": float(per_group_std.mean().item()) if num_groups else 0.0,
+    }
 
 
 def compute_advantages(
@@ -429,90 +544,32 @@ def compute_advantages(
         ``reward_std_mean`` (mean within-group std) and, with a tracker, ``tracked_prompts``.
     """
     cfg = (cfg or AdvantageConfig()).validate()
-    rewards = torch.as_tensor(rewards)
-    if rewards.ndim not in (1, 2):
-        raise ValueError(f"rewards: must have shape [N] or [N, R], got {tuple(rewards.shape)}")
-    n = rewards.shape[0]
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    r2 = rewards.detach().to(torch.float64)
-    if r2.ndim == 1:
-        r2 = r2.unsqueeze(1)
-    # +-inf is invalid exactly as NaN is (finite values pass through unchanged)
-    r2 = torch.where(torch.isfinite(r2), r2, torch.full_like(r2, float("nan")))
-    num_r = r2.shape[1]
-    if num_r == 0:
-        raise ValueError("rewards: need at least one reward column")
-    weights = cfg.reward_weights if cfg.reward_weights is not None else (1.0,) * num_r
-    if len(weights) != num_r:
-        raise ValueError(f"reward_weights: {len(weights)} weights for {num_r} reward columns")
-    if tracker is not None:
-        if prompt_keys is None or len(prompt_keys) != n:
-            raise ValueError("prompt_keys: a tracker needs one prompt key per sample")
-        if cfg.multi_reward == "normalize_then_sum" and num_r > 1:
-            raise ValueError("tracker: not supported with multi_reward='normalize_then_sum'")
-        if cfg.ngrpo_max_reward is not None:
-            raise ValueError("tracker: not supported together with ngrpo_max_reward")
-    w = torch.tensor(weights, dtype=torch.float64, device=r2.device)
-    if cfg.normalize_weights:
-        w = w / w.sum()
+    r2, out_dtype = _reward_matrix(rewards)
+    n, num_r = r2.shape
+    w = _reward_weights(cfg, num_r, r2.device)
+    _check_tracker(cfg, tracker, prompt_keys, n, num_r)
+    # validity: a non-finite reward in any column (nan_policy 'all': in every column) invalidates a sample
     col_nan = torch.isnan(r2)
     invalid = col_nan.any(1) if cfg.nan_policy == "any" else col_nan.all(1)
     valid = ~invalid
-
+    # multi-reward combination, centring and scaling
+    logged = _weighted_total(r2, col_nan, w, valid)
     if cfg.multi_reward == "sum_then_normalize" or num_r == 1:
-        total = torch.where(col_nan, torch.zeros_like(r2), r2 * w).sum(1)
-        total = torch.where(valid, total, torch.full_like(total, float("nan")))
-        adv, gs = _normalize_column(total, valid, group_ids, cfg, tracker, prompt_keys)
+        adv, gs = _normalize_column(logged, valid, group_ids, cfg, tracker, prompt_keys)
         zero_var = gs.zero_var
-        logged = total
     else:
-        adv = torch.zeros(n, dtype=torch.float64, device=r2.device)
-        zero_var = torch.ones(n, dtype=torch.bool, device=r2.device)
-        for k in range(num_r):
-            col_valid = valid & ~col_nan[:, k]
-            a_k, gs = _normalize_column(r2[:, k], col_valid, group_ids, cfg, None, None)
-            adv = adv + torch.where(col_valid, w[k] * a_k, torch.zeros_like(a_k))
-            zero_var = zero_var & gs.zero_var
-        if cfg.post_norm == "batch":
-            m, s = _batch_moments(adv, valid, cfg.std_unbiased)
-            adv = (adv - m) / (s + cfg.eps)
-        logged = torch.where(col_nan, torch.zeros_like(r2), r2 * w).sum(1)
-        logged = torch.where(valid, logged, torch.full_like(logged, float("nan")))
-
-    index, num_groups = gs.index, gs.num_groups
+        adv, zero_var, gs = _normalize_then_sum(r2, col_nan, valid, w, group_ids, cfg)
+    # invalid samples -> 0; DAPO dynamic sampling drops zero-variance groups; clipping
     adv = torch.where(valid, adv, torch.zeros_like(adv))
     keep = valid.clone()
-    zero_g = torch.zeros(num_groups, dtype=torch.bool, device=r2.device).index_put_(
-        (index,), zero_var, accumulate=False
-    )
     filtered = torch.zeros(n, dtype=torch.bool, device=r2.device)
     if cfg.filter_zero_std:
         filtered = zero_var & valid
         keep = keep & ~zero_var
         adv = torch.where(zero_var, torch.zeros_like(adv), adv)
-    clipped = torch.zeros(n, dtype=torch.bool, device=r2.device)
-    if cfg.clip is not None:
-        clipped = adv.abs() > cfg.clip
-        adv = adv.clamp(-cfg.clip, cfg.clip)
-
-    # logging statistics of the (weighted, summed) reward
-    rs = logged[valid]
-    std_g = group_stats(logged, group_ids, valid, unbiased=cfg.std_unbiased)
-    per_group_std = torch.zeros(num_groups, dtype=torch.float64, device=r2.device).index_put_(
-        (std_g.index,), std_g.std
-    )
-    stats: dict[str, Any] = {
-        "keep": keep,
-        "num_groups": num_groups,
-        "zero_std_count": int(zero_g.sum().item()),
-        "zero_std_frac": float(zero_g.float().mean().item()) if num_groups else 0.0,
-        "filtered_count": int(filtered.sum().item()),
-        "invalid_count": int(invalid.sum().item()),
-        "clipped_count": int(clipped.sum().item()),
-        "reward_mean": float(rs.mean().item()) if rs.numel() else float("nan"),
-        "reward_std": float(rs.std(unbiased=cfg.std_unbiased).item()) if rs.numel() > 1 else 0.0,
-        "reward_std_mean": float(per_group_std.mean().item()) if num_groups else 0.0,
-    }
+    adv, clipped = _clip_advantages(adv, cfg.clip)
+    counts = {"filtered_count": filtered, "invalid_count": invalid, "clipped_count": clipped}
+    stats = _advantage_stats(keep, counts, logged, valid, group_ids, gs, zero_var, cfg)
     if tracker is not None:
         stats["tracked_prompts"] = len(tracker)
     return adv.to(out_dtype), stats
@@ -606,9 +663,7 @@ def tree_node_advantages(
     # roots all share group id -1 but are invalid, so they never enter any statistic
     adv, _ = _normalize_column(v, valid, parent, plain, None, None)
     adv = torch.where(valid, adv, torch.zeros_like(adv))
-    if cfg.clip is not None:
-        adv = adv.clamp(-cfg.clip, cfg.clip)
-    return adv
+    return _clip_advantages(adv, cfg.clip)[0]
 
 
 def tree_transition_advantages(
@@ -701,15 +756,12 @@ def multi_granularity_advantages(
     if reduce == "mean":
         total = total / k
     total = torch.where(keep, total, torch.zeros_like(total))
-    clipped = 0
-    if cfg.clip is not None:
-        clipped = int((total.abs() > cfg.clip).sum().item())
-        total = total.clamp(-cfg.clip, cfg.clip)
+    total, clipped = _clip_advantages(total, cfg.clip)
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     stats = {
         "keep": keep,
         "per_granularity": per,
-        "clipped_count": clipped,
+        "clipped_count": int(clipped.sum().item()),
         "zero_std_count": sum(p["zero_std_count"] for p in per),
         "invalid_count": int((~keep).sum().item()),
     }

@@ -205,6 +205,16 @@ class StepTerms(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+def _broadcast(x: Tensor, shape: torch.Size) -> Tensor:
+    """``x`` expanded to ``shape`` (itself if it has that shape already)."""
+    return x.expand(shape) if x.shape != shape else x
+
+
+def _row_mean(x: Tensor, m: Tensor) -> Tensor:
+    """Masked mean of each row, ``[N, T] -> [N, 1]``: sum_t x_it / max(1, sum_t m_it) (x is 0 where masked)."""
+    return x.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1).to(x.dtype)
+
+
 def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample mean over all non-batch dimensions of (a - b)^2: ``[N, ...] -> [N]``.
 
@@ -232,8 +242,7 @@ def log_importance_weights(
     if level == "token":
         return lr
     if level == "sequence":
-        cnt = m.sum(-1, keepdim=True).clamp(min=1).to(lr.dtype)
-        return lr.sum(-1, keepdim=True) / cnt
+        return _row_mean(lr, m)
     raise ValueError(f"level: must be 'token' or 'sequence', got {level!r}")
 
 
@@ -443,12 +452,11 @@ def aggregate(per_action: Tensor, mask: Tensor, mode: str, normalizer: Tensor | 
     if mode not in AGGREGATIONS:
         raise ValueError(f"mode: must be one of {AGGREGATIONS}, got {mode!r}")
     m = mask.to(torch.bool)
-    per_action = per_action.expand(m.shape) if per_action.shape != m.shape else per_action
+    per_action = _broadcast(per_action, m.shape)
     x = torch.where(m, per_action, torch.zeros_like(per_action))
     norm = torch.as_tensor(normalizer, dtype=x.dtype, device=x.device)
     if mode == "seq-mean-token-mean":
-        cnt = m.sum(-1).clamp(min=1).to(x.dtype)
-        return (x.sum(-1) / cnt).sum() / norm
+        return _row_mean(x, m).sum() / norm
     return x.sum() / norm
 
 
@@ -523,7 +531,7 @@ class AdaptiveKLController:
 
 
 # --------------------------------------------------------------------------------------------
-# entry point
+# the phases of policy_loss (tensors in, tensors out)
 # --------------------------------------------------------------------------------------------
 
 
@@ -550,8 +558,7 @@ def _masked_stats(x: Tensor, m: Tensor) -> dict[str, Tensor]:
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
     """Mean of x over m (float64, 0 if empty); no host sync."""
     xd = x.detach().to(torch.float64)
-    if m.shape != xd.shape:
-        m = m.expand(xd.shape)
+    m = _broadcast(m, xd.shape)
     return torch.where(m, xd, torch.zeros_like(xd)).sum() / m.sum().clamp(min=1).to(torch.float64)
 
 
@@ -559,7 +566,7 @@ def _masked_fill(x: Tensor | float | None, m: Tensor, fill: float) -> Tensor | f
     """Broadcast ``x`` to the mask's shape and put ``fill`` at masked entries (tensors only)."""
     if x is None or not isinstance(x, Tensor):
         return x
-    xb = x.expand(m.shape) if x.shape != m.shape else x
+    xb = _broadcast(x, m.shape)
     return torch.where(m, xb, torch.full_like(xb, fill))
 
 
@@ -573,6 +580,181 @@ def _sanitize_step_terms(terms: StepTerms, m: Tensor) -> StepTerms:
         v_ref_delta_sq=_masked_fill(terms.v_ref_delta_sq, m, 0.0),
         logp_scale=_masked_fill(terms.logp_scale, m, 1.0),  # type: ignore[arg-type]
     )
+
+
+def _checked_inputs(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, normalizer: Tensor | float,
+    beta: float | None, cfg: LossConfig,
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Check shapes and scalars; return ``(A [N, 1] or [N, T] detached, normalizer, bool mask, beta)``."""
+    if logps.ndim != 2:
+        raise ValueError(f"logps: must have shape [N, T], got {tuple(logps.shape)}")
+    shape = logps.shape
+    if old_logps.shape != shape:
+        raise ValueError(f"old_logps: shape {tuple(old_logps.shape)} differs from logps {tuple(shape)}")
+    if mask.shape != shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} differs from logps {tuple(shape)}")
+    if advantages.ndim == 1 and advantages.shape[0] == shape[0]:
+        adv = advantages.unsqueeze(1)
+    elif advantages.shape == shape or (advantages.ndim == 2 and advantages.shape == (shape[0], 1)):
+        adv = advantages
+    else:
+        raise ValueError(
+            f"advantages: must have shape [N] or [N, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
+    adv = adv.detach().to(logps.dtype)
+    norm = torch.as_tensor(normalizer, dtype=logps.dtype, device=logps.device)
+    if norm.ndim != 0 or (norm.device.type == "cpu" and not bool(norm > 0)):  # no sync on accelerators
+        raise ValueError(f"normalizer: must be a positive scalar, got {normalizer!r}")
+    beta_now = cfg.beta if beta is None else float(beta)
+    if not (math.isfinite(beta_now) and beta_now >= 0):
+        raise ValueError(f"beta: must be a finite number >= 0, got {beta!r}")
+    return adv, norm, mask.to(torch.bool), beta_now
+
+
+def _zero_masked(
+    m: Tensor, logps: Tensor, old_logps: Tensor, adv: Tensor, step_terms: StepTerms | None,
+    step_weights: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, StepTerms | None, Tensor | None]:
+    """Finite zeros (std, |dt|, kappa: ones) at masked entries, which may hold padding, -inf or NaN.
+
+    Done once, so that neither values nor gradients (0 * NaN = NaN in backward) leak out of the mask.
+    """
+    zeros = torch.zeros_like(logps)
+    logps = torch.where(m, logps, zeros)
+    old_logps = torch.where(m, old_logps.to(logps.dtype), zeros)
+    if adv.shape == logps.shape:
+        adv = torch.where(m, adv, zeros)
+    if step_terms is not None:
+        step_terms = _sanitize_step_terms(step_terms, m)
+    if step_weights is not None:
+        step_weights = _masked_fill(step_weights, m, 0.0)
+    return logps, old_logps, adv, step_terms, step_weights
+
+
+def _ratio_norm(
+    log_ratio: Tensor, m: Tensor, cfg: LossConfig, terms: StepTerms | None
+) -> tuple[Tensor, Tensor | float | None]:
+    """GRPO-Guard (arXiv 2510.22319): ``(RatioNorm log-ratio, |dt| for the 1/|dt| reweighting or None)``.
+
+    Without ``cfg.ratio_norm`` the log-ratio passes through and there is no reweighting.
+    """
+    if not cfg.ratio_norm:
+        return log_ratio, None
+    if terms is None or terms.std is None or terms.delta_sq is None:
+        raise ValueError("step_terms: ratio_norm needs StepTerms with std and delta_sq")
+    lr = ratio_normalized_log_ratio(log_ratio, terms.delta_sq, terms.std, terms.logp_scale)
+    lr = torch.where(m, lr, torch.zeros_like(lr))
+    if not cfg.ratio_norm_reweight:
+        return lr, None
+    if terms.dt_abs is None:
+        raise ValueError("step_terms: ratio_norm_reweight needs StepTerms.dt_abs")
+    return lr, terms.dt_abs
+
+
+def _surrogate(w: Tensor, adv: Tensor, logps: Tensor, cfg: LossConfig) -> Tensor:
+    """The per-action policy term of ``cfg.surrogate``, broadcast to ``logps``' shape.
+
+    clip:  -min(min(w, delta) A, clip(w, 1 - eps_low, 1 + eps_high) A)   (:func:`clipped_surrogate`)
+    cispo: -sg(min(w, eps_high)) A log pi                                (:func:`cispo_surrogate`)
+    sapo:  -(4/tau) sigmoid(tau (w - 1)) A                               (:func:`sapo_surrogate`)
+    """
+    if cfg.surrogate == "clip":
+        pol = clipped_surrogate(w, adv, cfg.eps_low, cfg.eps_high_value, cfg.delta, cfg.dual_clip)
+    elif cfg.surrogate == "cispo":
+        pol = cispo_surrogate(w, adv, logps, cfg.eps_high_value)
+    else:
+        pol = sapo_surrogate(w, adv, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
+    return _broadcast(pol, logps.shape)
+
+
+def _reweight_steps(pol: Tensor, step_weights: Tensor | None, dt_abs: Tensor | float | None) -> Tensor:
+    """l <- l * omega_t (e.g. :func:`noise_aware_weights`) * 1/|dt| (GRPO-Guard, :func:`dt_reweight`)."""
+    if step_weights is not None:
+        pol = pol * torch.as_tensor(step_weights, dtype=pol.dtype, device=pol.device)
+    if dt_abs is not None:
+        pol = pol * dt_reweight(torch.as_tensor(dt_abs, dtype=pol.dtype, device=pol.device))
+    return pol
+
+
+def _reference_kl(
+    cfg: LossConfig, logps: Tensor, ref_logps: Tensor | None, m: Tensor, log_ratio: Tensor, w: Tensor,
+    terms: StepTerms | None, beta: float,
+) -> Tensor | None:
+    """Per-action KL to the reference by ``cfg.kl_estimator`` ([N, T]), or None without its inputs.
+
+    k1/k2/k3: :func:`kl_penalty` of log pi and log pi_ref, times exp(log w_t) (``kl_ratio_weighted
+    ='token'``) or the surrogate's w (``'importance'``, TRL 1.16); latent: :func:`gaussian_mean_kl`;
+    velocity: :func:`velocity_kl`. Missing inputs are an error only when beta != 0.
+    """
+    est = cfg.kl_estimator
+    kl = None
+    if est in ("k1", "k2", "k3"):
+        if ref_logps is not None:
+            if ref_logps.shape != logps.shape:
+                raise ValueError(f"ref_logps: shape {tuple(ref_logps.shape)} differs from logps {tuple(logps.shape)}")
+            safe_ref = torch.where(m, ref_logps.to(logps.dtype), torch.zeros_like(logps))
+            kl = kl_penalty(logps, safe_ref, est, cfg.kl_clamp)
+            if cfg.kl_ratio_weighted == "token":
+                kl = kl * torch.exp(log_ratio)
+            elif cfg.kl_ratio_weighted == "importance":
+                kl = kl * w
+        elif beta != 0:
+            raise ValueError(f"ref_logps: required for kl_estimator={est!r} with beta != 0")
+    elif est == "latent":
+        if terms is not None and terms.ref_delta_sq is not None:
+            if terms.std is None:
+                raise ValueError("step_terms: the latent KL needs StepTerms.std")
+            kl = gaussian_mean_kl(terms.ref_delta_sq, terms.std, terms.dt_abs, cfg.kl_drop_dt)
+        elif beta != 0:
+            raise ValueError("step_terms: kl_estimator='latent' with beta != 0 needs StepTerms.ref_delta_sq")
+    elif terms is not None and terms.v_ref_delta_sq is not None:
+        kl = velocity_kl(terms.v_ref_delta_sq)
+    elif beta != 0:
+        raise ValueError("step_terms: kl_estimator='velocity' with beta != 0 needs StepTerms.v_ref_delta_sq")
+    return None if kl is None else _broadcast(kl, logps.shape)
+
+
+def _loss_stats(
+    cfg: LossConfig, m: Tensor, w: Tensor, adv: Tensor, log_ratio: Tensor, kl: Tensor | None, beta: float,
+) -> dict[str, Tensor]:
+    """Detached float64 statistics over the unmasked actions (sequence ratio: non-empty rows).
+
+    clip_frac_low: w < 1 - eps_low and A < 0; clip_frac_high: w > 1 + eps_high and A > 0 (sequence
+    ratio: A = the row's mean advantage); approx_kl: mean (log w)^2 / 2 (as Flow-GRPO logs);
+    approx_kl_k3: mean w - 1 - log w; ratio_mean/std/min/max of w.
+    """
+    with torch.no_grad():
+        wb = w.detach()
+        ab = _broadcast(adv, m.shape)
+        smask = m
+        if cfg.ratio_level == "sequence":
+            ab = _row_mean(torch.where(m, ab, torch.zeros_like(ab)), m)
+            smask = m.any(-1, keepdim=True)
+        low = (wb < 1.0 - cfg.eps_low) & (ab < 0)
+        high = (wb > 1.0 + cfg.eps_high_value) & (ab > 0)
+        rs = _masked_stats(wb, smask)
+        lr = log_ratio.detach()
+        dev = w.device
+        return {
+            "kl": _masked_mean(kl, m) if kl is not None else torch.zeros((), dtype=torch.float64, device=dev),
+            "clip_frac_low": _masked_mean(low.to(torch.float64), smask),
+            "clip_frac_high": _masked_mean(high.to(torch.float64), smask),
+            "clip_frac": _masked_mean((low | high).to(torch.float64), smask),
+            "approx_kl": _masked_mean(0.5 * lr**2, m),
+            "approx_kl_k3": _masked_mean(torch.exp(lr) - 1.0 - lr, m),
+            "ratio_mean": rs["mean"],
+            "ratio_std": rs["std"],
+            "ratio_min": rs["min"],
+            "ratio_max": rs["max"],
+            "num_actions": m.sum().to(torch.float64),
+            "beta": torch.tensor(beta, dtype=torch.float64, device=dev),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
 
 
 def policy_loss(
@@ -612,112 +794,18 @@ def policy_loss(
         ``approx_kl_k3`` (mean w - 1 - log w), ``ratio_mean/std/min/max``, ``num_actions``.
     """
     cfg.validate()
-    if logps.ndim != 2:
-        raise ValueError(f"logps: must have shape [N, T], got {tuple(logps.shape)}")
-    shape = logps.shape
-    if old_logps.shape != shape:
-        raise ValueError(f"old_logps: shape {tuple(old_logps.shape)} differs from logps {tuple(shape)}")
-    if mask.shape != shape:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} differs from logps {tuple(shape)}")
-    if advantages.ndim == 1 and advantages.shape[0] == shape[0]:
-        adv = advantages.unsqueeze(1)
-    elif advantages.shape == shape or (advantages.ndim == 2 and advantages.shape == (shape[0], 1)):
-        adv = advantages
-    else:
-        raise ValueError(
-            f"advantages: must have shape [N] or [N, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
-    adv = adv.detach().to(logps.dtype)
-    norm = torch.as_tensor(normalizer, dtype=logps.dtype, device=logps.device)
-    if norm.ndim != 0 or (norm.device.type == "cpu" and not bool(norm > 0)):  # no sync on accelerators
-        raise ValueError(f"normalizer: must be a positive scalar, got {normalizer!r}")
-    m = mask.to(torch.bool)
-    beta_now = cfg.beta if beta is None else float(beta)
-    if not (math.isfinite(beta_now) and beta_now >= 0):
-        raise ValueError(f"beta: must be a finite number >= 0, got {beta!r}")
-    eps_high = cfg.eps_high_value
-
-    # masked entries may hold anything (padding, -inf, NaN): replace them by finite zeros once, so
-    # that neither values nor gradients (0 * NaN = NaN in backward) can leak out of the mask
-    zeros = torch.zeros_like(logps)
-    logps = torch.where(m, logps, zeros)
-    old_logps = torch.where(m, old_logps.to(logps.dtype), zeros)
-    if adv.shape == shape:
-        adv = torch.where(m, adv, zeros)
-    if step_terms is not None:
-        step_terms = _sanitize_step_terms(step_terms, m)
-    if step_weights is not None:
-        step_weights = _masked_fill(step_weights, m, 0.0)
-
-    # (b) importance weights, raw per-token log-ratio kept for logging
+    adv, norm, m, beta_now = _checked_inputs(logps, old_logps, advantages, mask, normalizer, beta, cfg)
+    logps, old_logps, adv, step_terms, step_weights = _zero_masked(
+        m, logps, old_logps, adv, step_terms, step_weights
+    )
+    # importance weight: per-token log-ratio (kept for the KL weighting and logging), RatioNorm, GSPO
     raw_lr = log_importance_weights(logps, old_logps, m, "token", cfg.log_ratio_clamp)
-    lr = raw_lr
-    dt_abs = None
-    if cfg.ratio_norm:
-        if step_terms is None or step_terms.std is None or step_terms.delta_sq is None:
-            raise ValueError("step_terms: ratio_norm needs StepTerms with std and delta_sq")
-        lr = ratio_normalized_log_ratio(raw_lr, step_terms.delta_sq, step_terms.std, step_terms.logp_scale)
-        lr = torch.where(m, lr, torch.zeros_like(lr))
-        if cfg.ratio_norm_reweight:
-            if step_terms.dt_abs is None:
-                raise ValueError("step_terms: ratio_norm_reweight needs StepTerms.dt_abs")
-            dt_abs = step_terms.dt_abs
-    if cfg.ratio_level == "sequence":
-        cnt = m.sum(-1, keepdim=True).clamp(min=1).to(lr.dtype)
-        log_w = lr.sum(-1, keepdim=True) / cnt
-        stat_mask = m.any(-1, keepdim=True)
-    else:
-        log_w = lr
-        stat_mask = m
-    w = torch.exp(log_w)
-
-    # (c) surrogate
-    if cfg.surrogate == "clip":
-        pol = clipped_surrogate(w, adv, cfg.eps_low, eps_high, cfg.delta, cfg.dual_clip)
-    elif cfg.surrogate == "cispo":
-        pol = cispo_surrogate(w, adv, logps, eps_high)
-    else:
-        pol = sapo_surrogate(w, adv, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
-    if pol.shape != shape:
-        pol = pol.expand(shape)
-
-    # (d) per-step weights on the policy term
-    if step_weights is not None:
-        pol = pol * torch.as_tensor(step_weights, dtype=pol.dtype, device=pol.device)
-    if dt_abs is not None:
-        pol = pol * dt_reweight(torch.as_tensor(dt_abs, dtype=pol.dtype, device=pol.device))
-
-    # (d) KL to the reference
-    kl = None
-    est = cfg.kl_estimator
-    if est in ("k1", "k2", "k3"):
-        if ref_logps is not None:
-            if ref_logps.shape != shape:
-                raise ValueError(f"ref_logps: shape {tuple(ref_logps.shape)} differs from logps {tuple(shape)}")
-            safe_ref = torch.where(m, ref_logps.to(logps.dtype), zeros)
-            kl = kl_penalty(logps, safe_ref, est, cfg.kl_clamp)
-            if cfg.kl_ratio_weighted == "token":
-                kl = kl * torch.exp(raw_lr)
-            elif cfg.kl_ratio_weighted == "importance":
-                kl = kl * w
-        elif beta_now != 0:
-            raise ValueError(f"ref_logps: required for kl_estimator={est!r} with beta != 0")
-    elif est == "latent":
-        if step_terms is not None and step_terms.ref_delta_sq is not None:
-            if step_terms.std is None:
-                raise ValueError("step_terms: the latent KL needs StepTerms.std")
-            kl = gaussian_mean_kl(step_terms.ref_delta_sq, step_terms.std, step_terms.dt_abs, cfg.kl_drop_dt)
-        elif beta_now != 0:
-            raise ValueError("step_terms: kl_estimator='latent' with beta != 0 needs StepTerms.ref_delta_sq")
-    else:  # velocity
-        if step_terms is not None and step_terms.v_ref_delta_sq is not None:
-            kl = velocity_kl(step_terms.v_ref_delta_sq)
-        elif beta_now != 0:
-            raise ValueError("step_terms: kl_estimator='velocity' with beta != 0 needs StepTerms.v_ref_delta_sq")
-    if kl is not None and kl.shape != shape:
-        kl = kl.expand(shape)
-
-    # (e) aggregation with the explicit normaliser (linear, so the KL part can be reported apart)
+    lr, dt_abs = _ratio_norm(raw_lr, m, cfg, step_terms)
+    w = torch.exp(_row_mean(lr, m) if cfg.ratio_level == "sequence" else lr)
+    # per-action policy term and KL
+    pol = _reweight_steps(_surrogate(w, adv, logps, cfg), step_weights, dt_abs)
+    kl = _reference_kl(cfg, logps, ref_logps, m, raw_lr, w, step_terms, beta_now)
+    # aggregation with the explicit normaliser (linear, so the KL part can be reported apart)
     pol_loss = aggregate(pol, m, cfg.aggregation, norm)
     if kl is not None and beta_now != 0:
         kl_loss = aggregate(kl, m, cfg.aggregation, norm)
@@ -725,38 +813,5 @@ def policy_loss(
     else:
         kl_loss = torch.zeros((), dtype=pol_loss.dtype, device=pol_loss.device)
         loss = pol_loss
-
-    # statistics (local to this micro-batch, over unmasked actions / non-empty sequences)
-    with torch.no_grad():
-        dev = logps.device
-        wb = w.detach()
-        if cfg.ratio_level == "sequence":
-            # one weight per sequence: compare it with the sequence's mean advantage
-            adv_full = adv.expand(shape)
-            ab = (torch.where(m, adv_full, torch.zeros_like(adv_full)).sum(-1, keepdim=True)
-                  / m.sum(-1, keepdim=True).clamp(min=1).to(adv_full.dtype))
-            smask = stat_mask
-        else:
-            ab = adv.expand(shape)
-            smask = m
-        low = (wb < 1.0 - cfg.eps_low) & (ab < 0)
-        high = (wb > 1.0 + eps_high) & (ab > 0)
-        rs = _masked_stats(wb, smask)
-        stats: dict[str, Tensor] = {
-            "loss": loss.detach(),
-            "policy_loss": pol_loss.detach(),
-            "kl_loss": kl_loss.detach(),
-            "kl": _masked_mean(kl, m) if kl is not None else torch.zeros((), dtype=torch.float64, device=dev),
-            "clip_frac_low": _masked_mean(low.to(torch.float64), smask),
-            "clip_frac_high": _masked_mean(high.to(torch.float64), smask),
-            "clip_frac": _masked_mean((low | high).to(torch.float64), smask),
-            "approx_kl": _masked_mean(0.5 * raw_lr.detach() ** 2, m),
-            "approx_kl_k3": _masked_mean(torch.exp(raw_lr.detach()) - 1.0 - raw_lr.detach(), m),
-            "ratio_mean": rs["mean"],
-            "ratio_std": rs["std"],
-            "ratio_min": rs["min"],
-            "ratio_max": rs["max"],
-            "num_actions": m.sum().to(torch.float64),
-            "beta": torch.tensor(beta_now, dtype=torch.float64, device=dev),
-        }
-    return loss, stats
+    totals = {"loss": loss.detach(), "policy_loss": pol_loss.detach(), "kl_loss": kl_loss.detach()}
+    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now)}
