@@ -128,10 +128,10 @@ def test_every_plan_kind_end_to_end_and_deterministic(policy, name):
     same_noise = name in ("singular",)
     r = _run(policy, plan, group_size=G, same_noise=same_noise)
     N = len(PROMPTS) * G
-    T = plan.last_sde - plan.first_sde + 1
+    T = plan.sde_steps[-1] - plan.first_sde + 1
     assert r.num_samples == N and r.num_stored_steps == T
     assert r.latents.shape[:2] == (N, T + 1) and r.means.shape[:2] == (N, T)
-    assert r.step_index.tolist() == list(range(plan.first_sde, plan.last_sde + 1))
+    assert r.step_index.tolist() == list(range(plan.first_sde, plan.sde_steps[-1] + 1))
     assert torch.equal(r.stochastic, plan.sde[r.step_index].expand(N, T))
     assert bool((r.trained <= r.stochastic).all()) and bool(r.trained.any())
     assert torch.isfinite(r.log_probs).all()
@@ -182,7 +182,7 @@ def _tree_rows_formula(plan, P, n_trees, same_noise):
     """Rows evaluated at each head step: P·trees·(product of branch factors of earlier steps)."""
     rows, out = P * (1 if same_noise else n_trees), []
     first = plan.first_sde
-    for i in range(plan.last_sde + 1):
+    for i in range(plan.sde_steps[-1] + 1):
         out.append(rows)
         if plan.sde[i]:
             rows *= int(plan.branch[i]) * (n_trees if (same_noise and i == first) else 1)
@@ -200,7 +200,7 @@ def test_tree_nfe_is_the_node_count(policy, n_trees, same_noise):
     r = _run(policy, plan, group_size=G, same_noise=same_noise, guidance_scale=cfg_scale)
     head_rows, leaves_rows = _tree_rows_formula(plan, P, n_trees, same_noise)
     assert leaves_rows == N
-    tail_steps = S - (plan.last_sde + 1)
+    tail_steps = S - (plan.sde_steps[-1] + 1)
     expected = sum(head_rows) + tail_steps * N
     rows = _transformer_rows(policy)
     cfg_factor = 2 if getattr(policy, "pipeline", None) is not None and type(policy).__name__ == "SD3Policy" else 1

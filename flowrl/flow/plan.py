@@ -1,42 +1,18 @@
-"""Sampling plans: which denoising steps are stochastic, which are trained, where trajectories branch.
+"""Sampling plans: which denoising steps are stochastic (SDE), which are trained, where trajectories branch.
 
-Every GRPO-family method for flow models is one choice of steps over the same sampler
-(research notes, flow_anchors.md §13.2):
+Every GRPO-family method for flow models is one choice of steps (``kind``) over the same sampler:
 
-==================  ==========================================================================
-``kind``            method (paper)
-==================  ==========================================================================
-``full``            Flow-GRPO (arXiv 2505.05470): every step SDE, every step but the last trained
-``random_subset``   DanceGRPO (arXiv 2505.07818): every step SDE, a random 60 % of them trained,
-                    drawn per sample
-``window``          MixGRPO (arXiv 2507.21802): SDE + trained inside a window of ``window.size``
-                    steps that slides over training (progressive / decay / exp_decay / random), ODE
-                    outside; with ``ode_solver="dpm2m"`` and ``tail.ratio`` it is MixGRPO-Flash
-``random_window``   Flow-GRPO-Fast: a window of ``window.size`` SDE steps drawn each iteration
-                    inside ``window.range`` (default ``[0, num_steps // 2)``), ODE elsewhere
-``singular``        G²RPO (arXiv 2510.01982): one SDE step, ODE elsewhere; with
-                    ``granularities`` the ODE continuation is run at several step strides;
-                    ``singular.choice="all"`` is a *sweep*: every eligible step branches in the
-                    same iteration from one ODE trunk per prompt (G²RPO's ``eta_step_list`` loop,
-                    TempFlow-GRPO's per-step branches), one advantage group per (prompt, step)
-``tree``            TempFlow-GRPO (arXiv 2508.04324, fixed ``tree.branch_steps``) and
-                    Dynamic-TreeRPO (arXiv 2509.23352, a sliding window of branching depths with a
-                    noise level per depth): trajectories branch into ``tree.branch_factors[d]``
-                    children at depth d
-==================  ==========================================================================
+* ``full``: Flow-GRPO (arXiv 2505.05470): every step SDE, every step but the last trained.
+* ``random_subset``: DanceGRPO (arXiv 2505.07818): every step SDE, a random 60 % of them trained.
+* ``window``: MixGRPO (arXiv 2507.21802): SDE + trained inside a window that slides over training,
+  ODE outside; with ``ode_solver="dpm2m"`` and ``tail.ratio`` it is MixGRPO-Flash.
+* ``random_window``: Flow-GRPO-Fast: a window of SDE steps drawn each iteration, ODE elsewhere.
+* ``singular``: G²RPO (arXiv 2510.01982): one SDE step, ODE continuations at several strides.
+* ``tree``: TempFlow-GRPO (arXiv 2508.04324), Dynamic-TreeRPO (arXiv 2509.23352): trajectories
+  branch into ``tree.branch_factors[d]`` children at depth d.
 
-A :class:`Plan` is a handful of small tensors over the ``num_steps`` steps; building one costs
-microseconds. Every random choice in :func:`build_plan` comes from the ``generator`` argument. The
-caller seeds it identically on every process with :func:`plan_generator` ``(seed, iteration)``, so
-all processes agree on the window / branch step of an iteration, and a prompt's group, even when
-spread over GPUs, never mixes different windows (Flow-GRPO-Fast draws its window with each rank's
-own RNG, which lets group members branch at different steps: notes §2.6).
-
-The one random choice that is *not* drawn here is DanceGRPO's per-sample subset of trained steps
-(``random_subset`` with ``subset.per_sample=True``): the number of samples is the sampler's business, so
-the plan records the subset size and :meth:`Plan.trained_mask` draws one subset per sample from the
-sampler's generator. Per-sample subsets need no agreement across processes: every sample lives on
-one process.
+:func:`build_plan` gives the :class:`Plan` (a few ``[num_steps]`` tensors) of one iteration, its random
+choices drawn from :func:`plan_generator` ``(seed, iteration)``, the same on every process.
 """
 
 from __future__ import annotations
@@ -443,13 +419,9 @@ class Plan:
 
     @property
     def first_sde(self) -> Optional[int]:
+        """The first stochastic step (None when there is none): where the sampler's rows multiply first."""
         s = self.sde_steps
         return s[0] if s else None
-
-    @property
-    def last_sde(self) -> Optional[int]:
-        s = self.sde_steps
-        return s[-1] if s else None
 
     @property
     def leaves(self) -> int:
@@ -649,122 +621,159 @@ def _window_start(cfg: WindowConfig, iteration: int, max_start: int, generator: 
     )
 
 
+@dataclass
+class _Steps:
+    """One plan kind's choice of steps: ``sde`` and ``trained`` masks ``[S]``; for a per-sample
+    subset its size; for a tree the branch factors and the noise level of each step."""
+
+    sde: torch.Tensor
+    trained: torch.Tensor
+    subset_size: int = 0
+    branch: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+
+
+def _mask(num_steps: int, index: Any) -> torch.Tensor:
+    """``[num_steps]`` bool, True at ``index`` (a slice, a list of steps or an index tensor)."""
+    out = torch.zeros(num_steps, dtype=torch.bool)
+    out[index] = True
+    return out
+
+
+def _sde_and_trained(num_steps: int, index: Any) -> _Steps:
+    """The same steps stochastic and trained, ODE elsewhere."""
+    sde = _mask(num_steps, index)
+    return _Steps(sde, sde.clone())
+
+
+def _full_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """Flow-GRPO (arXiv 2505.05470): all S steps SDE, the trainable steps ``0..L-1`` trained
+    (L = S, or S − 1 without ``train_last_step``; Flow-GRPO's ``timestep_fraction`` 0.99)."""
+    return _Steps(_mask(S, slice(None)), _mask(S, slice(0, cfg.trainable_limit(S))))
+
+
+def _random_subset_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """DanceGRPO (arXiv 2505.07818): all steps SDE; k = max(1, int(L·fraction)) of the L trainable
+    steps trained, per sample (``subset.per_sample``: :meth:`Plan.trained_mask` draws them) or one
+    subset for the iteration, drawn from ``generator``."""
+    L = cfg.trainable_limit(S)
+    k = max(1, int(L * cfg.subset.fraction))
+    if cfg.subset.per_sample:
+        return _Steps(_mask(S, slice(None)), _mask(S, slice(0, L)), subset_size=k if k < L else 0)
+    return _Steps(_mask(S, slice(None)), _mask(S, torch.randperm(L, generator=generator)[:k]))
+
+
+def _window_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """MixGRPO (arXiv 2507.21802): SDE + trained on ``[t, min(t + size, M))`` with M = L − 1 (= S − 2,
+    MixGRPO's ``max_timesteps``, which both caps the window and bounds its start), t from MixGRPO's
+    schedule over the starts ``0 .. M − 1`` (``decay`` measures progress against M); ``random``:
+    ``window.start`` at iteration 0, then t uniform in ``[0, M − size]``. (MixGRPO's own start M has
+    an empty window, on which its loop raises: flowrl rolls back after M − 1 instead.) With
+    ``ode_solver="dpm2m"`` and ``tail.ratio`` this is MixGRPO-Flash."""
+    cap, size = cfg.trainable_limit(S) - 1, cfg.window.size  # cap: MixGRPO's max_timesteps
+    if cfg.window.schedule == "random":
+        start = _window_start(cfg.window, iteration, cap - size, generator)
+    else:
+        start = _window_start(cfg.window, iteration, cap, generator, last_start=cap - 1)
+    return _sde_and_trained(S, slice(start, min(start + size, cap)))
+
+
+def _random_window_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """Flow-GRPO-Fast: t uniform in ``[lo, hi − size]`` of ``window.range`` (default ``[0, S // 2)``),
+    SDE + trained on ``[t, t + size)``."""
+    lo, hi = cfg.random_window_range(S)
+    start = _randint(lo, hi - cfg.window.size, generator)
+    return _sde_and_trained(S, slice(start, start + cfg.window.size))
+
+
+def _singular_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """G²RPO (arXiv 2510.01982): one SDE + trained step, drawn from the eligible steps (``random``)
+    or ``eligible[iteration % len]`` (``cycle``); ``all``: every eligible step marked, a sweep (each
+    trajectory still takes one of them: see :meth:`Plan.singular_at`)."""
+    eligible = cfg.singular_eligible(S)
+    if cfg.singular.choice == "all":
+        return _sde_and_trained(S, eligible)
+    if cfg.singular.choice == "cycle":
+        return _sde_and_trained(S, [eligible[iteration % len(eligible)]])
+    return _sde_and_trained(S, [eligible[_randint(0, len(eligible) - 1, generator)]])
+
+
+def _tree_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """TempFlow-GRPO (arXiv 2508.04324) and Dynamic-TreeRPO (arXiv 2509.23352): SDE + trained +
+    branching into ``tree.branch_factors[d]`` children at depth d, at ``tree.branch_steps`` (TempFlow)
+    or at a window of ``depth`` consecutive steps that slides like ``window`` (last start L − depth;
+    Dynamic-TreeRPO); noise level ``tree.branch_noise[d]`` at depth d (else ``noise_level``)."""
+    tree, depth = cfg.tree, len(cfg.tree.branch_factors)
+    if tree.branch_steps is not None:
+        steps = [int(s) for s in tree.branch_steps]
+    else:
+        start = _window_start(cfg.window, iteration, cfg.trainable_limit(S) - depth, generator)
+        steps = list(range(start, start + depth))
+    levels = tree.branch_noise if tree.branch_noise is not None else [cfg.noise_level] * depth
+    out = _sde_and_trained(S, steps)
+    out.branch, out.noise = torch.ones(S, dtype=torch.int64), torch.zeros(S, dtype=torch.float32)
+    for d, s in enumerate(steps):
+        out.branch[s] = int(tree.branch_factors[d])
+        out.noise[s] = float(levels[d])
+    return out
+
+
+_KIND_STEPS = {"full": _full_steps, "random_subset": _random_subset_steps, "window": _window_steps,
+               "random_window": _random_window_steps, "singular": _singular_steps, "tree": _tree_steps}
+
+
+def _noise_levels(cfg: PlanConfig, steps: _Steps) -> torch.Tensor:
+    """``[S]`` float32: the kind's own levels (a tree's per depth), else ``noise_level`` on SDE steps, 0 on ODE steps."""
+    if steps.noise is not None:
+        return steps.noise
+    noise = torch.zeros(steps.sde.numel(), dtype=torch.float32)
+    noise[steps.sde] = float(cfg.noise_level)
+    return noise
+
+
+def _tail_fields(cfg: PlanConfig) -> dict:
+    """The ODE continuation after the last SDE step: MixGRPO-Flash's compressed tail (``tail.ratio``,
+    spaced with time shift ``tail.shift``) and G²RPO's ``granularities`` (continuation strides)."""
+    return dict(compress_ratio=cfg.tail.ratio, compress_shift=cfg.tail.shift,
+                granularities=tuple(int(g) for g in cfg.granularities))
+
+
 def build_plan(
     cfg: PlanConfig,
     num_steps: int,
     iteration: int = 0,
     generator: Optional[torch.Generator] = None,
 ) -> Plan:
-    """The plan of training ``iteration`` for a ``num_steps``-step rollout.
+    """The plan of training ``iteration`` for a ``num_steps``-step rollout: the steps chosen by the
+    function of ``cfg.kind`` (``_full_steps`` .. ``_tree_steps``, each naming its paper), their noise
+    levels, and the ODE tail.
 
     ``generator``: every random choice (random window position, singular step, shared trained
     subset) is drawn from it; pass ``plan_generator(seed, iteration)`` so that every process builds
     the same plan. A deterministic kind ignores it.
-
-    Per kind (S = num_steps, trainable steps ``0..L-1`` with L = S, or S−1 without
-    ``train_last_step``):
-
-    * ``full``: all S steps SDE, steps < L trained (Flow-GRPO, ``timestep_fraction`` 0.99).
-    * ``random_subset``: all steps SDE; k = max(1, int(L·fraction)) of the L trainable steps trained,
-      per sample (``subset.per_sample``) or one subset for the iteration.
-    * ``window``: SDE + trained on ``[t, min(t + size, M))`` with M = L − 1 (= S − 2, MixGRPO's
-      ``max_timesteps``, which both caps the window and bounds its start), t from MixGRPO's
-      schedule over the starts ``0 .. M − 1`` (``decay`` measures progress against M); ``random``:
-      ``window.start`` at iteration 0, then t uniform in ``[0, M − size]``. (MixGRPO's own start
-      M has an empty window, on which its loop raises: flowrl rolls back after M − 1 instead.)
-    * ``random_window``: t uniform in ``[lo, hi − size]`` of ``window.range`` (Flow-GRPO-Fast:
-      ``[0, S // 2)``); SDE + trained on ``[t, t + size)``.
-    * ``singular``: one SDE + trained step, drawn from the eligible steps (``random``) or
-      ``eligible[iteration % len]`` (``cycle``); ``all``: every eligible step marked, with
-      ``sweep=True`` (each trajectory still takes one of them: see :meth:`Plan.singular_at`).
-    * ``tree``: SDE + trained + branching at ``tree.branch_steps`` (fixed) or at a window of
-      ``len(tree.branch_factors)`` consecutive steps that slides like ``window`` (last start L − depth);
-      noise level ``tree.branch_noise[d]`` at depth d.
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool):
         raise ValueError(f"num_steps: must be an int, got {num_steps!r}")
     if iteration < 0:
         raise ValueError(f"iteration: must be >= 0, got {iteration}")
     cfg.validate(num_steps)
-    S = num_steps
-    L = cfg.trainable_limit(S)
-    sde = torch.zeros(S, dtype=torch.bool)
-    trained = torch.zeros(S, dtype=torch.bool)
-    noise = torch.zeros(S, dtype=torch.float32)
-    branch = torch.ones(S, dtype=torch.int64)
-    subset_size = 0
-
-    if cfg.kind == "full":
-        sde[:] = True
-        trained[:L] = True
-    elif cfg.kind == "random_subset":
-        sde[:] = True
-        k = max(1, int(L * cfg.subset.fraction))
-        if cfg.subset.per_sample:
-            trained[:L] = True
-            subset_size = k if k < L else 0
-        else:
-            trained[torch.randperm(L, generator=generator)[:k]] = True
-    elif cfg.kind == "window":
-        cap = L - 1  # MixGRPO's max_timesteps
-        if cfg.window.schedule == "random":
-            start = _window_start(cfg.window, iteration, cap - cfg.window.size, generator)
-        else:
-            start = _window_start(cfg.window, iteration, cap, generator, last_start=cap - 1)
-        sde[start:min(start + cfg.window.size, cap)] = True
-        trained |= sde
-    elif cfg.kind == "random_window":
-        lo, hi = cfg.random_window_range(S)
-        start = _randint(lo, hi - cfg.window.size, generator)
-        sde[start:start + cfg.window.size] = True
-        trained |= sde
-    elif cfg.kind == "singular":
-        eligible = cfg.singular_eligible(S)
-        if cfg.singular.choice == "all":
-            ks = eligible
-        elif cfg.singular.choice == "cycle":
-            ks = [eligible[iteration % len(eligible)]]
-        else:
-            ks = [eligible[_randint(0, len(eligible) - 1, generator)]]
-        sde[ks] = True
-        trained[ks] = True
-    elif cfg.kind == "tree":
-        tree = cfg.tree
-        depth = len(tree.branch_factors)
-        if tree.branch_steps is not None:
-            steps = [int(s) for s in tree.branch_steps]
-        else:
-            start = _window_start(cfg.window, iteration, L - depth, generator)
-            steps = list(range(start, start + depth))
-        levels = tree.branch_noise if tree.branch_noise is not None else [cfg.noise_level] * depth
-        for d, s in enumerate(steps):
-            sde[s] = True
-            trained[s] = True
-            branch[s] = int(tree.branch_factors[d])
-            noise[s] = float(levels[d])
-    else:  # pragma: no cover - validate() rejects it
-        raise ValueError(f"kind: unknown plan kind {cfg.kind!r}")
-
-    if cfg.kind != "tree":
-        noise[sde] = float(cfg.noise_level)
+    steps = _KIND_STEPS[cfg.kind](cfg, num_steps, iteration, generator)
     return Plan(
         kind=cfg.kind,
-        num_steps=S,
-        sde=sde,
-        noise_level=noise,
-        trained=trained,
-        branch=branch,
+        num_steps=num_steps,
+        sde=steps.sde,
+        noise_level=_noise_levels(cfg, steps),
+        trained=steps.trained,
+        branch=steps.branch if steps.branch is not None else torch.ones(num_steps, dtype=torch.int64),
         sde_kind=cfg.sde,
         reduction=cfg.reduction,
         ode_solver=cfg.ode_solver,
         head_solver=cfg.head_solver,
-        compress_ratio=cfg.tail.ratio,
-        compress_shift=cfg.tail.shift,
-        granularities=tuple(int(g) for g in cfg.granularities),
-        subset_size=subset_size,
+        subset_size=steps.subset_size,
         tree_dedup=cfg.tree.dedup,
         iteration=iteration,
         sweep=cfg.is_sweep,
+        **_tail_fields(cfg),
     )
 
 
@@ -800,8 +809,7 @@ def granular_sigmas(tail: torch.Tensor, granularity: int) -> torch.Tensor:
     g-th sigma, and decodes the x0 prediction ``x - sigma v`` taken at the second-to-last kept
     sigma: the last kept sigma is never evaluated, and when the stride skips 0 the continuation
     jumps to 0 from the point before it. An Euler step to 0 is that x0 prediction, so this returns
-    ``[tail[0]] + tail[1::g]`` with its last entry replaced by the final sigma (bcmi/Granular-GRPO
-    ``fastvideo/train_g2rpo_hps.py``, ``run_ode_sample_step``; checked at ef6ec9f).
+    ``[tail[0]] + tail[1::g]`` with its last entry replaced by the final sigma.
     """
     if granularity < 1:
         raise ValueError(f"granularity: must be >= 1, got {granularity}")

@@ -1,27 +1,12 @@
 """The run report: one static, offline-readable ``report.html`` that leads with the result.
 
-It reads what a training run leaves in its folder::
-
-    <run>/metrics.jsonl        one JSON object per training step: step, reward/total, reward/<name>,
-                               kl, clip_frac, time/sampling, ... (written by the training loop)
-    <run>/summary.json         steps, wall_clock_s, nfe, first_eval, last_eval (reward -> held-out mean)
-    <run>/eval.jsonl           one record per evaluation (flowrl.train.runfolder.save_eval)
-    <run>/eval/step-XXXXXXXX/grid.png
-    <run>/before_after/grid.png  the first evaluation next to the latest (image runs)
-    <run>/config.yaml          the resolved config (shown folded at the end of the page)
-
-and writes ``<run>/plots/{reward_eval,reward_train,train_metrics}.png`` (12 panels a file; more go to
-``<name>_2.png``, ...) and ``<run>/report.html``, in this order: the held-out result in one line, the
-before/after grid (else the first and last evaluation grids), the held-out table (first vs last
-evaluation per reward, then per category), the run's size, the curves. A series that is 0 at every
-point (a counter such as ``invalid_samples`` that never counted, a KL with no KL term) or has no
-finite value is not plotted, and the page names it in one line; one that holds another single value
-(a constant learning rate) is stated with its value instead of plotted.
-
-Images are referenced by paths relative to the run folder, so the folder can be copied and the page
-still reads offline. JSONL lines that do not parse (torn by a crash) are skipped with a warning; for
-an evaluation step logged twice (after a resume) the last record wins. Plots use matplotlib's Agg
-canvas directly (no pyplot state, no display needed).
+:func:`write_report` reads a run folder (``metrics.jsonl``, ``summary.json``, ``eval.jsonl``, the
+evaluation and before/after grids, ``config.yaml``), draws ``<run>/plots/*.png`` with matplotlib's
+Agg canvas and writes ``<run>/report.html``: the held-out result in one line, the before/after grid,
+the held-out table (first vs last evaluation per reward, then per category), the run's size, the
+curves, the config. Series that are zero or constant throughout are named instead of plotted.
+Images are linked relative to the run folder, so a copied folder still reads offline. The folder
+layout and the rules in full: docs/methods.md, ``flowrl.train.report``.
 """
 from __future__ import annotations
 
@@ -32,6 +17,7 @@ import logging
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -391,11 +377,20 @@ def _headline(first: Mapping[str, Any], last: Mapping[str, Any], steps: Tuple[Op
             f"({b - a:+.4f}){where}.</p>")
 
 
-def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path:
-    """Draw the plots and write ``<run>/report.html`` (see the module doc); returns its path.
+@dataclass
+class _Run:
+    """What a run folder holds: which of the three logs exist, and their records."""
 
-    Raises UsageError when ``run_dir`` is not a folder or holds none of metrics.jsonl, summary.json
-    and eval.jsonl."""
+    root: Path
+    have: List[str]
+    metrics: List[Dict[str, Any]]
+    evals: List[Dict[str, Any]]
+    summary: Dict[str, Any]
+
+
+def _read_run(run_dir: Union[str, Path]) -> _Run:
+    """Read the run folder; UsageError when it is missing, not a folder, holds none of metrics.jsonl,
+    summary.json and eval.jsonl (or only empty ones), cannot be read, or cannot be written."""
     root = Path(run_dir)
     if not root.exists():
         raise UsageError(f"run folder not found: {root}")
@@ -413,59 +408,91 @@ def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path
     if not metrics and not evals and not summary:
         raise UsageError(f"{root} holds no metrics: {', '.join(have)} {'is' if len(have) == 1 else 'are'} empty")
     writable_dir(root, "run folder")  # plots/ and report.html go into it
-    esc = html.escape
+    return _Run(root, have, metrics, evals, summary)
 
-    # ---- 1. the result: before/after grid, held-out first vs last ---------------------------------
-    lead_heading, lead_html = _lead_figure(root, evals)
-    first_eval = summary.get("first_eval") or (evals[0].get("means") if evals else {}) or {}
-    last_eval = summary.get("last_eval") or (evals[-1].get("means") if evals else {}) or {}
-    steps = (evals[0]["step"], evals[-1]["step"]) if evals else (None, None)
-    eval_table = _first_last_table(first_eval, last_eval, "held-out reward", "evals", steps)
-    details_table, counts_note = "", ""
-    if evals:
-        d0, d1 = evals[0].get("details") or {}, evals[-1].get("details") or {}
-        scores = [k for k in dict.fromkeys([*d1, *d0]) if not _is_count_key(k)]
-        details_table = _first_last_table({k: d0.get(k) for k in scores if k in d0},
-                                          {k: d1.get(k) for k in scores if k in d1}, "per category", "details", steps)
-        counts = {k: d1.get(k, d0.get(k)) for k in dict.fromkeys([*d1, *d0]) if _is_count_key(k)}
+
+def _first_last(run: _Run) -> Tuple[Mapping[str, Any], Mapping[str, Any], Tuple[Optional[int], Optional[int]]]:
+    """(first, last, (first step, last step)): the held-out means of the first and last evaluation,
+    from summary.json, else from eval.jsonl."""
+    evals, summary = run.evals, run.summary
+    first = summary.get("first_eval") or (evals[0].get("means") if evals else {}) or {}
+    last = summary.get("last_eval") or (evals[-1].get("means") if evals else {}) or {}
+    return first, last, ((evals[0]["step"], evals[-1]["step"]) if evals else (None, None))
+
+
+def _result_header(run: _Run, first: Mapping[str, Any], last: Mapping[str, Any],
+                   steps: Tuple[Optional[int], Optional[int]]) -> str:
+    """The logs this folder lacks (if any), then the held-out result in one line."""
+    missing = [n for n in (METRICS, SUMMARY, EVAL_LOG) if n not in run.have]
+    missing_note = (f"<p class=\"note\">Not found in this run folder: {html.escape(', '.join(missing))}.</p>"
+                    if missing else "")
+    return f"{missing_note}\n{_headline(first, last, steps)}"
+
+
+def _before_after_section(run: _Run) -> str:
+    """The lead figure under its heading (:func:`_lead_figure`), or nothing."""
+    heading, body = _lead_figure(run.root, run.evals)
+    return f"<h2>{html.escape(heading)}</h2>\n{body}" if body else ""
+
+
+def _held_out_section(run: _Run, first: Mapping[str, Any], last: Mapping[str, Any],
+                      steps: Tuple[Optional[int], Optional[int]]) -> str:
+    """First vs last evaluation per reward, then per category (image counts as a note), then which
+    steps were evaluated and how."""
+    table = _first_last_table(first, last, "held-out reward", "evals", steps) or "<p>No evaluation.</p>"
+    details = counts_note = eval_note = ""
+    if run.evals:
+        d0, d1 = run.evals[0].get("details") or {}, run.evals[-1].get("details") or {}
+        keys = list(dict.fromkeys([*d1, *d0]))
+        scores = [k for k in keys if not _is_count_key(k)]
+        details = _first_last_table({k: d0.get(k) for k in scores if k in d0},
+                                    {k: d1.get(k) for k in scores if k in d1}, "per category", "details", steps)
+        counts = {k: d1.get(k, d0.get(k)) for k in keys if _is_count_key(k)}
         if counts:
-            listed = ", ".join(f"{esc(k.rsplit('/', 1)[-1])} {_fmt(_as_int(v))}" for k, v in counts.items())
+            listed = ", ".join(f"{html.escape(k.rsplit('/', 1)[-1])} {_fmt(_as_int(v))}" for k, v in counts.items())
             counts_note = f"<p>Images per category: {listed}.</p>"
-        eval_note = _eval_note(root, evals)
-    else:
-        eval_note = ""
+        eval_note = _eval_note(run.root, run.evals)
+    return "\n".join((table, details, counts_note, eval_note))
 
-    # ---- 2. the run ---------------------------------------------------------------------------------
-    run_rows = [("steps", _fmt(summary.get("steps", metrics[-1].get("step") if metrics else None))),
-                ("wall clock", _duration(summary.get("wall_clock_s"))),
-                ("NFE", _fmt(summary.get("nfe")))]
-    for k, v in summary.items():
-        if k in ("steps", "wall_clock_s", "nfe", "first_eval", "last_eval") or isinstance(v, (dict, list)):
-            continue
-        run_rows.append((k, _fmt(v)))
-    run_table = "<table id=\"run\">\n" + "\n".join(
-        f"<tr><td>{esc(str(k))}</td><td>{v}</td></tr>" for k, v in run_rows) + "\n</table>"
 
-    # ---- 3. the curves ------------------------------------------------------------------------------
-    curves, zero, constant = _curves(root, metrics, evals)
-    figs = "\n".join(f'<figure><img src="{_rel(p, root)}" alt="{esc(c)}"><figcaption>{esc(c)}</figcaption></figure>'
+def _run_section(run: _Run) -> str:
+    """The run's size: steps, wall clock, NFE, then the other scalars of summary.json."""
+    summary, metrics = run.summary, run.metrics
+    rows = [("steps", _fmt(summary.get("steps", metrics[-1].get("step") if metrics else None))),
+            ("wall clock", _duration(summary.get("wall_clock_s"))),
+            ("NFE", _fmt(summary.get("nfe")))]
+    rows += [(k, _fmt(v)) for k, v in summary.items()
+             if k not in ("steps", "wall_clock_s", "nfe", "first_eval", "last_eval") and not isinstance(v, (dict, list))]
+    return "<table id=\"run\">\n" + "\n".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in rows) + "\n</table>"
+
+
+def _curves_section(run: _Run) -> str:
+    """The plots (:func:`_curves`), then the series not plotted: zero (or NaN) throughout, or constant."""
+    esc = html.escape
+    curves, zero, constant = _curves(run.root, run.metrics, run.evals)
+    figs = "\n".join(f'<figure><img src="{_rel(p, run.root)}" alt="{esc(c)}"><figcaption>{esc(c)}</figcaption></figure>'
                      for p, c in curves)
-    hidden_note = (f'<p class="note" id="hidden">Not plotted, zero (or NaN) throughout: {esc(", ".join(zero))}.</p>'
-                   if zero else "")
+    note = (f'<p class="note" id="hidden">Not plotted, zero (or NaN) throughout: {esc(", ".join(zero))}.</p>'
+            if zero else "")
     if constant:
         listed = ", ".join(f"{esc(k)} {_short(v)}" for k, v in constant.items())
-        hidden_note += f'\n<p class="note" id="constant">Not plotted, the same throughout: {listed}.</p>'
+        note += f'\n<p class="note" id="constant">Not plotted, the same throughout: {listed}.</p>'
+    return f"{figs or '<p>No numeric metrics to plot.</p>'}\n{note}"
 
-    config_html = ""
-    if (root / "config.yaml").is_file():
-        config_html = ("<details><summary>config.yaml</summary><pre>"
-                       f"{esc((root / 'config.yaml').read_text(encoding='utf-8', errors='replace'))}</pre></details>")
-    missing = [n for n in (METRICS, SUMMARY, EVAL_LOG) if n not in have]
-    missing_note = f"<p class=\"note\">Not found in this run folder: {esc(', '.join(missing))}.</p>" if missing else ""
 
-    title = title or f"flowrl run: {root.resolve().name}"
-    lead = f"<h2>{esc(lead_heading)}</h2>\n{lead_html}" if lead_html else ""
-    page = f"""<!DOCTYPE html>
+def _config_section(root: Path) -> str:
+    """config.yaml, folded (nothing when the run folder has none)."""
+    if not (root / "config.yaml").is_file():
+        return ""
+    text = (root / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    return f"<details><summary>config.yaml</summary><pre>{html.escape(text)}</pre></details>"
+
+
+def _page(title: str, body: str) -> str:
+    """The HTML document: its title, a small stylesheet, and ``body``."""
+    esc = html.escape
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}}
 table{{border-collapse:collapse;margin:.8em 0}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
@@ -473,23 +500,24 @@ td:first-child,th:first-child{{text-align:left}}figure{{margin:1em 0}}img{{max-w
 img.grid{{image-rendering:pixelated}}.note{{color:#a60}}.lead{{font-size:1.15em}}
 pre{{background:#f6f6f6;padding:.6em}}</style></head><body>
 <h1>{esc(title)}</h1>
-{missing_note}
-{_headline(first_eval, last_eval, steps)}
-{lead}
-<h2>Held-out reward</h2>
-{eval_table or '<p>No evaluation.</p>'}
-{details_table}
-{counts_note}
-{eval_note}
-<h2>Run</h2>
-{run_table}
-<h2>Curves</h2>
-{figs or '<p>No numeric metrics to plot.</p>'}
-{hidden_note}
-{config_html}
+{body}
 </body></html>
 """
-    return atomic_write(root / REPORT, page)
+
+
+def write_report(run_dir: Union[str, Path], title: Optional[str] = None) -> Path:
+    """Draw the plots and write ``<run>/report.html`` (see the module doc); returns its path.
+
+    Raises UsageError when ``run_dir`` is not a folder or holds none of metrics.jsonl, summary.json
+    and eval.jsonl."""
+    run = _read_run(run_dir)
+    first, last, steps = _first_last(run)
+    body = [_result_header(run, first, last, steps), _before_after_section(run),
+            "<h2>Held-out reward</h2>", _held_out_section(run, first, last, steps),
+            "<h2>Run</h2>", _run_section(run),
+            "<h2>Curves</h2>", _curves_section(run), _config_section(run.root)]
+    title = title or f"flowrl run: {run.root.resolve().name}"
+    return atomic_write(run.root / REPORT, _page(title, "\n".join(body)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
