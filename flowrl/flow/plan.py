@@ -26,7 +26,8 @@ Every GRPO-family method for flow models is one choice of steps over the same sa
 
 A :class:`Plan` is a handful of small tensors over the ``num_steps`` steps; building one costs
 microseconds. Every random choice in :func:`build_plan` comes from the ``generator`` argument. The
-caller seeds it identically on every process with :func:`plan_generator` ``(seed, iteration)``, so
+caller seeds it identically on every process with :func:`plan_generator` ``(seed, iteration)``
+(:mod:`flowrl.core.rng`, keys ``"plan", iteration``), so
 all processes agree on the window / branch step of an iteration, and a prompt's group, even when
 spread over GPUs, never mixes different windows (Flow-GRPO-Fast draws its window with each rank's
 own RNG, which lets group members branch at different steps: notes §2.6).
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, List, Literal, Optional
 
 import torch
+
+from flowrl.core import rng
 
 __all__ = [
     "PLAN_KINDS",
@@ -427,31 +430,15 @@ class Plan:
 # Random numbers that every process agrees on
 # --------------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def plan_generator(seed: int, iteration: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, iteration)`` only: the same on every process.
-
-    Seed = SplitMix64(SplitMix64(seed) XOR iteration) truncated to 63 bits, so neighbouring
-    iterations and seeds give unrelated streams. Pass it to :func:`build_plan`; never use a
-    process-specific RNG for plan choices, or group members on different GPUs would use
-    different windows.
+    """``flowrl.core.rng.generator(seed, "plan", iteration)``: a CPU generator that depends on
+    ``(seed, iteration)`` only, so it is the same on every process. Pass it to :func:`build_plan`;
+    never use a process-specific RNG for plan choices, or group members on different GPUs would
+    use different windows.
     """
     if iteration < 0:
         raise ValueError(f"iteration: must be >= 0, got {iteration}")
-    mixed = _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(iteration) & _MASK64))
-    g = torch.Generator(device="cpu")
-    g.manual_seed(mixed & ((1 << 63) - 1))
-    return g
+    return rng.generator(seed, "plan", iteration)
 
 
 def _randint(low: int, high_inclusive: int, generator: Optional[torch.Generator]) -> int:
