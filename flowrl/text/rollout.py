@@ -2,9 +2,9 @@
 
 Sampling draws each row's randomness from its own generator,
 ``flowrl.core.rng.generator(seed, "sample", *prompt key, member)``: a completion does not depend on
-which other prompts share the batch or on how many processes split the batch. It uses the Gumbel-max identity (argmax(logits/T + Gumbel) is a sample
-of softmax(logits/T)) inside ``generate``'s greedy search, so the batched, KV-cached generation
-loop of transformers does the work.
+which other prompts share the batch or on how many processes split the batch. It uses the
+Gumbel-max identity (argmax(logits/T + Gumbel) is a sample of softmax(logits/T)) inside
+``generate``'s greedy search, so the batched, KV-cached generation loop of transformers does the work.
 
 Log-probs follow TRL's convention: ``log_softmax(logits / temperature)`` of the taken token, with
 no top-k/top-p renormalisation (TRL ``GRPOTrainer._get_per_token_logps_and_entropies``).

@@ -4,12 +4,13 @@ log -> maybe evaluate -> maybe checkpoint (:meth:`Trainer.train_step` reads as t
 Processes (accelerate). ``sample.prompts_per_step`` prompts make one step's global batch; the
 choice of prompts, the plan and every sample's noise derive from (seed, step, prompt) only, each a
 named stream of :mod:`flowrl.core.rng`, so a prompt's group is the same whichever process samples
-it. Minibatch m of an inner epoch is the contiguous block m of the step's prompts, split evenly over processes
-(:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes before advantages
-are computed and the loss normaliser counts the whole optimizer batch, so neither the advantages
-nor the updated weights depend on the number of processes (:mod:`flowrl.train.processes` holds the
-collectives and the gradient averaging under DDP; FSDP and other wrappers are called as they are,
-``backward(loss, last)`` synchronising on a minibatch's last pass).
+it. Minibatch m of an inner epoch is the contiguous block m of the step's prompts, split evenly
+over processes (:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes
+before advantages are computed and the loss normaliser counts the whole optimizer batch, so neither
+the advantages nor the updated weights depend on the number of processes
+(:mod:`flowrl.train.processes` holds the collectives and the gradient averaging under DDP; FSDP and
+other wrappers are called as they are, ``backward(loss, last)`` synchronising on a minibatch's last
+pass).
 
 Singular sweeps (``plan.singular_choice: all``) give each prompt K advantage groups, one per branch
 step; :func:`minibatch_split` decides how minibatches cut them (G²RPO: one optimizer step per
