@@ -6,7 +6,8 @@ trains its VAE on rendered scenes (:func:`train_vae`), normalises its latents th
 (:func:`latent_normalization`), trains the MMDiT with rectified-flow matching (:func:`train_transformer`) on
 deliberately imperfect scenes (:func:`noisy_scenes`, :func:`wash_out`), saves the EMA weights, and evaluates
 them on held-out prompts with the RL evaluation (:func:`evaluate_model`). Every step's data and noise derive
-from ``(seed, phase, step)``, so a run resumed from its checkpoints in ``work_dir`` equals an uninterrupted
+from ``(seed, phase, step)`` (the stream ``(seed, "pretrain", phase, step)`` of :mod:`flowrl.core.rng`),
+so a run resumed from its checkpoints in ``work_dir`` equals an uninterrupted
 one. ``scripts/pretrain_demo.py`` is the command line; ``docs/demo.md`` describes the method.
 """
 
