@@ -23,6 +23,7 @@ import diffusers
 import torch
 import transformers
 
+from flowrl.config import from_dict
 from flowrl.demo.tiny_image import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from flowrl.flow.plan import PlanConfig, build_plan, eval_plan, plan_generator
 from flowrl.flow.policy import FlowPolicy
@@ -74,17 +75,17 @@ def overhead(kind: str, args) -> tuple[float, float, float]:
 
 
 PLANS = [
-    # name, PlanConfig kwargs, num_steps, group_size, same_noise
+    # name, PlanConfig as a dict (flowrl.config.from_dict), num_steps, group_size, same_noise
     ("Flow-GRPO (full)", dict(kind="full"), 10, 24, False),
-    ("Flow-GRPO-Fast (window 3 in [0,5))", dict(kind="random_window", window=3, sde="cps", noise_level=0.8), 10, 24, False),
-    ("Flow-GRPO-Fast + shared prefix", dict(kind="random_window", window=3, sde="cps", noise_level=0.8), 10, 24, True),
+    ("Flow-GRPO-Fast (window 3 in [0,5))", dict(kind="random_window", window=dict(size=3), sde="cps", noise_level=0.8), 10, 24, False),
+    ("Flow-GRPO-Fast + shared prefix", dict(kind="random_window", window=dict(size=3), sde="cps", noise_level=0.8), 10, 24, True),
     ("DanceGRPO (60% subset)", dict(kind="random_subset", sde="dance_sde", noise_level=0.3), 16, 12, True),
-    ("MixGRPO (window 4)", dict(kind="window", window=4, shift_interval=25), 25, 12, True),
-    ("MixGRPO-Flash (dpm2m, 0.4)", dict(kind="window", window=4, ode_solver="dpm2m", compress_ratio=0.4), 25, 12, True),
+    ("MixGRPO (window 4)", dict(kind="window", window=dict(size=4, shift_interval=25)), 25, 12, True),
+    ("MixGRPO-Flash (dpm2m, 0.4)", dict(kind="window", window=dict(size=4), ode_solver="dpm2m", tail=dict(ratio=0.4)), 25, 12, True),
     ("G2RPO (singular, g=[1,2])", dict(kind="singular", granularities=[1, 2]), 16, 12, True),
     ("G2RPO (singular, g=[1])", dict(kind="singular"), 16, 12, True),
-    ("Tree 2x2x2 (window of 3)", dict(kind="tree", branch_factors=[2, 2, 2]), 10, 8, False),
-    ("Tree 3x2 at steps [1,4]", dict(kind="tree", branch_factors=[3, 2], branch_steps=[1, 4]), 10, 12, False),
+    ("Tree 2x2x2 (window of 3)", dict(kind="tree", tree=dict(branch_factors=[2, 2, 2])), 10, 8, False),
+    ("Tree 3x2 at steps [1,4]", dict(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 4])), 10, 12, False),
 ]
 
 
@@ -95,7 +96,7 @@ def nfe_table(args) -> None:
           f"{'total':>7s}  plan")
     for name, kw, steps, group, same_noise in PLANS:
         it = 30
-        plan = build_plan(PlanConfig(**kw), steps, it, plan_generator(0, it))
+        plan = build_plan(from_dict(PlanConfig, kw), steps, it, plan_generator(0, it))
         r = sample(policy, prompts, plan, group_size=group, height=32, width=32, guidance_scale=4.5,
                    generator=torch.Generator().manual_seed(0), same_noise=same_noise, decode=False, progress=False)
         per = r.nfe / r.num_samples

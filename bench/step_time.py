@@ -19,10 +19,10 @@ from pathlib import Path
 
 SETTINGS = {
     "Flow-GRPO (full, 10 SDE steps)": ["plan.kind=full"],
-    "MixGRPO (window 4)": ["plan.kind=window", "plan.window=4", "plan.shift_interval=1"],
-    "MixGRPO-Flash (window 4, dpm2m tail 0.4)": ["plan.kind=window", "plan.window=4", "plan.shift_interval=1",
-                                                 "plan.ode_solver=dpm2m", "plan.compress_ratio=0.4"],
-    "Tree 2x2 (Dynamic-TreeRPO window)": ["plan.kind=tree", "plan.branch_factors=[2, 2]"],
+    "MixGRPO (window 4)": ["plan.kind=window", "plan.window.size=4", "plan.window.shift_interval=1"],
+    "MixGRPO-Flash (window 4, dpm2m tail 0.4)": ["plan.kind=window", "plan.window.size=4", "plan.window.shift_interval=1",
+                                                 "plan.ode_solver=dpm2m", "plan.tail.ratio=0.4"],
+    "Tree 2x2 (Dynamic-TreeRPO window)": ["plan.kind=tree", "plan.tree.branch_factors=[2, 2]"],
 }
 
 

@@ -7,6 +7,8 @@ nesting, and every field has a default and a one-line comment. A command line ov
 Every problem with a config (an unknown key, a wrong type, an impossible value) raises
 :class:`ConfigError`, whose message is one line naming the key and, for unknown keys, the closest
 valid key. The command line turns it into that line on stderr and exit status 2, never a traceback.
+A key of an earlier version (:data:`MOVED`, e.g. ``train.lora_rank``) is refused with the key it
+moved to (``train.lora_rank: moved to lora.rank``).
 
 The machinery here (``from_dict``, ``apply_overrides``, ``to_dict``) is generic over dataclasses:
 a concern's dataclass may live next to the code that uses it (``flowrl.flow.plan.PlanConfig``) and
@@ -206,6 +208,23 @@ def to_dict(cfg) -> dict:
     return conv(cfg)
 
 
+def flat_dict(d: dict, sep: str = ".", whole: Sequence[str] = (), scalars_only: bool = False) -> Dict[str, Any]:
+    """The leaves of a nested dict as ``{"train.learning_rate": 3e-4, ...}``. A section named in
+    ``whole`` (a top-level key) and an empty section are one leaf each; ``scalars_only`` turns every
+    value that is not a bool, int, float or str into its ``str`` (for a tracker's hyperparameters)."""
+    out: Dict[str, Any] = {}
+
+    def walk(v, key):
+        if isinstance(v, dict) and v and key not in whole:
+            for k, x in v.items():
+                walk(x, f"{key}{sep}{k}" if key else str(k))
+        else:
+            out[key] = v if not scalars_only or isinstance(v, (bool, int, float, str)) else str(v)
+
+    walk(d, "")
+    return out
+
+
 def _parse_override(item: str) -> Tuple[str, Any, str]:
     if "=" not in item:
         raise ConfigError(item, "an override must look like dotted.key=value")
@@ -305,10 +324,35 @@ def validate(cfg, root=None, prefix: str = "") -> None:
         raise _value_error(prefix, e) from None
 
 
-def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), preprocess=None):
+def _leaf(data: dict, key: str) -> Any:
+    """The value at dotted ``key`` of a nested dict, or _MISSING."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_moved(cls, moved: Dict[str, str], data: dict, overrides: Sequence[str] = ()) -> None:
+    """Raise ``ConfigError("<old key>: moved to <new key>")`` for the first key of ``moved`` (old
+    dotted key -> new) found in the raw dict ``data`` or as an override's key. An old key that is a
+    section of ``cls`` now (``plan.window``) counts only when it holds a plain value."""
+    sections = set(valid_keys(cls))
+    given = [(key, value) for key, value, _ in map(_parse_override, overrides)]
+    given += [(key, _leaf(data, key)) for key in moved]
+    for key, value in given:
+        if key in moved and value is not _MISSING and not (key in sections and isinstance(value, dict)):
+            raise ConfigError(key, f"moved to {moved[key]}")
+
+
+def load(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), preprocess=None,
+         moved: Optional[Dict[str, str]] = None):
     """Load a config of dataclass ``cls`` from YAML ``path`` (optional; ``include:`` overlays are
-    followed), apply overrides, then ``preprocess(data)`` (e.g. presets), build and validate."""
+    followed), refuse keys that ``moved`` (old dotted key -> new) names, apply overrides, then
+    ``preprocess(data)`` (e.g. presets), build and validate."""
     data = _read_yaml_with_includes(Path(path)) if path is not None else {}
+    check_moved(cls, moved or {}, data, overrides)
     data = apply_overrides(cls, data, overrides)
     if preprocess is not None:
         data = preprocess(data)
@@ -429,22 +473,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear LR warm-up (optimizer steps)
     num_iterations: int = 1  # K inner epochs over each rollout (1: exactly on-policy)
     num_minibatches: int = 1  # optimizer steps per inner epoch (the rollout split into this many minibatches)
-    sweep_split: Literal["branch", "prompt"] = "branch"  # singular sweep: minibatches of whole branch steps (G2RPO) or of whole prompts (TempFlow-GRPO)
-    lora: bool = True  # train a LoRA adapter (false: full fine-tuning)
-    lora_rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
-    lora_alpha: Optional[float] = None  # null: the family default (2 x rank)
-    lora_targets: Optional[List[str]] = None  # module name suffixes (null: the family default)
-    lora_init: str = "gaussian"  # peft init_lora_weights ('gaussian' as Flow-GRPO, or 'default')
-    ema: bool = False  # keep an EMA of the trainable weights for evaluation and saving
-    ema_decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
-    ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate autocast
     gradient_checkpointing: bool = False  # trade compute for memory in the update
-    step_weighting: Literal["none", "noise_aware"] = "none"  # flow: per-step loss weights (TempFlow-GRPO noise-aware: the step's std s_t)
-    step_weight_scale: Optional[float] = None  # noise_aware: absolute weights scale * s_t (TempFlow-GRPO code 2.25); null: s_t / mean s over the minibatch's trained steps
-    per_prompt_stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps
-    stat_buffer_size: Optional[int] = 32  # rewards kept per prompt by the tracker (null: unbounded)
-    stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
     max_bad_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     max_update_ratio: Optional[float] = 0.5  # stop (without checkpointing) when one optimizer step changes the trainable weights' norm by more than this fraction; null: off
     keep_last: int = 2  # checkpoints kept on disk
@@ -459,23 +489,39 @@ class TrainConfig:
         check_number("adam_eps", self.adam_eps, gt=0)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas: two numbers in [0, 1), got {self.adam_betas}")
-        if self.sweep_split not in ("branch", "prompt"):
-            raise ValueError(f"sweep_split: must be 'branch' or 'prompt', got {self.sweep_split!r}")
-        for name in ("num_iterations", "num_minibatches", "ema_every", "keep_last", "max_bad_steps"):
+        for name in ("num_iterations", "num_minibatches", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        check_number("ema_decay", self.ema_decay, gt=0, lt=1)
         check_number("max_grad_norm", self.max_grad_norm, gt=0, inf_ok=True, why=".inf: no clipping")
         check_number("max_update_ratio", self.max_update_ratio, gt=0, none_ok=True)
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
-        check_number("lora_alpha", self.lora_alpha, gt=0, none_ok=True)
-        if self.step_weight_scale is not None:
-            if self.step_weighting != "noise_aware":
-                raise ValueError("step_weight_scale: only used with step_weighting: noise_aware (set it, or leave the scale null)")
-            check_number("step_weight_scale", self.step_weight_scale, gt=0, none_ok=True)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # train a LoRA adapter (false: full fine-tuning)
+    rank: Optional[int] = None  # null: the family default (SD3 32, Flux 64, LM 16)
+    alpha: Optional[float] = None  # null: the family default (2 x rank)
+    targets: Optional[List[str]] = None  # module name suffixes (null: the family default)
+    init: str = "gaussian"  # peft init_lora_weights ('gaussian' as Flow-GRPO, or 'default')
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {self.rank}")
+        check_number("alpha", self.alpha, gt=0, none_ok=True)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False  # keep an EMA of the trainable weights for evaluation and saving
+    decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
+    every: int = 1  # optimizer steps between EMA updates (Flow-GRPO 8)
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every: must be >= 1, got {self.every}")
+        check_number("decay", self.decay, gt=0, lt=1)
 
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
@@ -502,13 +548,15 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # rollout settings (text)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # rewards -> advantages
     loss: LossConfig = field(default_factory=LossConfig)  # the policy loss
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, LoRA, EMA, precision, robustness
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, precision, loop robustness
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the LoRA adapter (or full fine-tuning)
+    ema: EmaConfig = field(default_factory=EmaConfig)  # an EMA of the trained weights
     data: DataConfig = field(default_factory=DataConfig)  # prompt sources
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
 
     @property
     def stat_tracker_applies(self) -> bool:
-        """Whether ``train.per_prompt_stat_tracking`` would be used: text runs and flat image plans
+        """Whether ``advantage.stat_tracking`` would be used: text runs and flat image plans
         (trees compare siblings, multi-granularity plans normalise within each granularity)."""
         return self.model.family == "lm" or (self.plan.kind != "tree" and list(self.plan.granularities) == [1])
 
@@ -533,23 +581,23 @@ class RunConfig:
         if adv.normalize_weights and adv.reward_weights is None and not sum(self.rewards.values()) > 0:
             raise ValueError(f"advantage.normalize_weights: the weights in 'rewards' must have a positive sum to be "
                              f"normalised, got {dict(self.rewards)}")
-        if self.train.per_prompt_stat_tracking and self.stat_tracker_applies:
+        if adv.stat_tracking and self.stat_tracker_applies:
             if adv.ngrpo_max_reward is not None:
-                raise ValueError("train.per_prompt_stat_tracking: cannot be combined with advantage.ngrpo_max_reward "
+                raise ValueError("advantage.stat_tracking: cannot be combined with advantage.ngrpo_max_reward "
                                  "(NGRPO calibrates the group baseline; the tracker replaces it)")
             if adv.multi_reward == "normalize_then_sum" and len(self.rewards) > 1:
-                raise ValueError("train.per_prompt_stat_tracking: not supported with advantage.multi_reward: "
+                raise ValueError("advantage.stat_tracking: not supported with advantage.multi_reward: "
                                  "normalize_then_sum and several rewards")
         if self.plan.is_sweep and not self.sample.same_noise:
-            raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular_choice: all): "
+            raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular.choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
-            for b in self.plan.branch_factors:
+            for b in self.plan.tree.branch_factors:
                 leaves *= b
             if self.sample.group_size % leaves:
                 raise ValueError(f"sample.group_size: {self.sample.group_size} is not a multiple of the tree's "
-                                 f"{leaves} leaves (plan.branch_factors={self.plan.branch_factors})")
+                                 f"{leaves} leaves (plan.tree.branch_factors={self.plan.tree.branch_factors})")
 
 
 _PRESETS = {
@@ -580,10 +628,45 @@ def _apply_presets(data: dict) -> dict:
     return data
 
 
+# Keys of earlier versions (old dotted key -> where it lives now). A config that uses one is refused
+# with one line naming the new key; a checkpoint's saved config is read through it (upgrade_keys).
+MOVED = {
+    **{f"train.{old}": f"lora.{new}" for old, new in (
+        ("lora", "enabled"), ("lora_rank", "rank"), ("lora_alpha", "alpha"), ("lora_targets", "targets"),
+        ("lora_init", "init"))},
+    **{f"train.{old}": f"ema.{new}" for old, new in (("ema", "enabled"), ("ema_decay", "decay"), ("ema_every", "every"))},
+    "train.per_prompt_stat_tracking": "advantage.stat_tracking",
+    "train.stat_buffer_size": "advantage.stat_buffer_size",
+    "train.stat_min_count": "advantage.stat_min_count",
+    "train.sweep_split": "plan.singular.sweep_split",
+    "train.step_weighting": "plan.step_weighting",
+    "train.step_weight_scale": "plan.step_weight_scale",
+    "plan.fraction": "plan.subset.fraction",
+    "plan.per_sample": "plan.subset.per_sample",
+    "plan.window": "plan.window.size",
+    "plan.window_start": "plan.window.start",
+    "plan.window_range": "plan.window.range",
+    **{f"plan.{name}": f"plan.window.{name}" for name in (
+        "stride", "shift_interval", "schedule", "roll_back", "min_shift_interval", "exp_k", "exp_threshold")},
+    "plan.compress_ratio": "plan.tail.ratio",
+    "plan.compress_shift": "plan.tail.shift",
+    "plan.singular_steps": "plan.singular.steps",
+    "plan.singular_choice": "plan.singular.choice",
+    **{f"plan.{name}": f"plan.tree.{name}" for name in ("branch_factors", "branch_steps", "branch_noise")},
+    "plan.tree_dedup": "plan.tree.dedup",
+}
+
+
+def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A flattened (dotted keys) config with every old key of :data:`MOVED` renamed to its new
+    key: how a checkpoint saved by an earlier version is compared with the current config."""
+    return {MOVED.get(key, key): value for key, value in flat.items()}
+
+
 def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:
     """The CLI's entry point: YAML (with ``include:`` of a base file) + overrides + presets ->
-    validated :class:`RunConfig`."""
-    return load(RunConfig, path, overrides, preprocess=_apply_presets)
+    validated :class:`RunConfig`. Keys of earlier versions (:data:`MOVED`) are refused by name."""
+    return load(RunConfig, path, overrides, preprocess=_apply_presets, moved=MOVED)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -80,8 +80,9 @@ DRIVER_SRC = textwrap.dedent(
 
         def finish(self):
             from safetensors.torch import save_file
+            from flowrl.train.lora import trainable_state_dict
 
-            save_file({k: v.contiguous().cpu() for k, v in self._trainable_state().items()},
+            save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(self.task.module).items()},
                       os.path.join(out, f"final-rank{self.procs.rank}.safetensors"))
             with open(os.path.join(out, f"beta-rank{self.procs.rank}.json"), "w") as f:
                 json.dump({"beta": self._beta(), "world": self.procs.world}, f)
@@ -236,8 +237,8 @@ def write_config(cfg: Dict[str, Any], path: Path) -> Path:
 
 
 COMMON_TRAIN = {"learning_rate": 3e-4, "weight_decay": 0.0, "warmup_steps": 6, "num_iterations": 2,
-                "num_minibatches": 2, "per_prompt_stat_tracking": True, "stat_min_count": 0,
-                "progress": False, "tracker": "none", "keep_last": 1}
+                "num_minibatches": 2, "progress": False, "tracker": "none", "keep_last": 1}
+STAT_TRACKING = {"stat_tracking": True, "stat_min_count": 0}  # advantage.*
 
 
 def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
@@ -255,6 +256,7 @@ def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
         # kl_target near the measured KL of step 1 (about 1.3e-5), so the controller's error is not clipped
         "loss": {"beta": 0.05, "beta_schedule": "adaptive", "kl_target": 1.2e-5, "kl_horizon": 5},
         "train": COMMON_TRAIN,
+        "advantage": STAT_TRACKING,
     }
     config = write_config(cfg, tmp_path / "text.yaml")
     p1 = launch(support, 1, config, tmp_path / "one")
@@ -283,10 +285,12 @@ def test_flow_two_processes_equal_one(support, sd3_dir, tmp_path):
         "model": {"family": "sd3", "path": str(sd3_dir)},
         "sample": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 3, "guidance_scale": 2.0,
                    "group_size": 4, "prompts_per_step": 4},
-        "plan": {"kind": "random_subset", "fraction": 0.5, "per_sample": True},
+        "plan": {"kind": "random_subset", "subset": {"fraction": 0.5, "per_sample": True}},
         "data": {"train": "shapes:train", "eval": "shapes:test"},
         "eval": {"num_prompts": 2, "seeds": [0], "at_start": False},
-        "train": {**COMMON_TRAIN, "lora_rank": 4, "lora_alpha": 8},
+        "train": COMMON_TRAIN,
+        "advantage": STAT_TRACKING,
+        "lora": {"rank": 4, "alpha": 8},
     }
     config = write_config(cfg, tmp_path / "flow.yaml")
     p1 = launch(support, 1, config, tmp_path / "one")

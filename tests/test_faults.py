@@ -120,7 +120,7 @@ def test_resume_refuses_changed_keys_and_applies_the_allowed(lm_dir, tmp_path, c
     out = tmp_path / "run"
     cfg = _text(lm_dir, out)
     run_inprocess(cfg, tmp_path)
-    for key, value in [("seed", 5), ("sample.group_size", 2), ("train.lora_rank", 3), ("model.path", "another_model"),
+    for key, value in [("seed", 5), ("sample.group_size", 2), ("lora.rank", 3), ("model.path", "another_model"),
                        ("rewards", {f"{FAULTS}:never": 1.0})]:
         over = json.loads(json.dumps(cfg))
         node = over

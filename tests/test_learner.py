@@ -24,10 +24,11 @@ from flowrl.flow.learner import (
     seq_mean_row_counts,
     shared_state_runs,
 )
-from flowrl.flow.plan import PlanConfig, build_plan
+from flowrl.flow.plan import build_plan
 from flowrl.flow.policy import FlowPolicy, PromptEmbeds
 from flowrl.flow.sampler import Rollout, sample
 from flowrl.flow.steps import sde_step
+from plans import plan_config
 
 H = W = 32
 PROMPTS = ["a red cube", "two green dogs"]
@@ -64,7 +65,7 @@ def flux() -> FlowPolicy:
 
 def _rollout(policy, plan_cfg: dict, *, steps: int = 4, group: int = 4, seed: int = 0, same_noise=False,
              guidance: float = 4.5) -> Rollout:
-    plan = build_plan(PlanConfig(**plan_cfg), steps, 0)
+    plan = build_plan(plan_config(**plan_cfg), steps, 0)
     return sample(policy, PROMPTS, plan, group_size=group, height=H, width=W, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(seed), same_noise=same_noise)
 
@@ -171,8 +172,8 @@ MIXED_MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0
 
 PLANS = {
     "full": dict(kind="full"),
-    "window": dict(kind="window", window=2, window_start=1, stride=0),
-    "tree": dict(kind="tree", branch_factors=[2, 2], branch_steps=[0, 2]),
+    "window": dict(kind="window", window=dict(size=2, start=1, stride=0)),
+    "tree": dict(kind="tree", tree=dict(branch_factors=[2, 2], branch_steps=[0, 2])),
 }
 NOISE = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8}
 
@@ -309,7 +310,7 @@ def test_kl_gradient_alone_equals_one_graph(offpolicy, estimator):
 
 def test_tree_rollout_with_per_step_advantages_matches_one_graph(flux):
     """Tree/granular advantages arrive as [N, T]; tree dedup gives rows different step counts."""
-    r = _rollout(flux, dict(kind="tree", branch_factors=[2, 2], branch_steps=[0, 2]), guidance=3.5)
+    r = _rollout(flux, dict(kind="tree", tree=dict(branch_factors=[2, 2], branch_steps=[0, 2])), guidance=3.5)
     assert len(set(r.trained.sum(1).tolist())) > 1  # rows train different numbers of steps
     adv = torch.randn(r.num_samples, r.num_stored_steps, generator=torch.Generator().manual_seed(2))
     policy = copy.deepcopy(flux)
@@ -393,7 +394,7 @@ def test_chunking_and_dedup_do_not_change_the_gradient(offpolicy):
 def test_sampler_chunking_reproduced_exactly(flux):
     """With the sampler's chunk_size the learner runs the transformer on the sampler's batches
     (chunks count distinct states, runs of siblings are never cut): ratios exactly 1."""
-    plan = build_plan(PlanConfig(kind="tree", branch_factors=[3, 2], branch_steps=[0, 2]), 4, 0)
+    plan = build_plan(plan_config(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[0, 2])), 4, 0)
     r = sample(flux, PROMPTS, plan, group_size=6, height=H, width=W, guidance_scale=3.5,
                generator=torch.Generator().manual_seed(0), chunk_size=4)
     seen: list[int] = []
@@ -409,7 +410,7 @@ def test_sampler_chunking_reproduced_exactly(flux):
 
 
 def test_shared_states_are_evaluated_once_with_the_same_gradient(flux):
-    r = _rollout(flux, dict(kind="singular", singular_steps=[1]), same_noise=True, guidance=3.5)
+    r = _rollout(flux, dict(kind="singular", singular=dict(steps=[1])), same_noise=True, guidance=3.5)
     policy = copy.deepcopy(flux)
     _perturb(policy, 0.05)
     cfg = LossConfig(eps_low=1e-3)

@@ -9,9 +9,12 @@ import math
 import pytest
 import torch
 
+from plans import plan_config
+
 from flowrl.flow.plan import (
     PLAN_KINDS,
     PlanConfig,
+    WindowConfig,
     build_plan,
     eval_plan,
     granular_sigmas,
@@ -26,7 +29,7 @@ def _steps(mask: torch.Tensor) -> list[int]:
 
 
 def _plan(num_steps: int = 10, iteration: int = 0, seed: int = 0, **kw):
-    return build_plan(PlanConfig(**kw), num_steps, iteration, plan_generator(seed, iteration))
+    return build_plan(plan_config(**kw), num_steps, iteration, plan_generator(seed, iteration))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +48,7 @@ def test_full_is_all_sde_and_never_trains_the_last_step():
 
 
 def test_random_subset_per_sample_draws_its_own_subset():
-    p = _plan(16, kind="random_subset", fraction=0.6, noise_level=0.3, sde="dance_sde")
+    p = _plan(16, kind="random_subset", subset=dict(fraction=0.6), noise_level=0.3, sde="dance_sde")
     assert _steps(p.sde) == list(range(16)) and p.sde_kind == "dance_sde"
     assert _steps(p.trained) == list(range(15))  # eligible: all but the last
     assert p.subset_size == int(15 * 0.6) == 9  # DanceGRPO: about 9 of 15 steps
@@ -60,46 +63,46 @@ def test_random_subset_per_sample_draws_its_own_subset():
 
 
 def test_random_subset_shared_per_iteration():
-    p = _plan(16, iteration=5, kind="random_subset", fraction=0.5, per_sample=False)
+    p = _plan(16, iteration=5, kind="random_subset", subset=dict(fraction=0.5, per_sample=False))
     assert p.subset_size == 0
     assert int(p.trained.sum()) == int(15 * 0.5)
     assert not bool(p.trained[15])
     m = p.trained_mask(4)
     assert (m == p.trained).all()
-    q = _plan(16, iteration=5, kind="random_subset", fraction=0.5, per_sample=False)
+    q = _plan(16, iteration=5, kind="random_subset", subset=dict(fraction=0.5, per_sample=False))
     assert torch.equal(p.trained, q.trained)
 
 
 def test_window_pattern_sde_inside_ode_outside():
-    p = _plan(10, iteration=0, kind="window", window=4, shift_interval=5, stride=1)
+    p = _plan(10, iteration=0, kind="window", window=dict(size=4, shift_interval=5, stride=1))
     assert _steps(p.sde) == [0, 1, 2, 3] == _steps(p.trained)
     assert (p.noise_level[~p.sde] == 0).all() and (p.noise_level[p.sde] == 0.7).all()
-    p = _plan(10, iteration=5 * 6, kind="window", window=4, shift_interval=5, stride=1)
+    p = _plan(10, iteration=5 * 6, kind="window", window=dict(size=4, shift_interval=5, stride=1))
     assert _steps(p.sde) == [6, 7]  # cut before num_steps - 2 = 8 (MixGRPO's max_timesteps)
-    p = _plan(10, iteration=5 * 7, kind="window", window=4, shift_interval=5, stride=1)
+    p = _plan(10, iteration=5 * 7, kind="window", window=dict(size=4, shift_interval=5, stride=1))
     assert _steps(p.sde) == [7]  # the last start that trains a step
-    p = _plan(10, iteration=5 * 8, kind="window", window=4, shift_interval=5, stride=1)
+    p = _plan(10, iteration=5 * 8, kind="window", window=dict(size=4, shift_interval=5, stride=1))
     assert _steps(p.sde) == [0, 1, 2, 3]  # past the last start: rolled back
 
 
 def test_mixgrpo_flash_fields_pass_through():
-    p = _plan(25, kind="window", window=4, ode_solver="dpm2m", compress_ratio=0.4, shift_interval=20)
+    p = _plan(25, kind="window", window=dict(size=4, shift_interval=20), ode_solver="dpm2m", tail=dict(ratio=0.4))
     assert p.ode_solver == "dpm2m" and p.compress_ratio == 0.4 and p.compress_shift == 3.0
-    frozen = [_steps(_plan(25, iteration=it, kind="window", window=4, stride=0).sde) for it in (0, 30, 500)]
+    frozen = [_steps(_plan(25, iteration=it, kind="window", window=dict(size=4, stride=0)).sde) for it in (0, 30, 500)]
     assert frozen == [[0, 1, 2, 3]] * 3  # Flash*: stride 0 keeps the window at the start
 
 
 def test_random_window_lies_in_first_half_and_covers_it():
     starts = set()
     for it in range(300):
-        p = _plan(10, iteration=it, kind="random_window", window=3, sde="cps", noise_level=0.8)
+        p = _plan(10, iteration=it, kind="random_window", window=dict(size=3), sde="cps", noise_level=0.8)
         s = _steps(p.sde)
         assert s == list(range(s[0], s[0] + 3))
         assert 0 <= s[0] and s[-1] < 10 // 2  # Flow-GRPO-Fast: window in [0, num_steps // 2)
         assert s == _steps(p.trained)
         starts.add(s[0])
     assert starts == {0, 1, 2}  # every admissible start is drawn
-    custom = {tuple(_steps(_plan(12, iteration=i, kind="random_window", window=2, window_range=[3, 7]).sde))
+    custom = {tuple(_steps(_plan(12, iteration=i, kind="random_window", window=dict(size=2, range=[3, 7])).sde))
               for i in range(200)}
     assert custom == {(3, 4), (4, 5), (5, 6)}
 
@@ -114,13 +117,13 @@ def test_singular_one_sde_step_from_eligible():
         seen.add(s[0])
         assert p.granularities == (1, 2)
     assert seen == set(range(8))
-    cyc = [_steps(_plan(16, iteration=it, kind="singular", singular_steps=[2, 5, 9], singular_choice="cycle").sde)[0]
+    cyc = [_steps(_plan(16, iteration=it, kind="singular", singular=dict(steps=[2, 5, 9], choice="cycle")).sde)[0]
            for it in range(6)]
     assert cyc == [2, 5, 9, 2, 5, 9]
 
 
 def test_tree_fixed_branch_steps_and_noise_per_depth():
-    p = _plan(10, kind="tree", branch_factors=[3, 2], branch_steps=[1, 4], branch_noise=[0.9, 0.5])
+    p = _plan(10, kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 4], branch_noise=[0.9, 0.5]))
     assert _steps(p.sde) == [1, 4] == _steps(p.trained)
     assert p.branch.tolist() == [1, 3, 1, 1, 2, 1, 1, 1, 1, 1]
     assert p.leaves == 6 and p.is_tree and p.depth == 2
@@ -131,7 +134,7 @@ def test_tree_fixed_branch_steps_and_noise_per_depth():
 def test_tree_sliding_window_keeps_full_depth():
     depth = 3
     for it in range(0, 200, 7):
-        p = _plan(8, iteration=it, kind="tree", branch_factors=[2, 2, 2], shift_interval=4, stride=1)
+        p = _plan(8, iteration=it, kind="tree", tree=dict(branch_factors=[2, 2, 2]), window=dict(shift_interval=4, stride=1))
         s = _steps(p.sde)
         assert len(s) == depth and s == list(range(s[0], s[0] + depth))
         assert s[-1] <= 6  # never the last step (7)
@@ -140,7 +143,7 @@ def test_tree_sliding_window_keeps_full_depth():
 
 @pytest.mark.parametrize("kind", PLAN_KINDS)
 def test_last_step_never_trained_unless_asked(kind):
-    extra = {"window": 3} if "window" in kind else {}
+    extra = {"window": dict(size=3)} if "window" in kind else {}
     for it in range(0, 120, 3):
         p = _plan(8, iteration=it, kind=kind, **extra)
         assert not bool(p.trained[-1]), (kind, it)
@@ -150,8 +153,8 @@ def test_last_step_never_trained_unless_asked(kind):
     assert bool(_plan(8, kind="full", train_last_step=True).trained[-1])  # unless asked
     # MixGRPO's window ends before its last start (max_timesteps), so even with train_last_step it never
     # reaches the last step; it does reach the one before
-    reached = {s for it in range(20) for s in _steps(_plan(8, iteration=it, kind="window", window=2,
-                                                             shift_interval=1, train_last_step=True).trained)}
+    reached = {s for it in range(20) for s in _steps(_plan(8, iteration=it, kind="window", window=dict(size=2, shift_interval=1),
+                                                             train_last_step=True).trained)}
     assert max(reached) == 6
 
 
@@ -227,7 +230,7 @@ def test_window_schedules_match_the_state_machine(schedule, stride, roll_back, f
 
 
 def test_build_plan_window_follows_schedule():
-    cfg = dict(kind="window", window=4, shift_interval=25, stride=1, schedule="exp_decay")
+    cfg = dict(kind="window", window=dict(size=4, shift_interval=25, stride=1, schedule="exp_decay"))
     for it in (0, 24, 25, 400, 1234):
         p = _plan(25, iteration=it, **cfg)
         start = scheduled_window_start(it, max_start=23, stride=1, shift_interval=25, schedule="exp_decay",
@@ -237,7 +240,7 @@ def test_build_plan_window_follows_schedule():
 
 def test_random_schedule_window_fits():
     for it in range(100):
-        s = _steps(_plan(10, iteration=it, kind="window", window=4, schedule="random").sde)
+        s = _steps(_plan(10, iteration=it, kind="window", window=dict(size=4, schedule="random")).sde)
         assert len(s) == 4 and s[-1] <= 8
 
 
@@ -252,7 +255,7 @@ def _plan_tensors(p):
 
 @pytest.mark.parametrize("kind", ["random_subset", "window", "random_window", "singular", "tree"])
 def test_same_seed_and_iteration_give_the_same_plan(kind):
-    cfg = PlanConfig(kind=kind, window=3, schedule="random", per_sample=False)
+    cfg = plan_config(kind=kind, window=dict(size=3, schedule="random"), subset=dict(per_sample=False))
     for it in range(20):
         a = build_plan(cfg, 12, it, plan_generator(7, it))
         b = build_plan(cfg, 12, it, plan_generator(7, it))  # "another process"
@@ -306,32 +309,35 @@ def test_granular_sigmas():
         (dict(sde="ddim"), 10, "sde"),
         (dict(noise_level=-0.1), 10, "noise_level"),
         (dict(noise_level=1.5, sde="cps"), 10, "noise_level"),
-        (dict(fraction=0.0), 10, "fraction"),
-        (dict(kind="window", window=10), 10, "window"),  # larger than the 9 trainable steps
-        (dict(kind="window", window=0), 10, "window"),
-        (dict(stride=-1), 10, "stride"),
-        (dict(shift_interval=0), 10, "shift_interval"),
-        (dict(kind="random_window", window=3, window_range=[2, 4]), 10, "window_range"),
-        (dict(kind="random_window", window=2, window_range=[0, 10]), 10, "window_range"),  # reaches the last step
-        (dict(kind="random_window", window=6), 10, "window"),  # 6 > 10 // 2
+        (dict(subset=dict(fraction=0.0)), 10, "subset.fraction"),
+        (dict(kind="window", window=dict(size=10)), 10, "window.size"),  # larger than the 9 trainable steps
+        (dict(kind="window", window=dict(size=0)), 10, "window.size"),
+        (dict(window=dict(stride=-1)), 10, "window.stride"),
+        (dict(window=dict(shift_interval=0)), 10, "window.shift_interval"),
+        (dict(kind="random_window", window=dict(size=3, range=[2, 4])), 10, "window.range"),
+        (dict(kind="random_window", window=dict(size=2, range=[0, 10])), 10, "window.range"),  # reaches the last step
+        (dict(kind="random_window", window=dict(size=6)), 10, "window.size"),  # 6 > 10 // 2
         (dict(ode_solver="rk4"), 10, "ode_solver"),
-        (dict(compress_ratio=1.5), 10, "compress_ratio"),
-        (dict(compress_ratio=0.4, granularities=[1, 2]), 10, "compress_ratio"),
+        (dict(tail=dict(ratio=1.5)), 10, "tail.ratio"),
+        (dict(tail=dict(ratio=0.4), granularities=[1, 2]), 10, "tail.ratio"),
         (dict(granularities=[]), 10, "granularities"),
         (dict(granularities=[0]), 10, "granularities"),
-        (dict(kind="singular", singular_steps=[3, 9]), 10, "singular_steps"),  # 9 is the last step
-        (dict(kind="tree", branch_factors=[2, 0]), 10, "branch_factors"),
-        (dict(kind="tree", branch_factors=[2, 2], branch_steps=[3]), 10, "branch_steps"),
-        (dict(kind="tree", branch_factors=[2, 2], branch_steps=[4, 2]), 10, "branch_steps"),
-        (dict(kind="tree", branch_factors=[2] * 10), 10, "branch_factors"),
-        (dict(kind="tree", branch_noise=[0.5]), 10, "branch_noise"),
+        (dict(kind="singular", singular=dict(steps=[3, 9])), 10, "singular.steps"),  # 9 is the last step
+        (dict(singular=dict(steps=[])), 10, "singular.steps"),
+        (dict(kind="tree", tree=dict(branch_factors=[2, 0])), 10, "tree.branch_factors"),
+        (dict(kind="tree", tree=dict(branch_factors=[2, 2], branch_steps=[3])), 10, "tree.branch_steps"),
+        (dict(kind="tree", tree=dict(branch_factors=[2, 2], branch_steps=[4, 2])), 10, "tree.branch_steps"),
+        (dict(kind="tree", tree=dict(branch_factors=[2] * 10)), 10, "tree.branch_factors"),
+        (dict(kind="tree", tree=dict(branch_noise=[0.5])), 10, "tree.branch_noise"),
+        (dict(kind="tree", tree=dict(branch_noise=[0.5, 0.0])), 10, "tree.branch_noise"),
         (dict(kind="full"), 1, "train_last_step"),
-        (dict(schedule="cosine"), 10, "schedule"),
-        (dict(kind="window", window_start=9), 10, "window_start"),
+        (dict(window=dict(schedule="cosine")), 10, "window.schedule"),
+        (dict(kind="window", window=dict(start=9)), 10, "window.start"),
+        (dict(step_weight_scale=2.0), 10, "step_weight_scale"),  # only with step_weighting: noise_aware
     ],
 )
 def test_validate_errors_name_the_field(kw, num_steps, field):
-    cfg = PlanConfig(**kw)
+    cfg = plan_config(**kw)
     with pytest.raises(ValueError) as ei:
         cfg.validate(num_steps)
     assert str(ei.value).startswith(f"{field}:"), str(ei.value)
@@ -354,14 +360,18 @@ def test_defaults_are_valid_and_nest_into_a_run_config():
     from flowrl import config as C
 
     for kind in PLAN_KINDS:
-        PlanConfig(kind=kind, window=3).validate(10)
+        PlanConfig(kind=kind, window=WindowConfig(size=3)).validate(10)
 
-    cfg = C.from_dict(_Root, {"plan": {"kind": "window", "window": 3, "granularities": [1, 2]}})
+    cfg = C.from_dict(_Root, {"plan": {"kind": "window", "window": {"size": 3}, "granularities": [1, 2]}})
     C.validate(cfg)  # validate() receives the root and reads sample.num_steps
-    bad = C.from_dict(_Root, {"sample": {"num_steps": 3}, "plan": {"kind": "window", "window": 3}})
+    bad = C.from_dict(_Root, {"sample": {"num_steps": 3}, "plan": {"kind": "window", "window": {"size": 3}}})
     with pytest.raises(C.ConfigError) as ei:
         C.validate(bad)
-    assert ei.value.key == "plan.window"
+    assert ei.value.key == "plan.window.size"
+    bad = C.from_dict(_Root, {"plan": {"window": {"size": 0}}})  # a section's own check: its dotted key
+    with pytest.raises(C.ConfigError) as ei:
+        C.validate(bad)
+    assert ei.value.key == "plan.window.size"
     with pytest.raises(C.ConfigError) as ei:
         C.from_dict(_Root, {"plan": {"kind": "tre"}})
     assert "did you mean 'tree'" in str(ei.value)

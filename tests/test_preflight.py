@@ -51,7 +51,7 @@ def test_group_size_one_with_a_group_baseline():
 
 
 @pytest.mark.parametrize("baseline", [
-    ["train.per_prompt_stat_tracking=true"],  # the prompt's reward history is the baseline
+    ["advantage.stat_tracking=true"],  # the prompt's reward history is the baseline
     ["advantage.center=batch"],
     ["advantage.center=none", "advantage.scale=none"],
     ["advantage_preset=ngrpo"],  # virtual maximum-reward samples join each group
@@ -61,18 +61,18 @@ def test_group_size_one_is_fine_with_another_baseline(baseline):
 
 
 def test_group_size_one_and_the_tracker_of_a_plan_that_ignores_it():
-    ws = _warn("sample.group_size=1", "train.per_prompt_stat_tracking=true", "plan.granularities=[1, 2]")
-    assert [w.split(":")[0] for w in ws] == ["train.per_prompt_stat_tracking", "sample.group_size"]
-    ws = _warn("plan.kind=tree", "plan.branch_factors=[1]", "sample.group_size=1")
+    ws = _warn("sample.group_size=1", "advantage.stat_tracking=true", "plan.granularities=[1, 2]")
+    assert [w.split(":")[0] for w in ws] == ["advantage.stat_tracking", "sample.group_size"]
+    ws = _warn("plan.kind=tree", "plan.tree.branch_factors=[1]", "sample.group_size=1")
     assert len(ws) == 1 and "one-leaf tree" in ws[0]
 
 
 def test_tracker_unused_by_trees_and_granularities():
-    (w,) = _warn("plan.kind=tree", "train.per_prompt_stat_tracking=true")
-    assert w.startswith("train.per_prompt_stat_tracking: true is not used") and "plan.kind: tree" in w
-    (w,) = _warn("plan.granularities=[1, 2]", "train.per_prompt_stat_tracking=true")
+    (w,) = _warn("plan.kind=tree", "advantage.stat_tracking=true")
+    assert w.startswith("advantage.stat_tracking: true is not used") and "plan.kind: tree" in w
+    (w,) = _warn("plan.granularities=[1, 2]", "advantage.stat_tracking=true")
     assert "plan.granularities" in w
-    assert _warn("train.per_prompt_stat_tracking=true") == []
+    assert _warn("advantage.stat_tracking=true") == []
 
 
 def test_all_reward_weights_zero():

@@ -200,7 +200,7 @@ def test_rl_check_overrides_are_a_valid_run_config(tmp_path):
     from flowrl.config import load_run_config
 
     cfg = load_run_config(None, pt.rl_check_overrides("m", RLCheckConfig(max_seconds=30.0, lora=True), tmp_path))
-    assert (cfg.model.family, cfg.model.path, cfg.time_budget_s, cfg.train.lora) == ("lm", "m", 30.0, True)
+    assert (cfg.model.family, cfg.model.path, cfg.time_budget_s, cfg.lora.enabled) == ("lm", "m", 30.0, True)
     assert (cfg.sample.prompts_per_step, cfg.sample.group_size, cfg.text.chunk_size) == (64, 8, 512)
     assert cfg.rewards == {"exact_match": 1.0} and cfg.eval.seeds == [0] and cfg.loss_preset == "grpo"
 

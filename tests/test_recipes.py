@@ -80,7 +80,7 @@ def _fewest_steps(cfg: RunConfig) -> int:
 
 
 def _leaves(cfg: RunConfig) -> int:
-    return math.prod(cfg.plan.branch_factors) if cfg.plan.kind == "tree" else 1
+    return math.prod(cfg.plan.tree.branch_factors) if cfg.plan.kind == "tree" else 1
 
 
 def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_rewards: bool = False) -> List[str]:
@@ -164,9 +164,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     cfg = load_run_config(path, tiny_overrides(path, tiny_models, tmp_path / "run"))
     # only the overridden keys changed: the method (plan kind, SDE, loss, advantages, LoRA) is the recipe's
     assert cfg.plan.kind == raw.plan.kind and cfg.plan.sde == raw.plan.sde
-    assert cfg.plan.noise_level == raw.plan.noise_level and cfg.plan.branch_factors == raw.plan.branch_factors
+    assert cfg.plan.noise_level == raw.plan.noise_level and cfg.plan.tree == raw.plan.tree
     assert cfg.loss == raw.loss and cfg.advantage == raw.advantage
-    assert cfg.train.lora == raw.train.lora and cfg.train.learning_rate == raw.train.learning_rate
+    assert cfg.lora == raw.lora and cfg.train.learning_rate == raw.train.learning_rate
 
     tr = Trainer(cfg)
     from flowrl.train.tasks import FlowTask, TextTask
@@ -175,11 +175,11 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(raw.train.learning_rate)
     trainable = {n for n, p in tr.task.module.named_parameters() if p.requires_grad}
     assert trainable, "nothing to train"
-    if raw.train.lora:
+    if raw.lora.enabled:
         fam = raw.model.family
         pc = tr.task.module.peft_config["default"]
-        assert pc.r == (raw.train.lora_rank or LORA_DEFAULTS[fam]["rank"])
-        assert pc.lora_alpha == (raw.train.lora_alpha or LORA_DEFAULTS[fam]["alpha"])
+        assert pc.r == (raw.lora.rank or LORA_DEFAULTS[fam]["rank"])
+        assert pc.lora_alpha == (raw.lora.alpha or LORA_DEFAULTS[fam]["alpha"])
         assert all("lora_" in n for n in trainable)
     else:  # full fine-tuning: every weight of the transformer / LM trains
         assert trainable == {n for n, _ in tr.task.module.named_parameters()}
@@ -199,15 +199,15 @@ PUBLISHED = {
         "sample.group_size": 24, "sample.prompts_per_step": 48, "sample.guidance_scale": 4.5, "sample.height": 512,
         "plan.kind": "full", "plan.sde": "flow_sde", "plan.noise_level": 0.7, "plan.train_last_step": False,
         "loss.eps_low": 1e-4, "loss.beta": 0.01, "loss.kl_estimator": "latent", "loss.kl_drop_dt": True,
-        "train.lora": True, "train.lora_rank": 32, "train.lora_alpha": 64, "train.learning_rate": 3e-4,
-        "train.num_minibatches": 2, "train.ema": True, "train.ema_decay": 0.9, "train.ema_every": 8,
+        "lora.enabled": True, "lora.rank": 32, "lora.alpha": 64, "train.learning_rate": 3e-4,
+        "train.num_minibatches": 2, "ema.enabled": True, "ema.decay": 0.9, "ema.every": 8,
         "train.mixed_precision": "fp16", "advantage.scale": "batch", "advantage.clip": 5.0,
         "advantage.std_unbiased": False, "rewards": {"pickscore": 1.0},
     },
     "flow_grpo_fast_sd35m.yaml": {
-        "plan.kind": "random_window", "plan.sde": "cps", "plan.noise_level": 0.8, "plan.window": 3,
-        "plan.window_range": [0, 5], "sample.guidance_scale": 1.0, "sample.group_size": 18,
-        "sample.prompts_per_step": 64, "loss.beta": 0.0, "train.learning_rate": 3e-4, "train.lora_rank": 32,
+        "plan.kind": "random_window", "plan.sde": "cps", "plan.noise_level": 0.8, "plan.window.size": 3,
+        "plan.window.range": [0, 5], "sample.guidance_scale": 1.0, "sample.group_size": 18,
+        "sample.prompts_per_step": 64, "loss.beta": 0.0, "train.learning_rate": 3e-4, "lora.rank": 32,
     },
     "grpo_guard_sd35m.yaml": {
         "loss.ratio_norm": True, "loss.ratio_norm_reweight": True, "loss.eps_low": 4e-6, "loss.beta": 0.0,
@@ -216,33 +216,33 @@ PUBLISHED = {
     },
     "dance_grpo_flux.yaml": {
         "model.path": "black-forest-labs/FLUX.1-dev", "plan.kind": "random_subset", "plan.sde": "dance_sde",
-        "plan.noise_level": 0.3, "plan.fraction": 0.6, "plan.per_sample": True, "sample.num_steps": 16,
+        "plan.noise_level": 0.3, "plan.subset.fraction": 0.6, "plan.subset.per_sample": True, "sample.num_steps": 16,
         "sample.group_size": 12, "sample.height": 720, "sample.same_noise": True, "loss.eps_low": 1e-4,
-        "loss.beta": 0.0, "train.learning_rate": 1e-5, "train.lora": False, "advantage.clip": 5.0,
+        "loss.beta": 0.0, "train.learning_rate": 1e-5, "lora.enabled": False, "advantage.clip": 5.0,
         "advantage.eps": 1e-8, "rewards": {"hpsv21": 1.0, "clipscore": 1.0}, "max_steps": 300, "model.shift": 3.0,
     },
     "mixgrpo_flux.yaml": {
-        "plan.kind": "window", "plan.window": 4, "plan.shift_interval": 25, "plan.stride": 1,
-        "plan.schedule": "progressive", "plan.roll_back": True, "plan.sde": "flow_sde", "plan.noise_level": 0.7,
-        "sample.num_steps": 25, "sample.group_size": 12, "train.learning_rate": 1e-5, "train.lora": False,
+        "plan.kind": "window", "plan.window.size": 4, "plan.window.shift_interval": 25, "plan.window.stride": 1,
+        "plan.window.schedule": "progressive", "plan.window.roll_back": True, "plan.sde": "flow_sde", "plan.noise_level": 0.7,
+        "sample.num_steps": 25, "sample.group_size": 12, "train.learning_rate": 1e-5, "lora.enabled": False,
         "advantage.multi_reward": "normalize_then_sum", "advantage.normalize_weights": True, "advantage.eps": 1e-8,
         "loss.beta": 0.0, "model.shift": 3.0, "rewards": {"hpsv21": 1.0, "imagereward": 1.0, "pickscore": 1.0},
     },
     "g2rpo_flux.yaml": {
-        "plan.kind": "singular", "plan.singular_steps": list(range(8)), "plan.granularities": [1, 2],
-        "plan.singular_choice": "all", "train.num_minibatches": 8, "train.sweep_split": "branch", "max_steps": 301,
+        "plan.kind": "singular", "plan.singular.steps": list(range(8)), "plan.granularities": [1, 2],
+        "plan.singular.choice": "all", "train.num_minibatches": 8, "plan.singular.sweep_split": "branch", "max_steps": 301,
         "plan.noise_level": 0.7, "sample.num_steps": 16, "sample.group_size": 12, "sample.same_noise": True,
-        "train.learning_rate": 2e-6, "train.lora": False, "rewards": {"hpsv21": 1.0}, "model.shift": 3.0,
+        "train.learning_rate": 2e-6, "lora.enabled": False, "rewards": {"hpsv21": 1.0}, "model.shift": 3.0,
     },
     "tempflow_grpo_sd35m.yaml": {  # Shredded-Pork/TempFlow-GRPO e66824e, config/dgx.py pickscore_sd3_pr
-        "plan.kind": "singular", "plan.singular_choice": "all", "plan.singular_steps": list(range(9)),
+        "plan.kind": "singular", "plan.singular.choice": "all", "plan.singular.steps": list(range(9)),
         "plan.noise_level": 0.7, "sample.num_steps": 10, "sample.same_noise": True, "sample.group_size": 6,
-        "train.step_weighting": "noise_aware", "train.step_weight_scale": 2.25, "train.sweep_split": "prompt",
+        "plan.step_weighting": "noise_aware", "plan.step_weight_scale": 2.25, "plan.singular.sweep_split": "prompt",
         "loss.beta": 0.001, "loss.kl_drop_dt": False, "loss.eps_low": 1e-4, "advantage.scale": "group",
         "advantage.std_unbiased": False, "model.path": "stabilityai/stable-diffusion-3.5-medium",
     },
     "dynamic_treerpo_flux.yaml": {
-        "plan.kind": "tree", "plan.branch_steps": None, "plan.branch_noise": [0.9, 0.7, 0.5],
+        "plan.kind": "tree", "plan.tree.branch_steps": None, "plan.tree.branch_noise": [0.9, 0.7, 0.5],
         "model.path": "black-forest-labs/FLUX.1-dev", "sample.group_size": 12,
     },
     "llm_grpo.yaml": {
@@ -274,7 +274,7 @@ def test_overlays_inherit_their_base():
         cfg = _raw(ROOT / "configs" / name)
         assert cfg.output_dir != base.output_dir
         assert cfg.model == base.model and cfg.data == base.data and cfg.rewards == base.rewards
-        assert cfg.train.lora_rank == 32 and cfg.train.lora_alpha == 64 and cfg.train.ema
+        assert cfg.lora.rank == 32 and cfg.lora.alpha == 64 and cfg.ema.enabled
     fast = _raw(ROOT / "configs" / "flow_grpo_fast_sd35m.yaml")
     plan = build_plan(fast.plan, fast.sample.num_steps, 3, plan_generator(fast.seed, 3))
     assert len(plan.trained_steps) == 3 and all(0 <= s < 5 for s in plan.trained_steps)
@@ -320,7 +320,7 @@ def test_fast_clip_matches_upstream_cps_clip():
 
     cfg = _raw(ROOT / "configs" / "flow_grpo_fast_sd35m.yaml")
     sig = sd3_sigmas(cfg.sample.num_steps, shift=3.0)
-    lo, hi = cfg.plan.window_range
+    lo, hi = cfg.plan.window.range
     equiv = 1e-5 / cps_log_ratio_scale(sig[lo + 1:hi + 1], cfg.plan.noise_level)
     assert cfg.loss.eps_low == pytest.approx(float(equiv.mean()), rel=0.01)
 
@@ -361,7 +361,7 @@ def test_recipe_trains_one_step(name, tiny_models, tmp_path):
 
 def raw_lora_zero_init(cfg: RunConfig) -> bool:
     """peft's 'gaussian' and default inits both start lora_B at zero."""
-    return cfg.train.lora and cfg.train.lora_init in ("gaussian", "default")
+    return cfg.lora.enabled and cfg.lora.init in ("gaussian", "default")
 
 
 def _metrics(run_dir: Path) -> List[dict]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowrl.core.advantages import advantage_preset, compute_advantages
-from flowrl.flow.plan import PlanConfig, build_plan, granular_sigmas, plan_generator
+from flowrl.flow.plan import PlanConfig, TailConfig, WindowConfig, build_plan, granular_sigmas, plan_generator
 from flowrl.flow.sampler import sample
 from flowrl.flow.schedule import shift_sigmas
 from flowrl.flow.steps import compressed_sigmas, dpm_solver_2m_step, ode_step, x0_from_velocity
@@ -46,7 +46,7 @@ def _upstream_progressive(iterations: int, tau: int, stride: int = 1, roll_back:
 
 
 def _window(it: int, **kw) -> list[int]:
-    cfg = PlanConfig(kind="window", window=WINDOW, **kw)
+    cfg = PlanConfig(kind="window", window=WindowConfig(size=WINDOW, **kw))
     p = build_plan(cfg, S, it, plan_generator(0, it))
     assert _steps(p.sde) == _steps(p.trained)  # MixGRPO trains exactly its SDE steps
     return _steps(p.trained)
@@ -184,8 +184,8 @@ class _LinearFlow:
 
 def test_flash_solver_orders_euler_head_second_order_after_the_window():
     pol = _LinearFlow()
-    cfg = PlanConfig(kind="window", window=WINDOW, window_start=5, shift_interval=10**6,
-                     ode_solver="dpm2m", head_solver="euler", compress_ratio=0.4)
+    cfg = PlanConfig(kind="window", window=WindowConfig(size=WINDOW, start=5, shift_interval=10**6),
+                     ode_solver="dpm2m", head_solver="euler", tail=TailConfig(ratio=0.4))
     plan = build_plan(cfg, S, 0)
     assert _steps(plan.sde) == [5, 6, 7, 8]
     ro = sample(pol, ["p"], plan, group_size=2, height=16, width=16, guidance_scale=1.0,

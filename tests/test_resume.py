@@ -73,10 +73,9 @@ def plugin_dir(tmp_path_factory) -> Path:
 
 def _config(kind: str, tmp: Path) -> Dict[str, Any]:
     common_train = {"learning_rate": 3e-4, "weight_decay": 1e-4, "warmup_steps": 3, "num_iterations": 2,
-                    "num_minibatches": 2, "per_prompt_stat_tracking": True, "stat_min_count": 2,
-                    "ema": True, "ema_decay": 0.8, "deterministic": True, "keep_last": 2,
-                    "progress": False, "tracker": "none"}
-    base = {"seed": 11, "max_steps": MAX_STEPS, "checkpoint_every": CKPT_EVERY, "eval_every": 4, "resume": "auto"}
+                    "num_minibatches": 2, "deterministic": True, "keep_last": 2, "progress": False, "tracker": "none"}
+    base = {"seed": 11, "max_steps": MAX_STEPS, "checkpoint_every": CKPT_EVERY, "eval_every": 4, "resume": "auto",
+            "advantage": {"stat_tracking": True, "stat_min_count": 2}, "ema": {"enabled": True, "decay": 0.8}}
     if kind == "text":
         from flowrl.demo.tiny_text import save_tiny_lm
 
@@ -98,13 +97,13 @@ def _config(kind: str, tmp: Path) -> Dict[str, Any]:
             "model": {"family": "sd3", "path": str(model)},
             "sample": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 3, "guidance_scale": 2.0,
                        "group_size": 4, "prompts_per_step": 2},
-            "plan": {"kind": "random_subset", "fraction": 0.5, "per_sample": True},
+            "plan": {"kind": "random_subset", "subset": {"fraction": 0.5, "per_sample": True}},
             # 5 prompts, 2 per step: an epoch ends inside a step, so the killed and the resumed process
             # encode some prompts beside different others (with the batched prompt encoding of before
             # issue 15 this test failed here: after a resume approx_kl differed in its 3rd digit, the eval reward by 5e-8)
             "data": {"train": "shapes:train", "eval": "shapes:test", "max_train_prompts": 5},
             "eval": {"num_prompts": 2, "seeds": [0]},
-            "train": {**common_train, "lora_rank": 4, "lora_alpha": 8}}
+            "train": common_train, "lora": {"rank": 4, "alpha": 8}}
 
 
 # ------------------------------------------------------------------------------------- run folder

@@ -10,9 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from flowrl.flow.plan import PlanConfig, build_plan, eval_plan, granular_sigmas, plan_generator
+from flowrl.flow.plan import build_plan, eval_plan, granular_sigmas, plan_generator
 from flowrl.flow.sampler import Rollout, sample, tail_sigmas
 from flowrl.flow.steps import compressed_sigmas, sde_step
+from plans import plan_config
 from toy_policies import GaussianPolicy
 
 H = W = 32
@@ -96,12 +97,12 @@ def _reset(policy):
 KIND_CONFIGS = {
     "full": dict(kind="full"),
     "random_subset": dict(kind="random_subset", sde="dance_sde", noise_level=0.3),
-    "window": dict(kind="window", window=2, window_start=1),
-    "window_flash": dict(kind="window", window=2, ode_solver="dpm2m", compress_ratio=0.4),
-    "random_window": dict(kind="random_window", window=2, sde="cps", noise_level=0.8),
+    "window": dict(kind="window", window=dict(size=2, start=1)),
+    "window_flash": dict(kind="window", window=dict(size=2), ode_solver="dpm2m", tail=dict(ratio=0.4)),
+    "random_window": dict(kind="random_window", window=dict(size=2), sde="cps", noise_level=0.8),
     "singular": dict(kind="singular", granularities=[1, 2]),
-    "tree": dict(kind="tree", branch_factors=[2, 2], branch_noise=[0.9, 0.6]),
-    "heun": dict(kind="window", window=1, window_start=2, ode_solver="heun"),
+    "tree": dict(kind="tree", tree=dict(branch_factors=[2, 2], branch_noise=[0.9, 0.6])),
+    "heun": dict(kind="window", window=dict(size=1, start=2), ode_solver="heun"),
 }
 
 
@@ -122,7 +123,7 @@ def _tensors(r: Rollout) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", list(KIND_CONFIGS))
 def test_every_plan_kind_end_to_end_and_deterministic(policy, name):
     S, G = 6, 4
-    cfg = PlanConfig(**KIND_CONFIGS[name])
+    cfg = plan_config(**KIND_CONFIGS[name])
     plan = build_plan(cfg, S, 3, plan_generator(0, 3))
     same_noise = name in ("singular",)
     r = _run(policy, plan, group_size=G, same_noise=same_noise)
@@ -191,7 +192,7 @@ def _tree_rows_formula(plan, P, n_trees, same_noise):
 @pytest.mark.parametrize("n_trees,same_noise", [(1, False), (2, False), (2, True)])
 def test_tree_nfe_is_the_node_count(policy, n_trees, same_noise):
     S = 6
-    plan = build_plan(PlanConfig(kind="tree", branch_factors=[3, 2], branch_steps=[1, 3]), S, 0)
+    plan = build_plan(plan_config(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 3])), S, 0)
     G = plan.leaves * n_trees
     P, N = len(PROMPTS), len(PROMPTS) * G
     cfg_scale = 4.5
@@ -214,7 +215,7 @@ def test_tree_nfe_is_the_node_count(policy, n_trees, same_noise):
 
 def test_tree_structure_and_dedup():
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind="tree", branch_factors=[3, 2], branch_steps=[1, 3]), 6, 0)
+    plan = build_plan(plan_config(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 3])), 6, 0)
     r = _run(pol, plan, group_size=12, same_noise=False)  # two trees per prompt
     N, P = 24, 2
     path = r.leaf_path
@@ -242,7 +243,7 @@ def test_tree_structure_and_dedup():
     for t, d in ((t1, 0), (t3, 1)):
         trained_nodes = path[r.trained[:, t], d]
         assert sorted(trained_nodes.tolist()) == sorted(path[:, d].unique().tolist())
-    no_dedup = build_plan(PlanConfig(kind="tree", branch_factors=[3, 2], branch_steps=[1, 3], tree_dedup=False), 6, 0)
+    no_dedup = build_plan(plan_config(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 3], dedup=False)), 6, 0)
     r2 = _run(pol, no_dedup, group_size=12)
     assert r2.trained[:, [t1, t3]].all()
     with pytest.raises(ValueError, match="group_size"):
@@ -252,7 +253,7 @@ def test_tree_structure_and_dedup():
 @pytest.mark.parametrize("same_noise", [True, False])
 def test_prefix_shared_once_per_prompt(policy, same_noise):
     S, G, k = 6, 4, 3
-    plan = build_plan(PlanConfig(kind="window", window=2, window_start=k, stride=0), S, 0)
+    plan = build_plan(plan_config(kind="window", window=dict(size=2, start=k, stride=0)), S, 0)
     assert plan.first_sde == k
     P, N = len(PROMPTS), len(PROMPTS) * G
     _reset(policy)
@@ -283,7 +284,7 @@ def test_prefix_shared_once_per_prompt(policy, same_noise):
 @pytest.mark.parametrize("store_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["full", "window", "random_window", "random_subset"])
 def test_stored_transitions_rescore_exactly(policy, name, store_dtype):
-    plan = build_plan(PlanConfig(**KIND_CONFIGS[name]), 5, 1, plan_generator(0, 1))
+    plan = build_plan(plan_config(**KIND_CONFIGS[name]), 5, 1, plan_generator(0, 1))
     r = _run(policy, plan, group_size=3, store_dtype=store_dtype, guidance_scale=4.5)
     assert r.latents.dtype == store_dtype and r.means.dtype == store_dtype
     N = r.num_samples
@@ -308,8 +309,8 @@ def test_shared_node_transitions_rescore(policy, kind):
     N rows a learner recomputes). The analytic policy is batch invariant, so re-scoring is exact; a
     real transformer on CPU may differ in the last float bit between batch sizes, so there the
     re-scored log-prob must agree to float32 precision (far below any clip range, ~1e-4)."""
-    plan = build_plan(PlanConfig(kind="tree", branch_factors=[3, 2], branch_steps=[1, 3]) if kind == "tree"
-                      else PlanConfig(kind="singular", singular_steps=[2]), 6, 0)
+    plan = build_plan(plan_config(kind="tree", tree=dict(branch_factors=[3, 2], branch_steps=[1, 3])) if kind == "tree"
+                      else plan_config(kind="singular", singular=dict(steps=[2])), 6, 0)
     r = _run(policy, plan, group_size=6, same_noise=kind == "singular")
     emb = policy.encode_prompts(PROMPTS).select(r.prompt_index)
     for t in (r.stochastic[0]).nonzero().flatten().tolist():
@@ -328,7 +329,7 @@ def test_shared_node_transitions_rescore(policy, kind):
 def test_rescoring_without_the_store_round_trip_would_differ():
     """The bf16 round trip matters: scoring the unrounded sample gives a different log-prob."""
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind="full"), 4, 0)
+    plan = build_plan(plan_config(kind="full"), 4, 0)
     r32 = _run(pol, plan, group_size=2, store_dtype=torch.float32)
     r16 = _run(pol, plan, group_size=2, store_dtype=torch.bfloat16)
     assert not torch.equal(r32.log_probs[:, 0], r16.log_probs[:, 0])
@@ -343,8 +344,8 @@ def test_rescoring_without_the_store_round_trip_would_differ():
 def test_multi_granularity_continuations():
     pol = GaussianPolicy()
     S = 9
-    cfg = dict(kind="singular", singular_steps=[2], granularities=[1, 2, 3])
-    plan = build_plan(PlanConfig(**cfg), S, 0)
+    cfg = dict(kind="singular", singular=dict(steps=[2]), granularities=[1, 2, 3])
+    plan = build_plan(plan_config(**cfg), S, 0)
     pol.calls.clear()
     r = _run(pol, plan, group_size=4, same_noise=True)
     N = r.num_samples
@@ -356,7 +357,7 @@ def test_multi_granularity_continuations():
     # prediction at the point before it: sigmas 3,4,6,8 -> 3,4,6,0 for g=2; 3,4,7 -> 3,4,0 for g=3)
     assert tails == [6, 3, 2]
     assert r.nfe == 2 * 3 + N * sum(tails)  # prefix and branch step once per prompt
-    single = _run(pol, build_plan(PlanConfig(**{**cfg, "granularities": [1]}), S, 0), group_size=4, same_noise=True)
+    single = _run(pol, build_plan(plan_config(**{**cfg, "granularities": [1]}), S, 0), group_size=4, same_noise=True)
     # exact: the granularity-1 continuation is the same computation with or without the coarser ones
     assert torch.equal(single.final_latents[:, 0], r.final_latents[:, 0])
     assert not torch.equal(r.final_latents[:, 0], r.final_latents[:, 1])
@@ -368,13 +369,13 @@ def test_multi_granularity_continuations():
 def test_compressed_tail_and_heun_nfe():
     pol = GaussianPolicy()
     S, N, P = 10, 4, 2
-    flash = build_plan(PlanConfig(kind="window", window=3, ode_solver="dpm2m", compress_ratio=0.4), S, 0)
+    flash = build_plan(plan_config(kind="window", window=dict(size=3), ode_solver="dpm2m", tail=dict(ratio=0.4)), S, 0)
     r = _run(pol, flash, group_size=2)
     tail = tail_sigmas(flash, pol.sigmas(S, H, W), 3, 1)
     assert torch.equal(tail, compressed_sigmas(pol.sigmas(S, H, W)[3:], 0.4, shift=3.0))
     assert tail.numel() - 1 == int(7 * 0.4)  # 7 remaining steps -> 2
     assert r.nfe == N * (3 + 2)
-    heun = build_plan(PlanConfig(kind="window", window=1, window_start=4, stride=0, ode_solver="heun"), S, 0)
+    heun = build_plan(plan_config(kind="window", window=dict(size=1, start=4, stride=0), ode_solver="heun"), S, 0)
     r = _run(pol, heun, group_size=2)
     # 4 prefix Heun steps (2 NFE), 1 SDE step, 5 tail steps of which the last (to 0) is Euler
     assert r.nfe == N * (4 * 2 + 1 + 4 * 2 + 1)
@@ -403,7 +404,7 @@ def test_second_order_solvers_are_more_accurate_on_the_gaussian_flow():
 
 def test_per_sample_trained_subsets():
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind="random_subset", fraction=0.5, sde="dance_sde", noise_level=0.3), 9, 0)
+    plan = build_plan(plan_config(kind="random_subset", subset=dict(fraction=0.5), sde="dance_sde", noise_level=0.3), 9, 0)
     r = _run(pol, plan, group_size=4)
     assert (r.trained.sum(1) == 4).all()  # int(8 * 0.5)
     assert not r.trained[:, -1].any()
@@ -418,7 +419,7 @@ def test_per_sample_trained_subsets():
 
 def test_rollout_select_and_to():
     pol = GaussianPolicy()
-    r = _run(pol, build_plan(PlanConfig(kind="tree", branch_factors=[2]), 4, 0), group_size=2)
+    r = _run(pol, build_plan(plan_config(kind="tree", tree=dict(branch_factors=[2])), 4, 0), group_size=2)
     sub = r.select([3, 0])
     assert sub.num_samples == 2 and torch.equal(sub.latents[0], r.latents[3])
     assert torch.equal(sub.leaf_path, r.leaf_path[[3, 0]]) and torch.equal(sub.node_parent, r.node_parent)
@@ -429,7 +430,7 @@ def test_rollout_select_and_to():
 
 def test_bad_arguments_name_the_argument():
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind="full"), 3, 0)
+    plan = build_plan(plan_config(kind="full"), 3, 0)
     for kwargs, name in (
         (dict(prompts=[]), "prompts"),
         (dict(prompts="a cat"), "prompts"),
@@ -442,7 +443,7 @@ def test_bad_arguments_name_the_argument():
         prompts = args.pop("prompts")
         with pytest.raises(ValueError, match=name):
             sample(pol, prompts, plan, **args)
-    branching = dataclasses.replace(build_plan(PlanConfig(kind="window", window=2), 5, 0),
+    branching = dataclasses.replace(build_plan(plan_config(kind="window", window=dict(size=2)), 5, 0),
                                     branch=torch.tensor([2, 1, 1, 1, 1]))
     with pytest.raises(ValueError, match="plan: branching"):
         _run(pol, branching, group_size=2)
@@ -450,7 +451,7 @@ def test_bad_arguments_name_the_argument():
 
 def test_chunked_velocity_gives_the_same_rollout():
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind="window", window=2), 5, 0)
+    plan = build_plan(plan_config(kind="window", window=dict(size=2)), 5, 0)
     a = _run(pol, plan, group_size=3)
     pol.calls.clear()
     b = _run(pol, plan, group_size=3, chunk_size=4)
@@ -466,7 +467,7 @@ def test_per_prompt_generators_make_a_prompt_independent_of_the_batch(kind, same
     """With one generator per prompt, a prompt's samples are the same whether it is sampled
     alone or beside other prompts (what makes data-parallel runs equal single-process runs)."""
     pol = GaussianPolicy()
-    plan = build_plan(PlanConfig(kind=kind, window=2), 6, 0, _gen(1))
+    plan = build_plan(plan_config(kind=kind, window=dict(size=2)), 6, 0, _gen(1))
     both = sample(pol, ["ab", "abcd"], plan, group_size=4, height=H, width=W, guidance_scale=1.0,
                   generator=[_gen(10), _gen(20)], same_noise=same_noise)
     alone = sample(pol, ["abcd"], plan, group_size=4, height=H, width=W, guidance_scale=1.0,

@@ -1,6 +1,6 @@
-"""Singular sweeps (``plan.singular_choice: all``: every eligible step branches each iteration, G²RPO's
+"""Singular sweeps (``plan.singular.choice: all``: every eligible step branches each iteration, G²RPO's
 ``eta_step_list`` loop and TempFlow-GRPO's per-step branches) and absolute noise-aware step weights
-(``train.step_weight_scale``, TempFlow-GRPO's ``2.25 * s_j``).
+(``plan.step_weight_scale``, TempFlow-GRPO's ``2.25 * s_j``).
 
 * plan: a sweep marks every eligible step and is flagged ``sweep``; ``singular_at(k)`` is the plain
   singular plan of one branch;
@@ -31,6 +31,7 @@ from flowrl.flow.learner import FlowLearner, scaled_noise_weights
 from flowrl.flow.plan import PlanConfig, build_plan, eval_plan, granular_sigmas, plan_generator
 from flowrl.flow.sampler import Rollout, sample
 from flowrl.flow.steps import ode_step, sde_step
+from plans import plan_config
 from toy_policies import GaussianPolicy
 
 H = W = 32
@@ -64,7 +65,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def _sweep_plan(S: int, steps, **kw):
-    return build_plan(PlanConfig(kind="singular", singular_choice="all", singular_steps=list(steps), **kw), S, 0)
+    return build_plan(plan_config(kind="singular", singular=dict(choice="all", steps=list(steps)), **kw), S, 0)
 
 
 def _sweep(policy, plan, G, *, seed=0, generator=None, prompts=PROMPTS, guidance=3.0) -> Rollout:
@@ -79,7 +80,7 @@ def _sweep(policy, plan, G, *, seed=0, generator=None, prompts=PROMPTS, guidance
 
 def test_plan_sweep_marks_every_eligible_step():
     S = 10
-    cfg = PlanConfig(kind="singular", singular_choice="all", singular_steps=[4, 1, 2])
+    cfg = plan_config(kind="singular", singular=dict(choice="all", steps=[4, 1, 2]))
     for it in (0, 7):  # deterministic: every iteration sweeps the same steps
         plan = build_plan(cfg, S, it, plan_generator(3, it))
         assert plan.sweep and plan.kind == "singular"
@@ -89,7 +90,7 @@ def test_plan_sweep_marks_every_eligible_step():
         assert "sweep" in plan.describe()
     assert cfg.groups_per_prompt(S) == 3 and cfg.is_sweep
     # default eligible steps: [0, S // 2)
-    dflt = PlanConfig(kind="singular", singular_choice="all")
+    dflt = plan_config(kind="singular", singular=dict(choice="all"))
     assert build_plan(dflt, S, 0).sde_steps == list(range(5)) and dflt.groups_per_prompt(S) == 5
     # one branch: the plain singular plan of that step
     one = build_plan(cfg, S, 0).singular_at(2)
@@ -99,10 +100,10 @@ def test_plan_sweep_marks_every_eligible_step():
         build_plan(cfg, S, 0).singular_at(3)
     # other choices are not sweeps; random / cycle still pick one step
     for choice in ("random", "cycle"):
-        c = PlanConfig(kind="singular", singular_choice=choice, singular_steps=[1, 2, 4])
+        c = plan_config(kind="singular", singular=dict(choice=choice, steps=[1, 2, 4]))
         p = build_plan(c, S, 5, plan_generator(0, 5))
         assert not p.sweep and len(p.sde_steps) == 1 and c.groups_per_prompt(S) == 1
-    assert PlanConfig(kind="full", singular_choice="all").groups_per_prompt(S) == 1
+    assert plan_config(kind="full", singular=dict(choice="all")).groups_per_prompt(S) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +268,19 @@ def isolated(tmp_path, monkeypatch):
     GradientState._reset_state()
 
 
-def _sweep_config(model_dir: Path, out: Path, **train) -> dict:
+def _sweep_config(model_dir: Path, out: Path, plan=(), **train) -> dict:
     return {
         "output_dir": str(out), "seed": 0, "max_steps": 2, "resume": "none", "checkpoint_every": 1, "eval_every": 2,
         "rewards": {f"{PLUGIN}:make_brightness": 1.0},
         "model": {"family": "sd3", "path": str(model_dir)},
         "sample": {"height": 32, "width": 32, "num_steps": 3, "eval_num_steps": 3, "guidance_scale": 1.0,
                    "group_size": 3, "prompts_per_step": 2, "same_noise": True},
-        "plan": {"kind": "singular", "singular_choice": "all", "singular_steps": [0, 1], "granularities": [1, 2]},
+        "plan": {"kind": "singular", "singular": {"choice": "all", "steps": [0, 1]}, "granularities": [1, 2], **dict(plan)},
         "data": {"train": "shapes:train", "eval": "shapes:test"},
         "eval": {"num_prompts": 1, "seeds": [0], "at_start": False},
         "train": {"learning_rate": LR, "weight_decay": 0.0, "progress": False, "tracker": "none", "keep_last": 10,
-                  "lora_rank": 4, "lora_alpha": 8, **train},
+                  **train},
+        "lora": {"rank": 4, "alpha": 8},
     }
 
 
@@ -312,7 +314,7 @@ def test_sweep_training_run(sd3_dir, isolated, monkeypatch):
     monkeypatch.setattr(tasks.FlowTask, "minibatch_gradient", grad)
     monkeypatch.setattr(tasks.FlowTask, "score", score)
     run = tmp / "run"
-    cfg = _sweep_config(sd3_dir, run, num_minibatches=2, step_weighting="noise_aware", step_weight_scale=2.25)
+    cfg = _sweep_config(sd3_dir, run, plan={"step_weighting": "noise_aware", "step_weight_scale": 2.25}, num_minibatches=2)
     summary = train(load_run_config(_write(cfg, tmp / "run.yaml")))
     assert summary["steps"] == 2
 
@@ -404,13 +406,13 @@ def test_step_weight_scale_validation(sd3):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="step_weight_scale"):
             FlowLearner(sd3, LossConfig(), step_weighting="noise_aware", step_weight_scale=bad)
-    with pytest.raises(ConfigError, match="train.step_weight_scale"):
-        load_run_config(None, ["train.step_weight_scale=2.25"])
-    with pytest.raises(ConfigError, match="train.step_weight_scale"):
-        load_run_config(None, ["train.step_weighting=noise_aware", "train.step_weight_scale=0"])
-    cfg = load_run_config(None, ["train.step_weighting=noise_aware", "train.step_weight_scale=2.25"])
-    assert cfg.train.step_weight_scale == 2.25
-    assert load_run_config(None, []).train.step_weight_scale is None
+    with pytest.raises(ConfigError, match="plan.step_weight_scale"):
+        load_run_config(None, ["plan.step_weight_scale=2.25"])
+    with pytest.raises(ConfigError, match="plan.step_weight_scale"):
+        load_run_config(None, ["plan.step_weighting=noise_aware", "plan.step_weight_scale=0"])
+    cfg = load_run_config(None, ["plan.step_weighting=noise_aware", "plan.step_weight_scale=2.25"])
+    assert cfg.plan.step_weight_scale == 2.25
+    assert load_run_config(None, []).plan.step_weight_scale is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,15 +424,15 @@ def test_sweep_validation():
     from flowrl.inputs import UsageError
     from flowrl.train.loop import minibatch_split
 
-    sweep = ["plan.kind=singular", "plan.singular_choice=all", "plan.singular_steps=[0, 1]"]
+    sweep = ["plan.kind=singular", "plan.singular.choice=all", "plan.singular.steps=[0, 1]"]
     with pytest.raises(ConfigError, match=r"^sample\.same_noise: must be true"):
         load_run_config(None, sweep + ["sample.same_noise=false"])
     cfg = load_run_config(None, sweep + ["sample.same_noise=true"])
     assert cfg.plan.is_sweep
-    with pytest.raises(ConfigError, match="plan.singular_choice"):
-        load_run_config(None, ["plan.kind=singular", "plan.singular_choice=every"])
-    with pytest.raises(ValueError, match="singular_choice"):
-        PlanConfig(kind="singular", singular_choice="every").validate()
+    with pytest.raises(ConfigError, match="plan.singular.choice"):
+        load_run_config(None, ["plan.kind=singular", "plan.singular.choice=every"])
+    with pytest.raises(ValueError, match="singular.choice"):
+        plan_config(kind="singular", singular=dict(choice="every")).validate()
     with pytest.raises(ValueError, match="same_noise"):
         sample(GaussianPolicy(), PROMPTS, _sweep_plan(4, [0, 1]), group_size=2, height=H, width=W,
                guidance_scale=1.0, generator=_gen(0), same_noise=False)

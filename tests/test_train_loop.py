@@ -138,8 +138,8 @@ def flow_config(model_dir: Path, out: Path, **over) -> Dict[str, Any]:
         "plan": {"kind": "full"},
         "data": {"train": "shapes:train", "eval": "shapes:test"},
         "eval": {"num_prompts": 2, "seeds": [0]},
-        "train": {"learning_rate": LR, "weight_decay": 0.0, "progress": False, "tracker": "none", "keep_last": 10,
-                  "lora_rank": 4, "lora_alpha": 8},
+        "train": {"learning_rate": LR, "weight_decay": 0.0, "progress": False, "tracker": "none", "keep_last": 10},
+        "lora": {"rank": 4, "alpha": 8},
     }
     return _merge(cfg, over)
 
@@ -408,7 +408,7 @@ def _bad_cases(lm_dir: Path, sd3_dir: Path, tmp: Path):
         "unknown image scorer": (sd3 + ["rewards={no_such_scorer: 1.0}"], ["no_such_scorer"]),
         "prompts vs minibatches": (lm + ["sample.prompts_per_step=3", "train.num_minibatches=2"],
                                    ["prompts_per_step", "num_minibatches"]),
-        "group vs tree leaves": (sd3 + ["plan.kind=tree", "plan.branch_factors=[2, 2]", "sample.group_size=6"],
+        "group vs tree leaves": (sd3 + ["plan.kind=tree", "plan.tree.branch_factors=[2, 2]", "sample.group_size=6"],
                                  ["group_size", "leaves"]),
         "misspelt key": (lm + ["sample.grop_size=4"], ["sample.grop_size", "did you mean"]),
     }

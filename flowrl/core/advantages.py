@@ -72,6 +72,9 @@ class AdvantageConfig:
     filter_zero_std: bool = False  # DAPO dynamic sampling (2503.14476): keep=False for groups with zero reward variance
     zero_std_tol: float = 0.0  # a group is zero-variance when max(r) - min(r) <= this tolerance
     clip: float | None = None  # clamp advantages to [-clip, clip] (Flow-GRPO/DanceGRPO adv_clip_max = 5)
+    stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps (PerPromptStatTracker)
+    stat_buffer_size: int | None = 32  # rewards kept per prompt by the tracker (None: unbounded)
+    stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
 
     def validate(self) -> "AdvantageConfig":
         """Raise ``ValueError("<field>: <reason>")`` on the first invalid field; return self."""

@@ -355,7 +355,7 @@ def rl_check_overrides(model_dir, cfg: RLCheckConfig, run_dir, *, progress: bool
         "sample.group_size": c.group_size, "sample.prompts_per_step": c.prompts_per_step,
         "data.train": f"arithmetic:train:{c.digits}", "data.eval": f"arithmetic:test:{c.digits}",
         "data.max_train_prompts": c.num_train_prompts, "eval.num_prompts": c.num_test, "eval.seeds": [0],
-        "train.lora": c.lora, "train.lora_rank": c.lora_rank, "train.lora_alpha": c.lora_alpha,
+        "lora.enabled": c.lora, "lora.rank": c.lora_rank, "lora.alpha": c.lora_alpha,
         "train.learning_rate": c.learning_rate, "train.weight_decay": c.weight_decay,
         "train.max_grad_norm": c.max_grad_norm, "train.tracker": "none", "train.progress": progress,
     }

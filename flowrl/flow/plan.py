@@ -9,19 +9,20 @@ Every GRPO-family method for flow models is one choice of steps over the same sa
 ``full``            Flow-GRPO (arXiv 2505.05470): every step SDE, every step but the last trained
 ``random_subset``   DanceGRPO (arXiv 2505.07818): every step SDE, a random 60 % of them trained,
                     drawn per sample
-``window``          MixGRPO (arXiv 2507.21802): SDE + trained inside a window of ``window`` steps
-                    that slides over training (progressive / decay / exp_decay / random), ODE
-                    outside; with ``ode_solver="dpm2m"`` and ``compress_ratio`` it is MixGRPO-Flash
-``random_window``   Flow-GRPO-Fast: a window of ``window`` SDE steps drawn each iteration inside
-                    ``window_range`` (default ``[0, num_steps // 2)``), ODE elsewhere
+``window``          MixGRPO (arXiv 2507.21802): SDE + trained inside a window of ``window.size``
+                    steps that slides over training (progressive / decay / exp_decay / random), ODE
+                    outside; with ``ode_solver="dpm2m"`` and ``tail.ratio`` it is MixGRPO-Flash
+``random_window``   Flow-GRPO-Fast: a window of ``window.size`` SDE steps drawn each iteration
+                    inside ``window.range`` (default ``[0, num_steps // 2)``), ODE elsewhere
 ``singular``        G²RPO (arXiv 2510.01982): one SDE step, ODE elsewhere; with
                     ``granularities`` the ODE continuation is run at several step strides;
-                    ``singular_choice="all"`` is a *sweep*: every eligible step branches in the
+                    ``singular.choice="all"`` is a *sweep*: every eligible step branches in the
                     same iteration from one ODE trunk per prompt (G²RPO's ``eta_step_list`` loop,
                     TempFlow-GRPO's per-step branches), one advantage group per (prompt, step)
-``tree``            TempFlow-GRPO (arXiv 2508.04324, fixed ``branch_steps``) and Dynamic-TreeRPO
-                    (arXiv 2509.23352, a sliding window of branching depths with a noise level per
-                    depth): trajectories branch into ``branch_factors[d]`` children at depth d
+``tree``            TempFlow-GRPO (arXiv 2508.04324, fixed ``tree.branch_steps``) and
+                    Dynamic-TreeRPO (arXiv 2509.23352, a sliding window of branching depths with a
+                    noise level per depth): trajectories branch into ``tree.branch_factors[d]``
+                    children at depth d
 ==================  ==========================================================================
 
 A :class:`Plan` is a handful of small tensors over the ``num_steps`` steps; building one costs
@@ -33,7 +34,7 @@ spread over GPUs, never mixes different windows (Flow-GRPO-Fast draws its window
 own RNG, which lets group members branch at different steps: notes §2.6).
 
 The one random choice that is *not* drawn here is DanceGRPO's per-sample subset of trained steps
-(``random_subset`` with ``per_sample=True``): the number of samples is the sampler's business, so
+(``random_subset`` with ``subset.per_sample=True``): the number of samples is the sampler's business, so
 the plan records the subset size and :meth:`Plan.trained_mask` draws one subset per sample from the
 sampler's generator. Per-sample subsets need no agreement across processes: every sample lives on
 one process.
@@ -48,6 +49,7 @@ from typing import Any, List, Literal, Optional
 import torch
 
 from flowrl.core import rng
+from flowrl.core.checks import check_number
 
 __all__ = [
     "PLAN_KINDS",
@@ -56,6 +58,11 @@ __all__ = [
     "ODE_SOLVERS",
     "WINDOW_SCHEDULES",
     "PlanConfig",
+    "SubsetConfig",
+    "WindowConfig",
+    "TailConfig",
+    "SingularConfig",
+    "TreeConfig",
     "Plan",
     "build_plan",
     "eval_plan",
@@ -83,114 +90,112 @@ SINGULAR_CHOICES = ("random", "cycle", "all")
 # --------------------------------------------------------------------------------------------------
 
 
+def _at_least(name: str, value: Optional[int], low: int, extra: str = "") -> None:
+    """``ValueError("<name>: must be >= low")`` unless ``value`` is None or >= ``low``."""
+    if value is not None and value < low:
+        raise ValueError(f"{name}: must be >= {low}{extra}, got {value}")
+
+
+def _check_step_list(name: str, steps: Optional[List[int]]) -> None:
+    """A step list (or null): non-empty, steps >= 0 and distinct."""
+    if steps is None:
+        return
+    if len(steps) == 0:
+        raise ValueError(f"{name}: must list at least one step (or be null)")
+    if any(s < 0 for s in steps):
+        raise ValueError(f"{name}: steps must be >= 0, got {list(steps)}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"{name}: steps must be distinct, got {list(steps)}")
+
+
 @dataclass
-class PlanConfig:
-    """Which steps of a training rollout are stochastic, trained or branching (see module doc).
+class SubsetConfig:
+    """``random_subset`` (DanceGRPO): which of the trainable steps are trained."""
 
-    ``validate`` checks everything that can be checked without the number of steps; given the
-    number of steps (an ``int``, or the run config whose ``sample.num_steps`` holds it) it also
-    checks windows, ranges and step lists against the trajectory.
-    """
+    fraction: float = 0.6  # fraction of trainable steps trained (DanceGRPO 0.6)
+    per_sample: bool = True  # one subset per sample (DanceGRPO), else one per iteration
 
-    kind: PlanKind = "full"  # full | random_subset | window | random_window | singular | tree
-    noise_level: float = 0.7  # SDE noise level a (Flow-GRPO 0.7, CPS 0.8, DanceGRPO eta 0.3)
-    sde: SdeKind = "flow_sde"  # dynamics of stochastic steps: flow_sde | dance_sde | cps
-    reduction: Literal["mean", "sum"] = "mean"  # log-prob reduction over latent elements
-    train_last_step: bool = False  # also train the last, near-clean step (Flow-GRPO never does)
-    fraction: float = 0.6  # random_subset: fraction of trainable steps trained (DanceGRPO 0.6)
-    per_sample: bool = True  # random_subset: one subset per sample (DanceGRPO), else one per iteration
-    window: int = 4  # window / random_window: number of consecutive SDE (trained) steps
-    window_start: int = 0  # window / tree: window start at iteration 0 and after a roll-back
+    def validate(self) -> None:
+        if not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"fraction: must be in (0, 1], got {self.fraction}")
+
+
+@dataclass
+class WindowConfig:
+    """The window of SDE (trained) steps: ``window``, ``random_window``, and a tree's sliding window."""
+
+    size: int = 4  # window / random_window: number of consecutive SDE (trained) steps
+    start: int = 0  # window / tree: window start at iteration 0 and after a roll-back
     stride: int = 1  # window / tree: steps the window moves per shift (0: frozen, MixGRPO-Flash*)
     shift_interval: int = 25  # window / tree: iterations between shifts (MixGRPO tau)
     schedule: WindowSchedule = "progressive"  # window / tree: progressive | decay | exp_decay | random
-    roll_back: bool = True  # window / tree: past the last start go back to window_start (else stay)
+    roll_back: bool = True  # window / tree: past the last start go back to start (else stay)
     min_shift_interval: Optional[int] = None  # decay: tau at the last start (null: 1, MixGRPO's --min_iters_per_group)
     exp_k: float = 0.1  # exp_decay: tau(t) = ceil(shift_interval * exp(-exp_k * relu(t - exp_threshold)))
     exp_threshold: int = 13  # exp_decay: start step after which tau decays
-    window_range: Optional[List[int]] = None  # random_window: [lo, hi) holding the window (null: [0, num_steps // 2))
-    ode_solver: OdeSolver = "euler"  # solver of deterministic steps: euler | heun | dpm2m
-    head_solver: Optional[OdeSolver] = None  # solver of the ODE steps before the first SDE step (null: ode_solver; MixGRPO-Flash: euler)
-    compress_ratio: Optional[float] = None  # ODE tail after the last SDE step re-discretised to ratio*n steps (Flash 0.4)
-    compress_shift: float = 3.0  # time shift spacing the compressed tail (MixGRPO-Flash uses its schedule's 3.0; 1 = uniform sigma)
-    singular_steps: Optional[List[int]] = None  # singular: eligible steps (null: [0, num_steps // 2))
-    singular_choice: SingularChoice = "random"  # singular: draw the step, cycle by iteration, or all (a sweep: every eligible step each iteration)
-    granularities: List[int] = field(default_factory=lambda: [1])  # ODE continuation strides after the last SDE step (G²RPO [1, 2])
-    branch_factors: List[int] = field(default_factory=lambda: [2, 2])  # tree: children per node at each depth
-    branch_steps: Optional[List[int]] = None  # tree: branching steps (TempFlow); null: sliding window (Dynamic-TreeRPO)
-    branch_noise: Optional[List[float]] = None  # tree: noise level per depth (null: noise_level everywhere)
-    tree_dedup: bool = True  # tree: train a transition shared by several leaves once, on its first leaf
+    range: Optional[List[int]] = None  # random_window: [lo, hi) holding the window (null: [0, num_steps // 2))
 
-    # ---------------------------------------------------------------------------------------------
-
-    def validate(self, num_steps: Any = None) -> None:
-        """Raise ``ValueError("<field>: <reason>")`` for impossible settings.
-
-        ``num_steps``: the rollout's number of denoising steps, or a run config (anything with
-        ``.sample.num_steps``, which is how :func:`flowrl.config.validate` calls it), or None to
-        check only what does not depend on it.
-        """
-        if num_steps is not None and not isinstance(num_steps, int):
-            num_steps = getattr(getattr(num_steps, "sample", None), "num_steps", None)
-        if self.kind not in PLAN_KINDS:
-            raise ValueError(f"kind: unknown plan kind {self.kind!r}; choose one of {', '.join(PLAN_KINDS)}")
-        if self.sde not in SDE_KINDS:
-            raise ValueError(f"sde: unknown SDE kind {self.sde!r}; choose one of {', '.join(SDE_KINDS)}")
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction: must be 'mean' or 'sum', got {self.reduction!r}")
-        if self.ode_solver not in ODE_SOLVERS:
-            raise ValueError(f"ode_solver: unknown solver {self.ode_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
-        if self.head_solver is not None and self.head_solver not in ODE_SOLVERS:
-            raise ValueError(f"head_solver: unknown solver {self.head_solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+    def validate(self) -> None:
         if self.schedule not in WINDOW_SCHEDULES:
             raise ValueError(f"schedule: unknown window schedule {self.schedule!r}; choose one of {', '.join(WINDOW_SCHEDULES)}")
-        if self.singular_choice not in SINGULAR_CHOICES:
-            raise ValueError(f"singular_choice: must be 'random', 'cycle' or 'all', got {self.singular_choice!r}")
-        _check_noise("noise_level", self.noise_level, self.sde)
-        if not (0.0 < self.fraction <= 1.0):
-            raise ValueError(f"fraction: must be in (0, 1], got {self.fraction}")
-        if self.window < 1:
-            raise ValueError(f"window: must be >= 1, got {self.window}")
-        if self.window_start < 0:
-            raise ValueError(f"window_start: must be >= 0, got {self.window_start}")
-        if self.stride < 0:
-            raise ValueError(f"stride: must be >= 0 (0 freezes the window), got {self.stride}")
-        if self.shift_interval < 1:
-            raise ValueError(f"shift_interval: must be >= 1 iteration, got {self.shift_interval}")
-        if self.min_shift_interval is not None and self.min_shift_interval < 1:
-            raise ValueError(f"min_shift_interval: must be >= 1 or null, got {self.min_shift_interval}")
+        _at_least("size", self.size, 1)
+        _at_least("start", self.start, 0)
+        _at_least("stride", self.stride, 0, " (0 freezes the window)")
+        _at_least("shift_interval", self.shift_interval, 1, " iteration")
+        _at_least("min_shift_interval", self.min_shift_interval, 1, " or null")
         if not (self.exp_k >= 0 and math.isfinite(self.exp_k)):
             raise ValueError(f"exp_k: must be a finite number >= 0, got {self.exp_k}")
-        if self.exp_threshold < 0:
-            raise ValueError(f"exp_threshold: must be >= 0, got {self.exp_threshold}")
-        if self.compress_ratio is not None and not (0.0 < self.compress_ratio <= 1.0):
-            raise ValueError(f"compress_ratio: must be in (0, 1] or null, got {self.compress_ratio}")
-        if not (math.isfinite(self.compress_shift) and self.compress_shift > 0):
-            raise ValueError(f"compress_shift: must be a finite number > 0, got {self.compress_shift}")
-        if len(self.granularities) == 0:
-            raise ValueError("granularities: must hold at least one stride (use [1] for the plain trajectory)")
-        if any(g < 1 for g in self.granularities):
-            raise ValueError(f"granularities: every stride must be >= 1, got {list(self.granularities)}")
-        if len(set(self.granularities)) != len(self.granularities):
-            raise ValueError(f"granularities: strides must be distinct, got {list(self.granularities)}")
-        if self.compress_ratio is not None and list(self.granularities) != [1]:
-            raise ValueError("compress_ratio: cannot be combined with granularities other than [1]; "
-                             "both re-discretise the ODE tail")
-        if self.window_range is not None:
-            if len(self.window_range) != 2:
-                raise ValueError(f"window_range: must be [lo, hi], got {list(self.window_range)}")
-            lo, hi = self.window_range
+        _at_least("exp_threshold", self.exp_threshold, 0)
+        if self.range is not None:
+            if len(self.range) != 2:
+                raise ValueError(f"range: must be [lo, hi], got {list(self.range)}")
+            lo, hi = self.range
             if lo < 0 or hi <= lo:
-                raise ValueError(f"window_range: need 0 <= lo < hi, got {list(self.window_range)}")
-            if hi - lo < self.window:
-                raise ValueError(f"window_range: [{lo}, {hi}) is shorter than window={self.window}")
-        if self.singular_steps is not None:
-            if len(self.singular_steps) == 0:
-                raise ValueError("singular_steps: must list at least one step (or be null)")
-            if any(s < 0 for s in self.singular_steps):
-                raise ValueError(f"singular_steps: steps must be >= 0, got {list(self.singular_steps)}")
-            if len(set(self.singular_steps)) != len(self.singular_steps):
-                raise ValueError(f"singular_steps: steps must be distinct, got {list(self.singular_steps)}")
+                raise ValueError(f"range: need 0 <= lo < hi, got {list(self.range)}")
+            if hi - lo < self.size:
+                raise ValueError(f"range: [{lo}, {hi}) is shorter than size={self.size}")
+
+
+@dataclass
+class TailConfig:
+    """The ODE tail after the last SDE step, re-discretised to fewer steps (MixGRPO-Flash)."""
+
+    ratio: Optional[float] = None  # ODE tail after the last SDE step re-discretised to ratio*n steps (Flash 0.4; null: off)
+    shift: float = 3.0  # time shift spacing the compressed tail (MixGRPO-Flash uses its schedule's 3.0; 1 = uniform sigma)
+
+    def validate(self) -> None:
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio: must be in (0, 1] or null, got {self.ratio}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift: must be a finite number > 0, got {self.shift}")
+
+
+@dataclass
+class SingularConfig:
+    """``singular`` (G²RPO): the one SDE step, and how a sweep over all of them is split."""
+
+    steps: Optional[List[int]] = None  # eligible steps (null: [0, num_steps // 2))
+    choice: SingularChoice = "random"  # draw the step, cycle by iteration, or all (a sweep: every eligible step each iteration)
+    sweep_split: Literal["branch", "prompt"] = "branch"  # sweep: minibatches of whole branch steps (G2RPO) or of whole prompts (TempFlow-GRPO)
+
+    def validate(self) -> None:
+        if self.choice not in SINGULAR_CHOICES:
+            raise ValueError(f"choice: must be 'random', 'cycle' or 'all', got {self.choice!r}")
+        if self.sweep_split not in ("branch", "prompt"):
+            raise ValueError(f"sweep_split: must be 'branch' or 'prompt', got {self.sweep_split!r}")
+        _check_step_list("steps", self.steps)
+
+
+@dataclass
+class TreeConfig:
+    """``tree`` (TempFlow-GRPO, Dynamic-TreeRPO): where and how trajectories branch."""
+
+    branch_factors: List[int] = field(default_factory=lambda: [2, 2])  # children per node at each depth
+    branch_steps: Optional[List[int]] = None  # branching steps (TempFlow); null: sliding window (Dynamic-TreeRPO, plan.window)
+    branch_noise: Optional[List[float]] = None  # noise level per depth (null: plan.noise_level everywhere)
+    dedup: bool = True  # train a transition shared by several leaves once, on its first leaf
+
+    def validate(self) -> None:
         if len(self.branch_factors) == 0:
             raise ValueError("branch_factors: a tree needs at least one depth")
         if any(b < 1 for b in self.branch_factors):
@@ -203,61 +208,136 @@ class PlanConfig:
                 raise ValueError(f"branch_steps: steps must be >= 0, got {list(self.branch_steps)}")
             if any(b <= a for a, b in zip(self.branch_steps, self.branch_steps[1:])):
                 raise ValueError(f"branch_steps: must be strictly increasing, got {list(self.branch_steps)}")
-        if self.branch_noise is not None:
-            if len(self.branch_noise) != len(self.branch_factors):
-                raise ValueError(f"branch_noise: {len(self.branch_noise)} levels for "
-                                 f"{len(self.branch_factors)} depths; give one per depth")
-            for a in self.branch_noise:
-                _check_noise("branch_noise", a, self.sde)
+        if self.branch_noise is not None and len(self.branch_noise) != len(self.branch_factors):
+            raise ValueError(f"branch_noise: {len(self.branch_noise)} levels for "
+                             f"{len(self.branch_factors)} depths; give one per depth")
 
-        if num_steps is None:
-            return
+
+_SECTIONS = ("subset", "window", "tail", "singular", "tree")
+
+
+@dataclass
+class PlanConfig:
+    """Which steps of a training rollout are stochastic, trained or branching (see module doc).
+
+    The settings of each kind live in their own section (``subset``, ``window``, ``tail``,
+    ``singular``, ``tree``), each validating its own fields. ``validate`` checks them and everything
+    else that can be checked without the number of steps; given the number of steps (an ``int``, or
+    the run config whose ``sample.num_steps`` holds it) it also checks windows, ranges and step
+    lists against the trajectory.
+    """
+
+    kind: PlanKind = "full"  # full | random_subset | window | random_window | singular | tree
+    noise_level: float = 0.7  # SDE noise level a (Flow-GRPO 0.7, CPS 0.8, DanceGRPO eta 0.3)
+    sde: SdeKind = "flow_sde"  # dynamics of stochastic steps: flow_sde | dance_sde | cps
+    reduction: Literal["mean", "sum"] = "mean"  # log-prob reduction over latent elements
+    train_last_step: bool = False  # also train the last, near-clean step (Flow-GRPO never does)
+    ode_solver: OdeSolver = "euler"  # solver of deterministic steps: euler | heun | dpm2m
+    head_solver: Optional[OdeSolver] = None  # solver of the ODE steps before the first SDE step (null: ode_solver; MixGRPO-Flash: euler)
+    granularities: List[int] = field(default_factory=lambda: [1])  # ODE continuation strides after the last SDE step (G²RPO [1, 2])
+    step_weighting: Literal["none", "noise_aware"] = "none"  # per-step loss weights of trained steps (TempFlow-GRPO noise-aware: the step's std s_t)
+    step_weight_scale: Optional[float] = None  # noise_aware: absolute weights scale * s_t (TempFlow-GRPO code 2.25); null: s_t / mean s over the minibatch's trained steps
+    subset: SubsetConfig = field(default_factory=SubsetConfig)  # random_subset: the trained subset
+    window: WindowConfig = field(default_factory=WindowConfig)  # window / random_window / tree: the window and its schedule
+    tail: TailConfig = field(default_factory=TailConfig)  # the ODE tail's re-discretisation (MixGRPO-Flash)
+    singular: SingularConfig = field(default_factory=SingularConfig)  # singular: the SDE step and sweeps
+    tree: TreeConfig = field(default_factory=TreeConfig)  # tree: branching
+
+    # ---------------------------------------------------------------------------------------------
+
+    def validate(self, num_steps: Any = None) -> None:
+        """Raise ``ValueError("<field>: <reason>")`` for impossible settings (a section's field
+        as ``section.field``).
+
+        ``num_steps``: the rollout's number of denoising steps, or a run config (anything with
+        ``.sample.num_steps``, which is how :func:`flowrl.config.validate` calls it), or None to
+        check only what does not depend on it.
+        """
+        if num_steps is not None and not isinstance(num_steps, int):
+            num_steps = getattr(getattr(num_steps, "sample", None), "num_steps", None)
+        for name in _SECTIONS:
+            try:
+                getattr(self, name).validate()
+            except ValueError as e:
+                raise ValueError(f"{name}.{e}") from None
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"kind: unknown plan kind {self.kind!r}; choose one of {', '.join(PLAN_KINDS)}")
+        if self.sde not in SDE_KINDS:
+            raise ValueError(f"sde: unknown SDE kind {self.sde!r}; choose one of {', '.join(SDE_KINDS)}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: must be 'mean' or 'sum', got {self.reduction!r}")
+        for name in ("ode_solver", "head_solver"):
+            solver = getattr(self, name)
+            if solver is not None and solver not in ODE_SOLVERS:
+                raise ValueError(f"{name}: unknown solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+        _check_noise("noise_level", self.noise_level, self.sde)
+        if len(self.granularities) == 0:
+            raise ValueError("granularities: must hold at least one stride (use [1] for the plain trajectory)")
+        if any(g < 1 for g in self.granularities):
+            raise ValueError(f"granularities: every stride must be >= 1, got {list(self.granularities)}")
+        if len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"granularities: strides must be distinct, got {list(self.granularities)}")
+        if self.tail.ratio is not None and list(self.granularities) != [1]:
+            raise ValueError("tail.ratio: cannot be combined with granularities other than [1]; "
+                             "both re-discretise the ODE tail")
+        for a in self.tree.branch_noise or ():
+            _check_noise("tree.branch_noise", a, self.sde)
+        if self.step_weight_scale is not None:
+            if self.step_weighting != "noise_aware":
+                raise ValueError("step_weight_scale: only used with step_weighting: noise_aware (set it, or leave the scale null)")
+            check_number("step_weight_scale", self.step_weight_scale, gt=0, none_ok=True)
+        if num_steps is not None:
+            self._check_steps(num_steps)
+
+    def _check_steps(self, num_steps: int) -> None:
+        """The checks of :meth:`validate` that need the trajectory's number of steps."""
         if num_steps < 1:
             raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
         limit = self.trainable_limit(num_steps)
         if limit < 1:
             raise ValueError(f"train_last_step: with num_steps={num_steps} and train_last_step=False "
                              "no step can be trained (need num_steps >= 2)")
-        if self.kind == "random_window" and self.window > limit:
-            raise ValueError(f"window: {self.window} steps do not fit in the {limit} trainable steps "
+        w = self.window
+        if self.kind == "random_window" and w.size > limit:
+            raise ValueError(f"window.size: {w.size} steps do not fit in the {limit} trainable steps "
                              f"of a {num_steps}-step trajectory")
         if self.kind == "window":
             cap = limit - 1  # MixGRPO cuts its window at its last start, max_timesteps = limit - 1
-            if self.window > cap:
-                raise ValueError(f"window: {self.window} steps do not fit before step {cap}, where a "
+            if w.size > cap:
+                raise ValueError(f"window.size: {w.size} steps do not fit before step {cap}, where a "
                                  f"{num_steps}-step trajectory's window ends (num_steps - 2 without train_last_step)")
-            if self.window_start > cap - 1:
-                raise ValueError(f"window_start: {self.window_start} trains no step; the last start that "
+            if w.start > cap - 1:
+                raise ValueError(f"window.start: {w.start} trains no step; the last start that "
                                  f"trains one is {cap - 1} (windows end before step {cap})")
-            if self.schedule == "random" and self.window_start > cap - self.window:
-                raise ValueError(f"window_start: the random schedule starts at most at {cap - self.window}, "
-                                 f"got {self.window_start}")
+            if w.schedule == "random" and w.start > cap - w.size:
+                raise ValueError(f"window.start: the random schedule starts at most at {cap - w.size}, "
+                                 f"got {w.start}")
         if self.kind == "random_window":
             lo, hi = self.random_window_range(num_steps)
             if hi > limit:
-                raise ValueError(f"window_range: hi={hi} exceeds the {limit} trainable steps "
+                raise ValueError(f"window.range: hi={hi} exceeds the {limit} trainable steps "
                                  f"(num_steps={num_steps}, train_last_step={self.train_last_step})")
-            if hi - lo < self.window:
-                raise ValueError(f"window: {self.window} steps do not fit in window_range [{lo}, {hi})")
+            if hi - lo < w.size:
+                raise ValueError(f"window.size: {w.size} steps do not fit in window.range [{lo}, {hi})")
         if self.kind == "singular":
             steps = self.singular_eligible(num_steps)
             if len(steps) == 0:
-                raise ValueError(f"singular_steps: no eligible step for num_steps={num_steps}")
+                raise ValueError(f"singular.steps: no eligible step for num_steps={num_steps}")
             bad = [s for s in steps if s >= limit]
             if bad:
-                raise ValueError(f"singular_steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
+                raise ValueError(f"singular.steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
         if self.kind == "tree":
-            depth = len(self.branch_factors)
-            if self.branch_steps is not None:
-                bad = [s for s in self.branch_steps if s >= limit]
+            depth = len(self.tree.branch_factors)
+            if self.tree.branch_steps is not None:
+                bad = [s for s in self.tree.branch_steps if s >= limit]
                 if bad:
-                    raise ValueError(f"branch_steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
+                    raise ValueError(f"tree.branch_steps: {bad} not trainable (trainable steps are 0..{limit - 1})")
             else:
                 if depth > limit:
-                    raise ValueError(f"branch_factors: a {depth}-deep tree window does not fit in the "
+                    raise ValueError(f"tree.branch_factors: a {depth}-deep tree window does not fit in the "
                                      f"{limit} trainable steps")
-                if self.window_start > limit - depth:
-                    raise ValueError(f"window_start: {self.window_start} leaves no room for a {depth}-deep "
+                if w.start > limit - depth:
+                    raise ValueError(f"window.start: {w.start} leaves no room for a {depth}-deep "
                                      f"tree before step {limit}")
 
     # Derived quantities used by build_plan (public so tests and docs can name them) ---------------
@@ -267,15 +347,15 @@ class PlanConfig:
         return num_steps if self.train_last_step else num_steps - 1
 
     def random_window_range(self, num_steps: int) -> tuple[int, int]:
-        """``[lo, hi)`` of Flow-GRPO-Fast's window: ``window_range`` or ``[0, num_steps // 2)``."""
-        if self.window_range is not None:
-            return int(self.window_range[0]), int(self.window_range[1])
+        """``[lo, hi)`` of Flow-GRPO-Fast's window: ``window.range`` or ``[0, num_steps // 2)``."""
+        if self.window.range is not None:
+            return int(self.window.range[0]), int(self.window.range[1])
         return 0, num_steps // 2
 
     @property
     def is_sweep(self) -> bool:
-        """A singular sweep: every eligible step branches in each iteration (``singular_choice="all"``)."""
-        return self.kind == "singular" and self.singular_choice == "all"
+        """A singular sweep: every eligible step branches in each iteration (``singular.choice="all"``)."""
+        return self.kind == "singular" and self.singular.choice == "all"
 
     def groups_per_prompt(self, num_steps: int) -> int:
         """Advantage groups per prompt in one rollout: K = the number of eligible steps for a sweep
@@ -283,10 +363,10 @@ class PlanConfig:
         return len(self.singular_eligible(num_steps)) if self.is_sweep else 1
 
     def singular_eligible(self, num_steps: int) -> list[int]:
-        """Steps the singular SDE step is chosen from: ``singular_steps`` or ``[0, max(1, num_steps // 2))``
+        """Steps the singular SDE step is chosen from: ``singular.steps`` or ``[0, max(1, num_steps // 2))``
         (G²RPO perturbs steps 0..7 of 16)."""
-        if self.singular_steps is not None:
-            return sorted(int(s) for s in self.singular_steps)
+        if self.singular.steps is not None:
+            return sorted(int(s) for s in self.singular.steps)
         return list(range(max(1, num_steps // 2)))
 
 
@@ -316,7 +396,7 @@ class Plan:
     :func:`flowrl.flow.steps.compressed_sigmas`); ``ode_solver``: the solver of deterministic steps,
     ``head_solver`` the one of those before the first SDE step (None: ``ode_solver``).
 
-    ``sweep`` (singular sweeps, ``singular_choice="all"``): ``sde``/``trained`` mark every branch
+    ``sweep`` (singular sweeps, ``singular.choice="all"``): ``sde``/``trained`` mark every branch
     step k, but no trajectory takes more than one of them: the sampler runs, per k, the singular
     plan :meth:`singular_at` ``(k)`` from the prompt's shared ODE trunk (see
     :mod:`flowrl.flow.sampler`).
@@ -534,12 +614,12 @@ def scheduled_window_start(
 # --------------------------------------------------------------------------------------------------
 
 
-def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Optional[torch.Generator],
+def _window_start(cfg: WindowConfig, iteration: int, max_start: int, generator: Optional[torch.Generator],
                   last_start: Optional[int] = None) -> int:
-    """``random``: ``window_start`` at iteration 0 (MixGRPO reads its window before its first
-    update), then uniform in ``[0, max_start]``; otherwise :func:`scheduled_window_start`."""
+    """``random``: ``start`` at iteration 0 (MixGRPO reads its window before its first update),
+    then uniform in ``[0, max_start]``; otherwise :func:`scheduled_window_start`."""
     if cfg.schedule == "random":
-        return cfg.window_start if iteration == 0 else _randint(0, max_start, generator)
+        return cfg.start if iteration == 0 else _randint(0, max_start, generator)
     return scheduled_window_start(
         iteration,
         max_start=max_start,
@@ -547,7 +627,7 @@ def _window_start(cfg: PlanConfig, iteration: int, max_start: int, generator: Op
         shift_interval=cfg.shift_interval,
         schedule=cfg.schedule,
         roll_back=cfg.roll_back,
-        first=cfg.window_start,
+        first=cfg.start,
         min_shift_interval=cfg.min_shift_interval,
         exp_k=cfg.exp_k,
         exp_threshold=cfg.exp_threshold,
@@ -572,20 +652,20 @@ def build_plan(
 
     * ``full``: all S steps SDE, steps < L trained (Flow-GRPO, ``timestep_fraction`` 0.99).
     * ``random_subset``: all steps SDE; k = max(1, int(L·fraction)) of the L trainable steps trained,
-      per sample (``per_sample``) or one subset for the iteration.
-    * ``window``: SDE + trained on ``[t, min(t + window, M))`` with M = L − 1 (= S − 2, MixGRPO's
+      per sample (``subset.per_sample``) or one subset for the iteration.
+    * ``window``: SDE + trained on ``[t, min(t + size, M))`` with M = L − 1 (= S − 2, MixGRPO's
       ``max_timesteps``, which both caps the window and bounds its start), t from MixGRPO's
       schedule over the starts ``0 .. M − 1`` (``decay`` measures progress against M); ``random``:
-      ``window_start`` at iteration 0, then t uniform in ``[0, M − window]``. (MixGRPO's own start
+      ``window.start`` at iteration 0, then t uniform in ``[0, M − size]``. (MixGRPO's own start
       M has an empty window, on which its loop raises: flowrl rolls back after M − 1 instead.)
-    * ``random_window``: t uniform in ``[lo, hi − window]`` of ``window_range`` (Flow-GRPO-Fast:
-      ``[0, S // 2)``); SDE + trained on ``[t, t + window)``.
+    * ``random_window``: t uniform in ``[lo, hi − size]`` of ``window.range`` (Flow-GRPO-Fast:
+      ``[0, S // 2)``); SDE + trained on ``[t, t + size)``.
     * ``singular``: one SDE + trained step, drawn from the eligible steps (``random``) or
       ``eligible[iteration % len]`` (``cycle``); ``all``: every eligible step marked, with
       ``sweep=True`` (each trajectory still takes one of them: see :meth:`Plan.singular_at`).
-    * ``tree``: SDE + trained + branching at ``branch_steps`` (fixed) or at a window of
-      ``len(branch_factors)`` consecutive steps that slides like ``window`` (last start L − depth);
-      noise level ``branch_noise[d]`` at depth d.
+    * ``tree``: SDE + trained + branching at ``tree.branch_steps`` (fixed) or at a window of
+      ``len(tree.branch_factors)`` consecutive steps that slides like ``window`` (last start L − depth);
+      noise level ``tree.branch_noise[d]`` at depth d.
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool):
         raise ValueError(f"num_steps: must be an int, got {num_steps!r}")
@@ -605,47 +685,48 @@ def build_plan(
         trained[:L] = True
     elif cfg.kind == "random_subset":
         sde[:] = True
-        k = max(1, int(L * cfg.fraction))
-        if cfg.per_sample:
+        k = max(1, int(L * cfg.subset.fraction))
+        if cfg.subset.per_sample:
             trained[:L] = True
             subset_size = k if k < L else 0
         else:
             trained[torch.randperm(L, generator=generator)[:k]] = True
     elif cfg.kind == "window":
         cap = L - 1  # MixGRPO's max_timesteps
-        if cfg.schedule == "random":
-            start = _window_start(cfg, iteration, cap - cfg.window, generator)
+        if cfg.window.schedule == "random":
+            start = _window_start(cfg.window, iteration, cap - cfg.window.size, generator)
         else:
-            start = _window_start(cfg, iteration, cap, generator, last_start=cap - 1)
-        sde[start:min(start + cfg.window, cap)] = True
+            start = _window_start(cfg.window, iteration, cap, generator, last_start=cap - 1)
+        sde[start:min(start + cfg.window.size, cap)] = True
         trained |= sde
     elif cfg.kind == "random_window":
         lo, hi = cfg.random_window_range(S)
-        start = _randint(lo, hi - cfg.window, generator)
-        sde[start:start + cfg.window] = True
+        start = _randint(lo, hi - cfg.window.size, generator)
+        sde[start:start + cfg.window.size] = True
         trained |= sde
     elif cfg.kind == "singular":
         eligible = cfg.singular_eligible(S)
-        if cfg.singular_choice == "all":
+        if cfg.singular.choice == "all":
             ks = eligible
-        elif cfg.singular_choice == "cycle":
+        elif cfg.singular.choice == "cycle":
             ks = [eligible[iteration % len(eligible)]]
         else:
             ks = [eligible[_randint(0, len(eligible) - 1, generator)]]
         sde[ks] = True
         trained[ks] = True
     elif cfg.kind == "tree":
-        depth = len(cfg.branch_factors)
-        if cfg.branch_steps is not None:
-            steps = [int(s) for s in cfg.branch_steps]
+        tree = cfg.tree
+        depth = len(tree.branch_factors)
+        if tree.branch_steps is not None:
+            steps = [int(s) for s in tree.branch_steps]
         else:
-            start = _window_start(cfg, iteration, L - depth, generator)
+            start = _window_start(cfg.window, iteration, L - depth, generator)
             steps = list(range(start, start + depth))
-        levels = cfg.branch_noise if cfg.branch_noise is not None else [cfg.noise_level] * depth
+        levels = tree.branch_noise if tree.branch_noise is not None else [cfg.noise_level] * depth
         for d, s in enumerate(steps):
             sde[s] = True
             trained[s] = True
-            branch[s] = int(cfg.branch_factors[d])
+            branch[s] = int(tree.branch_factors[d])
             noise[s] = float(levels[d])
     else:  # pragma: no cover - validate() rejects it
         raise ValueError(f"kind: unknown plan kind {cfg.kind!r}")
@@ -663,11 +744,11 @@ def build_plan(
         reduction=cfg.reduction,
         ode_solver=cfg.ode_solver,
         head_solver=cfg.head_solver,
-        compress_ratio=cfg.compress_ratio,
-        compress_shift=cfg.compress_shift,
+        compress_ratio=cfg.tail.ratio,
+        compress_shift=cfg.tail.shift,
         granularities=tuple(int(g) for g in cfg.granularities),
         subset_size=subset_size,
-        tree_dedup=cfg.tree_dedup,
+        tree_dedup=cfg.tree.dedup,
         iteration=iteration,
         sweep=cfg.is_sweep,
     )

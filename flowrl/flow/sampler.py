@@ -473,7 +473,7 @@ def _check_inputs(call: _Call) -> None:
         raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), "
                          f"got {len(call.generator)}")
     if plan.sweep and not call.same_noise:
-        raise ValueError("same_noise: a singular sweep (plan singular_choice='all') branches every step from "
+        raise ValueError("same_noise: a singular sweep (plan.singular.choice: all) branches every step from "
                          "ONE ODE trunk per prompt, so it needs same_noise=True (sample.same_noise: true)")
 
 

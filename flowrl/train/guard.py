@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from flowrl.config import flat_dict, upgrade_keys
 from flowrl.inputs import UsageError
 from scorers._text import short
 
@@ -62,16 +63,6 @@ class RunLock:
 
 # ----------------------------------------------------------------------------- resume vs config
 
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    if isinstance(d, dict) and d and prefix not in ("rewards.",):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    out[prefix[:-1]] = d
-    return out
-
-
 def _resumable(key: str) -> bool:
     return any(key == k or key.startswith(k if k.endswith(".") else k + ".") for k in RESUMABLE)
 
@@ -79,8 +70,9 @@ def _resumable(key: str) -> bool:
 def config_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[tuple], List[tuple]]:
     """``(allowed, refused)``: the ``(key, saved value, current value)`` of every leaf that differs
     between a checkpoint's config and the current one, split by :data:`RESUMABLE`. ``rewards``
-    (name -> weight) is compared as a whole."""
-    a, b = _flatten(saved), _flatten(current)
+    (name -> weight) is compared as a whole; keys an earlier version saved are read under their new
+    names (:func:`flowrl.config.upgrade_keys`)."""
+    a, b = upgrade_keys(flat_dict(saved, whole=("rewards",))), flat_dict(current, whole=("rewards",))
     allowed, refused = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")

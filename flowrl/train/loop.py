@@ -12,9 +12,9 @@ the advantages nor the updated weights depend on the number of processes
 other wrappers are called as they are, ``backward(loss, last)`` synchronising on a minibatch's last
 pass).
 
-Singular sweeps (``plan.singular_choice: all``) give each prompt K advantage groups, one per branch
+Singular sweeps (``plan.singular.choice: all``) give each prompt K advantage groups, one per branch
 step; :func:`minibatch_split` decides how minibatches cut them (G²RPO: one optimizer step per
-branch step, in step order; TempFlow-GRPO, ``train.sweep_split: prompt``: blocks of prompts).
+branch step, in step order; TempFlow-GRPO, ``plan.singular.sweep_split: prompt``: blocks of prompts).
 
 Robustness (:mod:`flowrl.train.guard`). Invalid samples (a NaN/inf reward, a failed remote batch)
 get advantage 0, are masked out of the loss and counted; a NaN/inf loss or gradient skips the
@@ -31,16 +31,21 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.nn.parallel import DistributedDataParallel
 
-from flowrl.config import RunConfig, dump, to_dict
+from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
 from flowrl.core import rng
-from flowrl.core.advantages import compute_advantages, multi_granularity_advantages
-from flowrl.inputs import UsageError
+from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
+from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
+from flowrl.inputs import UsageError, writable_dir
 from flowrl.train.checkpoint import (
     capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
     verify_checkpoint,
@@ -49,10 +54,15 @@ from flowrl.train.data import choose_prompts, load_records, local_layout
 from flowrl.train.guard import (
     GracefulStop, RunLock, apply_optimizer_settings, check_resume_config, check_update, weight_norm,
 )
+from flowrl.train.lora import load_trainable_state_dict, trainable_state_dict
 from flowrl.train.metrics import mean, reward_metrics, update_metrics
 from flowrl.train.optim import warmup_scheduler
+from flowrl.train.preflight import preflight_warnings
 from flowrl.train.processes import Processes
+from flowrl.train.report import write_report
 from flowrl.train.runfolder import append_jsonl, atomic_write
+from flowrl.train.tasks import build_task
+from scorers._text import bound_log_messages
 
 log = logging.getLogger("flowrl.train")
 
@@ -86,18 +96,12 @@ class Trainer:
     """Holds the run's state; :meth:`run` executes ``max_steps`` steps (resuming if asked)."""
 
     def __init__(self, cfg: RunConfig, accelerator=None):
-        from accelerate import Accelerator
-
-        from flowrl.inputs import writable_dir
-
         self.cfg = cfg
         self.run_dir = writable_dir(cfg.output_dir, "output_dir")  # before accelerate or a model touches it
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         if accelerator is None:
-            from accelerate.utils import ProjectConfiguration
-
             log_with = None if tc.tracker == "none" else tc.tracker
             project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
             accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
@@ -105,6 +109,8 @@ class Trainer:
         self.acc = accelerator
         self.procs = Processes(accelerator)
         self._lock = None
+        self._t0 = time.time()  # this segment's start (run() sets it again when training starts)
+        self._reward_names: List[str] = []  # the task's reward names, known after the first scoring
         try:
             self._claim_run_dir()
             self._setup(cfg, accelerator)
@@ -116,20 +122,14 @@ class Trainer:
         tc = cfg.train
         # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
         self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
-        self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, tc.sweep_split)
+        self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, cfg.plan.singular.sweep_split)
         local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
         if self.procs.main:  # settings that would silently do nothing: said once, before the model loads
-            from flowrl.train.preflight import preflight_warnings
-
             for line in preflight_warnings(cfg, train_prompts=[r["prompt"] for r in self.train_records],
                                            eval_prompts=[r["prompt"] for r in self.eval_records]):
                 log.warning("%s", line)
-
-        from flowrl.train.tasks import build_task
-
-        from accelerate.utils import set_seed
 
         # Python, numpy and torch global state: a function of the seed for whatever library code draws
         # from it (none of our streams does: those are flowrl.core.rng's); checkpoints save and restore it
@@ -147,20 +147,15 @@ class Trainer:
         # dataloader split), which would make the LR (warm-up) depend on the number of processes.
         wrapped, self.optimizer = accelerator.prepare(self.task.module, self.optimizer)
         self.wrapped = wrapped
-        from torch.nn.parallel import DistributedDataParallel
-
         self.local_grads = self.procs.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see flowrl.train.processes
         self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None
-        if tc.ema:
+        if cfg.ema.enabled:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=False)
-        from flowrl.core.advantages import PerPromptStatTracker
-        from flowrl.core.losses import AdaptiveKLController
-
-        self.tracker = (PerPromptStatTracker(tc.stat_buffer_size, tc.stat_min_count)
-                        if tc.per_prompt_stat_tracking else None)
+            self.ema = EMAModel(params, decay=cfg.ema.decay, use_ema_warmup=False)
+        self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
+                        if cfg.advantage.stat_tracking else None)
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
         self.step = 0
         self.optimizer_steps = 0
@@ -173,9 +168,6 @@ class Trainer:
         self.last_eval: Optional[Dict[str, float]] = None
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.task.module.named_parameters() if p.requires_grad}
-
     def save(self) -> Path:
         tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ema is not None:
@@ -189,7 +181,7 @@ class Trainer:
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
         }
         path = None
-        weights = self._trainable_state()
+        weights = trainable_state_dict(self.task.module)
         if not all(bool(torch.isfinite(w).all()) for w in weights.values()):  # the update check should have stopped earlier
             raise TrainingStopped(f"step {self.step}: non-finite weights are never checkpointed. {self._last_good()}")
         if self.procs.main:
@@ -249,8 +241,6 @@ class Trainer:
                 log.warning("set aside %s (newer than the resumed step %d) as %s", p.name, step, dest.name)
 
     def maybe_resume(self) -> None:
-        from flowrl.train.lora import load_trainable_state_dict
-
         path = self.resume_from
         if path is None:
             if self.procs.main:  # a fresh start: drop what an earlier attempt in this folder logged before its first checkpoint
@@ -293,8 +283,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- one step
     def _beta(self) -> float:
-        from flowrl.core.losses import kl_coefficient
-
         if self.kl_ctl is not None:
             return float(self.kl_ctl.value)
         return kl_coefficient(self.optimizer_steps, self.cfg.loss)
@@ -376,8 +364,6 @@ class Trainer:
         """``train.num_iterations`` epochs over the rollout, each ``num_minibatches`` optimizer
         steps on blocks of rows in a seeded order (branch blocks in step order for sweeps); returns
         :func:`update_metrics`."""
-        from flowrl.core.losses import loss_normalizers
-
         cfg, tc = self.cfg, self.cfg.train
         mask = self.task.action_mask(batch).bool()
         mask = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
@@ -470,7 +456,7 @@ class Trainer:
                                   f"{self._last_good()} (lower train.learning_rate or train.max_grad_norm)")
         self.scheduler.step()
         self.optimizer_steps += 1
-        if self.ema is not None and self.optimizer_steps % tc.ema_every == 0:
+        if self.ema is not None and self.optimizer_steps % self.cfg.ema.every == 0:
             self.ema.step(self.params)
         return st, gn, ratio
 
@@ -534,7 +520,7 @@ class Trainer:
                     dump(cfg, self.run_dir / "config.yaml")
                 self.maybe_resume()
                 if cfg.train.tracker != "none":
-                    self.acc.init_trackers("flowrl", config=_flat_config(cfg))
+                    self.acc.init_trackers("flowrl", config=flat_dict(to_dict(cfg), sep="/", scalars_only=True))
                 if self.first_eval is None and cfg.eval.at_start and self.step == 0:
                     self.first_eval = self.last_eval = self.evaluate()
                 self._loop(stop)
@@ -621,8 +607,6 @@ class Trainer:
             summary["result"] = str(result)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
             try:
-                from flowrl.train.report import write_report
-
                 write_report(self.run_dir)
             except Exception as e:  # the report is a convenience; never lose a finished run over it
                 log.warning("could not write report.html: %s", e)
@@ -648,7 +632,7 @@ def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "
         return 1, M
     if M % K == 0:
         return M // K, K
-    raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular_choice: all): "
+    raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular.choice: all): "
                      f"must divide {K} (minibatches of whole branch steps) or be a multiple of it "
                      f"(each branch step's prompts split further)")
 
@@ -685,43 +669,18 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     atomic_write(path, "".join(x + "\n" for x in keep))
 
 
-def _flat_config(cfg) -> Dict[str, Any]:
-    out = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            elif isinstance(v, (int, float, str, bool)):
-                out[f"{prefix}{k}"] = v
-            else:
-                out[f"{prefix}{k}"] = str(v)
-
-    walk(to_dict(cfg))
-    return out
-
-
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Run the training loop for a validated config; returns ``summary.json``'s content."""
     return Trainer(cfg).run()
 
 
-def train_command(config: Optional[str], overrides=(), *, family: Optional[str] = None, prog: str = "flowrl") -> int:
-    """What ``flowrl train`` and the ``scripts/train_*.py`` entry points do: load the config with its
-    overrides, check the model family (scripts are per family), train, print the held-out
-    before/after numbers. Config and usage errors print one line and return 2; a run stopped for
-    non-finite steps returns 3."""
-    import sys
-
-    from flowrl.config import ConfigError, load_run_config
-    from scorers._text import bound_log_messages
-
-    bound_log_messages()  # scripts/train_*.py come here without flowrl.cli
+def train_command(config: Optional[str], overrides=(), *, prog: str = "flowrl") -> int:
+    """``flowrl train``: load the config with its overrides, train, print the held-out before/after
+    numbers. Config and usage errors print one line and return 2; a run stopped for non-finite steps
+    returns 3."""
+    bound_log_messages()  # also when called without flowrl.cli (accelerate launch -m flowrl.cli goes through it too)
     try:
         cfg = load_run_config(config, overrides)
-        if family is not None and cfg.model.family != family:
-            other = "llm" if cfg.model.family == "lm" else cfg.model.family
-            raise UsageError(f"model.family is {cfg.model.family!r}; this script trains {family!r} (use scripts/train_{other}.py)")
         summary = train(cfg)
     except (ConfigError, UsageError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

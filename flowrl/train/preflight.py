@@ -120,17 +120,17 @@ def preflight_warnings(cfg, *, train_prompts: Optional[Sequence[str]] = None,
     ``data.train`` / ``data.eval``, as the loop loaded them) spare that; when None and the source is a
     file, it is read (a source that cannot be read gives no warning: the loop reports it)."""
     out: List[str] = []
-    adv, tc = cfg.advantage, cfg.train
+    adv = cfg.advantage
     image = cfg.model.family != "lm"
     tree = image and cfg.plan.kind == "tree"
     if cfg.max_steps == 0:
         out.append("max_steps: 0: no training step will run, so nothing will be trained")
 
-    tracker_used = tc.per_prompt_stat_tracking and cfg.stat_tracker_applies
-    if tc.per_prompt_stat_tracking and not cfg.stat_tracker_applies:
+    tracker_used = adv.stat_tracking and cfg.stat_tracker_applies
+    if adv.stat_tracking and not cfg.stat_tracker_applies:
         why = ("plan.kind: tree compares each node with its siblings" if tree else
                f"plan.granularities: {list(cfg.plan.granularities)} normalises each granularity within its group")
-        out.append(f"train.per_prompt_stat_tracking: true is not used: {why}; the per-prompt reward history "
+        out.append(f"advantage.stat_tracking: true is not used: {why}; the per-prompt reward history "
                    "is never consulted")
     if cfg.sample.group_size == 1:
         if tree:
@@ -139,7 +139,7 @@ def preflight_warnings(cfg, *, train_prompts: Optional[Sequence[str]] = None,
         elif adv.center == "group" and adv.ngrpo_max_reward is None and not tracker_used:
             out.append("sample.group_size: 1 with advantage.center: group: each group holds one sample, which is its "
                        "own baseline, so every advantage is 0 and nothing will be learned (use group_size >= 2, "
-                       "train.per_prompt_stat_tracking: true, or advantage.center: batch)")
+                       "advantage.stat_tracking: true, or advantage.center: batch)")
 
     weights = _effective_weights(cfg)
     if weights and all(w == 0 for w in weights):

@@ -94,8 +94,8 @@ class FlowTask:
         self._setup_trainable()
 
         self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
-                                   chunk_size=cfg.sample.chunk_size, step_weighting=cfg.train.step_weighting,
-                                   step_weight_scale=cfg.train.step_weight_scale,
+                                   chunk_size=cfg.sample.chunk_size, step_weighting=cfg.plan.step_weighting,
+                                   step_weight_scale=cfg.plan.step_weight_scale,
                                    ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
         self._reward = None
         self._first_eval = None  # (step, EvalResult) of the first evaluation, for before_after/
@@ -103,12 +103,12 @@ class FlowTask:
     # -- model ------------------------------------------------------------------------------------
     def _setup_trainable(self) -> None:
         t = self.policy.transformer
-        tc = self.cfg.train
-        if tc.lora:
-            lc = lora_config(self.cfg.model.family, tc.lora_rank, tc.lora_alpha, tc.lora_targets, tc.lora_init)
+        tc, lo = self.cfg.train, self.cfg.lora
+        if lo.enabled:
+            lc = lora_config(self.cfg.model.family, lo.rank, lo.alpha, lo.targets, lo.init)
             present = lora_targets_present(t, sorted(lc.target_modules))
             if not present:
-                raise UsageError(f"train.lora_targets: none of {sorted(lc.target_modules)} matches a module of the transformer")
+                raise UsageError(f"lora.targets: none of {sorted(lc.target_modules)} matches a module of the transformer")
             lc.target_modules = set(present)
             with torch.random.fork_rng():
                 # the same LoRA init on every process. peft takes no generator, so its init draws from the
@@ -221,11 +221,11 @@ class FlowTask:
 
     def checkpoint_meta(self) -> Dict[str, Any]:
         """The LoRA config (None: full weights), which ``flowrl sample --checkpoint`` rebuilds."""
-        return {"lora": lora_meta(self.module) if self.cfg.train.lora else None}
+        return {"lora": lora_meta(self.module) if self.cfg.lora.enabled else None}
 
     def save_result(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
-        if self.cfg.train.lora:
+        if self.cfg.lora.enabled:
             return save_diffusers_lora(type(self.policy.pipeline), self.policy.transformer, out_dir / "lora")
         self.policy.transformer.save_pretrained(out_dir / "transformer")
         return out_dir / "transformer"
@@ -253,7 +253,7 @@ class TextTask:
         self.tokenizer = tok
         tc = cfg.text
         ref = None
-        if not cfg.train.lora and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
+        if not cfg.lora.enabled and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
             ref, _ = load_lm(cfg.model.path, dtype=torch_dtype(cfg.model.dtype), device=str(device))
         self.learner = TextLearner(self.model, tok, cfg.loss, max_new_tokens=tc.max_new_tokens, temperature=tc.temperature,
                                    top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref)
@@ -261,9 +261,9 @@ class TextTask:
     def _setup_trainable(self, model):
         from peft import get_peft_model  # heavy: peft (imports transformers), only for LM LoRA runs
 
-        tc = self.cfg.train
-        if tc.lora:
-            lc = lora_config("lm", tc.lora_rank, tc.lora_alpha, tc.lora_targets, tc.lora_init)
+        tc, lo = self.cfg.train, self.cfg.lora
+        if lo.enabled:
+            lc = lora_config("lm", lo.rank, lo.alpha, lo.targets, lo.init)
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)  # as FlowTask: peft draws its init from the global RNG
                 model = get_peft_model(model, lc)
@@ -301,7 +301,7 @@ class TextTask:
         ro.completion_mask = ro.completion_mask * mask.long()
 
     def checkpoint_meta(self) -> Dict[str, Any]:
-        return {"lora": None}  # a peft LoRA is restored from the config (train.lora_*)
+        return {"lora": None}  # a peft LoRA is restored from the config (lora.*)
 
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
@@ -342,7 +342,7 @@ class TextTask:
         return {"means": res["means"], "details": {}}
 
     def save_result(self, out_dir: Path) -> Path:
-        out = Path(out_dir) / ("lora" if self.cfg.train.lora else "model")
+        out = Path(out_dir) / ("lora" if self.cfg.lora.enabled else "model")
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return out
