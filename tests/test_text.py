@@ -7,7 +7,7 @@ from flowrl.core.losses import loss_normalizers, loss_preset
 from flowrl.demo.tiny_text import build_tiny_lm, save_tiny_lm
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import score_completions, resolve_reward
-from flowrl.text.rollout import completion_mask_from_ids, generate, row_seed, token_logps
+from flowrl.text.rollout import completion_mask_from_ids, generate, token_logps
 from flowrl.train.model import load_lm
 
 
@@ -32,7 +32,10 @@ def test_generation_is_per_row_seeded_and_batch_independent(lm):
     assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     c = generate(model, tok, ["12+3=", "7+8="], group_size=3, max_new_tokens=6, seed=2)
     assert c.completions != a.completions  # another seed, other samples
-    assert row_seed(1, "x", 0) != row_seed(1, "x", 1)
+    # a prompt's keys name its rows' streams: the same keys give the same rows in any batch
+    d = generate(model, tok, ["7+8=", "12+3="], group_size=3, max_new_tokens=6, seed=1, prompt_keys=[(0, 1, 1), (0, 0, 0)])
+    e = generate(model, tok, ["12+3="], group_size=3, max_new_tokens=6, seed=1, prompt_keys=[(0, 0, 0)])
+    assert d.completions[3:] == e.completions
 
 
 def test_padding_and_prompt_tokens_are_excluded_from_logps(lm):

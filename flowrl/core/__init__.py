@@ -1,6 +1,7 @@
 """Framework-free math shared by the image (flow) and text (LLM) paths: advantages and the loss core.
 
-Imports torch only. See :mod:`flowrl.core.advantages` and :mod:`flowrl.core.losses`.
+Imports torch only. See :mod:`flowrl.core.advantages` and :mod:`flowrl.core.losses`; every random
+stream of a run comes from :mod:`flowrl.core.rng`.
 """
 
 from flowrl.core.advantages import (

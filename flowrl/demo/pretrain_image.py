@@ -6,7 +6,8 @@ trains its VAE on rendered scenes (:func:`train_vae`), normalises its latents th
 (:func:`latent_normalization`), trains the MMDiT with rectified-flow matching (:func:`train_transformer`) on
 deliberately imperfect scenes (:func:`noisy_scenes`, :func:`wash_out`), saves the EMA weights, and evaluates
 them on held-out prompts with the RL evaluation (:func:`evaluate_model`). Every step's data and noise derive
-from ``(seed, phase, step)``, so a run resumed from its checkpoints in ``work_dir`` equals an uninterrupted
+from ``(seed, phase, step)`` (the stream ``(seed, "pretrain", phase, step)`` of :mod:`flowrl.core.rng`),
+so a run resumed from its checkpoints in ``work_dir`` equals an uninterrupted
 one. ``scripts/pretrain_demo.py`` is the command line; ``docs/demo.md`` describes the method.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowrl.core.rng import generator as stream_generator, stream_seed
 from flowrl.demo.shapes import BACKGROUND, CATEGORIES, corrupt, evaluate, misattribute, render, vocabulary
 from flowrl.demo.shapes import prompts as shape_prompts
 from flowrl.demo.tiny_image import build_tiny_sd3_pipeline
@@ -64,10 +66,11 @@ __all__ = [
     "write_model_card",
 ]
 
-_PHASE_VAE = 1
-_PHASE_DIT = 2
-_PHASE_DATA = 3
-_PHASE_EVAL = 4
+# every random draw is a flowrl.core.rng stream (seed, "pretrain", phase, step or index)
+_PHASE_VAE = "vae"
+_PHASE_DIT = "transformer"
+_PHASE_DATA = "data"
+_PHASE_EVAL = "eval"
 _FINAL_LR_FRACTION = 0.1  # both phases: warm-up, then cosine decay to 10 % of the peak learning rate
 _CARD_SAMPLES = 24  # images of the first held-out prompts shown in the model card (samples.png)
 
@@ -324,18 +327,6 @@ def embedding_separation(vectors: Tensor) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _step_seed(seed: int, phase: int, step: int) -> int:
-    """A 63-bit seed for one (run seed, phase, step) (SplitMix64 finaliser of the packed triple)."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + phase * 0xBF58476D1CE4E5B9 + step) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
-def _generator(seed: int, phase: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_step_seed(seed, phase, step))
-
-
 def render_batch(prompts: Sequence[Any], size: int, rng: np.random.Generator | int | None) -> Tensor:
     """Rendered scenes of ``prompts`` (strings or ``SceneSpec``) as a uint8 ``[B, 3, size, size]`` tensor
     (``flowrl.demo.shapes.render``)."""
@@ -363,7 +354,7 @@ def noisy_scenes(prompts: Sequence[str], noise: float, seed: int, attribute_nois
         flip = rng.random(len(prompts)) < noise
         scenes = [corrupt(p, rng) if f else p for p, f in zip(prompts, flip)]
     if attribute_noise > 0:
-        rng = np.random.default_rng([seed, 1])  # its own stream: the caption noise above is unchanged
+        rng = np.random.default_rng(stream_seed(seed, "attribute_noise"))  # its own stream: the caption noise above is unchanged
         flip = rng.random(len(prompts)) < attribute_noise
         scenes = [misattribute(p, rng) if f else p for p, f in zip(scenes, flip)]
     return scenes
@@ -391,7 +382,7 @@ def _to_model_range(images_u8: Tensor) -> Tensor:
 
 def _vae_batch(cfg: PretrainConfig, step: int) -> Tensor:
     """The VAE training batch of ``step``: scenes of balanced train prompts, in [-1, 1]."""
-    s = _step_seed(cfg.seed, _PHASE_VAE, step)
+    s = stream_seed(cfg.seed, "pretrain", _PHASE_VAE, step)
     ps = shape_prompts("train", cfg.vae_batch_size, seed=s % (2**32))
     return _to_model_range(render_batch(ps, cfg.image_size, np.random.default_rng(s)))
 
@@ -495,7 +486,7 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig, run_dir: str | Path, lo
         for g in opt.param_groups:
             g["lr"] = lr
         x = _vae_batch(cfg, step).to(device)
-        loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=_generator(cfg.seed, _PHASE_VAE, step))
+        loss, parts = vae_loss(vae, x, cfg.kl_weight, generator=stream_generator(cfg.seed, "pretrain", _PHASE_VAE, step))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"VAE loss is not finite at step {step}: {parts}")
         opt.zero_grad(set_to_none=True)
@@ -592,7 +583,7 @@ def train_transformer(
         lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, _FINAL_LR_FRACTION)
         for g in opt.param_groups:
             g["lr"] = lr
-        gen = _generator(cfg.seed, _PHASE_DIT, step)
+        gen = stream_generator(cfg.seed, "pretrain", _PHASE_DIT, step)
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         rows = prompt_index[idx].clone()
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout
@@ -676,7 +667,7 @@ def reference_scores(prompts: Sequence[str], size: int, seed: int) -> dict[str, 
     model that ignores the prompt)."""
     rng = np.random.default_rng(seed)
     own = render_batch(list(prompts), size, rng).float() / 255.0
-    other = render_batch(shape_prompts("train", len(prompts), seed=seed + 1), size, rng).float() / 255.0
+    other = render_batch(shape_prompts("train", len(prompts), seed=stream_seed(seed, "random_scene") % (2**32)), size, rng).float() / 255.0
     return {"renderer": evaluate(own, list(prompts)), "random_scene": evaluate(other, list(prompts))}
 
 
@@ -739,8 +730,8 @@ def _evaluate(pipe: Any, cfg: PretrainConfig, work: Path) -> dict[str, Any]:
     ``samples.png``. Empty when ``cfg.eval_prompts`` is 0."""
     if not cfg.eval_prompts:
         return {}
-    ev_prompts = shape_prompts("test", cfg.eval_prompts, seed=_step_seed(cfg.seed, _PHASE_EVAL, 0) % (2**32))
-    ref_seed = _step_seed(cfg.seed, _PHASE_EVAL, 1) % (2**31)
+    ev_prompts = shape_prompts("test", cfg.eval_prompts, seed=stream_seed(cfg.seed, "pretrain", _PHASE_EVAL, 0) % (2**32))
+    ref_seed = stream_seed(cfg.seed, "pretrain", _PHASE_EVAL, 1) % (2**31)
     kw = dict(seeds=cfg.eval_seeds, num_steps=cfg.eval_steps, max_sequence_length=cfg.max_sequence_length,
               batch_size=cfg.eval_batch_size, device=cfg.device)
     model, imgs = evaluate_model(pipe, ev_prompts, guidance_scale=cfg.guidance_scale, **kw)
@@ -773,12 +764,12 @@ class SceneData:
 def _scene_data(pipe: Any, cfg: PretrainConfig) -> SceneData:
     """Render the (noisy, partly washed-out) training scenes, encode them once with the trained VAE, set
     the VAE's SD3 latent normalisation (``scaling_factor``, ``shift_factor``) and encode the prompt table."""
-    ds_seed = _step_seed(cfg.seed, _PHASE_DATA, 0)
+    ds_seed = stream_seed(cfg.seed, "pretrain", _PHASE_DATA, 0)
     scene_prompts = shape_prompts("train", cfg.num_scenes, seed=ds_seed % (2**32))
-    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, _step_seed(cfg.seed, _PHASE_DATA, 1),
+    images = render_batch(noisy_scenes(scene_prompts, cfg.caption_noise, stream_seed(cfg.seed, "pretrain", _PHASE_DATA, 1),
                                        cfg.attribute_noise),
                           cfg.image_size, np.random.default_rng(ds_seed))
-    images = wash_out(images, cfg.faded, cfg.fade_contrast, _step_seed(cfg.seed, _PHASE_DATA, 2))
+    images = wash_out(images, cfg.faded, cfg.fade_contrast, stream_seed(cfg.seed, "pretrain", _PHASE_DATA, 2))
     raw = encode_latents(pipe.vae, images)
     del images
     scaling, shift = latent_normalization(raw)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from flowrl.config import load_run_config
+from flowrl.core import rng
 from flowrl.demo.arithmetic import arithmetic_records
 from flowrl.demo.tiny_text import build_tiny_lm
 from flowrl.text.rewards import exact_match
@@ -229,8 +230,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     data = sft_batch(tok, train)
     n_new = max_answer_tokens(val, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train), generator=gen)
+    epoch = 0  # the data order of epoch e: the stream (seed, "pretrain", "order", e) of flowrl.core.rng
+    order = torch.randperm(len(train), generator=rng.generator(cfg.seed, "pretrain", "order", epoch))
     pos = 0
     history: List[Dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -248,7 +249,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> PretrainResult:
     try:
         while not reached and step < cfg.max_steps:
             if pos + cfg.batch_size > len(train):
-                order = torch.randperm(len(train), generator=gen)
+                epoch += 1
+                order = torch.randperm(len(train), generator=rng.generator(cfg.seed, "pretrain", "order", epoch))
                 pos = 0
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size

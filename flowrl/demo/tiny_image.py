@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from flowrl.core.rng import stream_seed
 from flowrl.inputs import writable_dir
 
 logger = logging.getLogger(__name__)
@@ -128,9 +129,11 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def _seeded(seed: int, offset: int, build):
-    """Run ``build()`` under ``torch.manual_seed(seed * 7919 + offset)`` in a forked CPU RNG."""
+    """Run ``build()`` in a forked CPU RNG seeded with the stream ``(seed, "tiny", "image", offset)`` of
+    :mod:`flowrl.core.rng` (modules draw their init from the global RNG); ``offset`` names the
+    component: 1, 2 text encoders, 3 transformer, 4 VAE."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed) * 7919 + offset)
+        torch.manual_seed(stream_seed(seed, "tiny", "image", offset))
         return build()
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from flowrl.core.rng import stream_seed
 from flowrl.inputs import writable_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -50,7 +51,7 @@ def build_tiny_lm(tokenizer=None, *, hidden_size: int = 64, layers: int = 2, hea
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(stream_seed(seed, "tiny", "lm"))  # the module init draws from the global RNG
         model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

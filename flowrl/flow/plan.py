@@ -12,7 +12,8 @@ Every GRPO-family method for flow models is one choice of steps (``kind``) over 
   branch into ``tree.branch_factors[d]`` children at depth d.
 
 :func:`build_plan` gives the :class:`Plan` (a few ``[num_steps]`` tensors) of one iteration, its random
-choices drawn from :func:`plan_generator` ``(seed, iteration)``, the same on every process.
+choices drawn from :func:`plan_generator` ``(seed, iteration)`` (:mod:`flowrl.core.rng`, keys
+``"plan", iteration``), the same on every process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, List, Literal, Optional
 
 import torch
 
+from flowrl.core import rng
 from flowrl.core.checks import check_number
 
 __all__ = [
@@ -480,31 +482,15 @@ class Plan:
 # Random numbers that every process agrees on
 # --------------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def plan_generator(seed: int, iteration: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, iteration)`` only: the same on every process.
-
-    Seed = SplitMix64(SplitMix64(seed) XOR iteration) truncated to 63 bits, so neighbouring
-    iterations and seeds give unrelated streams. Pass it to :func:`build_plan`; never use a
-    process-specific RNG for plan choices, or group members on different GPUs would use
-    different windows.
+    """``flowrl.core.rng.generator(seed, "plan", iteration)``: a CPU generator that depends on
+    ``(seed, iteration)`` only, so it is the same on every process. Pass it to :func:`build_plan`;
+    never use a process-specific RNG for plan choices, or group members on different GPUs would
+    use different windows.
     """
     if iteration < 0:
         raise ValueError(f"iteration: must be >= 0, got {iteration}")
-    mixed = _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(iteration) & _MASK64))
-    g = torch.Generator(device="cpu")
-    g.manual_seed(mixed & ((1 << 63) - 1))
-    return g
+    return rng.generator(seed, "plan", iteration)
 
 
 def _randint(low: int, high_inclusive: int, generator: Optional[torch.Generator]) -> int:

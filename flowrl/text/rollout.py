@@ -1,28 +1,23 @@
 """Text rollouts: G completions per prompt with ``generate``, and token log-probs in chunks.
 
-Sampling draws each row's randomness from its own generator, seeded from (seed, prompt key,
-member): a completion does not depend on which other prompts share the batch or on how many
-processes split the batch. It uses the Gumbel-max identity (argmax(logits/T + Gumbel) is a sample
-of softmax(logits/T)) inside ``generate``'s greedy search, so the batched, KV-cached generation
-loop of transformers does the work.
+Sampling draws each row's randomness from its own generator,
+``flowrl.core.rng.generator(seed, "sample", *prompt key, member)``: a completion does not depend on
+which other prompts share the batch or on how many processes split the batch. It uses the
+Gumbel-max identity (argmax(logits/T + Gumbel) is a sample of softmax(logits/T)) inside
+``generate``'s greedy search, so the batched, KV-cached generation loop of transformers does the work.
 
 Log-probs follow TRL's convention: ``log_softmax(logits / temperature)`` of the taken token, with
 no top-k/top-p renormalisation (TRL ``GRPOTrainer._get_per_token_logps_and_entropies``).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-
-def row_seed(seed: int, *keys) -> int:
-    """A 63-bit seed from ``seed`` and any keys (stable across processes and Python runs)."""
-    h = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+from flowrl.core import rng
 
 
 class GumbelSampler:
@@ -111,15 +106,17 @@ def generate(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_n
              prompt_keys: Optional[Sequence] = None, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None) -> TextRollout:
     """Sample ``group_size`` completions for every prompt (rows grouped: prompt i -> rows
-    i*G .. i*G+G-1). Row randomness comes from ``row_seed(seed, key_i, member)`` where ``key_i`` is
-    ``prompt_keys[i]`` (default: the prompt text)."""
+    i*G .. i*G+G-1). Row j of prompt i draws from ``flowrl.core.rng.generator(seed, "sample", *key_i, j)``
+    where ``key_i`` is ``prompt_keys[i]``: a tuple of ints and strings, or one of them (default: the
+    prompt text). The training loop's keys are ``(step, record index, position)``."""
     if group_size < 1:
         raise ValueError(f"group_size: must be >= 1, got {group_size}")
     if not prompts:
         raise ValueError("prompts: empty")
     keys = list(prompt_keys) if prompt_keys is not None else list(prompts)
     rows = [p for p in prompts for _ in range(group_size)]
-    gens = [torch.Generator().manual_seed(row_seed(seed, keys[i], j)) for i in range(len(prompts)) for j in range(group_size)]
+    keys = [k if isinstance(k, tuple) else (k,) for k in keys]
+    gens = [rng.generator(seed, "sample", *keys[i], j) for i in range(len(prompts)) for j in range(group_size)]
     enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)

@@ -13,13 +13,13 @@ Every record is a dict with at least ``prompt``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from flowrl.core import rng
 from flowrl.inputs import UsageError, read_prompts
 
 Record = Dict[str, str]
@@ -84,23 +84,18 @@ def _read_jsonl(path: Path) -> List[Record]:
     return out
 
 
-def step_generator(seed: int, step: int, purpose: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, purpose): the same on every process."""
-    h = hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-
-
 def choose_prompts(num_records: int, count: int, seed: int, step: int) -> List[int]:
     """Indices of the ``count`` prompts of training step ``step``: a walk through a seeded
     permutation of all records (an epoch order), so every prompt is seen once per epoch and the
-    choice depends only on (seed, step)."""
+    choice depends only on (seed, step): epoch e's order is drawn from
+    ``flowrl.core.rng.generator(seed, "prompts", e)``."""
     if num_records < 1:
         raise ValueError("no records to choose from")
     out: List[int] = []
     start = step * count
     while len(out) < count:
         epoch, pos = divmod(start + len(out), num_records)
-        perm = torch.randperm(num_records, generator=step_generator(seed, epoch, "epoch-order")).tolist()
+        perm = torch.randperm(num_records, generator=rng.generator(seed, "prompts", epoch)).tolist()
         take = min(count - len(out), num_records - pos)
         out.extend(perm[pos:pos + take])
     return out

@@ -8,12 +8,13 @@ them (GenEval, arXiv 2310.11513).
 
 Seeds. Image ``(prompt p, seed s)`` starts from the noise of its own CPU generator
 ``torch.Generator().manual_seed(s)``, exactly the noise a diffusers pipeline draws for one image
-with ``generator=torch.Generator().manual_seed(s)``. The noise of a row therefore does not depend on
-which other rows share its batch, so evaluations with different batch sizes (or on different
-machines) start from identical latents; every prompt sees the same ``S`` starting points, which
-makes base-vs-tuned comparisons paired. A prompt listed more than once (a category with fewer
-held-out prompts than its share of a balanced draw) gets new seeds for every repeat
-(:func:`prompt_seeds`), so its repeats are new images rather than copies.
+with ``generator=torch.Generator().manual_seed(s)`` (so not a :mod:`flowrl.core.rng` stream: an
+evaluation seed means what it means in diffusers, and a reported image can be redrawn there). The
+noise of a row therefore does not depend on which other rows share its batch, so evaluations with
+different batch sizes (or on different machines) start from identical latents; every prompt sees
+the same ``S`` starting points, which makes base-vs-tuned comparisons paired. A prompt listed more
+than once (a category with fewer held-out prompts than its share of a balanced draw) gets new seeds
+for every repeat (:func:`prompt_seeds`), so its repeats are new images rather than copies.
 
 Rows of every result are prompt-major: row ``p * S + s`` is prompt ``p`` with seed
 ``prompt_seeds(prompts, seeds)[p][s]`` (``seeds[s]`` for a prompt's first occurrence). Grids are

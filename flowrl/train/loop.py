@@ -2,14 +2,15 @@
 log -> maybe evaluate -> maybe checkpoint (:meth:`Trainer.train_step` reads as that list).
 
 Processes (accelerate). ``sample.prompts_per_step`` prompts make one step's global batch; the
-choice of prompts, the plan and every sample's noise derive from (seed, step, prompt) only, so a
-prompt's group is the same whichever process samples it. Minibatch m of an inner epoch is the
-contiguous block m of the step's prompts, split evenly over processes
-(:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes before advantages
-are computed and the loss normaliser counts the whole optimizer batch, so neither the advantages
-nor the updated weights depend on the number of processes (:mod:`flowrl.train.processes` holds the
-collectives and the gradient averaging under DDP; FSDP and other wrappers are called as they are,
-``backward(loss, last)`` synchronising on a minibatch's last pass).
+choice of prompts, the plan and every sample's noise derive from (seed, step, prompt) only, each a
+named stream of :mod:`flowrl.core.rng`, so a prompt's group is the same whichever process samples
+it. Minibatch m of an inner epoch is the contiguous block m of the step's prompts, split evenly
+over processes (:func:`flowrl.train.data.local_layout`). Rewards are gathered from all processes
+before advantages are computed and the loss normaliser counts the whole optimizer batch, so neither
+the advantages nor the updated weights depend on the number of processes
+(:mod:`flowrl.train.processes` holds the collectives and the gradient averaging under DDP; FSDP and
+other wrappers are called as they are, ``backward(loss, last)`` synchronising on a minibatch's last
+pass).
 
 Singular sweeps (``plan.singular.choice: all``) give each prompt K advantage groups, one per branch
 step; :func:`minibatch_split` decides how minibatches cut them (G²RPO: one optimizer step per
@@ -33,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -41,6 +42,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.nn.parallel import DistributedDataParallel
 
 from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
+from flowrl.core import rng
 from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
 from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
 from flowrl.inputs import UsageError, writable_dir
@@ -48,7 +50,7 @@ from flowrl.train.checkpoint import (
     capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
     verify_checkpoint,
 )
-from flowrl.train.data import choose_prompts, load_records, local_layout, step_generator
+from flowrl.train.data import choose_prompts, load_records, local_layout
 from flowrl.train.guard import (
     GracefulStop, RunLock, apply_optimizer_settings, check_resume_config, check_update, weight_norm,
 )
@@ -74,7 +76,7 @@ class _StepPrompts:
     """This process's prompts of one step, in minibatch-block order."""
 
     records: List[Dict[str, Any]]  # the prompt records
-    keys: List[int]  # identity of each prompt at this step (record index x 1_000_003 + position): seeds its noise
+    keys: List[Tuple[int, int]]  # (record index, position) of each prompt: with the step, the keys of its noise
     positions: List[int]  # position of each in the step's global prompt list
     record_index: List[int]  # index of each in the training records
     per_block: int  # prompts per minibatch block on this process
@@ -129,7 +131,9 @@ class Trainer:
                                            eval_prompts=[r["prompt"] for r in self.eval_records]):
                 log.warning("%s", line)
 
-        set_seed(cfg.seed)  # Python, numpy and torch: the whole RNG state is a function of the seed
+        # Python, numpy and torch global state: a function of the seed for whatever library code draws
+        # from it (none of our streams does: those are flowrl.core.rng's); checkpoints save and restore it
+        set_seed(cfg.seed)
         self.task = build_task(cfg, accelerator.device)
         params = [p for p in self.task.module.parameters() if p.requires_grad]
         if not params:
@@ -328,7 +332,7 @@ class Trainer:
         positions = [pos for mb in layout for pos in mb]
         return _StepPrompts(
             records=[self.train_records[chosen[pos]] for pos in positions],
-            keys=[chosen[pos] * 1_000_003 + pos for pos in positions],
+            keys=[(chosen[pos], pos) for pos in positions],
             positions=positions, record_index=[chosen[pos] for pos in positions], per_block=len(layout[0]),
         )
 
@@ -369,7 +373,7 @@ class Trainer:
         update_ratios: List[float] = []
         skipped = 0
         for epoch in range(tc.num_iterations):
-            perm = torch.randperm(self.mb_prompts, generator=step_generator(cfg.seed, self.step, f"epoch{epoch}")).tolist()
+            perm = torch.randperm(self.mb_prompts, generator=rng.generator(cfg.seed, "minibatch", self.step, epoch)).tolist()
             for c in range(self.mb_branches):  # branch blocks in step order
                 for b in perm:
                     rows = ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()

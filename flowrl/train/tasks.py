@@ -16,13 +16,13 @@ from torch import Tensor
 
 from flowrl.core.advantages import tree_transition_advantages
 from flowrl.flow.learner import FlowLearner, reference_transformer
+from flowrl.core import rng
 from flowrl.flow.plan import build_plan, plan_generator
 from flowrl.flow.sampler import sample
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import resolve_reward, score_completions
-from flowrl.text.rollout import completion_mask_from_ids, row_seed
-from flowrl.train.data import step_generator
+from flowrl.text.rollout import completion_mask_from_ids
 from flowrl.train.evaluate import eval_settings, evaluate_policy
 from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
 from flowrl.train.model import build_flow_policy, load_lm, lora_meta
@@ -45,8 +45,9 @@ class Task(Protocol):
     def set_forward_module(self, m) -> None:
         """Route training forward passes through accelerate's wrapper ``m`` (None: the module)."""
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
-        """Sample ``group_size`` completions per record (no grad); ``keys`` seed each prompt's noise.
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """Sample ``group_size`` completions per record (no grad); ``keys`` (record index, position)
+        and ``step`` name each prompt's noise stream (:mod:`flowrl.core.rng`).
         The batch has ``prompt_index``, ``groups_per_prompt`` and ``select(rows)``."""
 
     def score(self, batch, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
@@ -110,7 +111,10 @@ class FlowTask:
                 raise UsageError(f"lora.targets: none of {sorted(lc.target_modules)} matches a module of the transformer")
             lc.target_modules = set(present)
             with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.seed)  # the same LoRA init on every process
+                # the same LoRA init on every process. peft takes no generator, so its init draws from the
+                # global RNG, seeded in a forked RNG with the plain seed (what torch.manual_seed(seed) gives a
+                # peft user), not a flowrl.core.rng stream
+                torch.manual_seed(self.cfg.seed)
                 add_lora_to_transformer(t, lc)
             if t.dtype != torch.float32:  # LoRA weights train in fp32 beside a half-precision base
                 from diffusers.training_utils import cast_training_params  # heavy: diffusers, only for half-precision LoRA
@@ -129,13 +133,13 @@ class FlowTask:
         self.policy.forward_module = m
 
     # -- rollout / reward ---------------------------------------------------------------------------
-    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
-        """Sample ``group_size`` trajectories for each record. The randomness of prompt ``k`` at
-        this step comes from a generator seeded by (seed, step, k), so a prompt's samples do not
-        depend on which process samples it or what else is in the batch."""
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """Sample ``group_size`` trajectories for each record. The randomness of the prompt with
+        keys ``(record, position)`` comes from ``rng.generator(seed, "sample", step, record, position)``,
+        so a prompt's samples do not depend on which process samples it or what else is in the batch."""
         c = self.cfg
         plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
-        gens = [step_generator(c.seed, step, f"sample/{k}") for k in keys]
+        gens = [rng.generator(c.seed, "sample", step, *k) for k in keys]
         ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
@@ -261,7 +265,7 @@ class TextTask:
         if lo.enabled:
             lc = lora_config("lm", lo.rank, lo.alpha, lo.targets, lo.init)
             with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.seed)
+                torch.manual_seed(self.cfg.seed)  # as FlowTask: peft draws its init from the global RNG
                 model = get_peft_model(model, lc)
         else:
             model.requires_grad_(True)
@@ -277,9 +281,10 @@ class TextTask:
     def set_forward_module(self, m) -> None:
         self.learner.forward_model = m
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[int], step: int):
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
         return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
-                                    seed=row_seed(self.cfg.seed, step), prompt_keys=list(keys))
+                                    seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
 
     def score(self, ro, records: Sequence[Dict]):
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
