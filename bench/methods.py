@@ -49,10 +49,24 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
     return {
         "time": [t_at.get(s, t) for s in xs],
         "reward": [by_step[s] for s in xs],
+        "eval_se": eval_standard_error(run_dir, xs[-1]) if xs else float("nan"),
         "steps": len(steps),
         "s_per_step": statistics.median(float(m["time/step"]) for m in steps) if steps else float("nan"),
         "nfe_per_step": statistics.median(float(m["nfe"]) for m in steps) if steps else float("nan"),
     }
+
+
+def eval_standard_error(run_dir: Path, step: int) -> float:
+    """The standard error of a run's held-out mean at ``step`` over its images (prompts x seeds):
+    the evaluation's own noise, read from ``eval/step-N/scores.csv``."""
+    import csv
+
+    path = run_dir / "eval" / f"step-{step:08d}" / "scores.csv"
+    if not path.is_file():
+        return float("nan")
+    with open(path, newline="") as f:
+        x = [float(r["total"]) for r in csv.DictReader(f)]
+    return statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
 
 
 def time_to_reach(c: Dict[str, List[float]], target: float) -> float:
@@ -181,59 +195,92 @@ def main(argv=None) -> int:
     return report(results, ref, out, args.budget)
 
 
+def _se(xs: List[float]) -> float:
+    """Standard error of the mean of ``xs`` (0 for one value)."""
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+
+
+def mean_curve(cs: List[Dict], grid: List[float]) -> tuple:
+    """Mean and standard error over seeds of the held-out reward on ``grid`` (each seed's last
+    evaluation at or before each time: its curve as a step function)."""
+    def at(c, t):
+        r = c["reward"][0]
+        for x, y in zip(c["time"], c["reward"]):
+            if x <= t:
+                r = y
+        return r
+    vals = [[at(c, t) for c in cs] for t in grid]
+    return [statistics.mean(v) for v in vals], [_se(v) for v in vals]
+
+
 def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -> int:
-    """Print the table of ``results`` (method -> one curve per seed) and save ``out/methods.png``."""
+    """Print the table of ``results`` (method -> one curve per seed) and save ``out/methods.png``.
+
+    Columns: the held-out reward at the budget as mean ± standard error over seeds, the evaluation's own
+    standard error (over its images, mean over seeds), the time each seed first reached the reference's
+    final mean (mean over the seeds that reached it, and how many did), and its ratio to the reference's."""
     seeds = len(next(iter(results.values())))
     budget = next(iter(results.values()))[0].get("budget_s", budget)
     ref_final = statistics.mean(c["reward"][-1] for c in results[ref])
     ref_start = statistics.mean(c["reward"][0] for c in results[ref])
     # "time to reach the reference's final reward" means something only if the reference improved
     ref_improved = ref_final > ref_start
-    ref_time = statistics.mean(time_to_reach(c, ref_final) for c in results[ref]) if ref_improved else math.nan
+    ref_reach = [time_to_reach(c, ref_final) for c in results[ref]]
+    ref_ok = [t for t in ref_reach if math.isfinite(t)]
+    ref_time = statistics.mean(ref_ok) if (ref_improved and ref_ok) else math.nan
     print(f"budget {budget:.0f} s of training per run, {seeds} seed(s); {ref} held-out reward "
-          f"{ref_start:.3f} -> {ref_final:.3f}")
+          f"{ref_start:.3f} -> {ref_final:.3f} ± {_se([c['reward'][-1] for c in results[ref]]):.3f}")
     if not ref_improved:
         print(f"{ref} did not improve on its start, so the time-to-reach columns are left empty")
-    print(f"{'method':20s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±sd)':>17s} "
-          f"{'t to ref final':>14s} {'x ref time':>10s}")
+    print(f"{'method':20s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±se)':>17s} {'eval se':>8s} "
+          f"{'t to ref final':>16s} {'x ref time':>10s}")
     rows = []
     for m, cs in results.items():
         finals = [c["reward"][-1] for c in cs]
-        mean = statistics.mean(finals)
-        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        mean, se = statistics.mean(finals), _se(finals)
+        eval_se = statistics.mean(c.get("eval_se", float("nan")) for c in cs)
         reach = [time_to_reach(c, ref_final) for c in cs]
-        t_reach = statistics.mean(reach) if all(math.isfinite(x) for x in reach) else math.inf
-        rows.append((m, mean, t_reach))
-        if ref_improved:
-            if math.isfinite(t_reach) and ref_time > 0:
-                reach_cols = f"{t_reach:12.0f} s {t_reach / ref_time:9.2f}x"
-            else:  # never reached within the budget
-                reach_cols = f"{'never':>14s} {'-':>10s}"
+        ok = [x for x in reach if math.isfinite(x)]
+        t_reach = statistics.mean(ok) if ok else math.inf
+        rows.append((m, mean, t_reach if len(ok) == len(reach) else math.inf, se))
+        if ref_improved and ok:
+            ratio = f"{t_reach / ref_time:9.2f}x" if math.isfinite(ref_time) and ref_time > 0 else f"{'-':>10s}"
+            reach_cols = f"{t_reach:8.0f} s ({len(ok)}/{len(reach)}) {ratio}"
+        elif ref_improved:
+            reach_cols = f"{'never':>16s} {'-':>10s}"
         else:
-            reach_cols = f"{'-':>14s} {'-':>10s}"
+            reach_cols = f"{'-':>16s} {'-':>10s}"
         print(f"{m:20s} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "
-              f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {sd:5.3f} {reach_cols}")
+              f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {se:5.3f} {eval_se:8.3f} {reach_cols}")
+    worst_se = max(r[3] for r in rows)
+    print(f"largest standard error of a method's mean: {worst_se:.3f} ({seeds} seeds)")
     if ref_improved:
         best = min(rows, key=lambda r: (r[2], -r[1]))
-        print(f"fastest to {ref}'s final reward: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s)")
+        if math.isfinite(best[2]):
+            print(f"fastest to {ref}'s final reward on every seed: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s, "
+                  f"{best[2] / ref_time:.2f}x)")
     best_final = max(rows, key=lambda r: r[1])
-    print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f})")
+    print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f} ± {best_final[3]:.3f})")
 
     import matplotlib  # heavy: only for the plot at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    end = max(c["time"][-1] for cs in results.values() for c in cs)
+    grid = [end * i / 200 for i in range(201)]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for k, (m, cs) in enumerate(results.items()):  # ten colours, then the same colours dashed
-        for i, c in enumerate(cs):
-            ax.plot(c["time"], c["reward"], label=m if i == 0 else None, lw=2.2 if m == ref else 1.2,
-                    color=f"C{k % 10}", ls="-" if k < 10 else "--", alpha=0.9)
+        mu, se = mean_curve(cs, grid)
+        color, ls = f"C{k % 10}", "-" if k < 10 else "--"
+        ax.plot(grid, mu, label=m, lw=2.4 if m == ref else 1.3, color=color, ls=ls, drawstyle="steps-post")
+        ax.fill_between(grid, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], color=color,
+                        alpha=0.15, step="post", lw=0)
     ax.axhline(ref_final, color="k", ls=":", lw=1)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("held-out shapes reward")
+    ax.set_ylabel(f"held-out shapes reward (mean ± s.e. over {seeds} seeds)")
     ax.set_title("Every method on equal compute (demo model, CPU)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "methods.png", dpi=120)
     print(f"curves: {out / 'methods.png'}")

@@ -12,6 +12,8 @@ measured by the full commands and reported in the README.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import runpy
 import sys
 from pathlib import Path
@@ -104,3 +106,30 @@ def test_methods_bench_reuse_reads_finished_runs_of_the_same_command(tmp_path, c
     printed, _ = bench("--budget", "2", "--reuse")  # another budget is another command: trained again
     assert "reused" not in printed
     assert "time_budget_s=2.0" in json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())["command"]
+
+
+def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_path, capsys):
+    """The table's figures on made-up curves: mean ± standard error over seeds, how many seeds reached the
+    reference's final mean and when (mean over those), and the ratio to the reference's time."""
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+
+    def c(times, rewards, se=0.01):
+        return {"time": times, "reward": rewards, "steps": len(times), "s_per_step": 1.0, "nfe_per_step": 10.0,
+                "eval_se": se, "budget_s": 100.0}
+
+    results = {  # reference final mean 0.6; it reaches it at 80 s and 100 s
+        "flow_grpo": [c([0, 50, 80, 100], [0.5, 0.55, 0.6, 0.6]), c([0, 50, 100], [0.5, 0.55, 0.6]),
+                      c([0, 50, 100], [0.5, 0.58, 0.6])],
+        "fast": [c([0, 10, 100], [0.5, 0.6, 0.7]), c([0, 20, 100], [0.5, 0.61, 0.7]), c([0, 50, 100], [0.5, 0.55, 0.58])],
+    }
+    assert bench["report"](results, "flow_grpo", tmp_path, 100.0) == 0
+    out = capsys.readouterr().out
+    fast = next(line for line in out.splitlines() if line.startswith("fast "))
+    se = statistics.stdev([0.7, 0.7, 0.58]) / math.sqrt(3)
+    assert f"0.660 ± {se:.3f}" in fast
+    assert "15 s (2/3)" in fast  # seeds 0 and 1 reached 0.6 at 10 s and 20 s; seed 2 never
+    ref_time = (80 + 100 + 100) / 3
+    assert f"{15 / ref_time:.2f}x" in fast
+    assert (tmp_path / "methods.png").stat().st_size > 1000
+    mu, s = bench["mean_curve"](results["fast"], [0.0, 15.0, 100.0])
+    assert mu == pytest.approx([0.5, (0.6 + 0.5 + 0.5) / 3, 0.66]) and s[0] == 0.0
