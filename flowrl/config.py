@@ -526,6 +526,7 @@ class EmaConfig:
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
 from flowrl.core.losses import LossConfig  # noqa: E402
+from flowrl.core.objectives import ObjectiveConfig  # noqa: E402
 from flowrl.flow.plan import PlanConfig  # noqa: E402
 
 
@@ -548,6 +549,7 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # rollout settings (text)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # rewards -> advantages
     loss: LossConfig = field(default_factory=LossConfig)  # the policy loss
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # likelihood (loss) or a forward-process objective
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, precision, loop robustness
     lora: LoraConfig = field(default_factory=LoraConfig)  # the LoRA adapter (or full fine-tuning)
     ema: EmaConfig = field(default_factory=EmaConfig)  # an EMA of the trained weights
@@ -591,6 +593,7 @@ class RunConfig:
         if self.plan.is_sweep and not self.sample.same_noise:
             raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular.choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")
+        self._validate_objective()
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
             for b in self.plan.tree.branch_factors:
@@ -598,6 +601,31 @@ class RunConfig:
             if self.sample.group_size % leaves:
                 raise ValueError(f"sample.group_size: {self.sample.group_size} is not a multiple of the tree's "
                                  f"{leaves} leaves (plan.tree.branch_factors={self.plan.tree.branch_factors})")
+
+
+    def _validate_objective(self) -> None:
+        """What the objective needs of the rest: a likelihood objective trains SDE steps, a forward one
+        an image policy with flat groups (no sweep, no granularities)."""
+        o = self.objective
+        if not o.forward:
+            if self.plan.kind == "ode" and self.model.family != "lm":
+                raise ValueError("plan.kind: 'ode' trains no step by log-prob; it needs a forward-process "
+                                 "objective (objective.kind: nft, awm, dgpo or dpo)")
+            return
+        if self.model.family == "lm":
+            raise ValueError(f"objective.kind: {o.kind} is a forward-process objective for flow models; "
+                             "a causal LM trains with 'likelihood'")
+        if self.plan.is_sweep or list(self.plan.granularities) != [1]:
+            raise ValueError(f"objective.kind: {o.kind} trains the clean samples of flat groups; it cannot be "
+                             "combined with a singular sweep or plan.granularities")
+        from flowrl.flow.forward import eligible_steps  # the objective's timesteps among the rollout's steps
+
+        try:
+            eligible_steps(o, self.sample.num_steps)
+        except ValueError as e:
+            raise ValueError(f"objective.{e}") from None
+        if o.kind in ("dgpo", "dpo") and self.sample.group_size < 2:
+            raise ValueError(f"sample.group_size: {o.kind} compares the members of a group; it needs >= 2")
 
 
 _PRESETS = {
@@ -657,10 +685,19 @@ MOVED = {
 }
 
 
+#: sections added after checkpoints were first written: a checkpoint without them ran with their defaults
+ADDED_SECTIONS = ("objective",)
+
+
 def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:
     """A flattened (dotted keys) config with every old key of :data:`MOVED` renamed to its new
-    key: how a checkpoint saved by an earlier version is compared with the current config."""
-    return {MOVED.get(key, key): value for key, value in flat.items()}
+    key, and the defaults of :data:`ADDED_SECTIONS` it lacks: how a checkpoint saved by an earlier
+    version is compared with the current config."""
+    out = {MOVED.get(key, key): value for key, value in flat.items()}
+    for section in ADDED_SECTIONS:
+        if not any(k == section or k.startswith(section + ".") for k in out):
+            out.update({f"{section}.{k}": v for k, v in flat_dict(to_dict(getattr(RunConfig(), section))).items()})
+    return out
 
 
 def load_run_config(path=None, overrides: Sequence[str] = ()) -> RunConfig:

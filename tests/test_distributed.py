@@ -172,8 +172,10 @@ def metrics(run: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def compare_runs(one: Path, two: Path, *, r_atol: float, adv_atol: float, w_atol: float) -> Dict[str, float]:
-    """Assert that the 1- and 2-process runs agree; returns the measured differences."""
+def compare_runs(one: Path, two: Path, *, r_atol: float, adv_atol: float, w_atol: float,
+                 likelihood: bool = True) -> Dict[str, float]:
+    """Assert that the 1- and 2-process runs agree; returns the measured differences. ``likelihood``:
+    the run trains log-prob ratios (a forward-process objective has none; its old policy is compared)."""
     from safetensors.torch import load_file
 
     a1, a2 = advantages(one / "probe"), advantages(two / "probe")
@@ -215,6 +217,8 @@ def compare_runs(one: Path, two: Path, *, r_atol: float, adv_atol: float, w_atol
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
         assert y["beta"] == pytest.approx(x["beta"], rel=1e-6, abs=1e-12)
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-12)
+        if not likelihood:  # no ratios; its loss value is each process's share (Processes.global_stats)
+            continue
         # loss statistics are taken over all processes (action-weighted means, global min/max)
         assert y["ratio_mean"] == pytest.approx(x["ratio_mean"], abs=1e-6)
         for k in ("ratio_min", "ratio_max", "clip_frac"):
@@ -321,3 +325,51 @@ def test_prompts_not_divisible_over_processes(support, lm_dir, tmp_path):
     for r in (0, 1):
         assert (tmp_path / "run" / "probe" / f"rc-rank{r}").read_text() == "2"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+FORWARD = {  # the objectives of flowrl.core.objectives, each with the draws it shares (sample, group, batch)
+    "nft": {"kind": "nft", "num_timesteps": 2, "kl_beta": 1e-2, "old": {"decay_rate": 0.3, "sample_from": 0}},
+    "awm": {"kind": "awm", "timesteps": "stratified", "num_timesteps": 2, "timestep_share": "batch",
+            "kl_beta": 1e-3, "old_kl_beta": 1.0, "old": {"decay_rate": 0.2, "decay_max": 0.3}},
+    "dgpo": {"kind": "dgpo", "beta": 100.0, "num_timesteps": 2, "timestep_share": "batch", "noise_share": "group",
+             "kl_beta": 0.02, "clip_range": 0.01, "old": {"decay_rate": 0.3, "decay_max": 0.3, "sample_from": 1}},
+    "dpo": {"kind": "dpo", "beta": 100.0, "timesteps": "logit_normal", "num_timesteps": 2, "timestep_share": "group",
+            "noise_share": "group"},
+}
+
+
+@pytest.mark.parametrize("objective", sorted(FORWARD))
+def test_forward_objective_two_processes_equal_one(objective, support, sd3_dir, tmp_path):
+    """Each forward-process objective: ODE rollouts, 4 prompts x 4 images, 2 minibatches (each split over
+    the processes), 2 inner epochs; its timesteps and noise are keyed by (step, epoch, sample or group),
+    so the processes draw what one process draws; the old policy ends equal too."""
+    cfg = {  # one step (4 optimizer steps): the old policy follows once; the likelihood tests cover two steps
+        "seed": 3, "max_steps": 1, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        "rewards": {f"{PLUGIN}:make_patch_brightness": 1.0},
+        "model": {"family": "sd3", "path": str(sd3_dir)},
+        "sample": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 2, "guidance_scale": 2.0,
+                   "group_size": 4, "prompts_per_step": 4},
+        "plan": {"kind": "ode", "ode_solver": "dpm2m"},
+        "objective": FORWARD[objective],
+        "data": {"train": "shapes:train", "eval": "shapes:test"},
+        "eval": {"num_prompts": 1, "seeds": [0], "at_start": False},
+        "train": COMMON_TRAIN,
+        "lora": {"rank": 4, "alpha": 8},
+    }
+    config = write_config(cfg, tmp_path / "flow.yaml")
+    p1 = launch(support, 1, config, tmp_path / "one")
+    p2 = launch(support, 2, config, tmp_path / "two")
+    rc2, err2 = wait(p2, "2 processes")
+    rc1, err1 = wait(p1, "1 process")
+    assert rc1 == 0, err1[-3000:]
+    assert rc2 == 0, err2[-3000:]
+    d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=1e-6, adv_atol=1e-4, w_atol=1e-5, likelihood=False)
+    if objective != "dpo":
+        from flowrl.train.checkpoint import load_checkpoint
+
+        step = sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir() if p.name.startswith("step-"))[-1]
+        o1 = load_checkpoint(tmp_path / "one" / "checkpoints" / step)["tensor_state"]["old_policy"]
+        o2 = load_checkpoint(tmp_path / "two" / "checkpoints" / step)["tensor_state"]["old_policy"]
+        assert max(float((o1[k] - o2[k]).abs().max()) for k in o1) <= 1e-5
+    print(f"{objective}: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
+          f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")

@@ -286,3 +286,58 @@ def test_grpo_guard_bias_is_per_sample_where_upstream_averages_the_batch():
     batch_mean = (lp_new - lp_old + bias.mean()) * s
     torch.testing.assert_close(got, per_sample, rtol=0, atol=1e-15)
     assert (got - batch_mean).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffusionNFT: NVlabs/DiffusionNFT 24af5554898d85e93efa492f42b5e9cdf4156e9b,
+# flow_grpo/diffusers_patch/solver.py (solver="dpm2", deterministic): its rollouts
+# ---------------------------------------------------------------------------------------------
+
+
+def _upstream_dpm2(z: torch.Tensor, sigmas: torch.Tensor, velocity) -> torch.Tensor:
+    """solver.py's deterministic dpm2 sampling in float64: a DDIM (first-order) update at the first and
+    the last step, the multistep DPM-Solver++(2M) update with D1 = (x0_i - x0_{i-1}) / r0 elsewhere."""
+    lam = lambda s: torch.log(1 - s) - torch.log(s)  # noqa: E731  (-inf at sigma = 1)
+    x0_prev = None
+    n = sigmas.numel() - 1
+    for i in range(n):
+        s, sn = sigmas[i], sigmas[i + 1]
+        x0 = z - s * velocity(z, float(s))
+        if i == 0 or i == n - 1:
+            z = x0 if sn == 0 else (1 - sn) * x0 + sn * (z - (1 - s) * x0) / s
+        else:
+            h = lam(sn) - lam(s)
+            r0 = (lam(s) - lam(sigmas[i - 1])) / h
+            d1 = (x0 - x0_prev) / r0 if torch.isfinite(r0) else torch.zeros_like(x0)
+            a = 1 - sn
+            z = (sn / s) * z - a * (torch.exp(-h) - 1) * x0 - 0.5 * a * (torch.exp(-h) - 1) * d1
+        x0_prev = x0
+    return z
+
+
+def test_nft_rollouts_follow_upstream_dpm2_solver():
+    """flowrl's ODE plan with ode_solver dpm2m is DiffusionNFT's rollout solver: the final latents of
+    the Gaussian toy flow agree with a float64 run of the upstream update to float32 precision."""
+    from toy_policies import GaussianPolicy
+
+    policy = GaussianPolicy()
+    prompts = ["a", "abcd"]
+    plan = build_plan(PlanConfig(kind="ode", ode_solver="dpm2m"), 10, 0)
+    ro = sample(policy, prompts, plan, group_size=2, height=16, width=16, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(0), progress=False)
+    z0 = policy.initial_noise(4, 16, 16, generator=torch.Generator().manual_seed(0)).double()
+    sig = policy.sigmas(10, 16, 16).double()
+    mu = torch.tensor([0.1 * len(p) - 1.0 for p in prompts], dtype=torch.float64).repeat_interleave(2).view(-1, 1, 1, 1)
+
+    def v64(x, s):
+        var = (1 - s) ** 2 * policy.s0 ** 2 + s ** 2
+        c = x - (1 - s) * mu
+        return s / var * c - (mu + (1 - s) * policy.s0 ** 2 / var * c)
+
+    ref = _upstream_dpm2(z0, sig, v64)
+    got = ro.final_latents[:, 0].double()
+    assert torch.allclose(got, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))  # float32 sampler vs float64
+    # not vacuous: Euler's rollout of the same noise is far from it
+    euler = sample(policy, prompts, build_plan(PlanConfig(kind="ode"), 10, 0), group_size=2, height=16, width=16,
+                   guidance_scale=1.0, generator=torch.Generator().manual_seed(0), progress=False)
+    assert float((euler.final_latents[:, 0].double() - ref).abs().max()) > 1e3 * 2e-5 * float(ref.abs().max())

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["adapters_disabled", "has_adapters", "unwrap"]
+__all__ = ["adapters_disabled", "has_adapters", "reference_policy", "unwrap"]
 
 
 def unwrap(module: Any) -> Any:
@@ -42,3 +42,23 @@ def adapters_disabled(module: Any) -> Iterator[None]:
         yield
     finally:
         m.enable_adapters()
+
+
+@contextlib.contextmanager
+def reference_policy(policy: Any, ref_transformer: Any = None) -> Iterator[None]:
+    """``policy`` as the KL reference inside the block: ``ref_transformer`` (a frozen copy, full
+    fine-tuning) swapped in as ``policy.transformer``, else its adapters disabled."""
+    if ref_transformer is not None:
+        current = policy.transformer
+        policy.transformer = ref_transformer
+        try:
+            yield
+        finally:
+            policy.transformer = current
+        return
+    transformer = getattr(policy, "transformer", None)
+    if transformer is None or not has_adapters(transformer):
+        raise ValueError("ref_transformer: the KL term needs a LoRA adapter on policy.transformer or a "
+                         "ref_transformer")
+    with adapters_disabled(transformer):
+        yield

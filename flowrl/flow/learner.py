@@ -16,7 +16,6 @@ sequence-level ratio, the KL estimators, GRPO-Guard, exact on-policy batching):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import logging
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.losses import LossConfig, StepTerms, mean_sq_diff, noise_aware_weights, policy_loss
-from flowrl.core.reference import adapters_disabled, has_adapters, unwrap
+from flowrl.core.reference import has_adapters, reference_policy, unwrap
 from flowrl.core.stats import merge_stats
 from flowrl.flow.policy import PromptEmbeds
 from flowrl.flow.sampler import Rollout
@@ -64,15 +63,17 @@ def kl_enabled(loss: LossConfig, beta: Optional[float] = None) -> bool:
     return b > 0 or loss.beta_schedule != "constant"
 
 
-def reference_transformer(transformer: torch.nn.Module, loss: LossConfig) -> Optional[torch.nn.Module]:
+def reference_transformer(transformer: torch.nn.Module, loss: LossConfig,
+                          needed: Optional[bool] = None) -> Optional[torch.nn.Module]:
     """The frozen KL reference to keep for a run, or None when none is needed.
 
-    None when the KL is off (``beta == 0`` with a constant schedule) or when the transformer has a
+    None when the KL is off (``beta == 0`` with a constant schedule; ``needed`` overrides that test,
+    e.g. for a forward-process objective's reference) or when the transformer has a
     LoRA adapter (the reference is then the same weights with the adapter disabled). Otherwise (full
     fine-tuning with KL) a deep copy with ``requires_grad=False`` in eval mode: the only case that
     pays for a second copy of the weights.
     """
-    if not kl_enabled(loss) or has_adapters(transformer):
+    if not (kl_enabled(loss) if needed is None else needed) or has_adapters(transformer):
         return None
     ref = copy.deepcopy(unwrap(transformer))
     ref.requires_grad_(False)
@@ -239,7 +240,19 @@ class FlowLearner:
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             self._takes_size = False
 
+    #: this learner trains denoising steps (log-probs of stored transitions; per-step tree advantages)
+    trains_steps = True
+
     # ---- public helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def action_mask(rollout: Rollout, advantages: Tensor, keep: Tensor) -> Tensor:
+        """``[N, T]``: the trained transitions of the valid rows ``keep``."""
+        return rollout.trained.bool() & keep.to(torch.bool).to(rollout.trained.device).unsqueeze(1)
+
+    @staticmethod
+    def mask_actions(rollout: Rollout, mask: Tensor) -> None:
+        rollout.trained = mask
 
     def needs_reference(self, beta: Optional[float] = None) -> bool:
         """Whether a minibatch with KL coefficient ``beta`` (None: ``loss.beta``) runs the reference forward."""
@@ -278,6 +291,7 @@ class FlowLearner:
         backward: Optional[Callable[[Tensor], None]] = None,
         step_weights: Optional[Tensor] = None,
         on_policy: bool = False,
+        epoch: int = 0,
     ) -> Dict[str, float]:
         """Accumulate the gradient of the loss of minibatch ``rollout`` into ``.grad``; return its stats.
 
@@ -298,6 +312,7 @@ class FlowLearner:
                 minibatch's final backward (so DDP can skip the gradient all-reduce before it).
             step_weights: optional ``[N, T]`` weights on the policy term (overrides
                 ``step_weighting``; see :meth:`noise_aware_step_weights`).
+            epoch: the inner epoch (unused: this loss draws nothing at random).
             on_policy: the parameters are still those that sampled ``rollout`` (first inner epoch,
                 before any optimizer step): the recomputed log-probs and means, detached, serve as
                 the old ones, so every ratio is exactly 1 whatever the batching (the standard PPO
@@ -491,23 +506,9 @@ class FlowLearner:
             raise ValueError("advantages: must be finite (NaN/inf found)")
         return advantages.detach().to(torch.float32).cpu()
 
-    @contextlib.contextmanager
-    def _reference(self) -> Iterator[None]:
-        """The policy as the KL reference: the frozen copy swapped in, or the adapter disabled."""
-        if self.ref_transformer is not None:
-            current = self.policy.transformer
-            self.policy.transformer = self.ref_transformer
-            try:
-                yield
-            finally:
-                self.policy.transformer = current
-            return
-        transformer = getattr(self.policy, "transformer", None)
-        if transformer is None or not has_adapters(transformer):
-            raise ValueError("ref_transformer: the KL term needs a LoRA adapter on policy.transformer or a "
-                             "ref_transformer")
-        with adapters_disabled(transformer):
-            yield
+    def _reference(self):
+        """The policy as the KL reference (:func:`flowrl.core.reference.reference_policy`)."""
+        return reference_policy(self.policy, self.ref_transformer)
 
 
 class _Context:

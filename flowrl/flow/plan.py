@@ -10,6 +10,7 @@ Every GRPO-family method for flow models is one choice of steps (``kind``) over 
 * ``singular``: G²RPO (arXiv 2510.01982): one SDE step, ODE continuations at several strides.
 * ``tree``: TempFlow-GRPO (arXiv 2508.04324), Dynamic-TreeRPO (arXiv 2509.23352): trajectories
   branch into ``tree.branch_factors[d]`` children at depth d.
+* ``ode``: every step deterministic, nothing trained by log-prob (the forward-process objectives).
 
 :func:`build_plan` gives the :class:`Plan` (a few ``[num_steps]`` tensors) of one iteration, its random
 choices drawn from :func:`plan_generator` ``(seed, iteration)`` (:mod:`flowrl.core.rng`, keys
@@ -48,12 +49,12 @@ __all__ = [
     "granular_sigmas",
 ]
 
-PLAN_KINDS = ("full", "random_subset", "window", "random_window", "singular", "tree")
+PLAN_KINDS = ("full", "random_subset", "window", "random_window", "singular", "tree", "ode")
 SDE_KINDS = ("flow_sde", "dance_sde", "cps")
 ODE_SOLVERS = ("euler", "heun", "dpm2m")
 WINDOW_SCHEDULES = ("progressive", "decay", "exp_decay", "random")
 
-PlanKind = Literal["full", "random_subset", "window", "random_window", "singular", "tree"]
+PlanKind = Literal["full", "random_subset", "window", "random_window", "singular", "tree", "ode"]
 SdeKind = Literal["flow_sde", "dance_sde", "cps"]
 OdeSolver = Literal["euler", "heun", "dpm2m"]
 WindowSchedule = Literal["progressive", "decay", "exp_decay", "random"]
@@ -203,7 +204,7 @@ class PlanConfig:
     lists against the trajectory.
     """
 
-    kind: PlanKind = "full"  # full | random_subset | window | random_window | singular | tree
+    kind: PlanKind = "full"  # full | random_subset | window | random_window | singular | tree | ode
     noise_level: float = 0.7  # SDE noise level a (Flow-GRPO 0.7, CPS 0.8, DanceGRPO eta 0.3)
     sde: SdeKind = "flow_sde"  # dynamics of stochastic steps: flow_sde | dance_sde | cps
     reduction: Literal["mean", "sum"] = "mean"  # log-prob reduction over latent elements
@@ -704,7 +705,13 @@ def _tree_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[tor
     return out
 
 
-_KIND_STEPS = {"full": _full_steps, "random_subset": _random_subset_steps, "window": _window_steps,
+def _ode_steps(cfg: PlanConfig, S: int, iteration: int, generator: Optional[torch.Generator]) -> _Steps:
+    """Every step deterministic (``ode_solver``), nothing trained by log-prob: the rollouts of the
+    forward-process objectives (DiffusionNFT, AWM, DGPO, DPO: :mod:`flowrl.core.objectives`)."""
+    return _Steps(_mask(S, []), _mask(S, []))
+
+
+_KIND_STEPS = {"ode": _ode_steps, "full": _full_steps, "random_subset": _random_subset_steps, "window": _window_steps,
                "random_window": _random_window_steps, "singular": _singular_steps, "tree": _tree_steps}
 
 

@@ -107,6 +107,11 @@ class Rollout:
     leaf_path: Optional[Tensor] = None  # [N, depth] int64
     step_node: Optional[Tensor] = None  # [N, T] int64
     branch_step: Optional[Tensor] = None  # [N] int64, sweeps only: the step k at which the row branched off the trunk
+    # forward-process objectives (flowrl.flow.forward): each row's stream keys (step, record, position, member),
+    # the rows that carry a loss (valid samples; dpo: pair winners) and dpo's roles (+1 winner, -1 loser, 0)
+    row_keys: Optional[Tensor] = None  # [N, 4] int64
+    sample_mask: Optional[Tensor] = None  # [N] bool
+    pair_role: Optional[Tensor] = None  # [N] int64
     groups_per_prompt: int = 1  # advantage groups per prompt (K branch steps for a sweep)
     nfe: int = 0
     velocity_calls: int = 0
@@ -122,7 +127,7 @@ class Rollout:
     _ROW_FIELDS = (
         "latents", "means", "log_probs", "stds", "sigmas", "sigma_next", "noise_levels", "stochastic",
         "trained", "final_latents", "prompt_index", "group_id", "images", "images_per_granularity",
-        "leaf_path", "step_node", "branch_step",
+        "leaf_path", "step_node", "branch_step", "row_keys", "sample_mask", "pair_role",
     )
 
     @property

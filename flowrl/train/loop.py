@@ -45,6 +45,8 @@ from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_conf
 from flowrl.core import rng
 from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
 from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
+from flowrl.core.objectives import old_decay
+from flowrl.core.shadow import DecayedCopy
 from flowrl.inputs import UsageError, writable_dir
 from flowrl.train.checkpoint import (
     capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint,
@@ -154,6 +156,10 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=cfg.ema.decay, use_ema_warmup=False)
+        self.old = None  # the forward objectives' old policy: a decayed copy of the trained weights
+        if cfg.objective.needs_old:
+            self.old = DecayedCopy(params, [n for n, p in self.task.module.named_parameters() if p.requires_grad])
+            self.task.set_old_policy(self.old)
         self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
                         if cfg.advantage.stat_tracking else None)
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
@@ -172,6 +178,8 @@ class Trainer:
         tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.ema is not None:
             tensor_state["ema"] = self.ema.state_dict()
+        if self.old is not None:
+            tensor_state["old_policy"] = self.old.state_dict()
         meta = {
             **self.task.checkpoint_meta(),
             "optimizer_steps": self.optimizer_steps, "bad_in_row": self.bad_in_row, "invalid_in_row": self.invalid_in_row,
@@ -261,6 +269,10 @@ class Trainer:
                 log.info("resume: %s changed from %r to %r (applied)", k, old, new)
         if self.ema is not None and "ema" in ck["tensor_state"]:
             self.ema.load_state_dict(ck["tensor_state"]["ema"])
+        if self.old is not None:
+            if "old_policy" not in ck["tensor_state"]:
+                raise UsageError(f"checkpoint {path} holds no old policy; objective.kind={self.cfg.objective.kind} needs one")
+            self.old.load_state_dict(ck["tensor_state"]["old_policy"])
         m = ck["meta"]
         self.step = int(m["step"])
         self.optimizer_steps = int(m.get("optimizer_steps", 0))
@@ -294,7 +306,8 @@ class Trainer:
         t_start = time.time()
         step = self._step_prompts()
         self.task.module.eval()
-        batch = self.task.rollout(step.records, step.keys, self.step)
+        with self._rollout_weights():
+            batch = self.task.rollout(step.records, step.keys, self.step)
         t_sample = time.time()
         rewards, names, issues = self._score(batch, step.records)
         t_score = time.time()
@@ -302,6 +315,7 @@ class Trainer:
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
         beta = self._beta()
         update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta)
+        self._update_old()
         nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
         self.total_nfe += nfe
         t_end = time.time()
@@ -365,9 +379,10 @@ class Trainer:
         steps on blocks of rows in a seeded order (branch blocks in step order for sweeps); returns
         :func:`update_metrics`."""
         cfg, tc = self.cfg, self.cfg.train
-        mask = self.task.action_mask(batch).bool()
-        mask = mask & keep.to(mask.device).unsqueeze(1)  # rewards (and so ``keep``) come back on the CPU
+        mask = self.task.action_mask(batch, adv, keep).bool()
         reduce_fn = self.procs.sum if self.procs.world > 1 else None
+        # a forward-process objective's actions are its samples (dpo: pairs): the loss is their mean
+        agg = "token-mean" if cfg.objective.forward else cfg.loss.aggregation
         loss_stats: List[Dict[str, float]] = []
         grad_norms: List[float] = []
         update_ratios: List[float] = []
@@ -378,9 +393,9 @@ class Trainer:
                 for b in perm:
                     rows = ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()
                     sub = self.task.select(batch, rows)
-                    norm = loss_normalizers(mask[rows], cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
+                    norm = loss_normalizers(mask[rows], agg, world_size=self.procs.world, reduce_fn=reduce_fn)
                     self.task.mask_actions(sub, mask[rows])
-                    out = self._optimizer_step(sub, adv[rows], norm, beta)
+                    out = self._optimizer_step(sub, adv[rows], norm, beta, epoch)
                     if out is None:
                         skipped += 1
                         continue
@@ -421,7 +436,7 @@ class Trainer:
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
 
-    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float):
+    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int):
         """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
         gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
         Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
@@ -438,7 +453,7 @@ class Trainer:
                 self.acc.backward(loss)
 
         with self.acc.autocast():
-            st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward)
+            st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward, epoch=epoch)
         if self.local_grads:
             self.procs.average_gradients(self.params)
         gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
@@ -459,6 +474,22 @@ class Trainer:
         if self.ema is not None and self.optimizer_steps % self.cfg.ema.every == 0:
             self.ema.step(self.params)
         return st, gn, ratio
+
+    def _rollout_weights(self):
+        """The weights that sample this step: the old policy from ``objective.old.sample_from``
+        optimizer steps on (DiffusionNFT: always; DGPO: after its switch step), else the trained ones."""
+        start = self.cfg.objective.old.sample_from
+        if self.old is None or start is None or self.optimizer_steps < start:
+            return contextlib.nullcontext()
+        return self.old.swapped(self.params)
+
+    def _update_old(self) -> None:
+        """``theta_old <- d theta_old + (1 - d) theta`` after the step's updates, ``d`` at the optimizer
+        step count (:func:`flowrl.core.objectives.old_decay`)."""
+        if self.old is None:
+            return
+        o = self.cfg.objective.old
+        self.old.update(self.params, old_decay(self.optimizer_steps, o.decay_flat, o.decay_rate, o.decay_max))
 
     def _check_going_on(self) -> None:
         """Stop (:class:`TrainingStopped`) after ``train.max_bad_steps`` steps in a row without an

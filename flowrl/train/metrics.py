@@ -19,6 +19,8 @@ STEP_KEYS = (
     "time/sampling", "time/scoring", "time/update", "time/step",
 )
 LOSS_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss")
+#: logged only by the forward-process objectives that compute them (:mod:`flowrl.flow.forward`)
+OBJECTIVE_MEANS = ("old_kl", "dpo_accuracy")
 
 
 def mean(xs: Sequence[Optional[float]]) -> float:
@@ -55,6 +57,7 @@ def update_metrics(loss_stats: List[Dict[str, float]], grad_norms: List[float], 
     """The inner updates' statistics: loss means over minibatches, the ratio range (and the first
     minibatch's), mean gradient norm, the largest weight-update ratio, skipped optimizer steps."""
     out: Dict[str, Any] = {k: mean([s.get(k) for s in loss_stats]) for k in LOSS_MEANS}
+    out.update({k: mean([s.get(k) for s in loss_stats]) for k in OBJECTIVE_MEANS if any(k in s for s in loss_stats)})
     out["ratio_min"] = min([s["ratio_min"] for s in loss_stats if "ratio_min" in s], default=float("nan"))
     out["ratio_max"] = max([s["ratio_max"] for s in loss_stats if "ratio_max" in s], default=float("nan"))
     if loss_stats and "ratio_min" in loss_stats[0]:

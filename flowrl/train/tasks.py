@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.advantages import tree_transition_advantages
+from flowrl.flow.forward import ForwardLearner
 from flowrl.flow.learner import FlowLearner, reference_transformer
 from flowrl.core import rng
 from flowrl.flow.plan import build_plan, plan_generator
@@ -57,14 +58,15 @@ class Task(Protocol):
         """``(advantages [N, T], valid [N])`` within each prompt's tree, or None for a batch of flat
         groups (the loop then normalises rewards over all processes)."""
 
-    def action_mask(self, batch) -> Tensor:
-        """``[N, T]`` bool: the trained actions (denoising steps or completion tokens)."""
+    def action_mask(self, batch, advantages: Tensor, keep: Tensor) -> Tensor:
+        """``[N, T]`` bool: the trained actions (denoising steps, completion tokens, or one per sample
+        for a forward-process objective) of the rows ``keep`` (valid samples)."""
 
     def mask_actions(self, batch, mask: Tensor) -> None:
         """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
 
-    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
-        """Accumulate the policy loss's gradient of a minibatch; its statistics."""
+    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
+        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics."""
 
     def nfe(self, batch) -> int:
         """Model evaluations of the rollout (generated tokens for text)."""
@@ -93,10 +95,15 @@ class FlowTask:
         self.device = device
         self._setup_trainable()
 
-        self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
-                                   chunk_size=cfg.sample.chunk_size, step_weighting=cfg.plan.step_weighting,
-                                   step_weight_scale=cfg.plan.step_weight_scale,
-                                   ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
+        if cfg.objective.forward:
+            self.learner = ForwardLearner(
+                self.policy, cfg.objective, seed=cfg.seed, group_size=cfg.sample.group_size, chunk_size=cfg.sample.chunk_size,
+                ref_transformer=reference_transformer(self.policy.transformer, cfg.loss, needed=cfg.objective.needs_reference))
+        else:
+            self.learner = FlowLearner(self.policy, cfg.loss, guidance_scale=cfg.sample.guidance_scale,
+                                       chunk_size=cfg.sample.chunk_size, step_weighting=cfg.plan.step_weighting,
+                                       step_weight_scale=cfg.plan.step_weight_scale,
+                                       ref_transformer=reference_transformer(self.policy.transformer, cfg.loss))
         self._reward = None
         self._first_eval = None  # (step, EvalResult) of the first evaluation, for before_after/
 
@@ -132,6 +139,10 @@ class FlowTask:
     def set_forward_module(self, m) -> None:
         self.policy.forward_module = m
 
+    def set_old_policy(self, old) -> None:
+        """The old policy's weights (:class:`flowrl.core.shadow.DecayedCopy`) for the objective's ``v_old``."""
+        self.learner.set_old(old)
+
     # -- rollout / reward ---------------------------------------------------------------------------
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
         """Sample ``group_size`` trajectories for each record. The randomness of the prompt with
@@ -144,7 +155,9 @@ class FlowTask:
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
                     store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size, progress=False,
-                    store_means=True)
+                    store_means=self.learner.trains_steps)
+        per = ro.num_samples // len(keys)  # each row's stream keys (step, record, position, member)
+        ro.row_keys = torch.tensor([[step, *k, j] for k in keys for j in range(per)], dtype=torch.long)
         return ro
 
     def reward_model(self):
@@ -171,23 +184,24 @@ class FlowTask:
     def tree_advantages(self, ro, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
         """Per-transition advantages of a tree rollout (TempFlow-GRPO, Dynamic-TreeRPO:
         :func:`flowrl.core.advantages.tree_transition_advantages`); None for flat groups."""
-        if ro.node_parent is None:
+        if ro.node_parent is None or not self.learner.trains_steps:  # forward objectives: a prompt's leaves are one group
             return None
         adv, valid = tree_transition_advantages(ro.node_parent, ro.leaf_path[:, -1], ro.step_node, total, adv_cfg)
         return adv.float(), valid
 
     # -- update -------------------------------------------------------------------------------------
-    def action_mask(self, ro) -> Tensor:
-        return ro.trained
+    def action_mask(self, ro, advantages: Tensor, keep: Tensor) -> Tensor:
+        return self.learner.action_mask(ro, advantages, keep)
 
     def mask_actions(self, ro, mask: Tensor) -> None:
-        ro.trained = mask
+        self.learner.mask_actions(ro, mask)
 
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
-        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
+        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
+                                               epoch=epoch)
 
     def nfe(self, ro) -> int:
         return int(ro.nfe)
@@ -294,8 +308,8 @@ class TextTask:
     def tree_advantages(self, ro, total: Tensor, adv_cfg) -> None:
         return None  # completions are flat groups
 
-    def action_mask(self, ro) -> Tensor:
-        return ro.completion_mask.bool()
+    def action_mask(self, ro, advantages: Tensor, keep: Tensor) -> Tensor:
+        return ro.completion_mask.bool() & keep.to(torch.bool).to(ro.completion_mask.device).unsqueeze(1)
 
     def mask_actions(self, ro, mask: Tensor) -> None:
         ro.completion_mask = ro.completion_mask * mask.long()
@@ -306,7 +320,7 @@ class TextTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward) -> Dict[str, float]:
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
 
     def nfe(self, ro) -> int:
