@@ -590,6 +590,9 @@ class RunConfig:
             if adv.multi_reward == "normalize_then_sum" and len(self.rewards) > 1:
                 raise ValueError("advantage.stat_tracking: not supported with advantage.multi_reward: "
                                  "normalize_then_sum and several rewards")
+        if self.plan.kind == "ode" and self.sample.same_noise:
+            raise ValueError("sample.same_noise: with plan.kind 'ode' every member of a group would be the same "
+                             "deterministic sample (no reward spread, no gradient); set it to false")
         if self.plan.is_sweep and not self.sample.same_noise:
             raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular.choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")

@@ -297,3 +297,13 @@ def test_checkpoints_from_before_the_objective_section_still_resume():
     now = to_dict(RunConfig())
     now["objective"]["kind"] = "nft"
     assert config_changes(old, now)[1] == [("objective.kind", "likelihood", "nft")]
+
+
+def test_an_ode_plan_with_shared_noise_is_refused():
+    """Deterministic rollouts from one shared initial noise make every group member the same sample."""
+    from flowrl.config import ConfigError, load_run_config
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match="sample.same_noise"):
+        load_run_config(root / "configs" / "methods" / "diffusion_nft.yaml", ["sample.same_noise=true"])
+    assert not load_run_config(root / "configs" / "methods" / "diffusion_nft.yaml").sample.same_noise
