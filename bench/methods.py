@@ -96,15 +96,25 @@ def run_command(preset: Path, seed: int, budget: float, eval_every: int, run_dir
     ]
 
 
+def resolved_config(cmd: List[str]) -> Dict:
+    """The run config ``cmd`` trains (the preset with its includes and the overrides, as ``flowrl train``
+    reads them), so that a preset edited since a run is not mistaken for it."""
+    from flowrl.config import load_run_config, to_dict
+
+    i = cmd.index("train")
+    return to_dict(load_run_config(cmd[i + 1], cmd[i + 2:]))
+
+
 def finished_run(run_dir: Path, cmd: List[str]) -> Optional[float]:
     """The wall-clock seconds of the run in ``run_dir`` if it ended (``summary.json``) and was started by
-    exactly ``cmd`` (same preset, seed, budget, evaluation interval and overrides, as recorded in its
-    ``bench_run.json``); else None."""
+    exactly ``cmd`` (same preset, seed, budget, evaluation interval and overrides) with the same resolved
+    config (the preset files unchanged), as recorded in its ``bench_run.json``; else None."""
     rec = run_dir / "bench_run.json"
     if not (run_dir / "summary.json").is_file() or not rec.is_file():
         return None
     r = json.loads(rec.read_text())
-    return float(r["wall_s"]) if r.get("command") == cmd[2:] else None
+    same = r.get("command") == cmd[2:] and r.get("config") == json.loads(json.dumps(resolved_config(cmd)))
+    return float(r["wall_s"]) if same else None
 
 
 def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, extra: List[str],
@@ -143,7 +153,8 @@ def _train(cmd: List[str], run_dir: Path, log_path: Path, threads: Optional[int]
         raise RuntimeError(f"{run_dir.name} failed (exit {rc}); end of {log_path}:\n" + "\n".join(tail))
     wall = time.perf_counter() - t0
     # the command without the interpreter's path, so that --reuse also works from another environment
-    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": wall}))
+    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": wall,
+                                                        "config": resolved_config(cmd)}))
     return wall
 
 

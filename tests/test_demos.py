@@ -133,3 +133,23 @@ def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_
     assert (tmp_path / "methods.png").stat().st_size > 1000
     mu, s = bench["mean_curve"](results["fast"], [0.0, 15.0, 100.0])
     assert mu == pytest.approx([0.5, (0.6 + 0.5 + 0.5) / 3, 0.66]) and s[0] == 0.0
+
+
+def test_methods_bench_reuse_notices_an_edited_preset(tmp_path):
+    """--reuse reads a finished run only if the preset still resolves to the config it was trained with."""
+    import shutil
+
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+    (tmp_path / "methods").mkdir()
+    shutil.copy(ROOT / "configs" / "demo_base.yaml", tmp_path / "demo_base.yaml")
+    preset = tmp_path / "methods" / "flow_grpo.yaml"
+    shutil.copy(ROOT / "configs" / "methods" / "flow_grpo.yaml", preset)
+    run_dir = tmp_path / "runs" / "flow_grpo-seed0"
+    run_dir.mkdir(parents=True)
+    cmd = bench["run_command"](preset, 0, 1.0, 1, run_dir, [])
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "bench_run.json").write_text(json.dumps({"command": cmd[2:], "wall_s": 12.5,
+                                                        "config": bench["resolved_config"](cmd)}))
+    assert bench["finished_run"](run_dir, cmd) == 12.5
+    preset.write_text(preset.read_text().replace("noise_level: 0.7", "noise_level: 0.6"))
+    assert bench["finished_run"](run_dir, cmd) is None  # same command, other preset: trained again
