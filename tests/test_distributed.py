@@ -152,6 +152,16 @@ def wait(p: subprocess.Popen, what: str, timeout: float = 540) -> Tuple[int, str
     return p.returncode, err
 
 
+def run_one_and_two(support: Path, config: Path, tmp_path: Path) -> None:
+    """Train ``config`` on 1 and on 2 processes side by side (run folders ``one`` and ``two``); both succeed."""
+    p1 = launch(support, 1, config, tmp_path / "one")
+    p2 = launch(support, 2, config, tmp_path / "two")
+    rc2, err2 = wait(p2, "2 processes")
+    rc1, err1 = wait(p1, "1 process")
+    assert rc1 == 0, err1[-3000:]
+    assert rc2 == 0, err2[-3000:]
+
+
 def advantages(probe: Path) -> Dict[Tuple[int, int, int], Tuple[float, List[float]]]:
     """(step, global group position, member) -> (advantage, reward columns), over every process's records."""
     out: Dict[Tuple[int, int, int], Tuple[float, List[float]]] = {}
@@ -263,12 +273,7 @@ def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
         "advantage": STAT_TRACKING,
     }
     config = write_config(cfg, tmp_path / "text.yaml")
-    p1 = launch(support, 1, config, tmp_path / "one")
-    p2 = launch(support, 2, config, tmp_path / "two")
-    rc2, err2 = wait(p2, "2 processes")
-    rc1, err1 = wait(p1, "1 process")
-    assert rc1 == 0, err1[-3000:]
-    assert rc2 == 0, err2[-3000:]
+    run_one_and_two(support, config, tmp_path)
     # r_atol=0: the text rewards are Python functions of the sampled strings (per-row seeded), not float kernels
     d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-6, w_atol=1e-6)
     m = metrics(tmp_path / "one")
@@ -297,12 +302,7 @@ def test_flow_two_processes_equal_one(support, sd3_dir, tmp_path):
         "lora": {"rank": 4, "alpha": 8},
     }
     config = write_config(cfg, tmp_path / "flow.yaml")
-    p1 = launch(support, 1, config, tmp_path / "one")
-    p2 = launch(support, 2, config, tmp_path / "two")
-    rc2, err2 = wait(p2, "2 processes")
-    rc1, err1 = wait(p1, "1 process")
-    assert rc1 == 0, err1[-3000:]
-    assert rc2 == 0, err2[-3000:]
+    run_one_and_two(support, config, tmp_path)
     d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=1e-6, adv_atol=1e-4, w_atol=1e-5)
     print(f"flow: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
           f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
@@ -357,12 +357,7 @@ def test_forward_objective_two_processes_equal_one(objective, support, sd3_dir, 
         "lora": {"rank": 4, "alpha": 8},
     }
     config = write_config(cfg, tmp_path / "flow.yaml")
-    p1 = launch(support, 1, config, tmp_path / "one")
-    p2 = launch(support, 2, config, tmp_path / "two")
-    rc2, err2 = wait(p2, "2 processes")
-    rc1, err1 = wait(p1, "1 process")
-    assert rc1 == 0, err1[-3000:]
-    assert rc2 == 0, err2[-3000:]
+    run_one_and_two(support, config, tmp_path)
     d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=1e-6, adv_atol=1e-4, w_atol=1e-5, likelihood=False)
     if objective != "dpo":
         from flowrl.train.checkpoint import load_checkpoint

@@ -13,7 +13,6 @@ sample/group), so neither the minibatch split nor the number of processes change
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +27,7 @@ from flowrl.core.objectives import (
 from flowrl.core.reference import reference_policy
 from flowrl.core.shadow import DecayedCopy
 from flowrl.core.stats import merge_stats
+from flowrl.flow.learner import velocity_takes_size
 from flowrl.flow.policy import PromptEmbeds
 from flowrl.flow.sampler import Rollout
 
@@ -92,11 +92,7 @@ class ForwardLearner:
         self.chunk_size = chunk_size
         self.ref_transformer = ref_transformer
         self.old = old
-        try:
-            params = inspect.signature(policy.velocity).parameters
-            self._takes_size = "height" in params and "width" in params
-        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-            self._takes_size = False
+        self._takes_size = velocity_takes_size(policy)
 
     #: this learner trains clean samples, not denoising steps (the rollout need not store a trajectory)
     trains_steps = False

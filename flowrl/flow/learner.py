@@ -43,6 +43,7 @@ __all__ = [
     "scaled_noise_weights",
     "seq_mean_row_counts",
     "shared_state_runs",
+    "velocity_takes_size",
 ]
 
 #: Per-step weightings of the policy term understood by :class:`FlowLearner`.
@@ -234,11 +235,7 @@ class FlowLearner:
                 "transformer a LoRA adapter (reference = adapter disabled) or pass "
                 "ref_transformer=reference_transformer(policy.transformer, loss) for full fine-tuning"
             )
-        try:
-            params = inspect.signature(policy.velocity).parameters
-            self._takes_size = "height" in params and "width" in params
-        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-            self._takes_size = False
+        self._takes_size = velocity_takes_size(policy)
 
     #: this learner trains denoising steps (log-probs of stored transitions; per-step tree advantages)
     trains_steps = True
@@ -610,6 +607,15 @@ class _Context:
             else:  # velocity
                 out["v_ref_delta_sq"] = mean_sq_diff(v, v_ref)
         return out
+
+
+def velocity_takes_size(policy: Any) -> bool:
+    """Whether ``policy.velocity`` accepts ``height``/``width`` keywords (FLUX's packed latents need them)."""
+    try:
+        params = inspect.signature(policy.velocity).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return "height" in params and "width" in params
 
 
 def _with_last(backward: Callable[..., None]) -> Callable[[Tensor, bool], None]:
