@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from flowrl.core.advantages import AdvantageConfig, compute_advantages
+from flowrl.core.losses import mean_sq_diff as matching_error  # the matching error e = mean_d (v - u)^2
 from flowrl.core.objectives import (
     ObjectiveConfig, awm_log_prob, awm_loss, best_worst_pairs, dgpo_loss, dpo_loss, dsm_clip_mask,
-    matching_error, nft_loss, nft_reward_weight, old_decay,
+    nft_loss, nft_reward_weight, old_decay,
 )
 from flowrl.core.shadow import DecayedCopy
 from flowrl.flow.forward import timestep_indices
@@ -227,14 +228,14 @@ def test_decayed_copy_update_swap_and_state():
     with torch.no_grad():
         p[0].add_(1.0)
         p[1].mul_(2.0)
-    old.update(p, 0.25)  # 0.25 old + 0.75 new
+    old.update(0.25)  # 0.25 old + 0.75 new
     assert old.shadow[0].tolist() == [1.75, 2.75] and old.shadow[1].tolist() == [[5.25]]
     with pytest.raises(RuntimeError):
-        with old.swapped(p):
+        with old.swapped():
             assert p[0].tolist() == [1.75, 2.75]
             raise RuntimeError("inside")
     assert p[0].tolist() == [2.0, 3.0] and p[1].tolist() == [[6.0]]  # restored after the exception
-    old.update(p, 0.0)
+    old.update(0.0)
     assert torch.equal(old.shadow[0], p[0].detach())
     other = DecayedCopy([torch.nn.Parameter(torch.zeros(2, dtype=D)), torch.nn.Parameter(torch.zeros(1, 1, dtype=D))])
     other.load_state_dict(old.state_dict())

@@ -20,7 +20,6 @@ The upstream files and commits each formula was checked against: ``docs/methods.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowrl.core.checks import check_number
+from flowrl.core.losses import mean_sq_diff
 
 __all__ = [
     "OBJECTIVES",
@@ -40,7 +40,6 @@ __all__ = [
     "dgpo_loss",
     "dpo_loss",
     "dsm_clip_mask",
-    "matching_error",
     "nft_loss",
     "nft_reward_weight",
     "old_decay",
@@ -162,12 +161,6 @@ def old_decay(step: int, flat: int, rate: float, cap: float) -> float:
     return min((step - flat) * rate, cap)
 
 
-def matching_error(v: Tensor, target: Tensor) -> Tensor:
-    """``e = mean_d (v - u)^2`` per sample ``[B]``: the flow-matching error against ``u = eps - x0``."""
-    d = (v - target) ** 2
-    return d.reshape(d.shape[0], -1).mean(1)
-
-
 def _col(x: Tensor, like: Tensor) -> Tensor:
     """A per-sample ``[B]`` tensor shaped to broadcast against ``like`` ``[B, ...]``."""
     return x.reshape(-1, *([1] * (like.ndim - 1)))
@@ -215,11 +208,11 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, sigma: Ten
 
 
 def awm_log_prob(v: Tensor, target: Tensor, sigma: Tensor, weighting: str = "ghuber", power: float = 0.25) -> Tensor:
-    """AWM's "log-prob" ``[B]`` (float64): minus the weighted matching error ``e`` (:func:`matching_error`).
+    """AWM's "log-prob" ``[B]`` (float64): minus the weighted matching error ``e = mean_d (v - u)^2``.
 
     uniform: ``-e``; t: ``-sigma e``; t2: ``-sigma^2 e``;
     ghuber: ``-sigma ((e + 1e-10)^p - 1e-10^p) / p`` (the reference's default, p = 1/4)."""
-    e = matching_error(v.double(), target.double())
+    e = mean_sq_diff(v.double(), target.double())
     s = sigma.double().reshape(-1)
     if weighting == "uniform":
         return -e

@@ -18,40 +18,41 @@ __all__ = ["DecayedCopy"]
 
 
 class DecayedCopy:
-    """Shadow tensors of ``params`` (the same dtypes and devices), initialised to their values; ``names``
-    (default ``"0", "1", ...``) key them in :meth:`state_dict`."""
+    """Shadow tensors of ``params`` (the same dtypes and devices), initialised to their values and bound to
+    those parameters; ``names`` (default ``"0", "1", ...``) key them in :meth:`state_dict`."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], names: Optional[Sequence[str]] = None):
-        self.shadow: List[Tensor] = [p.detach().clone() for p in params]
+        self.params = list(params)
+        self.shadow: List[Tensor] = [p.detach().clone() for p in self.params]
         self.names = [str(i) for i in range(len(self.shadow))] if names is None else list(names)
         if len(self.names) != len(self.shadow) or len(set(self.names)) != len(self.names):
             raise ValueError(f"names: {len(self.shadow)} distinct names needed, got {len(self.names)}")
 
     @torch.no_grad()
-    def update(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
+    def update(self, decay: float) -> None:
         """``shadow <- decay shadow + (1 - decay) param`` (``decay = 0`` copies the parameters exactly)."""
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay: must lie in [0, 1], got {decay!r}")
-        for s, p in zip(self.shadow, params, strict=True):
+        for s, p in zip(self.shadow, self.params):
             if decay == 0.0:
                 s.copy_(p)
             else:
                 s.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
+    def _exchange(self) -> None:
+        """Swap each parameter's storage with its shadow's (no copy)."""
+        for i, p in enumerate(self.params):
+            p.data, self.shadow[i] = self.shadow[i], p.data
+
     @contextlib.contextmanager
-    def swapped(self, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-        """Inside the block ``params`` hold the shadow values; their own values come back after it
-        (also on an exception)."""
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, s in zip(params, self.shadow, strict=True):
-                p.copy_(s)
+    def swapped(self) -> Iterator[None]:
+        """Inside the block the parameters hold the shadow values; their own values come back after it
+        (also on an exception). The storages are exchanged, not copied."""
+        self._exchange()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, v in zip(params, saved):
-                    p.copy_(v)
+            self._exchange()
 
     def state_dict(self) -> Dict[str, Tensor]:
         return dict(zip(self.names, self.shadow))

@@ -12,8 +12,7 @@ sample/group), so neither the minibatch split nor the number of processes change
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ from flowrl.core import rng
 from flowrl.core.losses import mean_sq_diff
 from flowrl.core.objectives import (
     ObjectiveConfig, awm_log_prob, best_worst_pairs, awm_loss, dgpo_loss, dpo_loss, dsm_clip_mask,
-    matching_error, nft_loss,
+    nft_loss,
 )
 from flowrl.core.reference import reference_policy
 from flowrl.core.shadow import DecayedCopy
@@ -156,13 +155,11 @@ class ForwardLearner:
         kw = {"height": ro.height, "width": ro.width} if self._takes_size else {}
         return self.policy.velocity(x, sigma, embeds, self.cfg.guidance_scale, **kw)
 
-    @contextlib.contextmanager
-    def _old_weights(self) -> Iterator[None]:
+    def _old_weights(self):
+        """The old policy's weights swapped in (:meth:`flowrl.core.shadow.DecayedCopy.swapped`)."""
         if self.old is None:
             raise ValueError("objective: this objective needs the old policy (the trainer keeps one when objective.needs_old)")
-        params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
-        with self.old.swapped(params):
-            yield
+        return self.old.swapped()
 
     # ---- the gradient -------------------------------------------------------------------------
     def minibatch_gradient(self, ro: Rollout, advantages: Tensor, *, normalizer: Tensor | float,
@@ -274,18 +271,18 @@ class ForwardLearner:
             lp = awm_log_prob(v, target, sigma, cfg.weighting, cfg.ghuber_power)
             per = awm_loss(lp, lp.detach(), adv, cfg.adv_clip, cfg.clip_range)
         elif cfg.kind == "dgpo":
-            e = matching_error(v, target)
-            e_ref = matching_error(v_ref, target)
+            e = mean_sq_diff(v, target)
+            e_ref = mean_sq_diff(v_ref, target)
             a = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
             clipped = None
             if cfg.clip_range is not None:
-                clipped = dsm_clip_mask(e, matching_error(v_old, target), a, cfg.clip_range)
+                clipped = dsm_clip_mask(e, mean_sq_diff(v_old, target), a, cfg.clip_range)
                 st["clip_frac"] = float(clipped.float().mean())
             group = ro.group_id[rows].to(e.device)
             per = dgpo_loss(e, e_ref, a, group, cfg.beta, self.group_size, clipped)
         else:  # dpo: rows are (winner, loser) pairs
-            e = matching_error(v, target)
-            e_ref = matching_error(v_ref, target)
+            e = mean_sq_diff(v, target)
+            e_ref = mean_sq_diff(v_ref, target)
             per = dpo_loss(e[0::2], e[1::2], e_ref[0::2], e_ref[1::2], cfg.beta)
             st["dpo_accuracy"] = float(((e[0::2] - e_ref[0::2]) < (e[1::2] - e_ref[1::2])).float().mean())
         loss = per.sum()

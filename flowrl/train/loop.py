@@ -481,7 +481,7 @@ class Trainer:
         start = self.cfg.objective.old.sample_from
         if self.old is None or start is None or self.optimizer_steps < start:
             return contextlib.nullcontext()
-        return self.old.swapped(self.params)
+        return self.old.swapped()
 
     def _update_old(self) -> None:
         """``theta_old <- d theta_old + (1 - d) theta`` after the step's updates, ``d`` at the optimizer
@@ -489,7 +489,7 @@ class Trainer:
         if self.old is None:
             return
         o = self.cfg.objective.old
-        self.old.update(self.params, old_decay(self.optimizer_steps, o.decay_flat, o.decay_rate, o.decay_max))
+        self.old.update(old_decay(self.optimizer_steps, o.decay_flat, o.decay_rate, o.decay_max))
 
     def _check_going_on(self) -> None:
         """Stop (:class:`TrainingStopped`) after ``train.max_bad_steps`` steps in a row without an
