@@ -9,6 +9,8 @@ reward-versus-training-time curves as ``--out``/methods.png, plus the raw number
     python bench/methods.py --budget 240 --seeds 0 1 [--methods flow_grpo mixgrpo ...] [--out runs/methods]
     python bench/methods.py --jobs 12 --threads 1 --methods-dir my_presets/   # any folder of overlays
     python bench/methods.py --budget 240 --seeds 0 1 2 --reuse   # add seeds; finished runs are read, not retrained
+    python bench/methods.py --budget 150 --seeds 0 1 2 --eval-every 30s eval.ends_num_prompts=200
+        # every method evaluated at the same training times, the start and the end on 200 prompts (800 images)
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
 (``flow_grpo``) is always run. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
@@ -86,12 +88,17 @@ def preset_path(method: str, methods_dir: Path) -> Path:
     raise SystemExit(f"no preset {method!r} in {methods_dir} or {METHODS_DIR}")
 
 
-def run_command(preset: Path, seed: int, budget: float, eval_every: int, run_dir: Path, extra: List[str]) -> List[str]:
-    """The ``flowrl train`` command line of one (method, seed) run."""
+def run_command(preset: Path, seed: int, budget: float, eval_every, run_dir: Path, extra: List[str]) -> List[str]:
+    """The ``flowrl train`` command line of one (method, seed) run. ``eval_every``: steps (an int) or
+    ``"<seconds>s"`` of training time between evaluations."""
+    if isinstance(eval_every, str) and eval_every.endswith("s"):
+        when = ["eval_every=100000", f"eval_every_s={float(eval_every[:-1])}"]
+    else:
+        when = [f"eval_every={int(eval_every)}"]
     return [
         sys.executable, "-c", "import sys; from flowrl.cli import main; sys.exit(main())", "train", str(preset),
         f"seed={seed}", f"output_dir={run_dir}", f"time_budget_s={budget}", "max_steps=100000",
-        f"eval_every={eval_every}", "checkpoint_every=100000", "train.tracker=none", "train.progress=false",
+        *when, "checkpoint_every=100000", "train.tracker=none", "train.progress=false",
         "resume=none", *extra,
     ]
 
@@ -158,12 +165,22 @@ def _train(cmd: List[str], run_dir: Path, log_path: Path, threads: Optional[int]
     return wall
 
 
+def _steps_or_seconds(text: str):
+    """``--eval-every``: an int (steps) or ``<number>s`` (training seconds)."""
+    try:
+        return f"{float(text[:-1])}s" if text.endswith("s") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps (20) or of seconds (30s), got {text!r}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds per method and seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="*", default=None, help="preset names (default: every configs/methods/*.yaml)")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=_steps_or_seconds, default=5,
+                    help="steps between evaluations, or seconds of training time with an s (30s: every method is "
+                         "evaluated at the same times, however long its steps)")
     ap.add_argument("--out", default="runs/methods")
     ap.add_argument("--methods-dir", default=str(METHODS_DIR), help="folder of method presets (YAML overlays)")
     ap.add_argument("--reference", default=REFERENCE, help="the method whose final reward the others must reach")

@@ -454,6 +454,7 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1])  # fixed seeds per prompt (images) or 1 greedy pass (text)
     guidance_scale: Optional[float] = None  # null: sample.guidance_scale
     at_start: bool = True  # evaluate the base model before the first step (summary.json first_eval)
+    ends_num_prompts: Optional[int] = None  # null: num_prompts. The first and the last evaluation use this many prompts (a precise before/after), those in between the first num_prompts of them (a cheap curve)
 
     def validate(self) -> None:
         if self.num_prompts < 1:
@@ -461,6 +462,9 @@ class EvalConfig:
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         check_number("guidance_scale", self.guidance_scale, ge=0, none_ok=True)
+        if self.ends_num_prompts is not None and self.ends_num_prompts < self.num_prompts:
+            raise ValueError(f"ends_num_prompts: must be >= num_prompts ({self.num_prompts}), got {self.ends_num_prompts} "
+                             "(null: the first and last evaluations use num_prompts too)")
 
 
 @dataclass
@@ -539,6 +543,7 @@ class RunConfig:
     resume: str = "auto"  # 'auto' (last complete checkpoint in output_dir), a checkpoint path, or 'none'
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
     eval_every: int = 50  # steps between evaluations (and one at the end)
+    eval_every_s: Optional[float] = None  # also evaluate each time training time (without evaluation) passes a multiple of this
     loss_preset: Optional[str] = None  # grpo|bnpo|dr_grpo|dapo|gspo|cispo|luspo|sapo: fills loss.* (explicit loss.* keys win)
     advantage_preset: Optional[str] = None  # flow_grpo|dance_grpo|mixgrpo|trl|dr_grpo|gdpo|ngrpo|dapo|verl: fills advantage.*
     rewards: Dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})  # reward name -> weight (scorers, or text reward functions)
@@ -569,6 +574,7 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         check_number("time_budget_s", self.time_budget_s, gt=0, none_ok=True, why="null: no time limit")
+        check_number("eval_every_s", self.eval_every_s, gt=0, none_ok=True, why="null: evaluate by steps only")
         if not self.rewards:
             raise ValueError("rewards: name at least one reward")
         for name, w in self.rewards.items():

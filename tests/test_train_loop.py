@@ -490,3 +490,30 @@ def test_bad_inputs_one_line_exit_2(lm_dir, sd3_dir, tmp_path, plugin_dir):
         key = name.replace(" ", "_")
         problems += _check_one_line(name, status[key], (res / f"{key}.err").read_text(encoding="utf-8"), needles)
     assert not problems, "\n".join(problems)
+
+
+def test_passed_multiple():
+    from flowrl.train.loop import passed_multiple
+
+    assert passed_multiple(14.0, 16.0, 15.0) and passed_multiple(14.0, 15.0, 15.0) and passed_multiple(29.0, 46.0, 15.0)
+    assert not passed_multiple(15.0, 29.9, 15.0) and not passed_multiple(0.0, 1e9, None)
+
+
+def test_evaluations_by_training_time_and_larger_ends(sd3_dir, tmp_path):
+    """eval_every_s evaluates after every step that passes a multiple of it (here: every step); the first and
+    last evaluations use eval.ends_num_prompts prompts, those between the first eval.num_prompts of them, and
+    before_after/ compares the two ends (same prompts)."""
+    import csv
+
+    run = tmp_path / "run"
+    run_inprocess(flow_config(sd3_dir, run, eval_every=100, eval_every_s=1e-6, checkpoint_every=100,
+                              eval={"num_prompts": 1, "ends_num_prompts": 3}), tmp_path)
+
+    def prompts(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            return [r["prompt"] for r in csv.DictReader(f)]
+
+    first, mid, last = (prompts(run / "eval" / f"step-{s:08d}" / "scores.csv") for s in (0, 1, 2))
+    assert len(first) == 3 and first == last and mid == first[:1]
+    assert [json.loads(x)["step"] for x in (run / "eval.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert prompts(run / "before_after" / "scores.csv") == first

@@ -23,7 +23,7 @@ LOCK_NAME = ".flowrl.lock"
 # Keys a resumed run may change (dotted prefixes). Everything else must equal the checkpoint's
 # config: it decides what the saved weights, optimizer state, prompt order and noise mean.
 RESUMABLE = (
-    "output_dir", "resume", "max_steps", "time_budget_s", "checkpoint_every", "eval_every",
+    "output_dir", "resume", "max_steps", "time_budget_s", "checkpoint_every", "eval_every", "eval_every_s",
     "train.keep_last", "train.progress", "train.tracker", "train.max_bad_steps", "train.max_update_ratio",
     "train.learning_rate", "train.weight_decay", "train.max_grad_norm",  # applied to the restored optimizer
     "train.gradient_checkpointing", "sample.chunk_size", "text.chunk_size",  # memory only

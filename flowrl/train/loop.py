@@ -127,7 +127,9 @@ class Trainer:
         self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, cfg.plan.singular.sweep_split)
         local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
-        self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.num_prompts, seed=cfg.seed)
+        # the first and last evaluations' prompts; those in between are the first eval.num_prompts of them
+        self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.ends_num_prompts or cfg.eval.num_prompts,
+                                         seed=cfg.seed)
         if self.procs.main:  # settings that would silently do nothing: said once, before the model loads
             for line in preflight_warnings(cfg, train_prompts=[r["prompt"] for r in self.train_records],
                                            eval_prompts=[r["prompt"] for r in self.eval_records]):
@@ -525,14 +527,17 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
-    def evaluate(self) -> Dict[str, Any]:
+    def evaluate(self, ends: bool = False) -> Dict[str, Any]:
         """Held-out evaluation (deterministic sampler or greedy decoding, fixed seeds) on the main
-        process: ``{"means": reward name -> mean, "details": per-category numbers}``."""
+        process: ``{"means": reward name -> mean, "details": per-category numbers}``. ``ends``: the
+        first or last evaluation of the run, on all ``eval.ends_num_prompts`` prompts; the others
+        use the first ``eval.num_prompts`` of them."""
         out: Dict[str, Any] = {}
         if self.procs.main:
             self.task.module.eval()
+            records = self.eval_records if ends else self.eval_records[:self.cfg.eval.num_prompts]
             with self._ema_weights(), torch.no_grad():
-                res = self.task.evaluate(self.eval_records, self.cfg.eval.seeds)
+                res = self.task.evaluate(records, self.cfg.eval.seeds)
             out = self.task.save_eval(self.run_dir, self.step, res)
         self.acc.wait_for_everyone()
         return out
@@ -553,7 +558,7 @@ class Trainer:
                 if cfg.train.tracker != "none":
                     self.acc.init_trackers("flowrl", config=flat_dict(to_dict(cfg), sep="/", scalars_only=True))
                 if self.first_eval is None and cfg.eval.at_start and self.step == 0:
-                    self.first_eval = self.last_eval = self.evaluate()
+                    self.first_eval = self.last_eval = self.evaluate(ends=True)
                 self._loop(stop)
                 if stop.signal_name is not None:
                     ck = latest_checkpoint(self.run_dir)
@@ -594,12 +599,13 @@ class Trainer:
         cfg = self.cfg
         while self.step < cfg.max_steps and not self._stop_requested(stop):
             metrics = self.train_step()
-            self.train_time += metrics["time/step"]
+            before, self.train_time = self.train_time, self.train_time + metrics["time/step"]
             out_of_time = cfg.time_budget_s is not None and self.train_time >= cfg.time_budget_s
             if out_of_time:
                 log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
-                ev = self.evaluate()
+            last = self.step == cfg.max_steps or out_of_time
+            if self.step % cfg.eval_every == 0 or last or passed_multiple(before, self.train_time, cfg.eval_every_s):
+                ev = self.evaluate(ends=last)
                 if self.procs.main:
                     self.last_eval = ev
                     if self.first_eval is None:
@@ -643,6 +649,12 @@ class Trainer:
                 log.warning("could not write report.html: %s", e)
         self.acc.wait_for_everyone()
         return summary
+
+
+def passed_multiple(before: float, after: float, every: Optional[float]) -> bool:
+    """Whether ``(before, after]`` holds a multiple of ``every`` (None: never): a step that carried
+    training time past the next ``eval_every_s`` mark."""
+    return every is not None and math.floor(after / every) > math.floor(before / every)
 
 
 def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "branch") -> tuple:
