@@ -2,7 +2,7 @@
 
 For each preset in ``configs/methods/`` and each seed, train the demo model for ``--budget`` seconds of
 training time (sampling + scoring + updates; evaluation time is not charged to the method), evaluating on
-the held-out prompts every ``--eval-every`` steps. Prints one table (method, NFE/step, s/step, held-out
+the held-out prompts every ``--eval-every`` steps (or training seconds). Prints one table (method, NFE/step, s/step, held-out
 reward at the budget over seeds, time to reach vanilla Flow-GRPO's final reward) and saves the
 reward-versus-training-time curves as ``--out``/methods.png, plus the raw numbers as JSON.
 
@@ -11,6 +11,8 @@ reward-versus-training-time curves as ``--out``/methods.png, plus the raw number
     python bench/methods.py --budget 240 --seeds 0 1 2 --reuse   # add seeds; finished runs are read, not retrained
     python bench/methods.py --budget 150 --seeds 0 1 2 --eval-every 30s eval.ends_num_prompts=200
         # every method evaluated at the same training times, the start and the end on 200 prompts (800 images)
+    python bench/methods.py ... --reuse --target-se 0.01   # more seeds where a method's final mean is not yet
+        # known to +-0.01 (its standard error over seeds), up to --max-seeds
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
 (``flow_grpo``) is always run. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
@@ -36,7 +38,12 @@ REFERENCE = "flow_grpo"
 
 
 def curve(run_dir: Path) -> Dict[str, List[float]]:
-    """(training seconds, held-out total reward) at every evaluation of a run, plus per-step figures."""
+    """(training seconds, held-out total reward) at every evaluation of a run, plus per-step figures.
+
+    ``reward`` is each evaluation's mean over the rows every evaluation of the run shares: with
+    ``eval.ends_num_prompts`` the first and last evaluations hold more prompts than those between, whose
+    prompts are their first ones (rows are prompt-major), so the curve reads the same images throughout.
+    ``final`` and ``start`` are the first and last evaluations' means over all their rows."""
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
     t_at = {0: 0.0}
@@ -48,27 +55,32 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
     for e in evals:  # the last record of a step wins (re-evaluation after a resume)
         by_step[int(e["step"])] = float(e["means"]["total"])
     xs = sorted(by_step)
+    rows = {s: eval_rows(run_dir, s) for s in xs}
+    shared = min((len(r) for r in rows.values() if r), default=0)
     return {
         "time": [t_at.get(s, t) for s in xs],
-        "reward": [by_step[s] for s in xs],
-        "eval_se": eval_standard_error(run_dir, xs[-1]) if xs else float("nan"),
+        "reward": [statistics.mean(rows[s][:shared]) if shared and rows[s] else by_step[s] for s in xs],
+        "start": by_step[xs[0]] if xs else float("nan"),
+        "final": by_step[xs[-1]] if xs else float("nan"),
+        "eval_se": _se(rows[xs[-1]]) if xs and len(rows[xs[-1]]) > 1 else float("nan"),
+        "eval_images": len(rows[xs[-1]]) if xs else 0,
+        "curve_images": shared,
         "steps": len(steps),
         "s_per_step": statistics.median(float(m["time/step"]) for m in steps) if steps else float("nan"),
         "nfe_per_step": statistics.median(float(m["nfe"]) for m in steps) if steps else float("nan"),
     }
 
 
-def eval_standard_error(run_dir: Path, step: int) -> float:
-    """The standard error of a run's held-out mean at ``step`` over its images (prompts x seeds):
-    the evaluation's own noise, read from ``eval/step-N/scores.csv``."""
+def eval_rows(run_dir: Path, step: int) -> List[float]:
+    """The total reward of every image (prompt-major rows) of a run's evaluation at ``step``, read from
+    ``eval/step-N/scores.csv`` (empty if it is missing)."""
     import csv
 
     path = run_dir / "eval" / f"step-{step:08d}" / "scores.csv"
     if not path.is_file():
-        return float("nan")
+        return []
     with open(path, newline="") as f:
-        x = [float(r["total"]) for r in csv.DictReader(f)]
-    return statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+        return [float(r["total"]) for r in csv.DictReader(f)]
 
 
 def time_to_reach(c: Dict[str, List[float]], target: float) -> float:
@@ -139,7 +151,7 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
     c = curve(run_dir)
     c["wall_s"] = wall
     c["budget_s"] = budget
-    print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}"
+    print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {_end(c, 'start'):.3f} -> {_end(c, 'final'):.3f}"
           f"{note}", flush=True)
     return c
 
@@ -192,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="read (method, seed) runs that --out already holds from the very same command instead of "
                          "training them again (to add seeds or methods to a table)")
+    ap.add_argument("--target-se", type=float, default=None,
+                    help="after --seeds, add seeds one at a time to each method whose final mean has a standard "
+                         "error over seeds above this (e.g. 0.01), up to --max-seeds")
+    ap.add_argument("--max-seeds", type=int, default=8, help="the most seeds --target-se gives a method")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -214,13 +230,35 @@ def main(argv=None) -> int:
     jobs = [(m, s) for m in methods for s in args.seeds]
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
+    results: Dict[str, List[Dict]] = {m: [] for m in methods}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides, threads,
-                                            args.reuse)
-                   for m, s in jobs}
-        results: Dict[str, List[Dict]] = {m: [futures[(m, s)].result() for s in args.seeds] for m in methods}
+        while jobs:
+            futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides,
+                                           threads, args.reuse)
+                       for m, s in jobs}
+            for (m, s), f in futures.items():
+                results[m].append(dict(f.result(), seed=s))
+            jobs = [(m, s) for m, s in seeds_to_add(results, args.target_se, args.max_seeds).items()]
+            if jobs:
+                print(f"standard error above {args.target_se}: one more seed of {', '.join(m for m, _ in jobs)}",
+                      flush=True)
     (out / "methods.json").write_text(json.dumps(results, indent=1))
     return report(results, ref, out, args.budget)
+
+
+def seeds_to_add(results: Dict[str, List[Dict]], target_se: Optional[float], max_seeds: int) -> Dict[str, int]:
+    """The methods whose final held-out mean has a standard error over seeds above ``target_se`` and fewer
+    than ``max_seeds`` seeds, each with its next seed (one past its largest); none if ``target_se`` is None."""
+    if target_se is None:
+        return {}
+    return {m: max(c["seed"] for c in cs) + 1 for m, cs in results.items()
+            if len(cs) < max_seeds and (len(cs) < 2 or _se([_end(c, "final") for c in cs]) > target_se)}
+
+
+def _end(c: Dict, which: str) -> float:
+    """A curve's ``start`` or ``final`` held-out mean over all its images (curves saved before those keys
+    existed: the curve's first or last point)."""
+    return c.get(which, c["reward"][0 if which == "start" else -1])
 
 
 def _se(xs: List[float]) -> float:
@@ -247,27 +285,31 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     Columns: the held-out reward at the budget as mean ± standard error over seeds, the evaluation's own
     standard error (over its images, mean over seeds), the time each seed first reached the reference's
     final mean (mean over the seeds that reached it, and how many did), and its ratio to the reference's."""
-    seeds = len(next(iter(results.values())))
+    counts = sorted({len(cs) for cs in results.values()})
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     budget = next(iter(results.values()))[0].get("budget_s", budget)
-    ref_final = statistics.mean(c["reward"][-1] for c in results[ref])
-    ref_start = statistics.mean(c["reward"][0] for c in results[ref])
+    ref_final = statistics.mean(_end(c, "final") for c in results[ref])
+    ref_start = statistics.mean(_end(c, "start") for c in results[ref])
+    # the target of the time-to-reach columns, on the images the curves share (see curve())
+    target = statistics.mean(c["reward"][-1] for c in results[ref])
+    curve_start = statistics.mean(c["reward"][0] for c in results[ref])
     # "time to reach the reference's final reward" means something only if the reference improved
-    ref_improved = ref_final > ref_start
-    ref_reach = [time_to_reach(c, ref_final) for c in results[ref]]
+    ref_improved = target > curve_start
+    ref_reach = [time_to_reach(c, target) for c in results[ref]]
     ref_ok = [t for t in ref_reach if math.isfinite(t)]
     ref_time = statistics.mean(ref_ok) if (ref_improved and ref_ok) else math.nan
     print(f"budget {budget:.0f} s of training per run, {seeds} seed(s); {ref} held-out reward "
-          f"{ref_start:.3f} -> {ref_final:.3f} ± {_se([c['reward'][-1] for c in results[ref]]):.3f}")
+          f"{ref_start:.3f} -> {ref_final:.3f} ± {_se([_end(c, 'final') for c in results[ref]]):.3f}")
     if not ref_improved:
         print(f"{ref} did not improve on its start, so the time-to-reach columns are left empty")
-    print(f"{'method':20s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±se)':>17s} {'eval se':>8s} "
+    print(f"{'method':20s} {'seeds':>5s} {'NFE/step':>9s} {'s/step':>7s} {'start':>6s} {'final (mean±se)':>17s} {'eval se':>8s} "
           f"{'t to ref final':>16s} {'x ref time':>10s}")
     rows = []
     for m, cs in results.items():
-        finals = [c["reward"][-1] for c in cs]
+        finals = [_end(c, "final") for c in cs]
         mean, se = statistics.mean(finals), _se(finals)
         eval_se = statistics.mean(c.get("eval_se", float("nan")) for c in cs)
-        reach = [time_to_reach(c, ref_final) for c in cs]
+        reach = [time_to_reach(c, target) for c in cs]
         ok = [x for x in reach if math.isfinite(x)]
         t_reach = statistics.mean(ok) if ok else math.inf
         rows.append((m, mean, t_reach if len(ok) == len(reach) else math.inf, se))
@@ -278,10 +320,14 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
             reach_cols = f"{'never':>16s} {'-':>10s}"
         else:
             reach_cols = f"{'-':>16s} {'-':>10s}"
-        print(f"{m:20s} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "
-              f"{statistics.mean(c['reward'][0] for c in cs):6.3f} {mean:8.3f} ± {se:5.3f} {eval_se:8.3f} {reach_cols}")
+        print(f"{m:20s} {len(cs):5d} {statistics.mean(c['nfe_per_step'] for c in cs):9.0f} {statistics.mean(c['s_per_step'] for c in cs):7.2f} "
+              f"{statistics.mean(_end(c, 'start') for c in cs):6.3f} {mean:8.3f} ± {se:5.3f} {eval_se:8.3f} {reach_cols}")
     worst_se = max(r[3] for r in rows)
-    print(f"largest standard error of a method's mean: {worst_se:.3f} ({seeds} seeds)")
+    print(f"largest standard error of a method's mean: {worst_se:.3f} ({seeds} seeds)")  # the table's resolution
+    images = [(c.get("eval_images", 0), c.get("curve_images", 0)) for cs in results.values() for c in cs]
+    if images[0][0] and images[0][0] != images[0][1]:
+        print(f"start and final: {images[0][0]} images each; the curves and the time-to-reach columns: the first "
+              f"{images[0][1]} of them, which every evaluation holds ({ref}'s final there: {target:.3f})")
     if ref_improved:
         best = min(rows, key=lambda r: (r[2], -r[1]))
         if math.isfinite(best[2]):
@@ -304,7 +350,7 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
         ax.plot(grid, mu, label=m, lw=2.4 if m == ref else 1.3, color=color, ls=ls, drawstyle="steps-post")
         ax.fill_between(grid, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], color=color,
                         alpha=0.15, step="post", lw=0)
-    ax.axhline(ref_final, color="k", ls=":", lw=1)
+    ax.axhline(target, color="k", ls=":", lw=1)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel(f"held-out shapes reward (mean ± s.e. over {seeds} seeds)")
     ax.set_title("Every method on equal compute (demo model, CPU)")

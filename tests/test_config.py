@@ -233,7 +233,8 @@ def test_cli_refuses_a_moved_key_in_one_line(tmp_path, capsys):
     assert err.strip().endswith("train.lora_rank: moved to lora.rank"), err
 
 
-# What flowrl 4ad3c63 saved (meta.json "config") for configs/demo.yaml, in the parts that moved since.
+# What flowrl 4ad3c63 saved (meta.json "config") for the demo's config of the time (a 3-step window plan), in the
+# parts that moved since.
 _OLD_PLAN = {"kind": "full", "noise_level": 0.7, "sde": "flow_sde", "reduction": "mean", "train_last_step": False,
              "fraction": 0.6, "per_sample": True, "window": 3, "window_start": 0, "stride": 1,
              "shift_interval": 1000000, "schedule": "progressive", "roll_back": True, "min_shift_interval": None,
@@ -262,7 +263,8 @@ def test_a_checkpoint_with_the_old_keys_still_resumes(tmp_path):
     from flowrl.inputs import UsageError
     from flowrl.train.guard import check_resume_config
 
-    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    # the demo's window plan of that time (configs/demo.yaml has run other presets since)
+    demo = Path(__file__).resolve().parent.parent / "configs" / "methods" / "flow_grpo.yaml"
     cfg = load_run_config(demo)
     saved = _saved_by_4ad3c63(cfg)
     assert check_resume_config(saved, to_dict(cfg), tmp_path) == []

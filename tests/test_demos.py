@@ -135,6 +135,43 @@ def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_
     assert mu == pytest.approx([0.5, (0.6 + 0.5 + 0.5) / 3, 0.66]) and s[0] == 0.0
 
 
+def test_methods_curve_reads_the_rows_every_evaluation_shares(tmp_path):
+    """With eval.ends_num_prompts the first and last evaluations hold more images than those between: the
+    curve reads the shared (first) rows of each, start and final all rows of theirs."""
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time/step": 10.0, "nfe": 4}) + "\n"
+                                               for s in (1, 2)))
+    evals = {0: [0.5, 0.6, 0.1, 0.2], 1: [0.7, 0.8], 2: [0.9, 1.0, 0.3, 0.3]}
+    (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "means": {"total": statistics.mean(v)}}) + "\n"
+                                            for s, v in evals.items()))
+    for s, v in evals.items():
+        d = run / "eval" / f"step-{s:08d}"
+        d.mkdir()
+        (d / "scores.csv").write_text("prompt,seed,total\n" + "".join(f"p{i},0,{x}\n" for i, x in enumerate(v)))
+    c = bench["curve"](run)
+    assert c["time"] == [0.0, 10.0, 20.0]
+    assert c["reward"] == pytest.approx([0.55, 0.75, 0.95])  # the first two rows of every evaluation
+    assert (c["start"], c["final"]) == pytest.approx((0.35, 0.625)) and (c["eval_images"], c["curve_images"]) == (4, 2)
+    assert c["eval_se"] == pytest.approx(statistics.stdev(evals[2]) / 2)
+
+
+def test_methods_bench_adds_seeds_where_the_standard_error_is_above_target():
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+
+    def runs(*finals):
+        return [{"seed": i, "final": f, "reward": [0.5, f]} for i, f in enumerate(finals)]
+
+    results = {"steady": runs(0.60, 0.61, 0.60), "spread": runs(0.50, 0.60, 0.55), "one": runs(0.5),
+               "full": runs(0.4, 0.6)}
+    # standard errors 0.0033, 0.029, none (one seed), 0.1; a method at --max-seeds gets no more
+    assert bench["seeds_to_add"](results, 0.01, 4) == {"spread": 3, "one": 1, "full": 2}
+    assert bench["seeds_to_add"](results, 0.01, 3) == {"one": 1, "full": 2}
+    assert bench["seeds_to_add"](results, 0.01, 2) == {"one": 1}
+    assert bench["seeds_to_add"](results, None, 8) == {}
+
+
 def test_methods_bench_reuse_notices_an_edited_preset(tmp_path):
     """--reuse reads a finished run only if the preset still resolves to the config it was trained with."""
     import shutil

@@ -275,6 +275,22 @@ PUBLISHED = {
         "sample.guidance_scale": 1.0, "sample.group_size": 24, "train.learning_rate": 3e-4, "lora.rank": 32,
         "ema.decay": 0.99, "plan.kind": "ode",
     },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/awm.py + examples/awm/lora/flux1/default.yaml
+    "awm_flux1.yaml": {
+        "model.family": "flux", "model.path": "black-forest-labs/FLUX.1-dev", "model.shift": None,
+        "objective.kind": "awm", "objective.timesteps": "stratified", "objective.num_timesteps": 4,
+        "objective.timestep_first": 0, "objective.timestep_fraction": 0.8, "objective.timestep_share": "sample",
+        "objective.noise_share": "sample", "objective.weighting": "ghuber", "objective.ghuber_power": 0.25,
+        "objective.clip_range": 1.0, "objective.adv_clip": 1.0, "objective.kl_beta": 0.0,
+        "objective.old_kl_beta": 0.1, "objective.guidance_scale": 3.5, "objective.old.decay_flat": 1,
+        "objective.old.decay_rate": 0.001, "objective.old.decay_max": 0.3, "objective.old.sample_from": None,
+        "plan.kind": "ode", "plan.ode_solver": "euler", "sample.num_steps": 10, "sample.eval_num_steps": 20,
+        "sample.height": 512, "sample.guidance_scale": 3.5, "sample.group_size": 16, "sample.prompts_per_step": 48,
+        "sample.store_dtype": "float16", "advantage.scale": "batch", "advantage.std_unbiased": False,
+        "advantage.eps": 1e-6, "advantage.clip": None, "train.learning_rate": 3e-4, "train.weight_decay": 1e-4,
+        "train.max_grad_norm": 1.0, "train.num_minibatches": 1, "train.mixed_precision": "bf16", "lora.rank": 64,
+        "lora.alpha": 128, "ema.decay": 0.3, "data.max_train_prompts": 1024, "rewards": {"pickscore": 1.0},
+    },
     # Luo-Yihong/DGPO 01ceb4b, config/dgpo.py pickscore_sd3_4gpu + scripts/train_sd3_dgpo.py
     "dgpo_sd35m.yaml": {
         "objective.kind": "dgpo", "objective.beta": 10.0, "objective.num_timesteps": 4,
