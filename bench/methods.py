@@ -11,6 +11,7 @@ reward-versus-training-time curves as ``--out``/methods.png, plus the raw number
     python bench/methods.py --budget 240 --seeds 0 1 2 --reuse   # add seeds; finished runs are read, not retrained
     python bench/methods.py --budget 150 --seeds 0 1 2 --eval-every 30s eval.ends_num_prompts=200
         # every method evaluated at the same training times, the start and the end on 200 prompts (800 images)
+    python bench/methods.py --report-only --merge a/methods.json b/methods.json --out ab   # one table of both
     python bench/methods.py ... --reuse --target-se 0.01   # more seeds where a method's final mean is not yet
         # known to +-0.01 (its standard error over seeds), up to --max-seeds
 
@@ -201,6 +202,10 @@ def main(argv=None) -> int:
                     help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
     ap.add_argument("--report-only", action="store_true",
                     help="print the table and plot the curves of an earlier run's --out/methods.json (no training)")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="with --report-only: the table of several runs' methods.json files together (a method's "
+                         "seeds from all of them; a seed in two files counts once, from the first), saved as "
+                         "--out/methods.json")
     ap.add_argument("--reuse", action="store_true",
                     help="read (method, seed) runs that --out already holds from the very same command instead of "
                          "training them again (to add seeds or methods to a table)")
@@ -223,9 +228,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.report_only:
-        results = json.loads((out / "methods.json").read_text())
+        sources = [Path(f) for f in args.merge] or [out / "methods.json"]
+        results = merge_results([json.loads(f.read_text()) for f in sources])
         if ref not in results:
-            raise SystemExit(f"{out / 'methods.json'} has no {ref!r} runs")
+            raise SystemExit(f"{', '.join(map(str, sources))}: no {ref!r} runs")
+        if args.merge:
+            (out / "methods.json").write_text(json.dumps(results, indent=1))
         return report(results, ref, out, args.budget)
     jobs = [(m, s) for m in methods for s in args.seeds]
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
@@ -244,6 +252,16 @@ def main(argv=None) -> int:
                       flush=True)
     (out / "methods.json").write_text(json.dumps(results, indent=1))
     return report(results, ref, out, args.budget)
+
+
+def merge_results(parts: List[Dict[str, List[Dict]]]) -> Dict[str, List[Dict]]:
+    """Several tables' curves as one: each method's runs from every part, a seed once (its first)."""
+    merged: Dict[str, List[Dict]] = {}
+    for part in parts:
+        for m, cs in part.items():
+            have = {c.get("seed") for c in merged.get(m, [])}
+            merged.setdefault(m, []).extend(c for c in cs if c.get("seed") is None or c["seed"] not in have)
+    return merged
 
 
 def seeds_to_add(results: Dict[str, List[Dict]], target_se: Optional[float], max_seeds: int) -> Dict[str, int]:

@@ -172,6 +172,15 @@ def test_methods_bench_adds_seeds_where_the_standard_error_is_above_target():
     assert bench["seeds_to_add"](results, None, 8) == {}
 
 
+def test_methods_merge_joins_the_seeds_of_several_tables():
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+    a = {"flow_grpo": [{"seed": 0, "final": 0.5}, {"seed": 1, "final": 0.6}], "dgpo": [{"seed": 0, "final": 0.7}]}
+    b = {"dgpo": [{"seed": 0, "final": 0.1}, {"seed": 3, "final": 0.8}], "awm": [{"seed": 5, "final": 0.4}]}
+    merged = bench["merge_results"]([a, b])
+    assert merged == {"flow_grpo": a["flow_grpo"], "dgpo": [{"seed": 0, "final": 0.7}, {"seed": 3, "final": 0.8}],
+                      "awm": b["awm"]}
+
+
 def test_methods_bench_reuse_notices_an_edited_preset(tmp_path):
     """--reuse reads a finished run only if the preset still resolves to the config it was trained with."""
     import shutil
