@@ -261,6 +261,7 @@ def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
     adaptive KL coefficient against the adapter-disabled reference."""
     cfg = {
         "seed": 3, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        "time_budget_s": 1.0e6, "eval_every_s": 1.0e6,  # decisions on time, all-reduced each step (never reached)
         "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 0.5},
         "model": {"family": "lm", "path": str(lm_dir)},
         "sample": {"group_size": 4, "prompts_per_step": 4},

@@ -600,11 +600,15 @@ class Trainer:
         while self.step < cfg.max_steps and not self._stop_requested(stop):
             metrics = self.train_step()
             before, self.train_time = self.train_time, self.train_time + metrics["time/step"]
-            out_of_time = cfg.time_budget_s is not None and self.train_time >= cfg.time_budget_s
+            # each process times its own step: a decision taken on time is shared (any process's), or one
+            # process would stop or evaluate while the others go on and their collectives would mismatch
+            out_of_time = cfg.time_budget_s is not None and self.procs.any_true(self.train_time >= cfg.time_budget_s)
             if out_of_time:
                 log.info("time budget of %.0f s of training reached at step %d", cfg.time_budget_s, self.step)
             last = self.step == cfg.max_steps or out_of_time
-            if self.step % cfg.eval_every == 0 or last or passed_multiple(before, self.train_time, cfg.eval_every_s):
+            timed = cfg.eval_every_s is not None and self.procs.any_true(
+                passed_multiple(before, self.train_time, cfg.eval_every_s))
+            if self.step % cfg.eval_every == 0 or last or timed:
                 ev = self.evaluate(ends=last)
                 if self.procs.main:
                     self.last_eval = ev

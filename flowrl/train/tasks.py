@@ -226,8 +226,8 @@ class FlowTask:
         if self._first_eval is None:
             self._first_eval = (step, res)
             save_eval_result(kept, step, res)
-        elif self._first_eval[0] != step and (self._first_eval[1].prompts, self._first_eval[1].seeds) == (res.prompts, res.seeds):
-            # (evaluations between the first and the last may use fewer prompts: eval.ends_num_prompts)
+        elif self._first_eval[0] != step and (self._first_eval[1].prompts, self._first_eval[1].seeds) == (
+                res.prompts, res.seeds):  # (evaluations between the first and last may hold fewer prompts)
             first_step, first = self._first_eval
             write_comparison(before_after_dir(run_dir), first, res,
                              labels=(f"step {first_step}", f"step {step}"), title="flowrl: before / after")
