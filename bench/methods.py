@@ -14,9 +14,11 @@ reward-versus-training-time curves as ``--out``/methods.png, plus the raw number
     python bench/methods.py --report-only --merge a/methods.json b/methods.json --out ab   # one table of both
     python bench/methods.py ... --reuse --target-se 0.01   # more seeds where a method's final mean is not yet
         # known to +-0.01 (its standard error over seeds), up to --max-seeds
+    python bench/methods.py --budget 60 --eval-every 7.5s --methods dgpo awm --reference-from table/methods.json
+        # a fine early curve of the fast methods against the reference's final from a full-length table
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
-(``flow_grpo``) is always run. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
+(``flow_grpo``) is always run, unless ``--reference-from`` reads its runs from an earlier table. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
 """
 from __future__ import annotations
 
@@ -197,6 +199,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/methods")
     ap.add_argument("--methods-dir", default=str(METHODS_DIR), help="folder of method presets (YAML overlays)")
     ap.add_argument("--reference", default=REFERENCE, help="the method whose final reward the others must reach")
+    ap.add_argument("--reference-from", default=None, metavar="JSON",
+                    help="read the reference's runs from an earlier table's methods.json instead of training it "
+                         "(its final reward is the target; e.g. to evaluate the fast methods more often over a "
+                         "shorter budget)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
@@ -220,7 +226,14 @@ def main(argv=None) -> int:
     methods_dir = Path(args.methods_dir)
     methods = args.methods or sorted(p.stem for p in methods_dir.glob("*.yaml"))
     ref = args.reference
-    if ref not in methods:
+    ref_runs = None
+    if args.reference_from:
+        ref_runs = json.loads(Path(args.reference_from).read_text()).get(ref)
+        if not ref_runs:
+            raise SystemExit(f"{args.reference_from}: no {ref!r} runs")
+        if ref in methods:
+            raise SystemExit(f"--reference-from reads {ref!r}: leave it out of --methods")
+    elif ref not in methods:
         methods = [ref] + methods
     presets = {m: preset_path(m, methods_dir) for m in methods}
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
@@ -230,6 +243,8 @@ def main(argv=None) -> int:
     if args.report_only:
         sources = [Path(f) for f in args.merge] or [out / "methods.json"]
         results = merge_results([json.loads(f.read_text()) for f in sources])
+        if ref_runs and ref not in results:
+            results = {ref: ref_runs, **results}
         if ref not in results:
             raise SystemExit(f"{', '.join(map(str, sources))}: no {ref!r} runs")
         if args.merge:
@@ -239,6 +254,8 @@ def main(argv=None) -> int:
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
     results: Dict[str, List[Dict]] = {m: [] for m in methods}
+    if ref_runs:
+        results = {ref: ref_runs, **results}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         while jobs:
             futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides,
@@ -246,7 +263,8 @@ def main(argv=None) -> int:
                        for m, s in jobs}
             for (m, s), f in futures.items():
                 results[m].append(dict(f.result(), seed=s))
-            jobs = [(m, s) for m, s in seeds_to_add(results, args.target_se, args.max_seeds).items()]
+            jobs = [(m, s) for m, s in seeds_to_add(results, args.target_se, args.max_seeds).items()
+                    if m in presets]
             if jobs:
                 print(f"standard error above {args.target_se}: one more seed of {', '.join(m for m, _ in jobs)}",
                       flush=True)
@@ -305,7 +323,8 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
     final mean (mean over the seeds that reached it, and how many did), and its ratio to the reference's."""
     counts = sorted({len(cs) for cs in results.values()})
     seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    budget = next(iter(results.values()))[0].get("budget_s", budget)
+    # the budget of the runs trained here (the reference's may come from a longer table: --reference-from)
+    budget = next(cs[0] for m, cs in results.items() if m != ref or len(results) == 1).get("budget_s", budget)
     ref_final = statistics.mean(_end(c, "final") for c in results[ref])
     ref_start = statistics.mean(_end(c, "start") for c in results[ref])
     # the target of the time-to-reach columns, on the images the curves share (see curve())

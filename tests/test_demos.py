@@ -63,49 +63,56 @@ def test_text_demo_config_runs_as_shipped_with_fewer_steps(tmp_path, capsys, mon
         assert 0.0 <= s[key]["total"] <= 1.0, s
 
 
-def test_methods_bench_runs_on_a_tiny_budget(tmp_path, capsys, monkeypatch):
+def test_methods_bench_runs_on_a_tiny_budget_and_reuses_its_runs(tmp_path, capsys, monkeypatch):
+    """One tiny table (2 methods, 2 jobs), then the same command with --reuse reads every run instead of
+    training it, and --reference-from takes the reference's runs from the first table (one training run
+    serves the three checks: the suite's time)."""
+    bench_path = ROOT / "bench" / "methods.py"
     out = tmp_path / "methods"
-    argv = ["bench/methods.py", "--methods", "flow_grpo", "window_tree_guard", "--budget", "1", "--eval-every", "1",
-            "--jobs", "2", "--threads", "1", "--out", str(out),
+    base = ["bench/methods.py", "--budget", "1", "--eval-every", "1", "--jobs", "2", "--threads", "1",
             "eval.num_prompts=2", "eval.seeds=[0]", "sample.prompts_per_step=1", "sample.eval_num_steps=4"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="__main__")
-    assert e.value.code == 0
-    printed = capsys.readouterr().out
+
+    def bench(*extra, code=0):
+        monkeypatch.setattr(sys, "argv", base + list(extra))
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(bench_path), run_name="__main__")
+        assert e.value.code == code
+        return capsys.readouterr().out
+
+    printed = bench("--out", str(out), "--methods", "flow_grpo", "window_tree_guard")
     assert "flow_grpo" in printed and "window_tree_guard" in printed and "x ref time" in printed
-    results = json.loads((out / "methods.json").read_text())
-    assert set(results) == {"flow_grpo", "window_tree_guard"}
-    for curves in results.values():
+    assert "reused" not in printed
+    first = json.loads((out / "methods.json").read_text())
+    assert set(first) == {"flow_grpo", "window_tree_guard"}
+    for curves in first.values():
         (c,) = curves
         assert c["steps"] >= 1 and len(c["time"]) == len(c["reward"]) >= 2
         assert c["time"] == sorted(c["time"]) and c["time"][0] == 0.0
     assert (out / "methods.png").stat().st_size > 1000
-
-
-def test_methods_bench_reuse_reads_finished_runs_of_the_same_command(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "methods"
-    base = ["bench/methods.py", "--methods", "flow_grpo", "--eval-every", "1", "--jobs", "1", "--threads", "1",
-            "--out", str(out), "eval.num_prompts=2", "eval.seeds=[0]", "sample.prompts_per_step=1",
-            "sample.eval_num_steps=4"]
-
-    def bench(*extra):
-        monkeypatch.setattr(sys, "argv", base + list(extra))
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="__main__")
-        assert e.value.code == 0
-        return capsys.readouterr().out, json.loads((out / "methods.json").read_text())
-
-    _, first = bench("--budget", "1")
     record = json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())
     assert record["wall_s"] == first["flow_grpo"][0]["wall_s"] and "seed=0" in record["command"]
-    printed, again = bench("--budget", "1", "--reuse")  # the same command: read, not trained
-    assert "reused" in printed
-    assert again["flow_grpo"][0]["reward"] == first["flow_grpo"][0]["reward"]
-    assert again["flow_grpo"][0]["wall_s"] == first["flow_grpo"][0]["wall_s"]
-    printed, _ = bench("--budget", "2", "--reuse")  # another budget is another command: trained again
-    assert "reused" not in printed
-    assert "time_budget_s=2.0" in json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())["command"]
+
+    printed = bench("--out", str(out), "--methods", "flow_grpo", "window_tree_guard", "--reuse")  # read, not trained
+    assert printed.count("reused") == 2
+    again = json.loads((out / "methods.json").read_text())
+    for m in first:
+        assert again[m][0]["reward"] == first[m][0]["reward"] and again[m][0]["wall_s"] == first[m][0]["wall_s"]
+    # another budget is another command: not a finished run of it
+    mod = runpy.run_path(str(bench_path), run_name="bench_methods")
+    preset = ROOT / "configs" / "methods" / "flow_grpo.yaml"
+    overrides = base[base.index("eval.num_prompts=2"):]
+    same = mod["run_command"](preset, 0, 1.0, 1, out / "flow_grpo-seed0", overrides)
+    other = mod["run_command"](preset, 0, 2.0, 1, out / "flow_grpo-seed0", overrides)
+    assert mod["finished_run"](out / "flow_grpo-seed0", same) == record["wall_s"]
+    assert mod["finished_run"](out / "flow_grpo-seed0", other) is None
+
+    # the reference read from the first table: not trained again, and the table still compares with it
+    printed = bench("--out", str(out), "--methods", "window_tree_guard", "--reuse",
+                    "--reference-from", str(out / "methods.json"))
+    assert printed.count("reused") == 1 and "x ref time" in printed
+    assert json.loads((out / "methods.json").read_text())["flow_grpo"] == first["flow_grpo"]
+    bench("--out", str(out), "--methods", "flow_grpo", "--reference-from", str(out / "methods.json"),
+          code="--reference-from reads 'flow_grpo': leave it out of --methods")
 
 
 def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_path, capsys):
