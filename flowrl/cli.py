@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from flowrl.config import ConfigError
+from flowrl.demo import TINY_BUILDERS
 from flowrl.inputs import ArgumentParser, UsageError
 from scorers.registry import UnknownScorerError
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("make-tiny", help="write a tiny randomly initialised model folder in the real format")
-    s.add_argument("kind", choices=["sd3", "flux", "lm"])
+    s.add_argument("kind", choices=[*TINY_BUILDERS, "lm"])
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_make_tiny)

@@ -375,7 +375,7 @@ DTypeName = Literal["float32", "float16", "bfloat16"]
 
 @dataclass
 class ModelConfig:
-    family: Literal["sd3", "flux", "lm"] = "sd3"  # which loader reads model.path: diffusers SD3/Flux or a transformers causal LM
+    family: str = "sd3"  # which loader reads model.path: an image family of flowrl.flow.models (sd3, flux, ...) or lm (a transformers causal LM)
     path: str = ""  # hub id or local folder (the same loading code for both)
     dtype: DTypeName = "float32"  # dtype of the trainable model (transformer / LM)
     frozen_dtype: Optional[DTypeName] = None  # dtype of the frozen text encoders and VAE (null: same as dtype)
@@ -384,6 +384,13 @@ class ModelConfig:
     shift: Optional[float] = None  # fixed sigma shift replacing the scheduler's (e.g. 3.0 for Flux as DanceGRPO/MixGRPO); null: the model's own
 
     def validate(self) -> None:
+        from flowrl.flow.models import FAMILIES
+
+        known = [*FAMILIES, "lm"]
+        if self.family not in known:
+            close = difflib.get_close_matches(str(self.family), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"family: unknown model family {self.family!r}{hint}; known: {', '.join(known)}")
         if self.frozen_dtype is not None and self.family == "lm":
             raise ValueError("frozen_dtype: only image models have frozen parts")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:

@@ -110,7 +110,7 @@ def _diffusers_sd3_velocity(pipe, x: torch.Tensor, sigma: float) -> torch.Tensor
 def test_sd3_lora_loads_into_a_fresh_pipeline_with_the_same_velocity(sd3_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from flowrl.flow.policy import SD3Policy
+    from flowrl.flow.models.sd3 import SD3Policy
 
     policy = SD3Policy.from_pipeline(_load_sd3(sd3_dir), max_sequence_length=MSL)
     _add_lora(policy.transformer, "sd3")
@@ -173,7 +173,7 @@ def _diffusers_flux_velocity(pipe, x: torch.Tensor, sigma: float, guidance: floa
 def test_flux_lora_loads_into_a_fresh_pipeline_with_the_same_velocity(flux_dir, tmp_path):
     from diffusers import FluxPipeline
 
-    from flowrl.flow.policy import FluxPolicy
+    from flowrl.flow.models.flux import FluxPolicy
 
     policy = FluxPolicy.from_pipeline(_load_flux(flux_dir), max_sequence_length=MSL)
     _add_lora(policy.transformer, "flux")

@@ -368,6 +368,28 @@ def test_prompt_embeds_select_to_and_storage(sd3, flux):
         PromptEmbeds(prompt_embeds=e.prompt_embeds, pooled=e.pooled[:1])
 
 
+def test_prompt_embeds_of_different_lengths_are_padded_with_their_masks():
+    """Families whose prompts keep their own lengths (Qwen-Image, Wan): rows are padded with zeros to the
+    longest, the mask's zeros marking the padding; no pooled embedding is needed. Without a mask, rows
+    of different lengths are an error."""
+    from flowrl.flow.policy import pad_rows
+
+    a, b = torch.randn(2, 4), torch.randn(5, 4)
+    rows = [{"prompt_embeds": a, "prompt_mask": torch.ones(2, dtype=torch.long)},
+            {"prompt_embeds": b, "prompt_mask": torch.ones(5, dtype=torch.long)}]
+    e = PromptEmbeds(**pad_rows(rows))
+    assert e.pooled is None and e.prompt_embeds.shape == (2, 5, 4)
+    assert torch.equal(e.prompt_embeds[0, :2], a) and not e.prompt_embeds[0, 2:].any()
+    assert e.prompt_mask.tolist() == [[1, 1, 0, 0, 0], [1] * 5]
+    one = PromptEmbeds(**pad_rows(rows[:1]))
+    both = PromptEmbeds.cat([one, e.select([1])])
+    assert torch.equal(both.prompt_embeds, e.prompt_embeds) and torch.equal(both.prompt_mask, e.prompt_mask)
+    with pytest.raises(ValueError, match="no mask to pad"):
+        pad_rows([{"prompt_embeds": a}, {"prompt_embeds": b}])
+    with pytest.raises(ValueError, match="prompt_mask must be"):
+        PromptEmbeds(prompt_embeds=e.prompt_embeds, prompt_mask=e.prompt_mask[:, :3])
+
+
 def test_bad_inputs_raise_clear_errors(sd3, flux):
     e = sd3.encode_prompts(PROMPTS)
     x = sd3.initial_noise(2, 32, 32)

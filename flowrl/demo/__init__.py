@@ -8,3 +8,10 @@ This package imports the library; the library reaches it only for the built-in `
 ``arithmetic:<split>`` prompt sources, the ``shapes`` scorer (a thin wrapper in :mod:`scorers.shapes`)
 and ``flowrl make-tiny``.
 """
+
+# ``flowrl make-tiny FAMILY DIR``: the builder of each image family's tiny real-format pipeline ("module:function",
+# called with ``seed=``); imported only when used (they import torch, diffusers and transformers).
+TINY_BUILDERS = {
+    "sd3": "flowrl.demo.tiny_image:build_tiny_sd3_pipeline",
+    "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
+}

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from flowrl.core.rng import stream_seed
+from flowrl.demo import TINY_BUILDERS
 from flowrl.inputs import writable_dir
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ __all__ = [
     "TINY_KINDS",
 ]
 
-TINY_KINDS = ("sd3", "flux")
+TINY_KINDS = tuple(TINY_BUILDERS)  # every image family with a tiny builder
 
 # Scaling/shift factors of the released 16-channel VAEs (SD3/SD3.5 and FLUX.1 vae/config.json).
 _SD3_VAE_FACTORS = (1.5305, 0.0609)
@@ -344,7 +345,7 @@ def build_tiny_flux_pipeline(
 
 
 def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny ``kind`` pipeline ("sd3" or "flux") and save it to ``out_dir``.
+    """Build the tiny ``kind`` pipeline (a key of :data:`flowrl.demo.TINY_BUILDERS`) and save it to ``out_dir``.
 
     The folder is what ``<Pipeline>.from_pretrained(out_dir)`` (and ``FlowPolicy.from_pretrained``)
     loads; for "sd3" the folder has no T5, so a plain diffusers load must pass
@@ -354,7 +355,10 @@ def save_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     if kind not in TINY_KINDS:
         raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
     out = writable_dir(out_dir, "model folder")  # a file or an unwritable place fails before the build
-    pipe = build_tiny_sd3_pipeline(seed=seed) if kind == "sd3" else build_tiny_flux_pipeline(seed=seed)
+    import importlib
+
+    module, name = TINY_BUILDERS[kind].split(":")
+    pipe = getattr(importlib.import_module(module), name)(seed=seed)
     pipe.save_pretrained(out, safe_serialization=True)
     logger.info("saved tiny %s pipeline to %s", kind, out)
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from flowrl.flow.schedule import sigmas_for_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptEmbeds", "FlowPolicy", "SD3Policy", "FluxPolicy"]
+__all__ = ["PromptEmbeds", "FlowPolicy", "pad_rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,28 +48,44 @@ class PromptEmbeds:
     guidance ``negative_prompt_embeds`` / ``negative_pooled`` of the same shapes (row i is the
     negative prompt for sample i). FLUX: ``prompt_embeds`` [B, S, D_t5], ``pooled`` [B, D_clip],
     ``text_ids`` [B, S, 3] (FLUX's text position ids, identical across rows; stored per row so
-    that every field indexes by sample).
+    that every field indexes by sample). Families whose prompts have their own lengths (Qwen-Image,
+    Wan, Z-Image, ...) give ``prompt_mask`` [B, S] (1 token, 0 padding; ``negative_prompt_mask`` for the
+    negative branch): rows of different lengths are padded with zeros to the longest
+    (:func:`pad_rows`); families without a pooled embedding leave ``pooled`` None. ``image_latents``
+    [B, L, D] and ``image_ids`` [B, L, k]: a conditioning image per row (instruction editing), in the
+    family's packed layout.
     """
 
     prompt_embeds: Tensor
-    pooled: Tensor
+    pooled: Tensor | None = None
     negative_prompt_embeds: Tensor | None = None
     negative_pooled: Tensor | None = None
     text_ids: Tensor | None = None
+    prompt_mask: Tensor | None = None
+    negative_prompt_mask: Tensor | None = None
+    image_latents: Tensor | None = None
+    image_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_embeds, Tensor) or self.prompt_embeds.dim() != 3:
             raise ValueError("prompt_embeds must be a [B, S, D] tensor")
-        if not isinstance(self.pooled, Tensor) or self.pooled.dim() != 2:
+        if self.pooled is not None and (not isinstance(self.pooled, Tensor) or self.pooled.dim() != 2):
             raise ValueError("pooled must be a [B, D] tensor")
-        if (self.negative_prompt_embeds is None) != (self.negative_pooled is None):
+        if self.negative_pooled is not None and (self.pooled is None or self.negative_prompt_embeds is None):
+            raise ValueError("negative_pooled needs pooled and negative_prompt_embeds")
+        if self.negative_prompt_embeds is not None and self.pooled is not None and self.negative_pooled is None:
             raise ValueError("negative_prompt_embeds and negative_pooled must be given together")
         b = self.prompt_embeds.shape[0]
         for f in fields(self):
             t = getattr(self, f.name)
             if t is not None and t.shape[0] != b:
                 raise ValueError(f"{f.name} has batch {t.shape[0]}, expected {b} (the batch of prompt_embeds)")
-        if self.negative_prompt_embeds is not None and self.negative_prompt_embeds.shape != self.prompt_embeds.shape:
+        for emb, mask in (("prompt_embeds", "prompt_mask"), ("negative_prompt_embeds", "negative_prompt_mask")):
+            e, m = getattr(self, emb), getattr(self, mask)
+            if m is not None and (e is None or tuple(m.shape) != tuple(e.shape[:2])):
+                raise ValueError(f"{mask} must be [B, S] with the B and S of {emb}, got {tuple(m.shape)}")
+        if (self.negative_prompt_embeds is not None and self.prompt_mask is None
+                and self.negative_prompt_embeds.shape != self.prompt_embeds.shape):
             raise ValueError(
                 f"negative_prompt_embeds shape {tuple(self.negative_prompt_embeds.shape)} differs from "
                 f"prompt_embeds shape {tuple(self.prompt_embeds.shape)}"
@@ -136,20 +151,47 @@ class PromptEmbeds:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown PromptEmbeds field(s) {unknown}; valid fields are {sorted(known)}")
-        missing = [k for k in ("prompt_embeds", "pooled") if k not in d]
-        if missing:
-            raise ValueError(f"PromptEmbeds.from_tensors: missing required field(s) {missing}")
+        if "prompt_embeds" not in d:
+            raise ValueError("PromptEmbeds.from_tensors: missing required field(s) ['prompt_embeds']")
         return cls(**d)
 
     @classmethod
     def cat(cls, items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
-        """Concatenate along the batch dimension (all items must have the same fields)."""
+        """Concatenate along the batch dimension (all items must have the same fields); sequences of
+        different lengths are padded to the longest (:func:`pad_rows`, which needs their masks)."""
         if not items:
             raise ValueError("items must be a non-empty sequence of PromptEmbeds")
         present = [set(e.tensors()) for e in items]
         if any(p != present[0] for p in present):
             raise ValueError(f"cannot concatenate PromptEmbeds with different fields: {present}")
-        return cls(**{k: torch.cat([e.tensors()[k] for e in items], dim=0) for k in present[0]})
+        rows = [{k: t[i] for k, t in e.tensors().items()} for e in items for i in range(len(e))]
+        return cls(**pad_rows(rows))
+
+
+# Fields of PromptEmbeds with a sequence dimension (dim 1 of the batch), the mask that says which of its
+# positions hold tokens, and the value its padding takes.
+_SEQ_FIELDS = {"prompt_embeds": "prompt_mask", "text_ids": "prompt_mask", "prompt_mask": "prompt_mask",
+               "negative_prompt_embeds": "negative_prompt_mask", "negative_prompt_mask": "negative_prompt_mask"}
+
+
+def pad_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack per-row embedding tensors (no batch dimension) into batched ones. Rows whose sequences
+    differ in length are padded with zeros at the end to the longest, which needs the row's mask
+    (``prompt_mask`` / ``negative_prompt_mask``: its zeros mark the padding), as the pipelines pad a
+    batch of prompts to its longest (Qwen-Image, Wan)."""
+    out: dict[str, Tensor] = {}
+    for k in rows[0]:
+        ts = [r[k] for r in rows]
+        if all(t.shape == ts[0].shape for t in ts):
+            out[k] = torch.stack(ts)
+            continue
+        mask = _SEQ_FIELDS.get(k)
+        if mask is None or mask not in rows[0]:
+            raise ValueError(f"PromptEmbeds: rows of {k!r} differ in shape ({sorted({tuple(t.shape) for t in ts})}) "
+                             "and have no mask to pad them with")
+        n = max(t.shape[0] for t in ts)
+        out[k] = torch.stack([torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])]) for t in ts])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +271,7 @@ class FlowPolicy:
     the CFG branch is one transformer call on a 2B batch).
     """
 
+    family: ClassVar[str] = ""  # the model.family name (flowrl.flow.models.FAMILIES)
     pipeline_class_name: ClassVar[str] = ""
     default_max_sequence_length: ClassVar[int] = 256
     _frozen_names: ClassVar[tuple[str, ...]] = ()
@@ -445,13 +488,11 @@ class FlowPolicy:
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         rows = self._cached_rows(prompts)
-        d = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         if self._uses_negative:
             neg = self._cached_rows([negative_prompt])[0]
-            b = len(prompts)
-            d["negative_prompt_embeds"] = neg["prompt_embeds"].unsqueeze(0).expand(b, *neg["prompt_embeds"].shape).clone()
-            d["negative_pooled"] = neg["pooled"].unsqueeze(0).expand(b, *neg["pooled"].shape).clone()
-        return PromptEmbeds(**d)
+            neg = {f"negative_{k}": v for k, v in neg.items() if k in ("prompt_embeds", "pooled", "prompt_mask")}
+            rows = [dict(r, **neg) for r in rows]
+        return PromptEmbeds(**pad_rows(rows))
 
     # ---- latent geometry ------------------------------------------------------------------
 
@@ -568,270 +609,27 @@ def _is_subclass_named(klass: type, name: str) -> bool:
 
 
 def _policy_class_for(class_name: str, path: str | None = None, mro: tuple[type, ...] = ()) -> type[FlowPolicy]:
+    """The registered policy class whose pipeline is ``class_name`` (or one of the classes in ``mro``)."""
+    from flowrl.flow.models import policy_classes  # the family registry (imports this module)
+
     names = [class_name] + [k.__name__ for k in mro]
-    for sub in (SD3Policy, FluxPolicy):
+    classes = policy_classes()
+    for sub in classes.values():
         if sub.pipeline_class_name in names:
             return sub
     where = f" in {path!r}" if path else ""
     raise ValueError(
         f"unsupported pipeline class {class_name!r}{where}; supported: "
-        f"{[SD3Policy.pipeline_class_name, FluxPolicy.pipeline_class_name]}"
+        f"{sorted(c.pipeline_class_name for c in classes.values())}"
     )
 
 
-class SD3Policy(FlowPolicy):
-    """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``), arXiv 2403.03206.
+def __getattr__(name: str):
+    """``SD3Policy`` / ``FluxPolicy`` and every other family's class, from :mod:`flowrl.flow.models`."""
+    if name.endswith("Policy") and not name.startswith("_"):
+        from flowrl.flow import models
 
-    Layout ``[B, C, h, w]``; classifier-free guidance ``v = v_u + g (v_c - v_u)`` computed with one
-    transformer call on the concatenated ``[uncond; cond]`` batch when ``g > 1`` (as the pipeline);
-    the transformer gets ``timestep = sigma * num_train_timesteps``.
-    """
-
-    pipeline_class_name = "StableDiffusion3Pipeline"
-    default_max_sequence_length = 256  # the pipeline's default T5 length (zeros when there is no T5)
-    _frozen_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-    _uses_negative = True
-    _schedule_kind = "sd3"
-
-    @classmethod
-    def _pipeline_cls(cls):
-        from diffusers import StableDiffusion3Pipeline  # heavy: diffusers (see above)
-
-        return StableDiffusion3Pipeline
-
-    @classmethod
-    def _load_kwargs(cls, index: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        for name in ("text_encoder_3", "tokenizer_3"):
-            if name not in given and _component_absent(index, name):
-                kw[name] = None
-        return kw
-
-    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
-        pe, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return {"prompt_embeds": pe, "pooled": pooled}
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor
-        self._check_size(height, width, f * int(self.transformer.config.patch_size))
-        return (int(self.transformer.config.in_channels), height // f, width // f)
-
-    def image_seq_len(self, height: int, width: int) -> int:
-        _, h, w = self.latent_shape(height, width)
-        p = int(self.transformer.config.patch_size)
-        return (h // p) * (w // p)
-
-    def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        shape = (batch, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-
-    def velocity(self, x: Tensor, sigma: float | Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
-        """SD3 velocity with classifier-free guidance (Ho & Salimans, arXiv 2207.12598):
-        ``v = v_u + g (v_c - v_u)`` if ``g > 1`` (one batched call on ``[uncond; cond]``), else ``v_c``."""
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be a [B, C, h, w] tensor for SD3, got {getattr(x, 'shape', type(x))}")
-        b = x.shape[0]
-        if len(embeds) != b:
-            raise ValueError(f"embeds has {len(embeds)} rows but x has batch {b}")
-        g = float(guidance_scale)
-        if not math.isfinite(g):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        t = self._sigma_batch(sigma, b) * self.num_train_timesteps
-        xin = x.to(device=self.device, dtype=self.dtype)
-        e = embeds.to(device=self.device, dtype=self.dtype)
-        if g > 1.0:
-            if not e.has_negative:
-                raise ValueError("guidance_scale > 1 needs negative embeddings (encode_prompts gives them for SD3)")
-            out = self.denoiser(
-                hidden_states=torch.cat([xin, xin]),
-                timestep=torch.cat([t, t]),
-                encoder_hidden_states=torch.cat([e.negative_prompt_embeds, e.prompt_embeds]),
-                pooled_projections=torch.cat([e.negative_pooled, e.pooled]),
-                return_dict=False,
-            )[0]
-            v_u, v_c = out.float().chunk(2)
-            v = v_u + g * (v_c - v_u)
-        else:
-            v = self.denoiser(
-                hidden_states=xin,
-                timestep=t,
-                encoder_hidden_states=e.prompt_embeds,
-                pooled_projections=e.pooled,
-                return_dict=False,
-            )[0].float()
-        self.nfe += 1
-        return v
-
-    def decode(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"x must be a [B, C, h, w] tensor for SD3, got {getattr(x, 'shape', type(x))}")
-        return self._vae_decode(x)
-
-
-class FluxPolicy(FlowPolicy):
-    """FLUX.1 (``FluxPipeline``): packed latents ``[B, h*w/4, 4C]`` (2x2 patches), guidance given to the
-    transformer as an embedding (FLUX.1-dev is guidance-distilled: no negative branch); the
-    transformer gets ``timestep = sigma`` (the pipeline passes ``t / 1000`` and the model scales by
-    1000 inside). Models without guidance embedding (schnell) ignore ``guidance_scale``.
-    """
-
-    pipeline_class_name = "FluxPipeline"
-    default_max_sequence_length = 512
-    _frozen_names = ("text_encoder", "text_encoder_2", "vae")
-    _uses_negative = False
-    _schedule_kind = "flux"  # FluxPipeline feeds linspace(1, 1/n, n), with or without dynamic shifting
-
-    def __init__(self, pipeline: Any, **kwargs: Any) -> None:
-        super().__init__(pipeline, **kwargs)
-        self._grids: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq len -> (h/2, w/2) of latents
-
-    @classmethod
-    def _pipeline_cls(cls):
-        from diffusers import FluxPipeline  # heavy: diffusers (see above)
-
-        return FluxPipeline
-
-    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
-        pe, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return {
-            "prompt_embeds": pe,
-            "pooled": pooled,
-            "text_ids": text_ids.unsqueeze(0).expand(len(prompts), *text_ids.shape),
-        }
-
-    def _grid(self, height: int, width: int) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        self._check_size(height, width, 2 * f)
-        return height // (2 * f), width // (2 * f)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        gh, gw = self._grid(height, width)
-        self._grids[gh * gw] = (gh, gw)
-        self._grids.move_to_end(gh * gw)
-        c = int(self.transformer.config.in_channels)
-        return (gh * gw, c)
-
-    def image_seq_len(self, height: int, width: int) -> int:
-        gh, gw = self._grid(height, width)
-        return gh * gw
-
-    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("give both height and width, or neither")
-            gh, gw = self._grid(height, width)
-            if gh * gw != seq_len:
-                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
-            return gh, gw
-        if seq_len in self._grids:
-            return self._grids[seq_len]
-        r = math.isqrt(seq_len)
-        if r * r == seq_len:
-            return r, r
-        raise ValueError(
-            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
-            "first or pass height= and width="
-        )
-
-    def initial_noise(self, batch, height, width, generator=None) -> Tensor:
-        from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        seq, dim = self.latent_shape(height, width)
-        gh, gw = self._grids[seq]
-        c = dim // 4
-        noise = randn_tensor((batch, c, 2 * gh, 2 * gw), generator=generator, device=self.device, dtype=torch.float32)
-        return self.pack(noise)
-
-    @staticmethod
-    def pack(latents: Tensor) -> Tensor:
-        """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: 2x2 patches, channel-major within a patch (FLUX's layout)."""
-        b, c, h, w = latents.shape
-        x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    @staticmethod
-    def unpack(x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Inverse of :meth:`pack` for a latent grid of ``grid = (h/2, w/2)`` patches."""
-        b, n, d = x.shape
-        gh, gw = grid
-        if gh * gw != n or d % 4:
-            raise ValueError(f"cannot unpack x of shape {tuple(x.shape)} to a {gh}x{gw} patch grid")
-        y = x.reshape(b, gh, gw, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return y.reshape(b, d // 4, gh * 2, gw * 2)
-
-    def velocity(
-        self,
-        x: Tensor,
-        sigma: float | Tensor,
-        embeds: PromptEmbeds,
-        guidance_scale: float,
-        *,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> Tensor:
-        """FLUX velocity with distilled guidance: ``v = f(x, sigma, c, g)`` with ``g`` embedded like the
-        timestep (FLUX.1-dev); ``height``/``width`` (pixels) default to the last ``latent_shape`` call
-        with the same token count, else a square grid."""
-        if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a packed [B, L, D] tensor for FLUX, got {getattr(x, 'shape', type(x))}")
-        b, seq = x.shape[0], x.shape[1]
-        if len(embeds) != b:
-            raise ValueError(f"embeds has {len(embeds)} rows but x has batch {b}")
-        g = float(guidance_scale)
-        if not math.isfinite(g):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        gh, gw = self._grid_for(seq, height, width)
-        s = self._sigma_batch(sigma, b)
-        xin = x.to(device=self.device, dtype=self.dtype)
-        e = embeds.to(device=self.device, dtype=self.dtype)
-        # The pipeline passes (sigma * 1000 in the latents' dtype) / 1000; mirror it exactly.
-        timestep = (s * self.num_train_timesteps).to(self.dtype) / self.num_train_timesteps
-        guidance = (
-            torch.full((b,), g, device=self.device, dtype=torch.float32)
-            if self.transformer.config.guidance_embeds
-            else None
-        )
-        img_ids = self.pipeline._prepare_latent_image_ids(b, gh, gw, self.device, self.dtype)
-        if e.text_ids is not None:
-            txt_ids = e.text_ids[0]
-        else:
-            txt_ids = torch.zeros(e.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
-        v = self.denoiser(
-            hidden_states=xin,
-            timestep=timestep,
-            guidance=guidance,
-            pooled_projections=e.pooled,
-            encoder_hidden_states=e.prompt_embeds,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0].float()
-        self.nfe += 1
-        return v
-
-    def decode(self, x: Tensor, *, height: int | None = None, width: int | None = None) -> Tensor:
-        """Unpack (grid from ``height``/``width`` or as in :meth:`velocity`), then VAE-decode."""
-        if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a packed [B, L, D] tensor for FLUX, got {getattr(x, 'shape', type(x))}")
-        grid = self._grid_for(x.shape[1], height, width)
-        return self._vae_decode(self.unpack(x, grid))
+        for cls in models.policy_classes().values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from flowrl.flow.policy import FlowPolicy, FluxPolicy, SD3Policy
+from flowrl.flow.models import FAMILIES, policy_class
+from flowrl.flow.policy import FlowPolicy
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.train.checkpoint import COMPLETE, CheckpointError, load_checkpoint, verify_checkpoint
 from flowrl.train.lora import WeightsMismatchError, add_lora_to_transformer, check_weights_fit, load_trainable_state_dict
@@ -37,7 +38,7 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
     looks_like_hub_id = model_cfg.path.count("/") == 1 and not model_cfg.path.startswith((".", "/", "~"))
     if not p.is_dir() and not looks_like_hub_id:
         raise UsageError(f"model.path not found: {model_cfg.path}")
-    cls = {"sd3": SD3Policy, "flux": FluxPolicy}.get(model_cfg.family, FlowPolicy)
+    cls = policy_class(model_cfg.family) if model_cfg.family in FAMILIES else FlowPolicy
     kwargs = dict(
         torch_dtype=torch_dtype(model_cfg.dtype),
         frozen_dtype=torch_dtype(model_cfg.frozen_dtype) if model_cfg.frozen_dtype else None,
