@@ -16,6 +16,7 @@ reward-versus-training-time curves as ``--out``/methods.png, plus the raw number
         # known to +-0.01 (its standard error over seeds), up to --max-seeds
     python bench/methods.py --budget 60 --eval-every 7.5s --methods dgpo awm --reference-from table/methods.json
         # a fine early curve of the fast methods against the reference's final from a full-length table
+        # (add --speed-from table/methods.json if the machine was shared: steps x each method's s/step there)
 
 A method is the stem of a YAML file in ``--methods-dir`` (default ``configs/methods/``); the reference
 (``flow_grpo``) is always run, unless ``--reference-from`` reads its runs from an earlier table. ``--jobs``/``--threads``: docs/methods.md ("How bench/methods.py runs").
@@ -62,6 +63,7 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
     shared = min((len(r) for r in rows.values() if r), default=0)
     return {
         "time": [t_at.get(s, t) for s in xs],
+        "eval_steps": xs,
         "reward": [statistics.mean(rows[s][:shared]) if shared and rows[s] else by_step[s] for s in xs],
         "start": by_step[xs[0]] if xs else float("nan"),
         "final": by_step[xs[-1]] if xs else float("nan"),
@@ -203,6 +205,10 @@ def main(argv=None) -> int:
                     help="read the reference's runs from an earlier table's methods.json instead of training it "
                          "(its final reward is the target; e.g. to evaluate the fast methods more often over a "
                          "shorter budget)")
+    ap.add_argument("--speed-from", default=None, metavar="JSON",
+                    help="time each trained run's curve as its steps x the method's median s/step in an earlier "
+                         "table's methods.json (for runs that shared the machine with other work: their own "
+                         "step times are not the method's)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (OMP_NUM_THREADS; default: inherited, or 1 when --jobs > 1)")
@@ -268,8 +274,27 @@ def main(argv=None) -> int:
             if jobs:
                 print(f"standard error above {args.target_se}: one more seed of {', '.join(m for m, _ in jobs)}",
                       flush=True)
+    if args.speed_from:
+        results = at_speed_of(results, json.loads(Path(args.speed_from).read_text()), skip=ref if ref_runs else None)
     (out / "methods.json").write_text(json.dumps(results, indent=1))
     return report(results, ref, out, args.budget)
+
+
+def at_speed_of(results: Dict[str, List[Dict]], table: Dict[str, List[Dict]], skip: Optional[str] = None):
+    """``results`` with each run's evaluation times recomputed as (its step) x (the method's median seconds per
+    step over ``table``'s runs): the curve as it would have been timed at the speed the method had in that
+    table (``skip``: a method left as it is, e.g. a reference read from that table)."""
+    out = {}
+    for m, cs in results.items():
+        if m == skip:
+            out[m] = cs
+            continue
+        if m not in table:
+            raise SystemExit(f"--speed-from: no {m!r} runs to take its seconds per step from")
+        spm = statistics.median(c["s_per_step"] for c in table[m])
+        out[m] = [dict(c, time=[s * spm for s in c["eval_steps"]], s_per_step=spm, own_s_per_step=c["s_per_step"])
+                  for c in cs]
+    return out
 
 
 def merge_results(parts: List[Dict[str, List[Dict]]]) -> Dict[str, List[Dict]]:
@@ -289,6 +314,24 @@ def seeds_to_add(results: Dict[str, List[Dict]], target_se: Optional[float], max
         return {}
     return {m: max(c["seed"] for c in cs) + 1 for m, cs in results.items()
             if len(cs) < max_seeds and (len(cs) < 2 or _se([_end(c, "final") for c in cs]) > target_se)}
+
+
+def base_mismatches(results: Dict[str, List[Dict]], tol: float = 1e-3) -> List[str]:
+    """One line per seed whose runs' first curve points (the base model, before any training) differ by more
+    than ``tol`` between methods: those runs were evaluated on other images (another ``eval.num_prompts``
+    or ``eval.ends_num_prompts`` draws other held-out prompts), so their curves and times are not comparable."""
+    by_seed: Dict[int, Dict[str, float]] = {}
+    for m, cs in results.items():
+        for c in cs:
+            if c.get("seed") is not None:
+                by_seed.setdefault(c["seed"], {})[m] = c["reward"][0]
+    out = []
+    for seed, vals in sorted(by_seed.items()):
+        if max(vals.values()) - min(vals.values()) > tol:
+            each = ", ".join(f"{m} {v:.3f}" for m, v in vals.items())
+            out.append(f"seed {seed}: the evaluations before training differ ({each}): these runs were not evaluated "
+                       "on the same images, so their curves and times to reach are not comparable")
+    return out
 
 
 def _end(c: Dict, which: str) -> float:
@@ -361,10 +404,14 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
               f"{statistics.mean(_end(c, 'start') for c in cs):6.3f} {mean:8.3f} ± {se:5.3f} {eval_se:8.3f} {reach_cols}")
     worst_se = max(r[3] for r in rows)
     print(f"largest standard error of a method's mean: {worst_se:.3f} ({seeds} seeds)")  # the table's resolution
-    images = [(c.get("eval_images", 0), c.get("curve_images", 0)) for cs in results.values() for c in cs]
-    if images[0][0] and images[0][0] != images[0][1]:
-        print(f"start and final: {images[0][0]} images each; the curves and the time-to-reach columns: the first "
-              f"{images[0][1]} of them, which every evaluation holds ({ref}'s final there: {target:.3f})")
+    ends = sorted({c.get("eval_images", 0) for cs in results.values() for c in cs})
+    curve_images = sorted({c.get("curve_images", 0) for cs in results.values() for c in cs})
+    if ends[-1] and ends != curve_images:
+        print(f"start and final: {'/'.join(map(str, ends))} images each; the curves and the time-to-reach columns: "
+              f"the first {'/'.join(map(str, curve_images))} of them, which every evaluation holds ({ref}'s final "
+              f"there: {target:.3f})")
+    for line in base_mismatches(results):
+        print(f"WARNING: {line}")
     if ref_improved:
         best = min(rows, key=lambda r: (r[2], -r[1]))
         if math.isfinite(best[2]):

@@ -179,6 +179,30 @@ def test_methods_bench_adds_seeds_where_the_standard_error_is_above_target():
     assert bench["seeds_to_add"](results, None, 8) == {}
 
 
+def test_methods_report_warns_when_runs_of_a_seed_saw_other_images():
+    """Runs of one seed start from the same base model: different first curve points mean other held-out
+    images (e.g. a table joined with runs of another eval.ends_num_prompts), which the report must say."""
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+    same = {"flow_grpo": [{"seed": 0, "reward": [0.519, 0.53]}], "dgpo": [{"seed": 0, "reward": [0.5192, 0.6]}]}
+    assert bench["base_mismatches"](same) == []
+    other = {**same, "awm": [{"seed": 0, "reward": [0.492, 0.6]}, {"seed": 1, "reward": [0.5, 0.6]}]}
+    (line,) = bench["base_mismatches"](other)
+    assert line.startswith("seed 0:") and "awm 0.492" in line and "not comparable" in line
+
+
+def test_methods_curves_timed_at_the_speed_of_another_table():
+    """--speed-from: a run that shared the machine is timed as its steps x the method's median s/step alone."""
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+    runs = {"dgpo": [{"eval_steps": [0, 1, 3], "time": [0.0, 7.0, 21.0], "s_per_step": 7.0}],
+            "flow_grpo": [{"time": [0.0, 30.0], "s_per_step": 4.0}]}
+    alone = {"dgpo": [{"s_per_step": 3.0}, {"s_per_step": 3.2}, {"s_per_step": 2.0}]}
+    got = bench["at_speed_of"](runs, alone, skip="flow_grpo")
+    assert got["dgpo"][0]["time"] == [0.0, 3.0, 9.0] and got["dgpo"][0]["own_s_per_step"] == 7.0
+    assert got["flow_grpo"] == runs["flow_grpo"]
+    with pytest.raises(SystemExit, match="no 'flow_grpo' runs"):
+        bench["at_speed_of"](runs, alone)
+
+
 def test_methods_merge_joins_the_seeds_of_several_tables():
     bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
     a = {"flow_grpo": [{"seed": 0, "final": 0.5}, {"seed": 1, "final": 0.6}], "dgpo": [{"seed": 0, "final": 0.7}]}
