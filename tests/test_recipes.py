@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -55,17 +55,26 @@ def _raw(path: Path) -> RunConfig:
     return load_run_config(path)
 
 
+class _TinyModels(dict):
+    """family -> tiny model folder, each built the first time a test asks for it (every image family of
+    ``flowrl.demo.TINY_BUILDERS``, and ``lm``)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        from flowrl.demo.tiny_image import save_tiny
+        from flowrl.demo.tiny_text import save_tiny_lm
+
+        path = str(save_tiny_lm(self.root / "lm") if family == "lm" else save_tiny(family, self.root / family))
+        self[family] = path
+        return path
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Dict[str, str]:
-    from flowrl.demo.tiny_image import save_tiny
-    from flowrl.demo.tiny_text import save_tiny_lm
-
-    d = tmp_path_factory.mktemp("tiny_models")
-    return {
-        "sd3": str(save_tiny("sd3", d / "sd3")),
-        "flux": str(save_tiny("flux", d / "flux")),
-        "lm": str(save_tiny_lm(d / "lm")),
-    }
+    return _TinyModels(tmp_path_factory.mktemp("tiny_models"))
 
 
 def _fewest_steps(cfg: RunConfig) -> int:
@@ -193,9 +202,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     else:  # full fine-tuning: every weight of the transformer / LM trains
         assert trainable == {n for n, _ in tr.task.module.named_parameters()}
     if raw.model.family != "lm":
-        from flowrl.flow.policy import FluxPolicy, SD3Policy
+        from flowrl.flow.models import policy_class
 
-        assert isinstance(tr.task.policy, {"sd3": SD3Policy, "flux": FluxPolicy}[raw.model.family])
+        assert isinstance(tr.task.policy, policy_class(raw.model.family))
 
 
 # --------------------------------------------------------------------------------------------------
