@@ -316,6 +316,33 @@ PUBLISHED = {
         "sample.num_steps": 40, "sample.guidance_scale": 1.0, "train.learning_rate": 1e-5, "lora.rank": 32,
         "plan.kind": "ode", "plan.ode_solver": "euler",
     },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/nft.py + examples/nft/lora/z_image/default.yaml
+    "diffusion_nft_z_image.yaml": {
+        "model.family": "z_image", "model.path": "Tongyi-MAI/Z-Image", "model.dtype": "float32",
+        "objective.kind": "nft", "objective.beta": 0.1, "objective.adv_clip": 5.0, "objective.timesteps": "stratified",
+        "objective.num_timesteps": 2, "objective.timestep_first": 0, "objective.timestep_fraction": 0.7,
+        "objective.timestep_share": "sample", "objective.kl_beta": 0.0, "objective.guidance_scale": 4.0,
+        "objective.old.decay_flat": 1, "objective.old.decay_rate": 0.001, "objective.old.decay_max": 0.5,
+        "objective.old.sample_from": 0, "plan.kind": "ode", "plan.ode_solver": "euler", "sample.num_steps": 10,
+        "sample.eval_num_steps": 40, "sample.height": 512, "sample.guidance_scale": 4.0, "sample.group_size": 16,
+        "sample.prompts_per_step": 48, "sample.store_dtype": "float16", "advantage.scale": "group",
+        "advantage.std_unbiased": False, "advantage.eps": 1e-6, "advantage.clip": None, "train.learning_rate": 3e-4,
+        "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 1,
+        "train.mixed_precision": "bf16", "lora.rank": 64, "lora.alpha": 128, "data.max_train_prompts": 1024,
+        "rewards": {"pickscore": 1.0},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/grpo.py + examples/grpo/lora/z_image/default.yaml
+    "flow_grpo_z_image.yaml": {
+        "model.family": "z_image", "model.path": "Tongyi-MAI/Z-Image", "model.dtype": "float32",
+        "plan.kind": "random_window", "plan.sde": "flow_sde", "plan.noise_level": 0.7, "plan.window.size": 1,
+        "plan.window.range": [1, 4], "sample.num_steps": 10, "sample.eval_num_steps": 40, "sample.height": 512,
+        "sample.guidance_scale": 4.0, "sample.group_size": 16, "sample.prompts_per_step": 48,
+        "sample.store_dtype": "float16", "loss.eps_low": 1e-4, "loss.eps_high": None, "loss.beta": 0.0,
+        "advantage.scale": "group", "advantage.std_unbiased": False, "advantage.eps": 1e-6, "advantage.clip": 5.0,
+        "train.learning_rate": 3e-4, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
+        "train.num_minibatches": 2, "train.mixed_precision": "bf16", "lora.rank": 64, "lora.alpha": 128,
+        "ema.decay": 0.9, "ema.every": 4, "data.max_train_prompts": 1000, "rewards": {"pickscore": 1.0},
+    },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,
         "loss.aggregation": "token-mean", "loss.eps_low": 0.2, "loss.eps_high": 0.28, "loss.beta": 0.0,
