@@ -28,7 +28,8 @@ from flowrl.flow.policy import FlowPolicy, PromptEmbeds
 
 ROOT = Path(__file__).resolve().parents[1]
 MSL = 64  # Qwen3 tokens; the pipeline's 512 only pads more (the features are cut to the prompt's tokens)
-PROMPTS = ["a red cube left of a blue ball", "two dogs"]  # caption lengths differ: the transformer masks
+# caption lengths differ (the transformer masks); a tuple: ZImagePipeline.encode_prompt rewrites a list it is given
+PROMPTS = ("a red cube left of a blue ball", "two dogs")
 RANK, ALPHA = 4, 16
 
 
@@ -71,8 +72,8 @@ def test_prompt_rows_have_their_own_lengths(policy):
     assert lengths[0] > lengths[1] and e.prompt_embeds.shape[1] == lengths[0]
     feats, _ = policy.pipeline.encode_prompt(list(PROMPTS), device="cpu", do_classifier_free_guidance=False,
                                              max_sequence_length=MSL)
-    for i, f in enumerate(feats):  # the pipeline's own per-prompt features, unpadded
-        assert torch.equal(e.prompt_embeds[i, : lengths[i]], f)
+    for i, f in enumerate(feats):  # the pipeline's own per-prompt features (encoded two at a time), unpadded
+        torch.testing.assert_close(e.prompt_embeds[i, : lengths[i]], f, rtol=0, atol=1e-6)
         assert not e.prompt_embeds[i, lengths[i]:].any()
     assert e.has_negative and e.negative_prompt_mask.all()
 
@@ -97,9 +98,9 @@ def test_ode_loop_reproduces_pipeline_call(policy, guidance, hw, trunc, norm):
             img = policy.decode(lat)
             common = dict(num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
                           max_sequence_length=MSL, cfg_truncation=trunc, cfg_normalization=norm)
-            ref_lat = pipe(PROMPTS, latents=noise.clone(), output_type="latent", **common).images
-            ref_img = pipe(PROMPTS, latents=noise.clone(), output_type="pt", **common).images
-            gen_lat = pipe(PROMPTS, generator=torch.Generator().manual_seed(3), output_type="latent", **common).images
+            ref_lat = pipe(list(PROMPTS), latents=noise.clone(), output_type="latent", **common).images
+            ref_img = pipe(list(PROMPTS), latents=noise.clone(), output_type="pt", **common).images
+            gen_lat = pipe(list(PROMPTS), generator=torch.Generator().manual_seed(3), output_type="latent", **common).images
     finally:
         policy.cfg_truncation, policy.cfg_normalization = 1.0, 0.0
     torch.testing.assert_close(pipe.scheduler.sigmas, sig, rtol=0, atol=0)  # the scheduler's own sigmas
@@ -288,3 +289,13 @@ def test_flowrl_train_one_dgpo_step_full_finetune(tiny_dir, tmp_path):
     assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 1
     m = _metrics(out)[0]
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["skipped_optimizer_steps"] == 0
+
+
+def test_fsdp_config_wraps_the_z_image_block():
+    """configs/accelerate/fsdp_z_image.yaml wraps the transformer's block class (its _no_split_modules)."""
+    import yaml
+    from diffusers import ZImageTransformer2DModel
+
+    cfg = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp_z_image.yaml").read_text())
+    names = cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert cfg["distributed_type"] == "FSDP" and names == list(ZImageTransformer2DModel._no_split_modules)

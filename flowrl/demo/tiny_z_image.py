@@ -47,7 +47,7 @@ def tiny_qwen_tokenizer(max_length: int = 512):
     for s in _SPECIALS:
         vocab[s] = len(vocab)
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(s, special=True) for s in _SPECIALS[1:]]})
+    tok.add_tokens([AddedToken(s, special=True) for s in _SPECIALS[1:]], special_tokens=True)  # never split
     tok.padding_side = "right"
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     return tok
