@@ -39,6 +39,16 @@ def _euler_ode(policy, x, embeds, sigmas, guidance):
     return x
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread while this module runs: on the tiny model every op is small, and on a loaded 2-core
+    machine the threads' synchronisation dominates (a velocity call measured 1.7 s with 2 threads, 0.06 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     """The tiny model written by ``flowrl make-tiny z_image DIR``."""
@@ -266,7 +276,13 @@ _COMMON = ["train.tracker=none", "train.progress=false", "resume=none", "sample.
            "eval.num_prompts=1", "eval.seeds=[0]", "rewards={jpeg_compressibility: 1.0}"]
 
 
-def test_flowrl_train_two_grpo_steps_with_lora(tiny_dir, tmp_path):
+@pytest.fixture
+def no_report(monkeypatch):
+    """Skip report.html (matplotlib: most of a tiny run's time; tests/test_report.py covers it)."""
+    monkeypatch.setattr("flowrl.train.loop.write_report", lambda run_dir: None)
+
+
+def test_flowrl_train_two_grpo_steps_with_lora(tiny_dir, tmp_path, no_report):
     out = tmp_path / "grpo"
     rc = flowrl_main(["train", str(ROOT / "configs" / "tiny_z_image.yaml"), f"model.path={tiny_dir}",
                       f"output_dir={out}", "max_steps=2", *_COMMON])
@@ -280,11 +296,11 @@ def test_flowrl_train_two_grpo_steps_with_lora(tiny_dir, tmp_path):
     assert (Path(summary["result"]) / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_flowrl_train_one_dgpo_step_full_finetune(tiny_dir, tmp_path):
+def test_flowrl_train_one_dgpo_step_full_finetune(tiny_dir, tmp_path, no_report):
     out = tmp_path / "dgpo"
     rc = flowrl_main(["train", str(ROOT / "configs" / "tiny_z_image.yaml"), f"model.path={tiny_dir}",
                       f"output_dir={out}", "max_steps=1", "objective.kind=dgpo", "plan.kind=ode",
-                      "objective.guidance_scale=0.0", "objective.noise_share=group", "lora.enabled=false",
+                      "objective.guidance_scale=0.0", "objective.timestep_share=group", "objective.noise_share=group", "lora.enabled=false",
                       *_COMMON])
     assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 1
     m = _metrics(out)[0]
