@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -55,17 +55,26 @@ def _raw(path: Path) -> RunConfig:
     return load_run_config(path)
 
 
+class _TinyModels(dict):
+    """family -> tiny model folder, each built the first time a test asks for it (every image family of
+    ``flowrl.demo.TINY_BUILDERS``, and ``lm``)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        from flowrl.demo.tiny_image import save_tiny
+        from flowrl.demo.tiny_text import save_tiny_lm
+
+        path = str(save_tiny_lm(self.root / "lm") if family == "lm" else save_tiny(family, self.root / family))
+        self[family] = path
+        return path
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Dict[str, str]:
-    from flowrl.demo.tiny_image import save_tiny
-    from flowrl.demo.tiny_text import save_tiny_lm
-
-    d = tmp_path_factory.mktemp("tiny_models")
-    return {
-        "sd3": str(save_tiny("sd3", d / "sd3")),
-        "flux": str(save_tiny("flux", d / "flux")),
-        "lm": str(save_tiny_lm(d / "lm")),
-    }
+    return _TinyModels(tmp_path_factory.mktemp("tiny_models"))
 
 
 def _fewest_steps(cfg: RunConfig) -> int:
@@ -193,9 +202,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     else:  # full fine-tuning: every weight of the transformer / LM trains
         assert trainable == {n for n, _ in tr.task.module.named_parameters()}
     if raw.model.family != "lm":
-        from flowrl.flow.policy import FluxPolicy, SD3Policy
+        from flowrl.flow.models import policy_class
 
-        assert isinstance(tr.task.policy, {"sd3": SD3Policy, "flux": FluxPolicy}[raw.model.family])
+        assert isinstance(tr.task.policy, policy_class(raw.model.family))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +315,33 @@ PUBLISHED = {
         "objective.num_timesteps": 1, "objective.noise_share": "group", "sample.group_size": 4,
         "sample.num_steps": 40, "sample.guidance_scale": 1.0, "train.learning_rate": 1e-5, "lora.rank": 32,
         "plan.kind": "ode", "plan.ode_solver": "euler",
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/nft.py + examples/nft/lora/z_image/default.yaml
+    "diffusion_nft_z_image.yaml": {
+        "model.family": "z_image", "model.path": "Tongyi-MAI/Z-Image", "model.dtype": "float32",
+        "objective.kind": "nft", "objective.beta": 0.1, "objective.adv_clip": 5.0, "objective.timesteps": "stratified",
+        "objective.num_timesteps": 2, "objective.timestep_first": 0, "objective.timestep_fraction": 0.7,
+        "objective.timestep_share": "sample", "objective.kl_beta": 0.0, "objective.guidance_scale": 4.0,
+        "objective.old.decay_flat": 1, "objective.old.decay_rate": 0.001, "objective.old.decay_max": 0.5,
+        "objective.old.sample_from": 0, "plan.kind": "ode", "plan.ode_solver": "euler", "sample.num_steps": 10,
+        "sample.eval_num_steps": 40, "sample.height": 512, "sample.guidance_scale": 4.0, "sample.group_size": 16,
+        "sample.prompts_per_step": 48, "sample.store_dtype": "float16", "advantage.scale": "group",
+        "advantage.std_unbiased": False, "advantage.eps": 1e-6, "advantage.clip": None, "train.learning_rate": 3e-4,
+        "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 1,
+        "train.mixed_precision": "bf16", "lora.rank": 64, "lora.alpha": 128, "data.max_train_prompts": 1024,
+        "rewards": {"pickscore": 1.0},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/grpo.py + examples/grpo/lora/z_image/default.yaml
+    "flow_grpo_z_image.yaml": {
+        "model.family": "z_image", "model.path": "Tongyi-MAI/Z-Image", "model.dtype": "float32",
+        "plan.kind": "random_window", "plan.sde": "flow_sde", "plan.noise_level": 0.7, "plan.window.size": 1,
+        "plan.window.range": [1, 4], "sample.num_steps": 10, "sample.eval_num_steps": 40, "sample.height": 512,
+        "sample.guidance_scale": 4.0, "sample.group_size": 16, "sample.prompts_per_step": 48,
+        "sample.store_dtype": "float16", "loss.eps_low": 1e-4, "loss.eps_high": None, "loss.beta": 0.0,
+        "advantage.scale": "group", "advantage.std_unbiased": False, "advantage.eps": 1e-6, "advantage.clip": 5.0,
+        "train.learning_rate": 3e-4, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
+        "train.num_minibatches": 2, "train.mixed_precision": "bf16", "lora.rank": 64, "lora.alpha": 128,
+        "ema.decay": 0.9, "ema.every": 4, "data.max_train_prompts": 1000, "rewards": {"pickscore": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,

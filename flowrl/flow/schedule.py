@@ -34,6 +34,7 @@ __all__ = [
     "flux_mu",
     "flux_sigmas",
     "sigmas_for_scheduler",
+    "z_image_pipeline_sigmas",
     "sigma_to_timestep",
     "SUPPORTED_SCHEDULERS",
 ]
@@ -225,12 +226,20 @@ def flux_sigmas(
     )
 
 
+def z_image_pipeline_sigmas(num_steps: int) -> Tensor:
+    """The sigmas ZImagePipeline hands its scheduler: ``torch.linspace(1, 1/n, n)`` in float32 (before
+    the scheduler's shift), the points of :func:`flux_sigmas` but rounded as torch's float32 linspace
+    rounds them."""
+    _check_num_steps(num_steps)
+    return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
+
+
 def sigmas_for_scheduler(
     scheduler_config: Mapping[str, Any],
     num_steps: int,
     image_seq_len: int | None = None,
     *,
-    pipeline: Literal["auto", "sd3", "flux"] = "auto",
+    pipeline: Literal["auto", "sd3", "flux", "z_image"] = "auto",
 ) -> Tensor:
     """The sigma schedule a diffusers pipeline would use, from its scheduler's config dict.
 
@@ -239,7 +248,9 @@ def sigmas_for_scheduler(
     ``"linear"``), ``shift_terminal`` and ``num_train_timesteps``; missing keys take the defaults of
     ``FlowMatchEulerDiscreteScheduler``. ``pipeline`` says which sigmas the pipeline feeds the
     scheduler: ``"flux"`` feeds ``linspace(1, 1/n, n)`` (FluxPipeline), ``"sd3"`` lets the scheduler
-    space its own timesteps (StableDiffusion3Pipeline); ``"auto"`` picks ``"flux"`` when
+    space its own timesteps (StableDiffusion3Pipeline), ``"z_image"`` feeds the same points computed by
+    ``torch.linspace`` in float32 (ZImagePipeline; they can differ from numpy's float64 points in the last
+    bit); ``"auto"`` picks ``"flux"`` when
     ``use_dynamic_shifting`` is on and ``"sd3"`` otherwise. ``image_seq_len`` (the number of latent
     tokens, ``(H/16)*(W/16)``) is required with dynamic shifting.
 
@@ -273,8 +284,8 @@ def sigmas_for_scheduler(
         raise ValueError(
             f"scheduler_config['time_shift_type'] must be 'exponential' or 'linear', got {time_shift_type!r}"
         )
-    if pipeline not in ("auto", "sd3", "flux"):
-        raise ValueError(f"pipeline must be 'auto', 'sd3' or 'flux', got {pipeline!r}")
+    if pipeline not in ("auto", "sd3", "flux", "z_image"):
+        raise ValueError(f"pipeline must be 'auto', 'sd3', 'flux' or 'z_image', got {pipeline!r}")
     _check_num_steps(num_steps)
     dynamic = bool(cfg["use_dynamic_shifting"])
     if pipeline == "auto":
@@ -299,7 +310,11 @@ def sigmas_for_scheduler(
     shift_terminal = cfg.get("shift_terminal")
     if shift_terminal is not None and not (0 <= float(shift_terminal) < 1):
         raise ValueError(f"scheduler_config['shift_terminal'] must lie in [0, 1), got {shift_terminal!r}")
-    pipeline_sigmas = _np_linspace(1.0, 1.0 / num_steps, num_steps) if pipeline == "flux" else None
+    pipeline_sigmas = None
+    if pipeline == "flux":
+        pipeline_sigmas = _np_linspace(1.0, 1.0 / num_steps, num_steps)
+    elif pipeline == "z_image":
+        pipeline_sigmas = z_image_pipeline_sigmas(num_steps)
     return _scheduler_sigmas(
         num_steps,
         num_train_timesteps=int(cfg["num_train_timesteps"]),

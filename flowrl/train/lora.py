@@ -6,6 +6,7 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
 * LM: r=16, alpha=32 on q/k/v/o.
+* Z-Image: r=64, alpha=128 on the attention projections and the SwiGLU feed-forward (Flow-Factory's recipe).
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
 metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
@@ -27,11 +28,19 @@ SD3_TARGETS = [
 ]
 FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Z-Image: X-GenGroup/Flow-Factory a0b2bc5, src/flow_factory/models/z_image/z_image.py (default_target_modules) with
+# r 64 / alpha 128 of its examples/{grpo,nft}/lora/z_image/default.yaml; the suffixes match every
+# ZImageTransformerBlock (main layers, noise and context refiners).
+Z_IMAGE_TARGETS = [
+    "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
+    "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
 }
 
 
