@@ -14,4 +14,5 @@ and ``flowrl make-tiny``.
 TINY_BUILDERS = {
     "sd3": "flowrl.demo.tiny_image:build_tiny_sd3_pipeline",
     "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
+    "qwen_image": "flowrl.demo.tiny_qwen_image:build_tiny_qwen_image_pipeline",
 }

@@ -6,6 +6,8 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
 * LM: r=16, alpha=32 on q/k/v/o.
+* Qwen-Image: r=64, alpha=128 on the attention projections of both streams plus both streams' MLPs
+  (Flow-GRPO's Qwen-Image training script).
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
 metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
@@ -27,11 +29,15 @@ SD3_TARGETS = [
 ]
 FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Qwen-Image: flow_grpo's scripts/train_qwenimage.py (r=64, alpha=128): both streams' attention projections
+# and both streams' MLPs (GELU input projection and output linear).
+QWEN_IMAGE_TARGETS = SD3_TARGETS + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
+    "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},
 }
 
 
