@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_qwen_image.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -64,6 +64,7 @@ def tiny_models(tmp_path_factory) -> Dict[str, str]:
     return {
         "sd3": str(save_tiny("sd3", d / "sd3")),
         "flux": str(save_tiny("flux", d / "flux")),
+        "qwen_image": str(save_tiny("qwen_image", d / "qwen_image")),
         "lm": str(save_tiny_lm(d / "lm")),
     }
 
@@ -193,9 +194,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     else:  # full fine-tuning: every weight of the transformer / LM trains
         assert trainable == {n for n, _ in tr.task.module.named_parameters()}
     if raw.model.family != "lm":
-        from flowrl.flow.policy import FluxPolicy, SD3Policy
+        from flowrl.flow.models import policy_class
 
-        assert isinstance(tr.task.policy, {"sd3": SD3Policy, "flux": FluxPolicy}[raw.model.family])
+        assert isinstance(tr.task.policy, policy_class(raw.model.family))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +307,18 @@ PUBLISHED = {
         "objective.num_timesteps": 1, "objective.noise_share": "group", "sample.group_size": 4,
         "sample.num_steps": 40, "sample.guidance_scale": 1.0, "train.learning_rate": 1e-5, "lora.rank": 32,
         "plan.kind": "ode", "plan.ode_solver": "euler",
+    },
+    # yifan123/flow_grpo 9745241 (zhtmike/flow_grpo mirror), config/grpo.py pickscore_qwenimage_8gpu + scripts/train_qwenimage.py
+    "flow_grpo_qwen_image.yaml": {
+        "model.family": "qwen_image", "model.path": "Qwen/Qwen-Image", "sample.height": 512, "sample.width": 512,
+        "sample.num_steps": 10, "sample.eval_num_steps": 50, "sample.guidance_scale": 4.0, "sample.negative_prompt": " ",
+        "sample.group_size": 16, "sample.prompts_per_step": 32, "sample.same_noise": False, "plan.kind": "random_window",
+        "plan.sde": "flow_sde", "plan.noise_level": 1.2, "plan.window.size": 2, "plan.window.range": [0, 5],
+        "loss.eps_low": 1e-4, "loss.beta": 0.0, "advantage.scale": "batch", "advantage.clip": 5.0,
+        "advantage.std_unbiased": False, "advantage.eps": 1e-4, "lora.enabled": True, "lora.rank": 64, "lora.alpha": 128,
+        "lora.init": "gaussian", "lora.targets": LORA_DEFAULTS["qwen_image"]["targets"], "train.learning_rate": 3e-4,
+        "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 2, "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True, "ema.enabled": False, "seed": 42, "rewards": {"pickscore": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,
