@@ -72,9 +72,8 @@ def tiny_qwen2_tokenizer(words=_TEMPLATE_WORDS):
             vocab.setdefault(cur, len(vocab))
     for t in QWEN_SPECIAL_TOKENS:
         vocab[t] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
-    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
-    return tok
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768,
+                          extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
 
 
 def _seeded(seed: int, offset: int, build):
@@ -89,9 +88,9 @@ def _text_encoder_config(tok, hidden: int, layers: int, heads: int):
     from transformers import Qwen2_5_VLConfig  # heavy: transformers, only when a tiny model is built
 
     head_dim = hidden // heads
-    if head_dim % 8:
-        raise ValueError(f"hidden // heads must be a multiple of 8 (3-part mrope), got {head_dim}")
-    q = head_dim // 8  # mrope sections (temporal, height, width) in Qwen2.5-VL's 2:3:3 ratio (16, 24, 24)
+    if head_dim % 16:
+        raise ValueError(f"hidden // heads must be a multiple of 16 (3-part mrope), got {head_dim}")
+    q = head_dim // 16  # mrope sections (temporal, height, width) of head_dim / 2 in Qwen2.5-VL's 2:3:3 ratio (16, 24, 24)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
