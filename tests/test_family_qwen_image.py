@@ -172,6 +172,20 @@ def test_sampler_rows_do_not_depend_on_their_chunk(qwen, kind):
     torch.testing.assert_close(runs[1].log_probs, runs[0].log_probs, rtol=0, atol=1e-4)
 
 
+def test_fixed_shift_gives_dance_grpo_schedule():
+    """model.shift 3 (DanceGRPO's Qwen-Image script): sigma = 3t / (1 + 2t) on t = linspace(1, 0, n + 1), without the
+    dynamic shift and without Qwen-Image's terminal stretch to 0.02."""
+    from flowrl.train.model import set_fixed_shift
+
+    policy = QwenImagePolicy.from_pipeline(build_tiny_qwen_image_pipeline(seed=0))
+    assert float(policy.sigmas(20, 32, 32)[-2]) == pytest.approx(0.02, abs=1e-6)  # the released config's shift_terminal
+    set_fixed_shift(policy, 3.0)
+    t = torch.linspace(1, 0, 21, dtype=torch.float64)
+    upstream = (3 * t / (1 + 2 * t)).float()
+    for hw in ((32, 32), (48, 32)):  # no resolution dependence left
+        torch.testing.assert_close(policy.sigmas(20, *hw), upstream, rtol=0, atol=1.2e-7)
+
+
 def test_bad_inputs_raise_clear_errors(qwen):
     e = qwen.encode_prompts(PROMPTS)
     x = qwen.initial_noise(2, 32, 32)

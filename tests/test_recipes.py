@@ -320,6 +320,17 @@ PUBLISHED = {
         "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 2, "train.mixed_precision": "bf16",
         "train.gradient_checkpointing": True, "ema.enabled": False, "seed": 42, "rewards": {"pickscore": 1.0},
     },
+    # XueZeyue/DanceGRPO 15cc71d, scripts/finetune/finetune_qwenimage_grpo.sh + fastvideo/train_grpo_qwenimage.py
+    "dance_grpo_qwen_image.yaml": {
+        "model.family": "qwen_image", "model.path": "Qwen/Qwen-Image", "model.shift": 3.0, "sample.height": 720,
+        "sample.width": 720, "sample.num_steps": 20, "sample.guidance_scale": 1.0, "sample.group_size": 12,
+        "sample.prompts_per_step": 16, "sample.same_noise": True, "plan.kind": "random_subset", "plan.sde": "dance_sde",
+        "plan.noise_level": 0.3, "plan.subset.fraction": 0.6, "plan.subset.per_sample": True, "plan.train_last_step": True,
+        "loss.eps_low": 1e-4, "loss.beta": 0.0, "advantage.eps": 1e-8, "advantage.clip": 5.0, "advantage.std_unbiased": True,
+        "lora.enabled": False, "train.learning_rate": 1e-5, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
+        "train.num_minibatches": 2, "train.mixed_precision": "bf16", "max_steps": 300, "checkpoint_every": 60,
+        "rewards": {"hpsv21": 1.0},
+    },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,
         "loss.aggregation": "token-mean", "loss.eps_low": 0.2, "loss.eps_high": 0.28, "loss.beta": 0.0,
