@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -342,6 +342,29 @@ PUBLISHED = {
         "train.learning_rate": 3e-4, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
         "train.num_minibatches": 2, "train.mixed_precision": "bf16", "lora.rank": 64, "lora.alpha": 128,
         "ema.decay": 0.9, "ema.every": 4, "data.max_train_prompts": 1000, "rewards": {"pickscore": 1.0},
+    },
+    # yifan123/flow_grpo 9745241 (zhtmike/flow_grpo mirror), config/grpo.py pickscore_qwenimage_8gpu + scripts/train_qwenimage.py
+    "flow_grpo_qwen_image.yaml": {
+        "model.family": "qwen_image", "model.path": "Qwen/Qwen-Image", "sample.height": 512, "sample.width": 512,
+        "sample.num_steps": 10, "sample.eval_num_steps": 50, "sample.guidance_scale": 4.0, "sample.negative_prompt": " ",
+        "sample.group_size": 16, "sample.prompts_per_step": 32, "sample.same_noise": False, "plan.kind": "random_window",
+        "plan.sde": "flow_sde", "plan.noise_level": 1.2, "plan.window.size": 2, "plan.window.range": [0, 5],
+        "loss.eps_low": 1e-4, "loss.beta": 0.0, "advantage.scale": "batch", "advantage.clip": 5.0,
+        "advantage.std_unbiased": False, "advantage.eps": 1e-4, "lora.enabled": True, "lora.rank": 64, "lora.alpha": 128,
+        "lora.init": "gaussian", "lora.targets": LORA_DEFAULTS["qwen_image"]["targets"], "train.learning_rate": 3e-4,
+        "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 2, "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True, "ema.enabled": False, "seed": 42, "rewards": {"pickscore": 1.0},
+    },
+    # XueZeyue/DanceGRPO 15cc71d, scripts/finetune/finetune_qwenimage_grpo.sh + fastvideo/train_grpo_qwenimage.py
+    "dance_grpo_qwen_image.yaml": {
+        "model.family": "qwen_image", "model.path": "Qwen/Qwen-Image", "model.shift": 3.0, "sample.height": 720,
+        "sample.width": 720, "sample.num_steps": 20, "sample.guidance_scale": 1.0, "sample.group_size": 12,
+        "sample.prompts_per_step": 16, "sample.same_noise": True, "plan.kind": "random_subset", "plan.sde": "dance_sde",
+        "plan.noise_level": 0.3, "plan.subset.fraction": 0.6, "plan.subset.per_sample": True, "plan.train_last_step": True,
+        "loss.eps_low": 1e-4, "loss.beta": 0.0, "advantage.eps": 1e-8, "advantage.clip": 5.0, "advantage.std_unbiased": True,
+        "lora.enabled": False, "train.learning_rate": 1e-5, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
+        "train.num_minibatches": 2, "train.mixed_precision": "bf16", "max_steps": 300, "checkpoint_every": 60,
+        "rewards": {"hpsv21": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,

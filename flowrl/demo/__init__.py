@@ -15,4 +15,5 @@ TINY_BUILDERS = {
     "sd3": "flowrl.demo.tiny_image:build_tiny_sd3_pipeline",
     "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
     "z_image": "flowrl.demo.tiny_z_image:build_tiny_z_image_pipeline",
+    "qwen_image": "flowrl.demo.tiny_qwen_image:build_tiny_qwen_image_pipeline",
 }

@@ -7,6 +7,8 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
 * LM: r=16, alpha=32 on q/k/v/o.
 * Z-Image: r=64, alpha=128 on the attention projections and the SwiGLU feed-forward (Flow-Factory's recipe).
+* Qwen-Image: r=64, alpha=128 on the attention projections of both streams plus both streams' MLPs
+  (Flow-GRPO's Qwen-Image training script).
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
 metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
@@ -35,12 +37,16 @@ Z_IMAGE_TARGETS = [
     "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
 ]
+# Qwen-Image: flow_grpo's scripts/train_qwenimage.py (r=64, alpha=128): both streams' attention projections
+# and both streams' MLPs (GELU input projection and output linear).
+QWEN_IMAGE_TARGETS = SD3_TARGETS + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
     "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
+    "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},
 }
 
 

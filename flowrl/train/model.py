@@ -58,11 +58,14 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
 
 def set_fixed_shift(policy, shift: float) -> None:
     """Replace the pipeline's scheduler by the same scheduler with a fixed time shift (no
-    resolution-dependent shifting), as the DanceGRPO/MixGRPO/G2RPO Flux scripts use shift 3."""
+    resolution-dependent shifting, no terminal stretch), as the DanceGRPO/MixGRPO/G2RPO Flux scripts and
+    DanceGRPO's Qwen-Image script use shift 3 (``sigma = 3t / (1 + 2t)`` on ``t = linspace(1, 0, n + 1)``;
+    Qwen-Image's own config stretches its schedule to end at ``shift_terminal`` 0.02, which they do not)."""
     if not shift > 0:
         raise UsageError(f"model.shift must be > 0, got {shift}")
     sched = policy.pipeline.scheduler
-    policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False)
+    policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False,
+                                                        shift_terminal=None)
 
 
 def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):

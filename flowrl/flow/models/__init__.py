@@ -20,6 +20,7 @@ FAMILIES: Dict[str, str] = {
     "sd3": "flowrl.flow.models.sd3:SD3Policy",
     "flux": "flowrl.flow.models.flux:FluxPolicy",
     "z_image": "flowrl.flow.models.z_image:ZImagePolicy",
+    "qwen_image": "flowrl.flow.models.qwen_image:QwenImagePolicy",
 }
 
 
