@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 FAMILIES: Dict[str, str] = {
     "sd3": "flowrl.flow.models.sd3:SD3Policy",
     "flux": "flowrl.flow.models.flux:FluxPolicy",
+    "flux2": "flowrl.flow.models.flux2:Flux2Policy",
+    "flux2_klein": "flowrl.flow.models.flux2:Flux2KleinPolicy",
 }
 
 
