@@ -14,4 +14,6 @@ and ``flowrl make-tiny``.
 TINY_BUILDERS = {
     "sd3": "flowrl.demo.tiny_image:build_tiny_sd3_pipeline",
     "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
+    "flux2": "flowrl.demo.tiny_flux2:build_tiny_flux2_pipeline",
+    "flux2_klein": "flowrl.demo.tiny_flux2:build_tiny_flux2_klein_pipeline",
 }
