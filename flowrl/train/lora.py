@@ -5,6 +5,7 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
+* FLUX.2 (dev, klein): r=64, alpha=128 on Flow-Factory's default modules (see FLUX2_TARGETS).
 * LM: r=16, alpha=32 on q/k/v/o.
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
@@ -27,10 +28,19 @@ SD3_TARGETS = [
 ]
 FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# FLUX.2 (dev and klein): Flow-Factory's default_target_modules (X-GenGroup/Flow-Factory a0b2bc5,
+# src/flow_factory/models/flux/flux2.py and flux2_klein.py, the same list; r64 / alpha 128 in its
+# examples/grpo/lora/flux2*/): the double blocks' attention and SwiGLU feed-forward projections and the single
+# blocks' fused QKV+MLP input projection. Its list names "attn.to_out.0" twice and no "attn.to_out", so the single
+# blocks' output projection (a plain Linear named attn.to_out) is not adapted; kept as published.
+FLUX2_TARGETS = SD3_TARGETS + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                               "attn.to_qkv_mlp_proj"]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
+    "flux2": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
+    "flux2_klein": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
 }
 
