@@ -72,6 +72,8 @@ def test_make_tiny_folders_pick_their_policy_class(dirs, dev, klein):
     assert type(klein.pipeline.text_encoder).__name__ == "Qwen3ForCausalLM"
     assert dev.transformer.config.guidance_embeds and not klein.transformer.config.guidance_embeds
     assert not klein.is_distilled and klein._uses_negative and not dev._uses_negative
+    with pytest.raises(ValueError, match="holds a Flux2KleinPipeline, but Flux2Policy needs a Flux2Pipeline"):
+        Flux2Policy.from_pretrained(dirs["flux2_klein"])  # model.family flux2 on a klein folder: a clear error
     # the prompt is not truncated away: the two prompts' embeddings differ, both padded to MSL
     e = dev.encode_prompts(PROMPTS)
     assert e.prompt_embeds.shape[1] == MSL and e.text_ids.shape == (2, MSL, 4) and e.prompt_mask is None
