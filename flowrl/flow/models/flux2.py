@@ -134,10 +134,10 @@ class Flux2Policy(FlowPolicy):
 
     def image_ids(self, grid: tuple[int, int]) -> Tensor:
         """Image position ids ``[h*w, 4]`` = ``(0, row, col, 0)`` (the pipeline's ``_prepare_latent_ids``)."""
-        if grid not in self._ids:
-            ids = self.pipeline._prepare_latent_ids(torch.empty(1, 0, *grid))[0]
-            self._ids[grid] = ids.to(self.device)
-        return self._ids[grid]
+        ids = self._ids.get(grid)
+        if ids is None or ids.device != self.device:  # made on another device before a to()
+            ids = self._ids[grid] = self.pipeline._prepare_latent_ids(torch.empty(1, 0, *grid))[0].to(self.device)
+        return ids
 
     # ---- the denoiser -----------------------------------------------------------------------
 
