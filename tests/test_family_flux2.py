@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_make_tiny_folders_pick_their_policy_class(dirs, dev, klein):
 
     for kind, policy, cls, pipe in (("flux2", dev, Flux2Policy, "Flux2Pipeline"),
                                     ("flux2_klein", klein, Flux2KleinPolicy, "Flux2KleinPipeline")):
-        index = json.loads(open(f"{dirs[kind]}/model_index.json").read())
+        index = json.loads(Path(dirs[kind], "model_index.json").read_text())
         assert index["_class_name"] == pipe and type(policy) is cls and policy.family == kind
         assert type(policy.pipeline).__name__ == pipe
         assert type(policy.pipeline.vae).__name__ == "AutoencoderKLFlux2"
