@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml", "tiny_flux2.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -204,7 +204,7 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     if raw.model.family != "lm":
         from flowrl.flow.models import policy_class
 
-        assert isinstance(tr.task.policy, policy_class(raw.model.family))
+        assert type(tr.task.policy) is policy_class(raw.model.family)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +299,16 @@ PUBLISHED = {
         "advantage.eps": 1e-6, "advantage.clip": None, "train.learning_rate": 3e-4, "train.weight_decay": 1e-4,
         "train.max_grad_norm": 1.0, "train.num_minibatches": 1, "train.mixed_precision": "bf16", "lora.rank": 64,
         "lora.alpha": 128, "ema.decay": 0.3, "data.max_train_prompts": 1024, "rewards": {"pickscore": 1.0},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/grpo.py + examples/grpo/lora/flux2/t2i.yaml
+    "grpo_flux2.yaml": {
+        "model.family": "flux2", "model.path": "black-forest-labs/FLUX.2-dev", "plan.kind": "singular",
+        "plan.sde": "flow_sde", "plan.noise_level": 1.0, "plan.singular.steps": [1, 2, 3], "plan.singular.choice": "random",
+        "sample.num_steps": 8, "sample.eval_num_steps": 28, "sample.height": 512, "sample.guidance_scale": 4.0,
+        "sample.group_size": 16, "sample.prompts_per_step": 48, "advantage.multi_reward": "normalize_then_sum",
+        "advantage.post_norm": "batch", "advantage.clip": 5.0, "loss.eps_low": 1e-4, "loss.beta": 0.0,
+        "train.learning_rate": 3e-4, "train.num_minibatches": 2, "lora.rank": 64, "lora.alpha": 128,
+        "ema.decay": 0.9, "ema.every": 8, "rewards": {"clipscore": 1.0, "pickscore": 0.5},
     },
     # Luo-Yihong/DGPO 01ceb4b, config/dgpo.py pickscore_sd3_4gpu + scripts/train_sd3_dgpo.py
     "dgpo_sd35m.yaml": {

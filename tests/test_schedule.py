@@ -209,7 +209,7 @@ def test_sigmas_for_scheduler_needs_image_seq_len_for_dynamic_shifting() -> None
     with pytest.raises(ValueError, match="image_seq_len"):
         sigmas_for_scheduler(FLUX1_CONFIG, 10)
     with pytest.raises(ValueError, match="pipeline"):
-        sigmas_for_scheduler(FLUX1_CONFIG, 10, 1024, pipeline="flux2")  # type: ignore[arg-type]
+        sigmas_for_scheduler(FLUX1_CONFIG, 10, 1024, pipeline="flux3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scheduler_config"):
         sigmas_for_scheduler([("shift", 3.0)], 10)  # type: ignore[arg-type]
 

@@ -16,4 +16,6 @@ TINY_BUILDERS = {
     "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
     "z_image": "flowrl.demo.tiny_z_image:build_tiny_z_image_pipeline",
     "qwen_image": "flowrl.demo.tiny_qwen_image:build_tiny_qwen_image_pipeline",
+    "flux2": "flowrl.demo.tiny_flux2:build_tiny_flux2_pipeline",
+    "flux2_klein": "flowrl.demo.tiny_flux2:build_tiny_flux2_klein_pipeline",
 }

@@ -7,7 +7,9 @@ holds after the pipeline's ``set_timesteps`` call: float32, length ``num_steps +
 * SD3 / SD3.5: linear spacing, shifted by ``sigma = shift t / (1 + (shift - 1) t)`` (Esser et al.,
   SD3, arXiv 2403.03206, section 5.3.2; ``shift`` 3.0);
 * FLUX.1: the resolution-dependent shift ``sigma = e^mu / (e^mu + (1/t - 1))`` with
-  ``mu = flux_mu(image_seq_len)``, SD3's shift with ``shift = e^mu``.
+  ``mu = flux_mu(image_seq_len)``, SD3's shift with ``shift = e^mu``;
+* FLUX.2 (dev, klein): the same shift with an empirical ``mu = flux2_mu(image_seq_len, num_steps)``
+  that depends on the step count too.
 
 The transformers are conditioned on ``timestep = sigma * num_train_timesteps``
 (:func:`sigma_to_timestep`). How the arithmetic follows the scheduler's: docs/methods.md ("Sigma
@@ -33,6 +35,7 @@ __all__ = [
     "sd3_sigmas",
     "flux_mu",
     "flux_sigmas",
+    "flux2_mu",
     "sigmas_for_scheduler",
     "z_image_pipeline_sigmas",
     "sigma_to_timestep",
@@ -234,12 +237,33 @@ def z_image_pipeline_sigmas(num_steps: int) -> Tensor:
     return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
 
 
+def flux2_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's empirical shift ``mu`` (diffusers' ``compute_empirical_mu`` in pipeline_flux2.py, from
+    Black Forest Labs' flux2 sampling code).
+
+    Two lines fitted in the image token count L, at 10 and at 200 steps:
+    ``mu_10 = 8.73809524e-05 L + 1.89833333`` and ``mu_200 = 0.00016927 L + 0.45666666``; ``mu`` is
+    linear in ``num_steps`` through both, ``mu = a n + b`` with ``a = (mu_200 - mu_10) / 190`` and
+    ``b = mu_200 - 200 a``; above L = 4300 tokens ``mu = mu_200`` whatever the step count. Python
+    floats with the pipeline's operation order, so the value is bit-identical.
+    """
+    if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be a positive int, got {image_seq_len!r}")
+    _check_num_steps(num_steps)
+    mu_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return float(mu_200)
+    mu_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    slope = (mu_200 - mu_10) / 190.0
+    return float(slope * num_steps + (mu_200 - 200.0 * slope))
+
+
 def sigmas_for_scheduler(
     scheduler_config: Mapping[str, Any],
     num_steps: int,
     image_seq_len: int | None = None,
     *,
-    pipeline: Literal["auto", "sd3", "flux", "z_image"] = "auto",
+    pipeline: Literal["auto", "sd3", "flux", "flux2", "z_image"] = "auto",
 ) -> Tensor:
     """The sigma schedule a diffusers pipeline would use, from its scheduler's config dict.
 
@@ -250,7 +274,8 @@ def sigmas_for_scheduler(
     scheduler: ``"flux"`` feeds ``linspace(1, 1/n, n)`` (FluxPipeline), ``"sd3"`` lets the scheduler
     space its own timesteps (StableDiffusion3Pipeline), ``"z_image"`` feeds the same points computed by
     ``torch.linspace`` in float32 (ZImagePipeline; they can differ from numpy's float64 points in the last
-    bit); ``"auto"`` picks ``"flux"`` when
+    bit), ``"flux2"`` feeds FluxPipeline's sigmas with FLUX.2's ``mu = flux2_mu(image_seq_len, num_steps)``
+    (Flux2Pipeline, Flux2KleinPipeline); ``"auto"`` picks ``"flux"`` when
     ``use_dynamic_shifting`` is on and ``"sd3"`` otherwise. ``image_seq_len`` (the number of latent
     tokens, ``(H/16)*(W/16)``) is required with dynamic shifting.
 
@@ -284,8 +309,8 @@ def sigmas_for_scheduler(
         raise ValueError(
             f"scheduler_config['time_shift_type'] must be 'exponential' or 'linear', got {time_shift_type!r}"
         )
-    if pipeline not in ("auto", "sd3", "flux", "z_image"):
-        raise ValueError(f"pipeline must be 'auto', 'sd3', 'flux' or 'z_image', got {pipeline!r}")
+    if pipeline not in ("auto", "sd3", "flux", "flux2", "z_image"):
+        raise ValueError(f"pipeline must be 'auto', 'sd3', 'flux', 'flux2' or 'z_image', got {pipeline!r}")
     _check_num_steps(num_steps)
     dynamic = bool(cfg["use_dynamic_shifting"])
     if pipeline == "auto":
@@ -297,7 +322,7 @@ def sigmas_for_scheduler(
                 "image_seq_len is required when scheduler_config['use_dynamic_shifting'] is True "
                 "(number of latent tokens, (H/16)*(W/16))"
             )
-        mu = flux_mu(
+        mu = flux2_mu(image_seq_len, num_steps) if pipeline == "flux2" else flux_mu(
             image_seq_len,
             int(cfg["base_image_seq_len"]),
             int(cfg["max_image_seq_len"]),
@@ -311,7 +336,7 @@ def sigmas_for_scheduler(
     if shift_terminal is not None and not (0 <= float(shift_terminal) < 1):
         raise ValueError(f"scheduler_config['shift_terminal'] must lie in [0, 1), got {shift_terminal!r}")
     pipeline_sigmas = None
-    if pipeline == "flux":
+    if pipeline in ("flux", "flux2"):
         pipeline_sigmas = _np_linspace(1.0, 1.0 / num_steps, num_steps)
     elif pipeline == "z_image":
         pipeline_sigmas = z_image_pipeline_sigmas(num_steps)

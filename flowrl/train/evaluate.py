@@ -465,11 +465,11 @@ def evaluate_from_config(policy: Any, cfg: Any, reward: Optional[RewardLike] = N
 
 def check_image_model(cfg: Any) -> None:
     """UsageError unless ``cfg.model`` is an image model (sampling and grids need one)."""
-    from flowrl.flow.models import FAMILIES  # the image families (a cheap registry)
+    from flowrl.flow.models import FAMILIES  # the image families (cheap: no diffusers import)
 
     family = getattr(cfg.model, "family", "sd3")
     if family not in FAMILIES:
-        raise UsageError(f"model.family is {family!r}: image sampling needs an image model ({', '.join(map(repr, FAMILIES))})")
+        raise UsageError(f"model.family is {family!r}: image sampling needs an image model ({', '.join(FAMILIES)})")
 
 
 def load_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):

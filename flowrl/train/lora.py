@@ -5,6 +5,7 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
+* FLUX.2 (dev, klein): r=64, alpha=128 on Flow-Factory's default modules (see FLUX2_TARGETS).
 * LM: r=16, alpha=32 on q/k/v/o.
 * Z-Image: r=64, alpha=128 on the attention projections and the SwiGLU feed-forward (Flow-Factory's recipe).
 * Qwen-Image: r=64, alpha=128 on the attention projections of both streams plus both streams' MLPs
@@ -40,10 +41,19 @@ Z_IMAGE_TARGETS = [
 # Qwen-Image: flow_grpo's scripts/train_qwenimage.py (r=64, alpha=128): both streams' attention projections
 # and both streams' MLPs (GELU input projection and output linear).
 QWEN_IMAGE_TARGETS = SD3_TARGETS + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+# FLUX.2 (dev and klein): Flow-Factory's default_target_modules (X-GenGroup/Flow-Factory a0b2bc5,
+# src/flow_factory/models/flux/flux2.py and flux2_klein.py, the same list; r64 / alpha 128 in its
+# examples/grpo/lora/flux2*/): the double blocks' attention and SwiGLU feed-forward projections and the single
+# blocks' fused QKV+MLP input projection. Its list names "attn.to_out.0" twice and no "attn.to_out", so the single
+# blocks' output projection (a plain Linear named attn.to_out) is not adapted; kept as published.
+FLUX2_TARGETS = SD3_TARGETS + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                               "attn.to_qkv_mlp_proj"]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
+    "flux2": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
+    "flux2_klein": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
     "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
     "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},

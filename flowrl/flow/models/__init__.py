@@ -21,6 +21,8 @@ FAMILIES: Dict[str, str] = {
     "flux": "flowrl.flow.models.flux:FluxPolicy",
     "z_image": "flowrl.flow.models.z_image:ZImagePolicy",
     "qwen_image": "flowrl.flow.models.qwen_image:QwenImagePolicy",
+    "flux2": "flowrl.flow.models.flux2:Flux2Policy",
+    "flux2_klein": "flowrl.flow.models.flux2:Flux2KleinPolicy",
 }
 
 
