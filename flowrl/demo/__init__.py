@@ -14,4 +14,5 @@ and ``flowrl make-tiny``.
 TINY_BUILDERS = {
     "sd3": "flowrl.demo.tiny_image:build_tiny_sd3_pipeline",
     "flux": "flowrl.demo.tiny_image:build_tiny_flux_pipeline",
+    "wan": "flowrl.demo.tiny_wan:build_tiny_wan_pipeline",
 }

@@ -6,6 +6,7 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 * SD3: r=32, alpha=64 on the joint-attention projections.
 * Flux: r=64, alpha=128 on the attention projections plus the feed-forward layers.
 * LM: r=16, alpha=32 on q/k/v/o.
+* Wan: r=64, alpha=128 on self- and cross-attention plus the feed-forward layers (Flow-Factory's Wan recipes).
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
 metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
@@ -27,11 +28,19 @@ SD3_TARGETS = [
 ]
 FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Wan (WanTransformer3DModel): self-attention (attn1), cross-attention (attn2) and the feed-forward layers, as
+# Flow-Factory's Wan models (src/flow_factory/models/wan/wan2_t2v.py, default_target_modules; commit a0b2bc5).
+WAN_TARGETS = [
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ffn.net.0.proj", "ffn.net.2",
+]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
+    "wan": {"rank": 64, "alpha": 128, "targets": WAN_TARGETS},  # Flow-Factory examples/grpo/lora/wan21/t2v.yaml
 }
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FAMILIES: Dict[str, str] = {
     "sd3": "flowrl.flow.models.sd3:SD3Policy",
     "flux": "flowrl.flow.models.flux:FluxPolicy",
+    "wan": "flowrl.flow.models.wan:WanPolicy",
 }
 
 
