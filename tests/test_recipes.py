@@ -30,7 +30,7 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_wan.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -64,6 +64,7 @@ def tiny_models(tmp_path_factory) -> Dict[str, str]:
     return {
         "sd3": str(save_tiny("sd3", d / "sd3")),
         "flux": str(save_tiny("flux", d / "flux")),
+        "wan": str(save_tiny("wan", d / "wan")),
         "lm": str(save_tiny_lm(d / "lm")),
     }
 
@@ -306,6 +307,16 @@ PUBLISHED = {
         "objective.num_timesteps": 1, "objective.noise_share": "group", "sample.group_size": 4,
         "sample.num_steps": 40, "sample.guidance_scale": 1.0, "train.learning_rate": 1e-5, "lora.rank": 32,
         "plan.kind": "ode", "plan.ode_solver": "euler",
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 examples/grpo/lora/wan21/t2v.yaml + models/wan/wan2_t2v.py + trainers/grpo.py
+    "flow_grpo_wan21.yaml": {
+        "model.family": "wan", "model.path": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "sample.height": 256,
+        "video.num_frames": 5, "sample.num_steps": 10, "sample.eval_num_steps": 28, "sample.guidance_scale": 5.0,
+        "sample.group_size": 16, "sample.prompts_per_step": 48, "plan.kind": "random_window", "plan.sde": "flow_sde",
+        "plan.noise_level": 0.9, "plan.window.size": 1, "plan.window.range": [1, 4], "loss.eps_low": 1e-4,
+        "loss.beta": 0.0, "advantage.clip": 5.0, "advantage.multi_reward": "normalize_then_sum",
+        "advantage.post_norm": "batch", "train.learning_rate": 1e-4, "train.num_minibatches": 2, "lora.rank": 64,
+        "lora.alpha": 128, "ema.decay": 0.9, "rewards": {"clipscore": 1.0, "pickscore": 0.5},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,
