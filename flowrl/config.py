@@ -719,7 +719,7 @@ MOVED = {
 
 
 #: sections added after checkpoints were first written: a checkpoint without them ran with their defaults
-ADDED_SECTIONS = ("objective",)
+ADDED_SECTIONS = ("objective", "video")
 
 
 def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:

@@ -153,6 +153,11 @@ def test_geometry_schedules_and_errors(wan):
     try:
         wan.pipeline.scheduler = s
         torch.testing.assert_close(wan.sigmas(7, 32, 32), s.sigmas.float(), rtol=0, atol=0)
+        from flowrl.train.model import set_fixed_shift
+
+        set_fixed_shift(wan, 5.0)  # model.shift: UniPC calls it flow_shift
+        assert wan.pipeline.scheduler.config.flow_shift == 5.0
+        torch.testing.assert_close(wan.sigmas(7, 32, 32), unipc_flow_sigmas(7, 5.0), rtol=0, atol=0)
     finally:
         wan.pipeline.scheduler = old
 

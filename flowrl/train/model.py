@@ -83,7 +83,9 @@ def set_fixed_shift(policy, shift: float) -> None:
     if not shift > 0:
         raise UsageError(f"model.shift must be > 0, got {shift}")
     sched = policy.pipeline.scheduler
-    policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False)
+    # UniPC (Wan's released scheduler) names its flow shift flow_shift; from_config ignores unknown keys
+    key = "flow_shift" if "flow_shift" in sched.config else "shift"
+    policy.pipeline.scheduler = type(sched).from_config(sched.config, **{key: float(shift)}, use_dynamic_shifting=False)
 
 
 def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
