@@ -61,7 +61,7 @@ def build_tiny_wan_pipeline(
     num_heads: int = 2,
     head_dim: int = 12,
     t5_max_length: int = 512,
-    vae_base_dim: int = 8,
+    vae_base_dim: int = 4,
     two_experts: bool = False,
 ):
     """A tiny ``WanPipeline`` (Wan2.1 T2V architecture; Wan2.2 A14B with ``two_experts=True``) with random
