@@ -194,9 +194,9 @@ def test_recipe_builds_on_a_tiny_stand_in(path, tiny_models, tmp_path):
     else:  # full fine-tuning: every weight of the transformer / LM trains
         assert trainable == {n for n, _ in tr.task.module.named_parameters()}
     if raw.model.family != "lm":
-        from flowrl.flow.policy import FluxPolicy, SD3Policy
+        from flowrl.flow.models import policy_class
 
-        assert isinstance(tr.task.policy, {"sd3": SD3Policy, "flux": FluxPolicy}[raw.model.family])
+        assert isinstance(tr.task.policy, policy_class(raw.model.family))
 
 
 # --------------------------------------------------------------------------------------------------
