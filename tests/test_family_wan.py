@@ -336,6 +336,12 @@ def test_image_scorers_score_videos_by_frame_mean():
     assert float(temporal_consistency_scores(video).abs().max()) < 0.5
     with pytest.raises(ValueError, match="score_frames"):
         MultiReward({"b": 1.0}, scorers={"b": bright}, score_frames="middle")
+    # grids show a video as the strip of its frames, left to right
+    from flowrl.train.grids import frame_strip, to_pil
+
+    strip = frame_strip(video)
+    assert strip.shape == (3, 3, 8, 40) and torch.equal(strip[2, :, :, 8:16], video[2, :, 1])
+    assert to_pil(video[0]).size == (40, 8)
 
 
 def test_remote_protocol_2_carries_videos():
