@@ -524,6 +524,22 @@ class LoraConfig:
 
 
 @dataclass
+class VideoConfig:
+    num_frames: Optional[int] = None  # frames of a video model's samples (Wan: (n - 1) % 4 == 0); null: the pipeline's default (81). Image models: must stay null
+    score_frames: Literal["all", "first_last", "every_k"] = "all"  # the frames an image scorer scores (a video's score is their mean)
+    every_k: int = 4  # score_frames: every_k scores frames 0, k, 2k, ... and the last
+    guidance_scale_2: Optional[float] = None  # Wan2.2: CFG scale of the low-noise expert (null: sample.guidance_scale)
+    expert: Literal["transformer", "transformer_2"] = "transformer"  # Wan2.2: the expert trained (the other is frozen)
+
+    def validate(self) -> None:
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames: must be >= 1, got {self.num_frames}")
+        if self.every_k < 1:
+            raise ValueError(f"every_k: must be >= 1, got {self.every_k}")
+        check_number("guidance_scale_2", self.guidance_scale_2, ge=0, none_ok=True)
+
+
+@dataclass
 class EmaConfig:
     enabled: bool = False  # keep an EMA of the trainable weights for evaluation and saving
     decay: float = 0.9  # EMA decay (Flow-GRPO 0.9 with warm-up min((1+n)/(10+n), decay))
@@ -567,6 +583,7 @@ class RunConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)  # an EMA of the trained weights
     data: DataConfig = field(default_factory=DataConfig)  # prompt sources
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    video: VideoConfig = field(default_factory=VideoConfig)  # video models (Wan): frames, how image scorers score them
 
     @property
     def stat_tracker_applies(self) -> bool:
@@ -702,7 +719,7 @@ MOVED = {
 
 
 #: sections added after checkpoints were first written: a checkpoint without them ran with their defaults
-ADDED_SECTIONS = ("objective",)
+ADDED_SECTIONS = ("objective", "video")
 
 
 def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:

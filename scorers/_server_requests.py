@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
-from scorers.remote import PROTOCOL, PROTOCOL_VERSION
+from scorers.remote import PROTOCOL, SUPPORTED_VERSIONS
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,11 +71,13 @@ class ScoreRequest:
     ``pixels``: the sum of width x height of its images; ``size``: their one size, or None when
     they may differ."""
 
-    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]]):
+    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]],
+                 frames: Optional[int] = None):
         self.prompts = prompts
         self.metadata = metadata
         self.images = images
         self.sizes = sizes
+        self.frames = frames  # protocol 2 videos: frames per sample (images holds len(prompts) * frames PNGs)
         self.pixels = sum(w * h for w, h in sizes)
 
     def decode(self) -> List[Any]:
@@ -98,18 +100,25 @@ def read_score_request(
         raise BadRequest(400, f"body is not valid JSON ({e})") from None
     if not isinstance(req, dict):
         raise BadRequest(400, f"body must be a JSON object, got {type(req).__name__}")
-    version = req.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} (protocol: 1)")
-    unknown = sorted(set(req) - {"protocol", "prompts", "images", "metadata"})
+    version = req.get("protocol", 1)
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} "
+                         f"(protocol: {' or '.join(map(str, SUPPORTED_VERSIONS))})")
+    fields = {"protocol", "prompts", "images", "metadata"} | ({"frames"} if version >= 2 else set())
+    unknown = sorted(set(req) - fields)
     if unknown:
-        raise BadRequest(400, f"unknown field(s) {unknown}; expected prompts, images, metadata")
+        raise BadRequest(400, f"unknown field(s) {unknown}; expected {', '.join(sorted(fields - {'protocol'}))}")
     prompts, images, metadata = req.get("prompts"), req.get("images"), req.get("metadata", {})
+    frames = req.get("frames")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise BadRequest(400, f"'frames' must be a positive integer (frames per video), got {frames!r}")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise BadRequest(400, "'prompts' must be a list of strings")
     if not isinstance(images, list):
         raise BadRequest(400, "'images' must be a list of base64 PNG strings")
-    if len(images) != len(prompts):
+    if len(images) != len(prompts) * (frames or 1):
+        if frames:
+            raise BadRequest(400, f"got {len(images)} frames for {len(prompts)} prompts of {frames} frames each")
         raise BadRequest(400, f"got {len(images)} images but {len(prompts)} prompts")
     if metadata is None:
         metadata = {}
@@ -124,22 +133,30 @@ def read_score_request(
         if w * h > max_pixels:
             raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
         sizes.append((w, h))
-    out = ScoreRequest(prompts, metadata, images, sizes)
+    out = ScoreRequest(prompts, metadata, images, sizes, frames)
     if max_request_pixels is not None and out.pixels > max_request_pixels:
         raise BadRequest(
             400, f"the request's {len(sizes)} images hold {out.pixels} pixels, over the server's limit of "
             f"{max_request_pixels} pixels per request; send smaller batches (batch_size)"
         )
-    if same_size and len(set(sizes)) > 1:
+    if (same_size or frames) and len(set(sizes)) > 1:
         raise BadRequest(400, f"images must share one size, got {sorted(set(sizes))}")
     return out
 
 
-def scorer_input(scorer: Callable, pil: List[Any]):
+def scorer_input(scorer: Callable, pil: List[Any], frames: Optional[int] = None):
     """What ``scorer`` is called with for the decoded images ``pil``: the PIL list itself for a
     :class:`scorers.base.Scorer` or anything with ``pil_input = True`` (a learned scorer then
     preprocesses them as its official package does; the base class converts them to float for the
-    others), else float32 [B, 3, H, W] in [0, 1] of their RGB pixels (one size)."""
+    others), else float32 [B, 3, H, W] in [0, 1] of their RGB pixels (one size). With ``frames``
+    (protocol 2 videos), float32 ``[B, 3, frames, H, W]`` for a scorer that takes videos (``video_input``);
+    400 for an image scorer."""
+    if frames is not None:
+        if not getattr(scorer, "video_input", False):
+            raise BadRequest(400, "this server's scorer takes images, not videos: send a video's frames as images "
+                             "(protocol 1; flowrl's MultiReward does, with video.score_frames)")
+        x = pil_to_tensor(pil)
+        return x.reshape(-1, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
     if isinstance(scorer, Scorer) or takes_8bit_images(scorer):
         return pil
     return pil_to_tensor(pil) if pil else torch.zeros(0, 3, 1, 1)

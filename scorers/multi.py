@@ -141,6 +141,9 @@ class MultiReward:
         options: scorer name → extra factory keyword arguments (``checkpoint=``, ``batch_size=``, …).
         scorers: prebuilt callables by name (used instead of building that name).
         on_error: ``"mask"`` (report and mark the batch's samples invalid) or ``"raise"``.
+        score_frames, every_k: for a video batch ``[N, 3, F, H, W]``, the frames an image scorer
+            scores (its score is their mean; :func:`scorers.video.score_video_frames`); scorers that
+            set ``video_input = True`` (``temporal_consistency``) get the video itself.
     """
 
     def __init__(
@@ -152,8 +155,14 @@ class MultiReward:
         options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         scorers: Optional[Mapping[str, Callable]] = None,
         on_error: str = "mask",
+        score_frames: str = "all",
+        every_k: int = 4,
     ):
+        from scorers.video import frame_indices
+
         self.weights = _check_weights(weights)
+        frame_indices(1, score_frames, every_k)  # a bad setting fails here, not at the first video
+        self.score_frames, self.every_k = score_frames, every_k
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         options = dict(options or {})
@@ -173,9 +182,18 @@ class MultiReward:
                 kw = {"device": device, "dtype": dtype, **dict(options.get(name, {}))}
                 self.scorers[name] = get_scorer(name, **kw)
 
+    def _call_scorer(self, fn: Callable, images, prompts, metadata):
+        """``fn``'s scores; a video goes to an image scorer frame by frame (mean over ``score_frames``)."""
+        from scorers.video import is_video, score_video_frames
+
+        if is_video(images) and not getattr(fn, "video_input", False):
+            return score_video_frames(fn, images, prompts, score_frames=self.score_frames, every_k=self.every_k,
+                                      **metadata)
+        return fn(images, prompts, **metadata)
+
     def _run_one(self, name: str, fn: Callable, images, prompts, n: int, metadata) -> Tuple[torch.Tensor, Optional[RewardIssue]]:
         try:
-            out = fn(images, prompts, **metadata)
+            out = self._call_scorer(fn, images, prompts, metadata)
         except Exception as e:  # a reward model failing must not kill a long run unless asked to
             # the error text may quote a (megabytes long) prompt: cut it, here and in the traceback
             msg = short(f"{type(e).__name__}: {e}", MESSAGE_CHARS)

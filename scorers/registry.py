@@ -34,6 +34,7 @@ _BUILTIN_MODULES = (
     "scorers.shapes",
     "scorers.remote",
     "scorers.judge",
+    "scorers.video",
 )
 _builtins_loaded = False
 

@@ -1,14 +1,21 @@
 """Scorers that run in another process, reached over HTTP with the flowrl scorer protocol (no pickle).
 
 Users run a large reward model as a server (``flowrl serve-scorer NAME``, :mod:`scorers.server`) and
-train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/1`` carries
+train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/2`` carries
 only JSON and PNG:
 
-* ``GET /health`` -> ``{"status": "ok", "protocol": "flowrl-scorer/1", "scorer": NAME,
+* ``GET /health`` -> ``{"status": "ok", "protocol": "flowrl-scorer/2", "scorer": NAME,
   "max_request_bytes": N}``;
 * ``POST /score`` with a JSON body ``{"protocol": 1, "prompts": [B strings], "images": [B base64
   PNGs], "metadata": {...}}`` -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
   (non-finite scores as ``null``, read back as NaN); errors are 4xx/5xx with ``{"error": message}``.
+
+Protocol 2 (``flowrl-scorer/2``) adds videos: ``{"protocol": 2, "frames": F, "prompts": [B strings],
+"images": [B * F base64 PNGs], "metadata": {...}}``, the frames of each sample in order (frame f of sample b at
+``b * F + f``), scored by a server whose scorer takes videos ``[B, 3, F, H, W]`` (``video_input``, e.g.
+``temporal_consistency``); a server of an image scorer refuses it (400): image scorers get a video's frames
+as images (protocol 1 requests, the frame mean of :mod:`scorers.video`). A client sends protocol 1 for
+images, so it still works with servers of protocol 1; a protocol-2 server accepts both.
 
 A client retries 408, 429, 502, 503, 504 and connection failures (honouring ``Retry-After``), never
 the other 4xx nor 500. A float batch travels as the 8-bit PNGs of :func:`quantize_uint8`, so its
@@ -42,8 +49,10 @@ from scorers.registry import register
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "flowrl-scorer/1"
-PROTOCOL_VERSION = 1
+PROTOCOL = "flowrl-scorer/2"
+PROTOCOL_VERSION = 2  # what a server speaks: 1 (images) and 2 (images, or videos with "frames")
+IMAGE_PROTOCOL_VERSION = 1  # what a client sends for images (servers of protocol 1 understand it)
+SUPPORTED_VERSIONS = (1, 2)
 # zlib level for PNGs sent over the wire: level 1 is several times faster than PIL's default (6) and
 # only slightly larger; the encoding is lossless at every level.
 PNG_COMPRESS_LEVEL = 1
@@ -123,9 +132,19 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def video_frames(video: torch.Tensor) -> torch.Tensor:
+    """Videos ``[B, 3, F, H, W]`` -> their frames ``[B * F, 3, H, W]``, sample-major (frame f of sample b at b F + f)."""
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"videos must be [B, 3, F, H, W], got shape {tuple(video.shape)}")
+    return video.permute(0, 2, 1, 3, 4).reshape(-1, 3, *video.shape[3:])
+
+
 def encode_images_b64(images: Any) -> List[str]:
     """A batch -> base64 PNGs: float [B, 3, H, W] in [0, 1] quantised (:func:`encode_png`), a uint8
-    tensor as its levels, PIL images as they are (:func:`encode_pil_png`)."""
+    tensor as its levels, PIL images as they are (:func:`encode_pil_png`); videos [B, 3, F, H, W] as
+    their B * F frames (:func:`video_frames`)."""
+    if isinstance(images, torch.Tensor) and images.ndim == 5:
+        images = video_frames(images)
     if is_pil_or_uint8(images):
         batch = as_8bit_batch(images)
         if isinstance(batch, torch.Tensor):
@@ -154,16 +173,20 @@ def _jsonable(value: Any, key: str) -> Any:
 def build_score_request(images: Any, prompts: Sequence[str], metadata: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON body of ``POST /score`` for a batch ``images``: float [B, 3, H, W] in [0, 1], uint8
     [B, 3, H, W] or PIL images (see the module docstring for what is sent)."""
+    frames = int(images.shape[2]) if isinstance(images, torch.Tensor) and images.ndim == 5 else None
     encoded = encode_images_b64(images)
     prompts = [str(p) for p in prompts]
-    if len(prompts) != len(encoded):
-        raise ValueError(f"got {len(encoded)} images but {len(prompts)} prompts")
-    body = {
-        "protocol": PROTOCOL_VERSION,
+    if len(prompts) * (frames or 1) != len(encoded):
+        what = f"videos of {frames} frames" if frames else "images"
+        raise ValueError(f"got {len(encoded) // (frames or 1)} {what} but {len(prompts)} prompts")
+    body: Dict[str, Any] = {"protocol": IMAGE_PROTOCOL_VERSION if frames is None else 2}
+    if frames is not None:
+        body["frames"] = frames
+    body.update({
         "prompts": prompts,
         "images": encoded,
         "metadata": {str(k): _jsonable(v, str(k)) for k, v in (metadata or {}).items()},
-    }
+    })
     return json.dumps(body).encode("utf-8")
 
 
@@ -356,7 +379,7 @@ def check_url(url: Any, example: str = "http://127.0.0.1:18090", arg: str = "url
 
 
 class RemoteScorer(Scorer):
-    """Client of a ``flowrl-scorer/1`` server (see the module docstring).
+    """Client of a ``flowrl-scorer/2`` (or /1, for images) server (see the module docstring).
 
     Args:
         url: the server, ``http://host:port`` (``/score`` is appended) or the full score endpoint.
@@ -390,8 +413,10 @@ class RemoteScorer(Scorer):
         headers: Optional[Mapping[str, str]] = None,
         trust_env: bool = False,
         batch_size: int = 16,
+        video: bool = False,
     ):
         super().__init__(device="cpu", dtype=torch.float32, batch_size=batch_size, differentiable=False)
+        self.video_input = bool(video)  # send videos whole (protocol 2) to a server whose scorer takes videos
         parts = check_url(url)
         check_retry_options(timeout, retries, backoff, on_error)
         if component is not None and weights is not None:
@@ -472,6 +497,23 @@ class RemoteScorer(Scorer):
             "remote scorer", self.url, f"the server returned named components {names}: set component= or weights="
         )
 
+    def __call__(self, images: Any, prompts: Sequence[str], **metadata) -> torch.Tensor:
+        if not (isinstance(images, torch.Tensor) and images.ndim == 5):
+            return super().__call__(images, prompts, **metadata)
+        if not self.video_input:
+            raise ValueError("remote: got videos [B, 3, F, H, W]; set video: true to send them whole to a server whose "
+                             "scorer takes videos, or let MultiReward score their frames as images")
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"remote: got {images.shape[0]} videos but {len(prompts)} prompts")
+        outs = []
+        with torch.no_grad():
+            for a in range(0, len(prompts), self.batch_size):
+                b = a + self.batch_size
+                meta = {k: (v[a:b] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in metadata.items()}
+                outs.append(self.score_batch(images[a:b].detach().float().cpu(), prompts[a:b], **meta).reshape(-1).float())
+        return torch.cat(outs) if outs else torch.zeros(0)
+
     def score_batch(self, images: Any, prompts: List[str], **metadata) -> torch.Tensor:
         n = len(images)
         try:
@@ -501,6 +543,7 @@ def make_remote(
     weights: Optional[Mapping[str, float]] = None,
     headers: Optional[Mapping[str, str]] = None,
     trust_env: bool = False,
+    video: bool = False,
     **options: Any,
 ) -> RemoteScorer:
     """Factory of the ``remote`` scorer (see :class:`RemoteScorer`). ``device`` and ``dtype`` are
@@ -508,7 +551,7 @@ def make_remote(
     if options:
         raise ValueError(
             f"remote scorer: unknown option(s) {sorted(options)}; valid: url, timeout, retries, backoff, "
-            "on_error, component, weights, headers, trust_env, batch_size"
+            "on_error, component, weights, headers, trust_env, batch_size, video"
         )
     if checkpoint is not None:
         raise ValueError("remote scorer: checkpoint is chosen on the server (flowrl serve-scorer NAME --checkpoint PATH)")
@@ -516,5 +559,5 @@ def make_remote(
         raise ValueError("remote scorer: differentiable=True is impossible, gradients do not cross HTTP")
     return RemoteScorer(
         url, timeout=timeout, retries=retries, backoff=backoff, on_error=on_error, component=component,
-        weights=weights, headers=headers, trust_env=trust_env, batch_size=batch_size,
+        weights=weights, headers=headers, trust_env=trust_env, batch_size=batch_size, video=video,
     )

@@ -1,4 +1,4 @@
-"""``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/1``
+"""``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/2``
 protocol (specified in :mod:`scorers.remote`; JSON and PNG only, never pickle).
 
 Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). Requests that
@@ -475,6 +475,8 @@ class ScorerServer:
                 log.info("client %s disconnected; its request is not scored", request.client)
                 return _json_response(400, {"error": "client disconnected"})
             size = None if self.any_size else req.sizes[0]
+            if req.frames is not None:  # videos merge only with videos of as many frames
+                size = (req.sizes[0], req.frames)
             job = _Job(inputs, req.prompts, req.metadata, _batch_key(size, req.metadata), loop.create_future(), loop.time())
             del req, inputs
             if self._stopping:
@@ -489,7 +491,7 @@ class ScorerServer:
 
     def _prepare(self, req: ScoreRequest):
         """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`)."""
-        return scorer_input(self.scorer, req.decode())
+        return scorer_input(self.scorer, req.decode(), req.frames)
 
     # -- running -------------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml", "tiny_flux2.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml", "tiny_flux2.yaml",
+        "tiny_wan.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -375,6 +376,31 @@ PUBLISHED = {
         "lora.enabled": False, "train.learning_rate": 1e-5, "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
         "train.num_minibatches": 2, "train.mixed_precision": "bf16", "max_steps": 300, "checkpoint_every": 60,
         "rewards": {"hpsv21": 1.0},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 examples/grpo/lora/wan21/t2v.yaml + models/wan/wan2_t2v.py + trainers/grpo.py
+    "flow_grpo_wan21.yaml": {
+        "model.family": "wan", "model.path": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "sample.height": 256,
+        "video.num_frames": 5, "sample.num_steps": 10, "sample.eval_num_steps": 28, "sample.guidance_scale": 5.0,
+        "sample.group_size": 16, "sample.prompts_per_step": 48, "plan.kind": "random_window", "plan.sde": "flow_sde",
+        "plan.noise_level": 0.9, "plan.window.size": 1, "plan.window.range": [1, 4], "loss.eps_low": 1e-4,
+        "loss.beta": 0.0, "advantage.clip": 5.0, "advantage.multi_reward": "normalize_then_sum",
+        "advantage.post_norm": "batch", "train.learning_rate": 1e-4, "train.num_minibatches": 2, "lora.rank": 64,
+        "lora.alpha": 128, "ema.decay": 0.9, "rewards": {"clipscore": 1.0, "pickscore": 0.5},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 examples/grpo/lora/wan22/t2v.yaml (one expert trained here: see its header)
+    "flow_grpo_wan22.yaml": {
+        "model.family": "wan", "model.path": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "sample.height": 480,
+        "video.num_frames": 5, "sample.guidance_scale": 4.0, "video.guidance_scale_2": 3.0,
+        "video.expert": "transformer", "plan.noise_level": 0.9, "plan.window.range": [1, 4],
+        "rewards": {"pickscore": 1.0}, "lora.rank": 64, "train.learning_rate": 1e-4,
+    },
+    # XueZeyue/DanceGRPO 15cc71d scripts/finetune/finetune_wan_2_1_grpo.sh + fastvideo/train_grpo_wan_2_1.py
+    "dance_grpo_wan21.yaml": {
+        "model.family": "wan", "model.path": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "model.shift": 3.0,
+        "model.max_sequence_length": 226, "sample.height": 512, "video.num_frames": 1, "sample.num_steps": 20,
+        "sample.guidance_scale": 5.0, "sample.group_size": 12, "sample.same_noise": True, "plan.kind": "random_subset",
+        "plan.sde": "dance_sde", "plan.noise_level": 0.3, "plan.subset.fraction": 0.6, "loss.eps_low": 1e-4,
+        "loss.beta": 0.0, "train.learning_rate": 1e-5, "lora.enabled": False, "rewards": {"hpsv21": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,

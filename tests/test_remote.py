@@ -1,4 +1,4 @@
-"""The `remote` scorer, the scorer server and the flowrl-scorer/1 protocol, on 127.0.0.1.
+"""The `remote` scorer, the scorer server and the flowrl-scorer/2 protocol (1 for images), on 127.0.0.1.
 
 Every server here runs in a daemon thread on a free port and is shut down by its context manager;
 every wait is bounded.
@@ -180,7 +180,7 @@ def test_remote_equals_in_process_with_metadata_and_chunking():
     # same images, same arithmetic: equal up to float32 summation order
     torch.testing.assert_close(got, local, rtol=1e-6, atol=1e-6)
     assert local.std() > 0.05  # the comparison is not between constants
-    assert health["protocol"] == "flowrl-scorer/1" and health["scorer"] == "test_remote_tiny"
+    assert health["protocol"] == "flowrl-scorer/2" and health["scorer"] == "test_remote_tiny"
 
 
 def test_remote_jpeg_compressibility_equals_in_process():
@@ -573,7 +573,11 @@ def test_server_rejects_malformed_requests_and_keeps_serving():
         (score_body(metadata={"offset": [1, 2, 3]}), J, 400, "metadata['offset'] has 3 entries for 2 images"),
         (score_body(metadata=[1]), J, 400, "'metadata' must be a JSON object"),
         (score_body(extra=1), J, 400, "unknown field(s) ['extra']"),
-        (score_body(protocol=2), J, 400, "protocol 2 is not supported"),
+        (score_body(protocol=3), J, 400, "protocol 3 is not supported"),
+        (score_body(frames=1), J, 400, "unknown field(s) ['frames']"),  # protocol 1 carries no videos
+        (score_body(protocol=2, frames=0), J, 400, "'frames' must be a positive integer"),
+        (score_body(protocol=2, frames=3), J, 400, "got 2 frames for 2 prompts of 3 frames each"),
+        (score_body(protocol=2, frames=1), J, 400, "takes images, not videos"),
         (score_body(), {"Content-Type": "text/plain"}, 415, "Content-Type must be application/json"),
         (score_body(prompts=["explode", "b"]), J, 500, "raised RuntimeError: boom"),
     ]
@@ -597,7 +601,7 @@ def test_server_rejects_malformed_requests_and_keeps_serving():
         assert binary.startswith(b"HTTP/1.1 400") and b'{"error": "invalid HTTP request' in binary
         # still healthy, still scoring
         assert raw_request(srv.url, "GET", "/health") == (200, {
-            "status": "ok", "protocol": "flowrl-scorer/1", "scorer": "picky", "max_request_bytes": 256 * 2**20,
+            "status": "ok", "protocol": "flowrl-scorer/2", "scorer": "picky", "max_request_bytes": 256 * 2**20,
         })
         x = quantized_images(2, size=4)
         got = RemoteScorer(srv.url, retries=0)(x, ["a", "b"])

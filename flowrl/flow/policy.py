@@ -560,7 +560,8 @@ class FlowPolicy:
         raise NotImplementedError
 
     def decode(self, x: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` float32 in [0, 1] from latents in the sampler's layout."""
+        """Images ``[B, 3, H, W]`` float32 in [0, 1] from latents in the sampler's layout (video families:
+        frames ``[B, 3, F, H, W]``)."""
         raise NotImplementedError
 
     def _vae_decode(self, latents: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ implements it):
 * ``latent_shape(height, width)``, ``initial_noise(batch, height, width, generator)``,
   ``sigmas(num_steps, height, width)`` (``num_steps + 1`` sigmas ending with 0);
 * ``velocity(x, sigma, embeds, guidance_scale)`` (``sigma`` a ``[B]`` tensor);
-* ``decode(x) -> [B, 3, H, W]`` in [0, 1].
+* ``decode(x) -> [B, 3, H, W]`` in [0, 1] (video families: frames ``[B, 3, F, H, W]``; the sampler keeps
+  whatever ``decode`` returns, row by row).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Rollout:
     group_id: Tensor  # [N] int64: advantage group, prompt_index * groups_per_prompt + branch (= prompt_index but for sweeps)
     embeds: dict[str, Tensor]  # PromptEmbeds.tensors() of the P prompts (one row per prompt)
     prompts: list[str]  # the P prompts (per prompt, not per sample)
-    images: Optional[Tensor]  # [N, 3, H, W] float32 in [0, 1] (first granularity), None if decode=False
+    images: Optional[Tensor]  # [N, 3, H, W] (videos: [N, 3, F, H, W]) float32 in [0, 1] (first granularity), None if decode=False
     images_per_granularity: Optional[Tensor]  # [N, n_granularities, 3, H, W]
     granularities: tuple[int, ...]
     node_parent: Optional[Tensor] = None  # [M] int64, trees only

@@ -258,8 +258,10 @@ def reward_from_config(cfg: Any, weights: Optional[Mapping[str, float]] = None,
     if "shapes" in weights:
         options.setdefault("shapes", {}).setdefault("on_invalid_prompt", "nan")
     device = device or getattr(getattr(cfg, "model", None), "device", None) or "cpu"
+    video = getattr(cfg, "video", None)
+    frames = {"score_frames": video.score_frames, "every_k": video.every_k} if video is not None else {}
     try:
-        return MultiReward(weights, device=device, options=options)
+        return MultiReward(weights, device=device, options=options, **frames)
     except (ValueError, TypeError) as e:
         raise UsageError(f"rewards: {_first_line(e)}") from None
 
@@ -485,9 +487,10 @@ def load_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
 
 def build_policy(cfg: Any, checkpoint: Optional[Union[str, Path]] = None):
     """The flow policy of ``cfg.model`` with ``checkpoint`` applied, unchecked (:func:`load_policy` checks)."""
-    from flowrl.train.model import apply_checkpoint, build_flow_policy
+    from flowrl.train.model import apply_checkpoint, apply_video_settings, build_flow_policy
 
     policy = build_flow_policy(cfg.model)
+    apply_video_settings(policy, getattr(cfg, "video", None))
     if checkpoint is not None:
         logger.info("loaded %s", apply_checkpoint(policy, checkpoint))
     return policy

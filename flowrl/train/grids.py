@@ -35,17 +35,31 @@ ELLIPSIS = "..."
 
 
 def to_pil(image: Tensor):
-    """[3, H, W] float in [0, 1] → RGB PIL image, quantised as ``round(x · 255)`` (DDPO's rule)."""
+    """[3, H, W] float in [0, 1] → RGB PIL image, quantised as ``round(x · 255)`` (DDPO's rule); a video
+    [3, F, H, W] gives the strip of its frames (:func:`frame_strip`)."""
     from PIL import Image
 
+    if image.ndim == 4:
+        image = frame_strip(image.unsqueeze(0))[0]
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image: expected [3, H, W], got shape {tuple(image.shape)}")
     arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, mode="RGB")
 
 
+def frame_strip(videos: Tensor) -> Tensor:
+    """Videos ``[N, 3, F, H, W]`` -> images ``[N, 3, H, F * W]``: each video's frames side by side, left to
+    right (how a grid shows a video sample)."""
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"videos: expected [N, 3, F, H, W], got shape {tuple(videos.shape)}")
+    n, c, f, h, w = videos.shape
+    return videos.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w)
+
+
 def _pil_list(images: Any) -> List[Any]:
     if isinstance(images, Tensor):
+        if images.ndim == 5:  # videos: a strip of frames per sample
+            images = frame_strip(images)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [N, 3, H, W], got shape {tuple(images.shape)}")
         return [to_pil(x) for x in images]
@@ -146,7 +160,8 @@ def image_grid(
     lines: int = CAPTION_LINES,
     font: Any = None,
 ):
-    """A PIL grid of ``images`` (a [N, 3, H, W] tensor in [0, 1] or PIL images of one size), row-major
+    """A PIL grid of ``images`` (a [N, 3, H, W] tensor in [0, 1] or PIL images of one size; videos
+    [N, 3, F, H, W] show as strips of their frames, :func:`frame_strip`), row-major
     in ``ncols`` columns (default ⌈√N⌉), each with its caption under it (``lines`` lines, see
     :func:`caption_lines`).
 

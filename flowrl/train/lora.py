@@ -10,6 +10,7 @@ TRL's usual attention projections for causal LMs; docs/methods.md, "LoRA default
 * Z-Image: r=64, alpha=128 on the attention projections and the SwiGLU feed-forward (Flow-Factory's recipe).
 * Qwen-Image: r=64, alpha=128 on the attention projections of both streams plus both streams' MLPs
   (Flow-GRPO's Qwen-Image training script).
+* Wan: r=64, alpha=128 on self- and cross-attention plus the feed-forward layers (Flow-Factory's Wan recipes).
 
 Saving an image LoRA goes through the pipeline class's own ``save_lora_weights`` with the adapter's
 metadata (``transformer_lora_adapter_metadata``), so ``pipe.load_lora_weights(dir)`` rebuilds the
@@ -48,6 +49,13 @@ QWEN_IMAGE_TARGETS = SD3_TARGETS + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_
 # blocks' output projection (a plain Linear named attn.to_out) is not adapted; kept as published.
 FLUX2_TARGETS = SD3_TARGETS + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
                                "attn.to_qkv_mlp_proj"]
+# Wan (WanTransformer3DModel): self-attention (attn1), cross-attention (attn2) and the feed-forward layers, as
+# Flow-Factory's Wan models (src/flow_factory/models/wan/wan2_t2v.py, default_target_modules; commit a0b2bc5).
+WAN_TARGETS = [
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ffn.net.0.proj", "ffn.net.2",
+]
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
@@ -57,6 +65,7 @@ DEFAULTS = {
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
     "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
     "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},
+    "wan": {"rank": 64, "alpha": 128, "targets": WAN_TARGETS},  # Flow-Factory examples/grpo/lora/wan21/t2v.yaml
 }
 
 

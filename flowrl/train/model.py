@@ -56,6 +56,27 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
     return policy
 
 
+def apply_video_settings(policy, video_cfg) -> None:
+    """``video.num_frames`` / ``guidance_scale_2`` / ``expert`` onto a video policy (Wan); an image policy
+    must leave them at their defaults (UsageError naming the key)."""
+    if video_cfg is None:
+        return
+    if not getattr(policy, "is_video", False):
+        given = [k for k, d in (("num_frames", None), ("guidance_scale_2", None), ("expert", "transformer"))
+                 if getattr(video_cfg, k) != d]
+        if given:
+            raise UsageError(f"video.{given[0]}: only video model families (wan) take it")
+        return
+    try:
+        if video_cfg.expert != getattr(policy, "expert", "transformer"):
+            policy.set_expert(video_cfg.expert)
+        if video_cfg.num_frames is not None:
+            policy.num_frames = int(video_cfg.num_frames)
+    except ValueError as e:
+        raise UsageError(f"video: {e}") from None
+    policy.guidance_scale_2 = video_cfg.guidance_scale_2
+
+
 def set_fixed_shift(policy, shift: float) -> None:
     """Replace the pipeline's scheduler by the same scheduler with a fixed time shift (no
     resolution-dependent shifting, no terminal stretch), as the DanceGRPO/MixGRPO/G2RPO Flux scripts and
@@ -64,7 +85,9 @@ def set_fixed_shift(policy, shift: float) -> None:
     if not shift > 0:
         raise UsageError(f"model.shift must be > 0, got {shift}")
     sched = policy.pipeline.scheduler
-    policy.pipeline.scheduler = type(sched).from_config(sched.config, shift=float(shift), use_dynamic_shifting=False,
+    # UniPC (Wan's released scheduler) names its flow shift flow_shift; from_config ignores unknown keys
+    key = "flow_shift" if "flow_shift" in sched.config else "shift"
+    policy.pipeline.scheduler = type(sched).from_config(sched.config, **{key: float(shift)}, use_dynamic_shifting=False,
                                                         shift_terminal=None)
 
 

@@ -26,7 +26,7 @@ from flowrl.text.rewards import resolve_reward, score_completions
 from flowrl.text.rollout import completion_mask_from_ids
 from flowrl.train.evaluate import eval_settings, evaluate_policy
 from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
-from flowrl.train.model import build_flow_policy, load_lm, lora_meta
+from flowrl.train.model import apply_video_settings, build_flow_policy, load_lm, lora_meta
 from flowrl.train.runfolder import (
     EVAL_DIR, EVAL_LOG, FIRST_EVAL, SAMPLES_NAME, append_jsonl, atomic_write, before_after_dir, eval_dir,
     load_eval_result, save_eval, save_eval_result, write_comparison,
@@ -92,6 +92,7 @@ class FlowTask:
         for name in cfg.rewards:  # an unknown scorer is a usage error: report it before loading the model
             get_factory(name)
         self.policy = build_flow_policy(cfg.model, device=str(device))
+        apply_video_settings(self.policy, getattr(cfg, "video", None))
         self.device = device
         self._setup_trainable()
 
@@ -162,7 +163,9 @@ class FlowTask:
 
     def reward_model(self):
         if self._reward is None:
-            self._reward = MultiReward(self.cfg.rewards, device=self.device, options=self.cfg.reward_options)
+            v = self.cfg.video
+            self._reward = MultiReward(self.cfg.rewards, device=self.device, options=self.cfg.reward_options,
+                                       score_frames=v.score_frames, every_k=v.every_k)
         return self._reward
 
     def score(self, ro, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
