@@ -18,4 +18,5 @@ TINY_BUILDERS = {
     "qwen_image": "flowrl.demo.tiny_qwen_image:build_tiny_qwen_image_pipeline",
     "flux2": "flowrl.demo.tiny_flux2:build_tiny_flux2_pipeline",
     "flux2_klein": "flowrl.demo.tiny_flux2:build_tiny_flux2_klein_pipeline",
+    "flux_kontext": "flowrl.demo.tiny_flux_kontext:build_tiny_flux_kontext_pipeline",
 }

@@ -23,6 +23,7 @@ FAMILIES: Dict[str, str] = {
     "qwen_image": "flowrl.flow.models.qwen_image:QwenImagePolicy",
     "flux2": "flowrl.flow.models.flux2:Flux2Policy",
     "flux2_klein": "flowrl.flow.models.flux2:Flux2KleinPolicy",
+    "flux_kontext": "flowrl.flow.models.flux_kontext:FluxKontextPolicy",
 }
 
 
