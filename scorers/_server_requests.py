@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
-from scorers.remote import PROTOCOL, PROTOCOL_VERSION
+from scorers.remote import PROTOCOL, PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,16 +71,24 @@ class ScoreRequest:
     ``pixels``: the sum of width x height of its images; ``size``: their one size, or None when
     they may differ."""
 
-    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]]):
+    def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]],
+                 sources: Optional[List[Optional[str]]] = None):
         self.prompts = prompts
         self.metadata = metadata
         self.images = images
+        self.sources = sources  # protocol 2: each row's source image (base64 PNG or None), or None
         self.sizes = sizes
         self.pixels = sum(w * h for w, h in sizes)
 
     def decode(self) -> List[Any]:
         """The PIL images as loaded (400 for a broken PNG)."""
         return [_decode_png(s, i) for i, s in enumerate(self.images)]
+
+    def decode_sources(self) -> Optional[List[Any]]:
+        """The source images as RGB PIL images (None rows stay None), or None without sources."""
+        if self.sources is None:
+            return None
+        return [None if s is None else _decode_png(s, i).convert("RGB") for i, s in enumerate(self.sources)]
 
 
 def read_score_request(
@@ -98,12 +106,14 @@ def read_score_request(
         raise BadRequest(400, f"body is not valid JSON ({e})") from None
     if not isinstance(req, dict):
         raise BadRequest(400, f"body must be a JSON object, got {type(req).__name__}")
-    version = req.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} (protocol: 1)")
-    unknown = sorted(set(req) - {"protocol", "prompts", "images", "metadata"})
+    version = req.get("protocol", 1)
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} "
+                              f"(protocol: {' or '.join(map(str, SUPPORTED_VERSIONS))})")
+    fields = {"protocol", "prompts", "images", "metadata"} | ({"source_images"} if version >= 2 else set())
+    unknown = sorted(set(req) - fields)
     if unknown:
-        raise BadRequest(400, f"unknown field(s) {unknown}; expected prompts, images, metadata")
+        raise BadRequest(400, f"unknown field(s) {unknown}; expected {', '.join(sorted(fields - {'protocol'}))}")
     prompts, images, metadata = req.get("prompts"), req.get("images"), req.get("metadata", {})
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise BadRequest(400, "'prompts' must be a list of strings")
@@ -124,7 +134,19 @@ def read_score_request(
         if w * h > max_pixels:
             raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
         sizes.append((w, h))
-    out = ScoreRequest(prompts, metadata, images, sizes)
+    sources = req.get("source_images")
+    if sources is not None:
+        if not isinstance(sources, list) or len(sources) != len(prompts):
+            raise BadRequest(400, f"'source_images' must be a list of {len(prompts)} base64 PNGs or nulls (one per prompt)")
+        if "image" in metadata:
+            raise BadRequest(400, "give source images either as 'source_images' or as metadata['image'], not both")
+        for i, s in enumerate(sources):
+            if s is None:
+                continue
+            w, h = _png_size(s, i)
+            if w * h > max_pixels:
+                raise BadRequest(400, f"source_images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
+    out = ScoreRequest(prompts, metadata, images, sizes, sources)
     if max_request_pixels is not None and out.pixels > max_request_pixels:
         raise BadRequest(
             400, f"the request's {len(sizes)} images hold {out.pixels} pixels, over the server's limit of "

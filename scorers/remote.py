@@ -1,13 +1,16 @@
 """Scorers that run in another process, reached over HTTP with the flowrl scorer protocol (no pickle).
 
 Users run a large reward model as a server (``flowrl serve-scorer NAME``, :mod:`scorers.server`) and
-train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/1`` carries
-only JSON and PNG:
+train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/2`` carries
+only JSON and PNG (version 2 adds the optional ``source_images`` of editing rewards to version 1,
+which servers still accept):
 
 * ``GET /health`` -> ``{"status": "ok", "protocol": "flowrl-scorer/1", "scorer": NAME,
   "max_request_bytes": N}``;
 * ``POST /score`` with a JSON body ``{"protocol": 1, "prompts": [B strings], "images": [B base64
-  PNGs], "metadata": {...}}`` -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
+  PNGs], "metadata": {...}}`` (and with ``"protocol": 2`` optionally ``"source_images": [B base64 PNGs
+  or null]``: each row's source image, which an editing reward judges the edit against; the server
+  passes them to its scorer as the ``image`` column, as PIL images) -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
   (non-finite scores as ``null``, read back as NaN); errors are 4xx/5xx with ``{"error": message}``.
 
 A client retries 408, 429, 502, 503, 504 and connection failures (honouring ``Retry-After``), never
@@ -42,8 +45,9 @@ from scorers.registry import register
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "flowrl-scorer/1"
-PROTOCOL_VERSION = 1
+PROTOCOL = "flowrl-scorer/2"
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # what a server reads; a client sends 1 unless it sends source images
 # zlib level for PNGs sent over the wire: level 1 is several times faster than PIL's default (6) and
 # only slightly larger; the encoding is lossless at every level.
 PNG_COMPRESS_LEVEL = 1
@@ -151,19 +155,45 @@ def _jsonable(value: Any, key: str) -> Any:
     raise ValueError(f"metadata[{key!r}] holds a {type(value).__name__}, which cannot be sent as JSON")
 
 
+def encode_source_b64(image: Any) -> Optional[str]:
+    """One source image (a file path, a PIL image, a [3, H, W] float tensor in [0, 1], or None) -> a base64
+    PNG (None stays None)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        try:
+            with Image.open(image) as im:
+                return _b64(encode_pil_png(im.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"source image {image!r} is not a readable image ({type(e).__name__})") from None
+    if isinstance(image, torch.Tensor):
+        return encode_png_b64(image.detach().to("cpu", torch.float32))
+    if hasattr(image, "convert"):
+        return _b64(encode_pil_png(image))
+    raise ValueError(f"a source image must be a path, a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
+
+
 def build_score_request(images: Any, prompts: Sequence[str], metadata: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON body of ``POST /score`` for a batch ``images``: float [B, 3, H, W] in [0, 1], uint8
-    [B, 3, H, W] or PIL images (see the module docstring for what is sent)."""
+    [B, 3, H, W] or PIL images (see the module docstring for what is sent). A metadata column
+    ``image`` (each row's source image, editing) travels as ``source_images`` PNGs (protocol 2); without
+    it the request is protocol 1."""
     encoded = encode_images_b64(images)
     prompts = [str(p) for p in prompts]
     if len(prompts) != len(encoded):
         raise ValueError(f"got {len(encoded)} images but {len(prompts)} prompts")
-    body = {
-        "protocol": PROTOCOL_VERSION,
+    metadata = dict(metadata or {})
+    sources = metadata.pop("image", None)
+    body: Dict[str, Any] = {
+        "protocol": 1 if sources is None else PROTOCOL_VERSION,
         "prompts": prompts,
         "images": encoded,
-        "metadata": {str(k): _jsonable(v, str(k)) for k, v in (metadata or {}).items()},
+        "metadata": {str(k): _jsonable(v, str(k)) for k, v in metadata.items()},
     }
+    if sources is not None:
+        if isinstance(sources, (str, bytes)) or len(sources) != len(prompts):
+            raise ValueError(f"metadata['image']: give one source image per prompt ({len(prompts)})")
+        body["source_images"] = [encode_source_b64(s) for s in sources]
     return json.dumps(body).encode("utf-8")
 
 
@@ -356,7 +386,7 @@ def check_url(url: Any, example: str = "http://127.0.0.1:18090", arg: str = "url
 
 
 class RemoteScorer(Scorer):
-    """Client of a ``flowrl-scorer/1`` server (see the module docstring).
+    """Client of a ``flowrl-scorer/2`` server (see the module docstring).
 
     Args:
         url: the server, ``http://host:port`` (``/score`` is appended) or the full score endpoint.

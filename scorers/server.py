@@ -1,4 +1,4 @@
-"""``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/1``
+"""``flowrl serve-scorer NAME``: serve any registered scorer over HTTP with the ``flowrl-scorer/2``
 protocol (specified in :mod:`scorers.remote`; JSON and PNG only, never pickle).
 
 Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install "flowrl[serve]"``). Requests that
@@ -488,8 +488,13 @@ class ScorerServer:
         return _json_response(200, result)
 
     def _prepare(self, req: ScoreRequest):
-        """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`)."""
-        return scorer_input(self.scorer, req.decode())
+        """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`); protocol 2's
+        source images become the ``image`` metadata column (PIL images)."""
+        inputs = scorer_input(self.scorer, req.decode())
+        sources = req.decode_sources()
+        if sources is not None:
+            req.metadata["image"] = sources
+        return inputs
 
     # -- running -------------------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ def test_remote_equals_in_process_with_metadata_and_chunking():
     # same images, same arithmetic: equal up to float32 summation order
     torch.testing.assert_close(got, local, rtol=1e-6, atol=1e-6)
     assert local.std() > 0.05  # the comparison is not between constants
-    assert health["protocol"] == "flowrl-scorer/1" and health["scorer"] == "test_remote_tiny"
+    assert health["protocol"] == "flowrl-scorer/2" and health["scorer"] == "test_remote_tiny"
 
 
 def test_remote_jpeg_compressibility_equals_in_process():
@@ -597,7 +597,7 @@ def test_server_rejects_malformed_requests_and_keeps_serving():
         assert binary.startswith(b"HTTP/1.1 400") and b'{"error": "invalid HTTP request' in binary
         # still healthy, still scoring
         assert raw_request(srv.url, "GET", "/health") == (200, {
-            "status": "ok", "protocol": "flowrl-scorer/1", "scorer": "picky", "max_request_bytes": 256 * 2**20,
+            "status": "ok", "protocol": "flowrl-scorer/2", "scorer": "picky", "max_request_bytes": 256 * 2**20,
         })
         x = quantized_images(2, size=4)
         got = RemoteScorer(srv.url, retries=0)(x, ["a", "b"])
