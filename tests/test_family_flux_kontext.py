@@ -212,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(policy):
         for p in params:
             p.requires_grad_(True)
         (policy.velocity(x, 0.4, e, 2.5) ** 2).mean().backward()
-        return [p.grad.detach().clone() for p in params]
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
 
     calls = []
     try:
@@ -340,11 +340,11 @@ def test_shapes_edit_source_scorer_and_jsonl(tmp_path, monkeypatch):
     paths = record_images(recs)
     assert all(Path(p).is_file() and Image.open(p).size == (32, 32) for p in paths)
     scorer = get_factory("shapes_edit")()
-    src, tgt = make_edit(recs[0]["prompt"], 32, rng=0)
+    src, tgt = make_edit(recs[0]["prompt"], 64, rng=0)
     src_png = tmp_path / "src.png"
-    draw(src, 32).save(src_png)
-    good = torch.from_numpy(np.asarray(draw(tgt, 32), dtype=np.float32) / 255).permute(2, 0, 1)
-    unedited = torch.from_numpy(np.asarray(draw(src, 32), dtype=np.float32) / 255).permute(2, 0, 1)
+    draw(src, 64).save(src_png)
+    good = torch.from_numpy(np.asarray(draw(tgt, 64), dtype=np.float32) / 255).permute(2, 0, 1)
+    unedited = torch.from_numpy(np.asarray(draw(src, 64), dtype=np.float32) / 255).permute(2, 0, 1)
     scores = scorer(torch.stack([good, unedited]), [recs[0]["prompt"]] * 2, image=[str(src_png)] * 2)
     assert float(scores[0]) == 1.0 and float(scores[1]) < 1.0
     with pytest.raises(ValueError, match="source image"):
