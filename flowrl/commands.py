@@ -123,7 +123,8 @@ def add_grid_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (flowrl checkpoint or diffusers LoRA)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line, or a .jsonl with 'prompt' "
+                   "(and, for editing models, 'image') columns")
     p.add_argument("--out", required=True, help="output folder for grid.png, index.html, scores.csv")
     p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per sampling call (default: prompts_per_step x group_size)")
@@ -135,7 +136,13 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     """``flowrl grid``: evaluate the config's model before and after loading ``--checkpoint`` on the
     same prompts and seeds, and write the side-by-side grid, the HTML page and the scores."""
     cfg = load_run_config(args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
+    if str(args.prompts).endswith(".jsonl"):  # editing: records with a source image give source | base | tuned
+        from flowrl.train.data import load_records, record_images
+
+        records = load_records(str(args.prompts))
+        prompts, images = [r["prompt"] for r in records], record_images(records)
+    else:
+        prompts, images = read_prompts(args.prompts), None
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -152,9 +159,9 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     if args.batch_size is not None:
         settings["batch_size"] = args.batch_size
     seeds = list(range(args.seeds))
-    base = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
+    base = evaluate_policy(policy, prompts, seeds, reward=reward, images=images, **settings)
     logger.info("loaded %s", apply_checkpoint(policy, ckpt))
-    tuned = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
+    tuned = evaluate_policy(policy, prompts, seeds, reward=reward, images=images, **settings)
     return write_comparison(out, base, tuned, labels=("base", f"tuned: {ckpt.name}"),
                             title=f"{ckpt.name} vs base", pairs_per_row=args.pairs_per_row)
 

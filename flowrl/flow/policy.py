@@ -494,38 +494,57 @@ class FlowPolicy:
             raise ValueError(f"prompts must all be strings, got {sorted(set(bad))}")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        rows = self._cached_rows(prompts)
-        if images is not None:
-            rows = [dict(r, **ir) for r, ir in zip(rows, self._image_rows(images, len(prompts)))]
+        paired = images is not None and self._prompt_sees_image
+        if paired:  # the text encoder reads the image too: one row per (prompt, image)
+            rows = self._image_rows(images, len(prompts), prompts)
+        else:
+            rows = self._cached_rows(prompts)
+            if images is not None:
+                rows = [dict(r, **ir) for r, ir in zip(rows, self._image_rows(images, len(prompts)))]
         if self._uses_negative:
-            neg = self._cached_rows([negative_prompt])[0]
-            neg = {f"negative_{k}": v for k, v in neg.items() if k in ("prompt_embeds", "pooled", "prompt_mask")}
-            rows = [dict(r, **neg) for r in rows]
+            negs = (self._image_rows(images, len(prompts), [negative_prompt] * len(prompts)) if paired
+                    else self._cached_rows([negative_prompt]) * len(rows))
+            keep = ("prompt_embeds", "pooled", "prompt_mask")
+            rows = [dict(r, **{f"negative_{k}": v for k, v in ng.items() if k in keep}) for r, ng in zip(rows, negs)]
         return PromptEmbeds(**pad_rows(rows))
 
     # ---- source images (instruction editing) ----------------------------------------------------
+
+    #: Editing families whose text encoder reads the source image with the prompt (Qwen-Image-Edit): their
+    #: rows come from :meth:`_encode_pair` and are cached by (prompt, image); others (Kontext) combine the
+    #: prompt's cached rows with :meth:`_encode_image`'s, cached by image.
+    _prompt_sees_image: ClassVar[bool] = False
 
     def _encode_image(self, image: Any) -> dict[str, Tensor]:
         """One loaded source image -> per-row tensors (no batch dimension), e.g. ``image_latents`` and
         ``image_ids``; only editing families implement it."""
         raise ValueError(f"model family {self.family or type(self).__name__!r} takes no source image (images=...)")
 
+    def _encode_pair(self, prompt: str, image: Any) -> dict[str, Tensor]:
+        """One prompt with its loaded source image -> every per-row tensor (text and image); the families
+        with ``_prompt_sees_image`` implement it."""
+        raise ValueError(f"model family {self.family or type(self).__name__!r} encodes no (prompt, image) pair")
+
     def _image_key_extra(self) -> Any:
         """What else an encoded image depends on (e.g. the size it is resized to); part of its cache key."""
         return None
 
-    def _image_rows(self, images: Sequence[Any], n: int) -> list[dict[str, Tensor]]:
-        """The encoded source image of each of ``n`` prompts (cached by content, LRU like prompts)."""
+    def _image_rows(self, images: Sequence[Any], n: int, prompts: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+        """The encoded source image of each of ``n`` prompts (cached by content, LRU like prompts); with
+        ``prompts``, each (prompt, image) pair encoded together (:meth:`_encode_pair`)."""
         if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) != n:
             raise ValueError(f"images must be a list of one source image per prompt ({n}), got {_describe(images)}")
         if any(im is None for im in images):
             raise ValueError("images: every prompt needs a source image (None given); pass images=None for none")
         rows = []
-        for im in images:
-            key = (image_key(im), self._image_key_extra())
+        for i, im in enumerate(images):
+            key = (image_key(im), self._image_key_extra(), None if prompts is None else prompts[i])
             if key not in self._image_cache:
                 with torch.no_grad():
-                    out = self._encode_image(load_image(im))
+                    out = (self._encode_image(load_image(im)) if prompts is None
+                           else self._encode_pair(prompts[i], load_image(im)))
+                if prompts is not None:
+                    self.num_encoded += 1
                 self._image_cache[key] = {
                     k: v.detach().to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype).clone()
                     for k, v in out.items()
