@@ -259,7 +259,8 @@ def test_flowrl_train_runs_the_tiny_kontext_config(tiny_dir, tmp_path, monkeypat
     out = tmp_path / "run"
     assert _train(tiny_dir, out, "max_steps=2") == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and "shapes_edit" in summary["last_eval"]["means"]
+    assert summary["steps"] == 2 and "shapes_edit" in summary["last_eval"]
+    assert "shapes_edit/accuracy" in summary["last_eval_details"]  # the evaluator got the source images
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 2 and all(math.isfinite(r["loss"]) and r["skipped_optimizer_steps"] == 0 for r in m)
     assert m[0]["grad_norm"] > 0
