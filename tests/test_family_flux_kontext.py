@@ -72,7 +72,7 @@ def _euler(policy, x, embeds, sigmas, guidance, **kw):
     return x
 
 
-@pytest.mark.parametrize("guidance,hw,true_cfg", [(2.5, (32, 32), 1.0), (3.5, (32, 48), 1.0), (2.5, (32, 32), 3.0)])
+@pytest.mark.parametrize("guidance,hw,true_cfg", [(2.5, (32, 32), 1.0), (3.5, (32, 48), 3.0)])
 def test_ode_loop_reproduces_the_pipeline_call(policy, guidance, hw, true_cfg):
     pipe = policy.pipeline
     h, w = hw
@@ -97,7 +97,8 @@ def test_ode_loop_reproduces_the_pipeline_call(policy, guidance, hw, true_cfg):
                           width=w, max_area=h * w, _auto_resize=False, output_type="pt", max_sequence_length=MSL,
                           true_cfg_scale=true_cfg, negative_prompt="" if true_cfg > 1 else None)
             ref = pipe(latents=noise.clone(), callback_on_step_end=grab, **common).images
-            ref_gen = pipe(generator=torch.Generator().manual_seed(5), **common).images
+            # (once) the pipeline drawing its own start from the same generator
+            ref_gen = pipe(generator=torch.Generator().manual_seed(5), **common).images if true_cfg == 1.0 else ref
     finally:
         policy.true_cfg_scale = 1.0
     torch.testing.assert_close(pipe.scheduler.sigmas.float(), sig, rtol=0, atol=1e-7)  # the scheduler's sigmas
@@ -249,6 +250,7 @@ def _train(tiny_dir, out, *extra):
     return flowrl_main(["train", str(ROOT / "configs" / "tiny_flux_kontext.yaml"), f"model.path={tiny_dir}",
                         f"output_dir={out}", "train.tracker=none", "train.progress=false", "resume=none",
                         "sample.eval_num_steps=2", "eval.num_prompts=1", "eval.seeds=[0]", "sample.group_size=2",
+                        "data.max_train_prompts=4",
                         "rewards={shapes_edit: 1.0, jpeg_compressibility: 1.0}", *extra])
 
 
@@ -256,6 +258,8 @@ def test_flowrl_train_runs_the_tiny_kontext_config(tiny_dir, tmp_path, monkeypat
     from flowrl.train.grids import PAD, cell_size
 
     monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    # the HTML report (matplotlib curves) is not under test here and costs more than the two training steps
+    monkeypatch.setattr("flowrl.train.loop.write_report", lambda run_dir: None)
     out = tmp_path / "run"
     assert _train(tiny_dir, out, "max_steps=2") == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -270,7 +274,8 @@ def test_flowrl_train_runs_the_tiny_kontext_config(tiny_dir, tmp_path, monkeypat
     _, cw = cell_size(32, 32)
     assert grid.width == 3 * (cw + 2 * PAD)  # source | base | tuned
     forward = tmp_path / "dgpo"
-    assert _train(tiny_dir, forward, "max_steps=1", "objective.kind=dgpo", "plan.kind=ode") == 0
+    assert _train(tiny_dir, forward, "max_steps=1", "objective.kind=dgpo", "objective.timestep_share=group",
+                  "plan.kind=ode", "eval.at_start=false") == 0
     assert json.loads((forward / "summary.json").read_text())["steps"] == 1
 
 
