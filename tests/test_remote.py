@@ -573,7 +573,7 @@ def test_server_rejects_malformed_requests_and_keeps_serving():
         (score_body(metadata={"offset": [1, 2, 3]}), J, 400, "metadata['offset'] has 3 entries for 2 images"),
         (score_body(metadata=[1]), J, 400, "'metadata' must be a JSON object"),
         (score_body(extra=1), J, 400, "unknown field(s) ['extra']"),
-        (score_body(protocol=2), J, 400, "protocol 2 is not supported"),
+        (score_body(protocol=3), J, 400, "protocol 3 is not supported"),
         (score_body(), {"Content-Type": "text/plain"}, 415, "Content-Type must be application/json"),
         (score_body(prompts=["explode", "b"]), J, 500, "raised RuntimeError: boom"),
     ]
