@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from scorers.base import Scorer, pil_to_tensor, takes_8bit_images
-from scorers.remote import PROTOCOL, PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from scorers.remote import PROTOCOL, SUPPORTED_VERSIONS
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from flowrl.cli import main as flowrl_main
-from flowrl.flow.policy import FlowPolicy, PromptEmbeds
+from flowrl.flow.policy import FlowPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 MSL = 48  # T5 tokens (character-level tiny tokenizer): both prompts below fit without truncation
@@ -390,7 +390,7 @@ def test_remote_protocol_carries_source_images(tmp_path):
     from scorers.server import ScorerServer
 
     assert PROTOCOL == "flowrl-scorer/2"
-    src, tgt = make_edit("remove the circle", 32, rng=0)
+    src, _ = make_edit("remove the circle", 32, rng=0)
     src_png = tmp_path / "s.png"
     draw(src, 32).save(src_png)
     imgs = torch.rand(2, 3, 8, 8)
