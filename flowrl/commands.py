@@ -60,14 +60,26 @@ def sample_file_name(index: int, prompt: str, seed: int, num_prompts: int) -> st
     return f"{index:0{width}d}-{_slug(prompt)}-s{seed}.png"
 
 
+def read_prompt_file(path: Union[str, Path]) -> Tuple[List[str], Optional[List[Any]]]:
+    """``(prompts, source images or None)`` of ``--prompts``: a text file (one prompt per line) or a
+    ``.jsonl`` of records whose ``image`` column holds each prompt's source image (editing models)."""
+    if str(path).endswith(".jsonl"):
+        from flowrl.train.data import load_records, record_images
+
+        records = load_records(str(path))
+        return [r["prompt"] for r in records], record_images(records)
+    return read_prompts(path), None
+
+
 def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds: Union[int, Sequence[int]] = 1,
                   checkpoint: Optional[Union[str, Path]] = None, *, reward: Optional[RewardLike] = None,
-                  batch_size: Optional[int] = None, progress: Optional[bool] = None) -> Path:
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                  images: Optional[Sequence[Any]] = None) -> Path:
     """Sample every ``(prompt, seed)`` with the config's evaluation settings (:func:`eval_settings`)
     and write one PNG each (:func:`sample_file_name`) and ``scores.csv`` (prompt, seed, file, every
     configured reward, total) to ``out``. ``seeds``: a count N (seeds 0..N-1) or a list. Images are
     written batch by batch (memory stays bounded for long prompt lists); a progress bar runs when
-    stderr is a terminal. Returns ``out``."""
+    stderr is a terminal. ``images``: one source image per prompt (editing models). Returns ``out``."""
     try:
         prompts = check_prompts(prompts)
         seeds = check_seeds(seeds)
@@ -88,7 +100,8 @@ def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds
     totals, valids = [], []
     comp_parts: Dict[str, List[Tensor]] = {}
     try:
-        for b in sample_batches(policy, prompts, seeds, reward, bar=bar, **settings):
+        for b in sample_batches(policy, prompts, seeds, reward, bar=bar, sources=None if images is None else list(images),
+                                **settings):
             names = list(b.scores)
             for j, (p, s) in enumerate(zip(b.prompts, b.seeds)):
                 idx = (b.start + j) // len(seeds)
@@ -136,13 +149,7 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     """``flowrl grid``: evaluate the config's model before and after loading ``--checkpoint`` on the
     same prompts and seeds, and write the side-by-side grid, the HTML page and the scores."""
     cfg = load_run_config(args.config, args.overrides)
-    if str(args.prompts).endswith(".jsonl"):  # editing: records with a source image give source | base | tuned
-        from flowrl.train.data import load_records, record_images
-
-        records = load_records(str(args.prompts))
-        prompts, images = [r["prompt"] for r in records], record_images(records)
-    else:
-        prompts, images = read_prompts(args.prompts), None
+    prompts, images = read_prompt_file(args.prompts)  # editing records give source | base | tuned
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.batch_size is not None and args.batch_size < 1:

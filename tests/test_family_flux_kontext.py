@@ -233,6 +233,23 @@ def test_gradient_checkpointing_gives_the_same_gradient(policy):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_model_config_sets_true_cfg_and_condition_size(tiny_dir):
+    from flowrl.config import load_run_config
+    from flowrl.inputs import UsageError
+    from flowrl.train.model import build_flow_policy
+
+    cfg = load_run_config(ROOT / "configs" / "tiny_flux_kontext.yaml", [f"model.path={tiny_dir}", "model.true_cfg_scale=2.5",
+                                                                        "model.condition_image_size=24"])
+    pol = build_flow_policy(cfg.model)
+    assert pol.true_cfg_scale == 2.5 and pol.condition_image_size == 24 and pol._uses_negative
+    assert pol.max_sequence_length == 64
+    flux = load_run_config(ROOT / "configs" / "tiny_flux_kontext.yaml", [f"model.path={tiny_dir}", "model.family=flux"])
+    with pytest.raises(UsageError, match="holds a FluxKontextPipeline"):
+        build_flow_policy(flux.model)
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        load_run_config(ROOT / "configs" / "tiny_flux_kontext.yaml", ["model.true_cfg_scale=-1"])
+
+
 def test_fsdp_config_names_the_kontext_blocks(policy):
     import yaml
 
@@ -282,6 +299,10 @@ def test_flowrl_train_runs_the_tiny_kontext_config(tiny_dir, tmp_path, monkeypat
                         "sample.eval_num_steps=2", "rewards={jpeg_compressibility: 1.0}", "--checkpoint",
                         summary["result"], "--prompts", str(prompts), "--out", str(tmp_path / "grid")]) == 0
     assert Image.open(tmp_path / "grid" / "grid.png").width == 3 * (cw + 2 * PAD)
+    assert flowrl_main(["sample", str(ROOT / "configs" / "tiny_flux_kontext.yaml"), f"model.path={tiny_dir}",
+                        "sample.eval_num_steps=2", "rewards={jpeg_compressibility: 1.0}", "model.true_cfg_scale=2.0",
+                        "--prompts", str(prompts), "--out", str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1 and (tmp_path / "samples" / "scores.csv").is_file()
     forward = tmp_path / "dgpo"
     assert _train(tiny_dir, forward, "max_steps=1", "objective.kind=dgpo", "objective.timestep_share=group",
                   "plan.kind=ode", "eval.at_start=false") == 0
