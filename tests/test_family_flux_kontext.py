@@ -31,6 +31,16 @@ PROMPTS = ["make the circle red", "add a blue square left of the triangle"]
 RANK, ALPHA = 4, 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread while this module runs: the tiny model's ops are small, and on a loaded 2-core machine
+    the threads' synchronisation dominates them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("kontext") / "model"
