@@ -319,6 +319,25 @@ def test_flowrl_train_runs_the_tiny_kontext_config(tiny_dir, tmp_path, monkeypat
     assert json.loads((forward / "summary.json").read_text())["steps"] == 1
 
 
+def test_published_recipe_trains_one_step_on_the_tiny_model(tiny_dir, tmp_path, monkeypatch):
+    """Flow-Factory's Kontext Flow-GRPO recipe (one Flow-SDE step drawn from steps 1..3, GDPO advantages) at tiny
+    sizes on the editing task: the first pass is on-policy (ratio 1) and the LoRA gets a gradient."""
+    monkeypatch.setenv("FLOWRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("flowrl.train.loop.write_report", lambda run_dir: None)
+    out = tmp_path / "recipe"
+    assert flowrl_main([
+        "train", str(ROOT / "configs" / "flow_grpo_flux_kontext.yaml"), f"model.path={tiny_dir}", f"output_dir={out}",
+        "resume=none", "model.dtype=float32", "model.frozen_dtype=null", "train.mixed_precision='no'",
+        "model.condition_image_size=0", "model.max_sequence_length=64", "sample.height=32", "sample.width=32",
+        "sample.num_steps=5", "sample.eval_num_steps=2", "sample.group_size=2", "sample.prompts_per_step=2",
+        "sample.chunk_size=null", "data.train=shapes_edit:train:32", "data.eval=shapes_edit:test:32",
+        "data.max_train_prompts=4", "eval.num_prompts=1", "rewards={jpeg_compressibility: 1.0}", "max_steps=1",
+        "train.tracker=none", "train.progress=false"]) == 0
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(m["ratio_first_min"] - 1) < 1e-4 and abs(m["ratio_first_max"] - 1) < 1e-4
+    assert m["grad_norm"] > 0 and m["skipped_optimizer_steps"] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # the shapes editing task
 # ------------------------------------------------------------------------------------------------
