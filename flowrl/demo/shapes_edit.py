@@ -22,6 +22,7 @@ the target scene as a prompt of the scene grammar (``target``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -118,6 +119,7 @@ def all_instructions(split: Optional[str] = None) -> List[str]:
     return sorted(t for t in out if split_of_instruction(t) == split)
 
 
+@functools.lru_cache(maxsize=None)
 def _pools() -> Dict[str, Dict[str, List[str]]]:
     pools: Dict[str, Dict[str, List[str]]] = {}
     for kind in KINDS:
