@@ -44,17 +44,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
+    from flowrl.commands import read_prompt_file
     from flowrl.config import load_run_config
-    from flowrl.inputs import read_prompts
 
     cfg = load_run_config(args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
+    prompts, images = read_prompt_file(args.prompts)  # a .jsonl may give editing records with source images
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     from flowrl.commands import sample_to_dir
 
     # sample_to_dir checks the checkpoint and that --out can be written before any model loads
-    out = sample_to_dir(cfg, prompts, args.out, seeds=args.seeds, checkpoint=args.checkpoint)
+    out = sample_to_dir(cfg, prompts, args.out, seeds=args.seeds, checkpoint=args.checkpoint, images=images)
     print(f"wrote {len(prompts) * args.seeds} images to {out}")
     return 0
 
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a config's model with the deterministic sampler")
     s.add_argument("config", help="YAML run config")
     s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    s.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    s.add_argument("--prompts", required=True, help="text file, one prompt per line, or a .jsonl with 'prompt' "
+                   "(and, for editing models, 'image') columns")
     s.add_argument("--out", required=True, help="output folder for PNGs and scores.csv")
     s.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
     s.add_argument("--checkpoint", default=None, help="a checkpoint folder to load (LoRA or full weights)")

@@ -60,14 +60,26 @@ def sample_file_name(index: int, prompt: str, seed: int, num_prompts: int) -> st
     return f"{index:0{width}d}-{_slug(prompt)}-s{seed}.png"
 
 
+def read_prompt_file(path: Union[str, Path]) -> Tuple[List[str], Optional[List[Any]]]:
+    """``(prompts, source images or None)`` of ``--prompts``: a text file (one prompt per line) or a
+    ``.jsonl`` of records whose ``image`` column holds each prompt's source image (editing models)."""
+    if str(path).endswith(".jsonl"):
+        from flowrl.train.data import load_records, record_images
+
+        records = load_records(str(path))
+        return [r["prompt"] for r in records], record_images(records)
+    return read_prompts(path), None
+
+
 def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds: Union[int, Sequence[int]] = 1,
                   checkpoint: Optional[Union[str, Path]] = None, *, reward: Optional[RewardLike] = None,
-                  batch_size: Optional[int] = None, progress: Optional[bool] = None) -> Path:
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                  images: Optional[Sequence[Any]] = None) -> Path:
     """Sample every ``(prompt, seed)`` with the config's evaluation settings (:func:`eval_settings`)
     and write one PNG each (:func:`sample_file_name`) and ``scores.csv`` (prompt, seed, file, every
     configured reward, total) to ``out``. ``seeds``: a count N (seeds 0..N-1) or a list. Images are
     written batch by batch (memory stays bounded for long prompt lists); a progress bar runs when
-    stderr is a terminal. Returns ``out``."""
+    stderr is a terminal. ``images``: one source image per prompt (editing models). Returns ``out``."""
     try:
         prompts = check_prompts(prompts)
         seeds = check_seeds(seeds)
@@ -88,7 +100,8 @@ def sample_to_dir(cfg: Any, prompts: Sequence[str], out: Union[str, Path], seeds
     totals, valids = [], []
     comp_parts: Dict[str, List[Tensor]] = {}
     try:
-        for b in sample_batches(policy, prompts, seeds, reward, bar=bar, **settings):
+        for b in sample_batches(policy, prompts, seeds, reward, bar=bar, sources=None if images is None else list(images),
+                                **settings):
             names = list(b.scores)
             for j, (p, s) in enumerate(zip(b.prompts, b.seeds)):
                 idx = (b.start + j) // len(seeds)
@@ -123,7 +136,8 @@ def add_grid_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (flowrl checkpoint or diffusers LoRA)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line, or a .jsonl with 'prompt' "
+                   "(and, for editing models, 'image') columns")
     p.add_argument("--out", required=True, help="output folder for grid.png, index.html, scores.csv")
     p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per sampling call (default: prompts_per_step x group_size)")
@@ -135,7 +149,7 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     """``flowrl grid``: evaluate the config's model before and after loading ``--checkpoint`` on the
     same prompts and seeds, and write the side-by-side grid, the HTML page and the scores."""
     cfg = load_run_config(args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
+    prompts, images = read_prompt_file(args.prompts)  # editing records give source | base | tuned
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -152,9 +166,9 @@ def run_grid(args: argparse.Namespace) -> Tuple[Path, Path]:
     if args.batch_size is not None:
         settings["batch_size"] = args.batch_size
     seeds = list(range(args.seeds))
-    base = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
+    base = evaluate_policy(policy, prompts, seeds, reward=reward, images=images, **settings)
     logger.info("loaded %s", apply_checkpoint(policy, ckpt))
-    tuned = evaluate_policy(policy, prompts, seeds, reward=reward, **settings)
+    tuned = evaluate_policy(policy, prompts, seeds, reward=reward, images=images, **settings)
     return write_comparison(out, base, tuned, labels=("base", f"tuned: {ckpt.name}"),
                             title=f"{ckpt.name} vs base", pairs_per_row=args.pairs_per_row)
 

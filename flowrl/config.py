@@ -382,6 +382,8 @@ class ModelConfig:
     device: str = "cpu"  # torch device when not launched by accelerate (accelerate picks its own)
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3: zero padding when there is no T5); null: the pipeline's default (256/512)
     shift: Optional[float] = None  # fixed sigma shift replacing the scheduler's (e.g. 3.0 for Flux as DanceGRPO/MixGRPO); null: the model's own
+    true_cfg_scale: Optional[float] = None  # flux_kontext: the pipeline's true CFG, v_neg + s (v - v_neg) with sample.negative_prompt, when > 1 (two transformer calls per step); null: off
+    condition_image_size: Optional[int] = None  # editing families (flux_kontext): side in px of the square each source image is resized to; 0: the image's own size; null: the pipeline's choice (Kontext: its preferred resolution nearest the image's aspect)
 
     def validate(self) -> None:
         from flowrl.flow.models import FAMILIES
@@ -396,6 +398,9 @@ class ModelConfig:
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: must be >= 1, got {self.max_sequence_length}")
         check_number("shift", self.shift, gt=0, none_ok=True)
+        check_number("true_cfg_scale", self.true_cfg_scale, gt=0, none_ok=True)
+        if self.condition_image_size is not None and self.condition_image_size < 0:
+            raise ValueError(f"condition_image_size: must be >= 0 (0: the image's own size) or null, got {self.condition_image_size}")
         import torch
 
         try:

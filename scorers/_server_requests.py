@@ -72,10 +72,11 @@ class ScoreRequest:
     they may differ."""
 
     def __init__(self, prompts: List[str], metadata: Dict[str, Any], images: List[str], sizes: List[Tuple[int, int]],
-                 frames: Optional[int] = None):
+                 frames: Optional[int] = None, sources: Optional[List[Optional[str]]] = None):
         self.prompts = prompts
         self.metadata = metadata
         self.images = images
+        self.sources = sources  # protocol 2: each row's source image (base64 PNG or None), or None
         self.sizes = sizes
         self.frames = frames  # protocol 2 videos: frames per sample (images holds len(prompts) * frames PNGs)
         self.pixels = sum(w * h for w, h in sizes)
@@ -83,6 +84,12 @@ class ScoreRequest:
     def decode(self) -> List[Any]:
         """The PIL images as loaded (400 for a broken PNG)."""
         return [_decode_png(s, i) for i, s in enumerate(self.images)]
+
+    def decode_sources(self) -> Optional[List[Any]]:
+        """The source images as RGB PIL images (None rows stay None), or None without sources."""
+        if self.sources is None:
+            return None
+        return [None if s is None else _decode_png(s, i).convert("RGB") for i, s in enumerate(self.sources)]
 
 
 def read_score_request(
@@ -104,7 +111,7 @@ def read_score_request(
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
         raise BadRequest(400, f"protocol {version!r} is not supported; this server speaks {PROTOCOL} "
                          f"(protocol: {' or '.join(map(str, SUPPORTED_VERSIONS))})")
-    fields = {"protocol", "prompts", "images", "metadata"} | ({"frames"} if version >= 2 else set())
+    fields = {"protocol", "prompts", "images", "metadata"} | ({"frames", "source_images"} if version >= 2 else set())
     unknown = sorted(set(req) - fields)
     if unknown:
         raise BadRequest(400, f"unknown field(s) {unknown}; expected {', '.join(sorted(fields - {'protocol'}))}")
@@ -133,7 +140,19 @@ def read_score_request(
         if w * h > max_pixels:
             raise BadRequest(400, f"images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
         sizes.append((w, h))
-    out = ScoreRequest(prompts, metadata, images, sizes, frames)
+    sources = req.get("source_images")
+    if sources is not None:
+        if not isinstance(sources, list) or len(sources) != len(prompts):
+            raise BadRequest(400, f"'source_images' must be a list of {len(prompts)} base64 PNGs or nulls (one per prompt)")
+        if "image" in metadata:
+            raise BadRequest(400, "give source images either as 'source_images' or as metadata['image'], not both")
+        for i, s in enumerate(sources):
+            if s is None:
+                continue
+            w, h = _png_size(s, i)
+            if w * h > max_pixels:
+                raise BadRequest(400, f"source_images[{i}] is {w}x{h}, over the server's limit of {max_pixels} pixels")
+    out = ScoreRequest(prompts, metadata, images, sizes, frames=frames, sources=sources)
     if max_request_pixels is not None and out.pixels > max_request_pixels:
         raise BadRequest(
             400, f"the request's {len(sizes)} images hold {out.pixels} pixels, over the server's limit of "

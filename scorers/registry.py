@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "scorers.aesthetic",
     "scorers.imagereward",
     "scorers.shapes",
+    "scorers.shapes_edit",
     "scorers.remote",
     "scorers.judge",
     "scorers.video",

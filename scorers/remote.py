@@ -2,12 +2,15 @@
 
 Users run a large reward model as a server (``flowrl serve-scorer NAME``, :mod:`scorers.server`) and
 train against it with the ``remote`` scorer defined here. The protocol ``flowrl-scorer/2`` carries
-only JSON and PNG:
+only JSON and PNG (version 2 adds, to version 1, the optional ``source_images`` of editing rewards and
+videos as frames; servers still accept version 1):
 
 * ``GET /health`` -> ``{"status": "ok", "protocol": "flowrl-scorer/2", "scorer": NAME,
   "max_request_bytes": N}``;
 * ``POST /score`` with a JSON body ``{"protocol": 1, "prompts": [B strings], "images": [B base64
-  PNGs], "metadata": {...}}`` -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
+  PNGs], "metadata": {...}}`` (and with ``"protocol": 2`` optionally ``"source_images": [B base64 PNGs
+  or null]``: each row's source image, which an editing reward judges the edit against; the server
+  passes them to its scorer as the ``image`` column, as PIL images) -> ``{"scores": [B numbers]}`` or ``{"scores": {name: [B numbers]}}``
   (non-finite scores as ``null``, read back as NaN); errors are 4xx/5xx with ``{"error": message}``.
 
 Protocol 2 (``flowrl-scorer/2``) adds videos: ``{"protocol": 2, "frames": F, "prompts": [B strings],
@@ -50,8 +53,8 @@ from scorers.registry import register
 log = logging.getLogger(__name__)
 
 PROTOCOL = "flowrl-scorer/2"
-PROTOCOL_VERSION = 2  # what a server speaks: 1 (images) and 2 (images, or videos with "frames")
-IMAGE_PROTOCOL_VERSION = 1  # what a client sends for images (servers of protocol 1 understand it)
+PROTOCOL_VERSION = 2  # what a server speaks: 1 (images) and 2 (images with source images, or videos with "frames")
+IMAGE_PROTOCOL_VERSION = 1  # what a client sends for images without source images (servers of protocol 1 understand it)
 SUPPORTED_VERSIONS = (1, 2)
 # zlib level for PNGs sent over the wire: level 1 is several times faster than PIL's default (6) and
 # only slightly larger; the encoding is lossless at every level.
@@ -170,23 +173,50 @@ def _jsonable(value: Any, key: str) -> Any:
     raise ValueError(f"metadata[{key!r}] holds a {type(value).__name__}, which cannot be sent as JSON")
 
 
+def encode_source_b64(image: Any) -> Optional[str]:
+    """One source image (a file path, a PIL image, a [3, H, W] float tensor in [0, 1], or None) -> a base64
+    PNG (None stays None)."""
+    if image is None:
+        return None
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        try:
+            with Image.open(image) as im:
+                return _b64(encode_pil_png(im.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"source image {image!r} is not a readable image ({type(e).__name__})") from None
+    if isinstance(image, torch.Tensor):
+        return encode_png_b64(image.detach().to("cpu", torch.float32))
+    if hasattr(image, "convert"):
+        return _b64(encode_pil_png(image))
+    raise ValueError(f"a source image must be a path, a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
+
+
 def build_score_request(images: Any, prompts: Sequence[str], metadata: Optional[Mapping[str, Any]] = None) -> bytes:
     """The JSON body of ``POST /score`` for a batch ``images``: float [B, 3, H, W] in [0, 1], uint8
-    [B, 3, H, W] or PIL images (see the module docstring for what is sent)."""
+    [B, 3, H, W] or PIL images (see the module docstring for what is sent). A metadata column ``image``
+    (each row's source image, editing) travels as ``source_images`` PNGs and videos [B, 3, F, H, W] as their
+    frames with ``frames`` (both protocol 2); without either the request is protocol 1."""
     frames = int(images.shape[2]) if isinstance(images, torch.Tensor) and images.ndim == 5 else None
     encoded = encode_images_b64(images)
     prompts = [str(p) for p in prompts]
     if len(prompts) * (frames or 1) != len(encoded):
         what = f"videos of {frames} frames" if frames else "images"
         raise ValueError(f"got {len(encoded) // (frames or 1)} {what} but {len(prompts)} prompts")
-    body: Dict[str, Any] = {"protocol": IMAGE_PROTOCOL_VERSION if frames is None else 2}
+    metadata = dict(metadata or {})
+    sources = metadata.pop("image", None)
+    v2 = frames is not None or sources is not None
+    body: Dict[str, Any] = {"protocol": PROTOCOL_VERSION if v2 else IMAGE_PROTOCOL_VERSION}
     if frames is not None:
         body["frames"] = frames
     body.update({
         "prompts": prompts,
         "images": encoded,
-        "metadata": {str(k): _jsonable(v, str(k)) for k, v in (metadata or {}).items()},
+        "metadata": {str(k): _jsonable(v, str(k)) for k, v in metadata.items()},
     })
+    if sources is not None:
+        if isinstance(sources, (str, bytes)) or len(sources) != len(prompts):
+            raise ValueError(f"metadata['image']: give one source image per prompt ({len(prompts)})")
+        body["source_images"] = [encode_source_b64(s) for s in sources]
     return json.dumps(body).encode("utf-8")
 
 
@@ -379,7 +409,7 @@ def check_url(url: Any, example: str = "http://127.0.0.1:18090", arg: str = "url
 
 
 class RemoteScorer(Scorer):
-    """Client of a ``flowrl-scorer/2`` (or /1, for images) server (see the module docstring).
+    """Client of a ``flowrl-scorer/2`` (or /1, for images without source images) server (see the module docstring).
 
     Args:
         url: the server, ``http://host:port`` (``/score`` is appended) or the full score endpoint.

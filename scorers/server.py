@@ -490,8 +490,13 @@ class ScorerServer:
         return _json_response(200, result)
 
     def _prepare(self, req: ScoreRequest):
-        """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`)."""
-        return scorer_input(self.scorer, req.decode(), req.frames)
+        """In a decode thread: the scorer's input for ``req`` (see :func:`scorer_input`); protocol 2's
+        source images become the ``image`` metadata column (PIL images)."""
+        inputs = scorer_input(self.scorer, req.decode(), req.frames)
+        sources = req.decode_sources()
+        if sources is not None:
+            req.metadata["image"] = sources
+        return inputs
 
     # -- running -------------------------------------------------------------------------------
 

@@ -30,8 +30,8 @@ from scorers.registry import register as register_scorer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
-TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_llm.yaml", "tiny_z_image.yaml", "tiny_qwen_image.yaml", "tiny_flux2.yaml",
-        "tiny_wan.yaml"}
+TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_flux_kontext.yaml", "tiny_llm.yaml", "tiny_z_image.yaml",
+        "tiny_qwen_image.yaml", "tiny_flux2.yaml", "tiny_wan.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -119,6 +119,8 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
            f"sample.num_steps={_fewest_steps(cfg)}", "sample.eval_num_steps=2",
            f"sample.group_size={max(2, _leaves(cfg))}", f"sample.prompts_per_step={mb}",
            "data.train=shapes:train", "data.eval=shapes:test"]
+    if fam == "flux_kontext":  # editing: instructions over 32-px source scenes, at their own size
+        ov += ["data.train=shapes_edit:train:32", "data.eval=shapes_edit:test:32", "model.condition_image_size=0"]
     names = list(cfg.rewards)
     if not set(names) <= set(CHEAP_IMAGE):
         if len(names) > len(CHEAP_IMAGE):
@@ -401,6 +403,18 @@ PUBLISHED = {
         "sample.guidance_scale": 5.0, "sample.group_size": 12, "sample.same_noise": True, "plan.kind": "random_subset",
         "plan.sde": "dance_sde", "plan.noise_level": 0.3, "plan.subset.fraction": 0.6, "loss.eps_low": 1e-4,
         "loss.beta": 0.0, "train.learning_rate": 1e-5, "lora.enabled": False, "rewards": {"hpsv21": 1.0},
+    },
+    # X-GenGroup/Flow-Factory a0b2bc5 trainers/grpo.py + examples/grpo/lora/flux1_kontext/default.yaml
+    "flow_grpo_flux_kontext.yaml": {
+        "model.family": "flux_kontext", "model.path": "black-forest-labs/FLUX.1-Kontext-dev",
+        "model.condition_image_size": 384, "sample.height": 384, "sample.width": 384, "sample.num_steps": 10,
+        "sample.eval_num_steps": 20, "sample.guidance_scale": 2.5, "sample.group_size": 16,
+        "sample.prompts_per_step": 48, "plan.kind": "random_window", "plan.sde": "flow_sde", "plan.noise_level": 0.9,
+        "plan.window.size": 1, "plan.window.range": [1, 4], "advantage.multi_reward": "normalize_then_sum",
+        "advantage.post_norm": "batch", "advantage.std_unbiased": False, "advantage.clip": 5.0, "loss.eps_low": 1e-4,
+        "loss.beta": 0.0, "train.learning_rate": 3e-4, "train.weight_decay": 1e-4, "train.num_minibatches": 2,
+        "lora.rank": 64, "lora.alpha": 128, "ema.decay": 0.9, "ema.every": 4, "data.max_train_prompts": 1000,
+        "rewards": {"pickscore": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,

@@ -306,6 +306,7 @@ class FlowPolicy:
         self.max_sequence_length = msl
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self._image_cache: OrderedDict[Any, dict[str, Tensor]] = OrderedDict()  # source images (editing), by content
         self.nfe = 0
         self.num_encoded = 0  # prompts sent through the text encoders (cache misses)
         # What velocity() calls: the transformer itself, or a wrapper of it that a training loop
@@ -418,8 +419,9 @@ class FlowPolicy:
         self.transformer.to(self.device)
         for m in self.frozen_modules().values():
             m.to(self.device)
-        for k, rows in self._cache.items():
-            self._cache[k] = {n: t.to(self.device) for n, t in rows.items()}
+        for cache in (self._cache, self._image_cache):
+            for k, rows in cache.items():
+                cache[k] = {n: t.to(self.device) for n, t in rows.items()}
         return self
 
     @property
@@ -431,8 +433,9 @@ class FlowPolicy:
         return int(self.pipeline.vae_scale_factor)
 
     def clear_prompt_cache(self) -> None:
-        """Forget all cached prompt embeddings."""
+        """Forget all cached prompt embeddings (and encoded source images)."""
         self._cache.clear()
+        self._image_cache.clear()
 
     # ---- prompts --------------------------------------------------------------------------
 
@@ -469,13 +472,17 @@ class FlowPolicy:
             self._cache.popitem(last=False)
         return rows
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "") -> PromptEmbeds:
+    def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "",
+                       images: Sequence[Any] | None = None) -> PromptEmbeds:
         """Embeddings of ``prompts`` (one row per prompt), in the transformer's dtype on ``device``.
 
         Embeddings are cached per prompt string (LRU, ``cache_size`` entries); only prompts not in
         the cache go through the text encoders, one prompt per call (batch-independent results). For SD3 the negative branch for CFG is
         the embedding of ``negative_prompt`` repeated per row; FLUX (guidance-distilled) has none
-        and ignores ``negative_prompt``.
+        and ignores ``negative_prompt``. ``images`` (editing families): one source image per prompt
+        (a file path, a PIL image or a [3, H, W] / [1, 3, H, W] tensor in [0, 1]), encoded by the
+        family (``image_latents`` / ``image_ids``) and cached by content (a path by its resolved name,
+        size and mtime), so a row's key is its (prompt, image).
         """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -487,12 +494,66 @@ class FlowPolicy:
             raise ValueError(f"prompts must all be strings, got {sorted(set(bad))}")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        rows = self._cached_rows(prompts)
+        paired = images is not None and self._prompt_sees_image
+        if paired:  # the text encoder reads the image too: one row per (prompt, image)
+            rows = self._image_rows(images, len(prompts), prompts)
+        else:
+            rows = self._cached_rows(prompts)
+            if images is not None:
+                rows = [dict(r, **ir) for r, ir in zip(rows, self._image_rows(images, len(prompts)))]
         if self._uses_negative:
-            neg = self._cached_rows([negative_prompt])[0]
-            neg = {f"negative_{k}": v for k, v in neg.items() if k in ("prompt_embeds", "pooled", "prompt_mask")}
-            rows = [dict(r, **neg) for r in rows]
+            negs = (self._image_rows(images, len(prompts), [negative_prompt] * len(prompts)) if paired
+                    else self._cached_rows([negative_prompt]) * len(rows))
+            keep = ("prompt_embeds", "pooled", "prompt_mask")
+            rows = [dict(r, **{f"negative_{k}": v for k, v in ng.items() if k in keep}) for r, ng in zip(rows, negs)]
         return PromptEmbeds(**pad_rows(rows))
+
+    # ---- source images (instruction editing) ----------------------------------------------------
+
+    #: Editing families whose text encoder reads the source image with the prompt (Qwen-Image-Edit): their
+    #: rows come from :meth:`_encode_pair` and are cached by (prompt, image); others (Kontext) combine the
+    #: prompt's cached rows with :meth:`_encode_image`'s, cached by image.
+    _prompt_sees_image: ClassVar[bool] = False
+
+    def _encode_image(self, image: Any) -> dict[str, Tensor]:
+        """One loaded source image -> per-row tensors (no batch dimension), e.g. ``image_latents`` and
+        ``image_ids``; only editing families implement it."""
+        raise ValueError(f"model family {self.family or type(self).__name__!r} takes no source image (images=...)")
+
+    def _encode_pair(self, prompt: str, image: Any) -> dict[str, Tensor]:
+        """One prompt with its loaded source image -> every per-row tensor (text and image); the families
+        with ``_prompt_sees_image`` implement it."""
+        raise ValueError(f"model family {self.family or type(self).__name__!r} encodes no (prompt, image) pair")
+
+    def _image_key_extra(self) -> Any:
+        """What else an encoded image depends on (e.g. the size it is resized to); part of its cache key."""
+        return None
+
+    def _image_rows(self, images: Sequence[Any], n: int, prompts: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+        """The encoded source image of each of ``n`` prompts (cached by content, LRU like prompts); with
+        ``prompts``, each (prompt, image) pair encoded together (:meth:`_encode_pair`)."""
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) != n:
+            raise ValueError(f"images must be a list of one source image per prompt ({n}), got {_describe(images)}")
+        if any(im is None for im in images):
+            raise ValueError("images: every prompt needs a source image (None given); pass images=None for none")
+        rows = []
+        for i, im in enumerate(images):
+            key = (image_key(im), self._image_key_extra(), None if prompts is None else prompts[i])
+            if key not in self._image_cache:
+                with torch.no_grad():
+                    out = (self._encode_image(load_image(im)) if prompts is None
+                           else self._encode_pair(prompts[i], load_image(im)))
+                if prompts is not None:
+                    self.num_encoded += 1
+                self._image_cache[key] = {
+                    k: v.detach().to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype).clone()
+                    for k, v in out.items()
+                }
+            self._image_cache.move_to_end(key)
+            rows.append(self._image_cache[key])
+        while len(self._image_cache) > self.cache_size:
+            self._image_cache.popitem(last=False)
+        return rows
 
     # ---- latent geometry ------------------------------------------------------------------
 
@@ -603,6 +664,52 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
         for name, b in m._buffers.items():
             if b is not None and b.device.type == "cpu" and b.data_ptr() % _CPU_ALIGNMENT:
                 m._buffers[name] = b.clone()
+
+
+def _describe(x: Any) -> str:
+    return f"{len(x)} item(s)" if isinstance(x, Sequence) and not isinstance(x, (str, bytes)) else type(x).__name__
+
+
+def image_key(image: Any) -> tuple:
+    """A cache key of a source image by content: a path by its resolved name, size and mtime; a PIL
+    image or tensor by a hash of its pixels."""
+    import hashlib
+
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image).expanduser().resolve()
+        try:
+            st = p.stat()
+        except OSError:
+            raise ValueError(f"source image {os.fspath(image)!r} not found") from None
+        return ("path", str(p), st.st_size, st.st_mtime_ns)
+    if isinstance(image, Tensor):
+        t = image.detach().to("cpu").contiguous()
+        return ("tensor", tuple(t.shape), str(t.dtype), hashlib.sha1(t.numpy().tobytes()).hexdigest())
+    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):  # PIL.Image
+        return ("pil", image.mode, tuple(image.size), hashlib.sha1(image.tobytes()).hexdigest())
+    raise ValueError(f"a source image must be a file path, a PIL image or a tensor, got {type(image).__name__}")
+
+
+def load_image(image: Any) -> Any:
+    """A source image as the pipelines' image processor takes it: a path is opened as an RGB PIL image
+    (ValueError naming it when unreadable); a [3, H, W] tensor gets a batch dimension."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(os.fspath(image)) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"source image {os.fspath(image)!r} is not a readable image ({type(e).__name__})") from None
+    if isinstance(image, Tensor):
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.dim() != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"a source image tensor must be [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
+        return image.float()
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    raise ValueError(f"a source image must be a file path, a PIL image or a tensor, got {type(image).__name__}")
 
 
 def _is_subclass_named(klass: type, name: str) -> bool:

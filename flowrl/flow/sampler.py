@@ -311,6 +311,7 @@ def sample(
     store_means: bool = True,
     chunk_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    images: Optional[Sequence[Any]] = None,
 ) -> Rollout:
     """Sample ``group_size`` trajectories for each prompt following ``plan`` (no grad).
 
@@ -322,10 +323,12 @@ def sample(
     initial noise and ODE prefix (computed once per prompt). For tree plans ``group_size`` must be a
     multiple of ``plan.leaves``. ``store_dtype``: dtype of stored latents and means (log-probs are
     taken on the rounded values). ``chunk_size``: at most this many rows per velocity call.
-    ``progress``: show a tqdm bar over steps (None: only when stderr is a terminal).
+    ``progress``: show a tqdm bar over steps (None: only when stderr is a terminal). ``images``
+    (editing models): one source image per prompt, passed to ``policy.encode_prompts(..., images=)``.
     """
     call = _Call(policy, prompts, plan, group_size, height, width, guidance_scale, generator, same_noise,
-                 negative_prompt, store_dtype, decode, store_means, chunk_size, progress)
+                 negative_prompt, store_dtype, decode, store_means, chunk_size, progress,
+                 images=None if images is None else list(images))
     _check_inputs(call)
     call = replace(call, prompts=list(prompts), guidance_scale=float(guidance_scale))
     with torch.no_grad():
@@ -353,6 +356,7 @@ class _Call:
     progress: Optional[bool]
     embeds: Any = None  # the prompts' embeddings when already encoded (a sweep encodes once)
     init_noise: Optional[Tensor] = None  # the initial rows (prompt-major) instead of a draw from ``generator``
+    images: Optional[list] = None  # one source image per prompt (editing models), or None
 
     @property
     def num_prompts(self) -> int:  # P
@@ -475,6 +479,8 @@ def _check_inputs(call: _Call) -> None:
         raise ValueError(f"store_dtype: must be a floating torch.dtype, got {call.store_dtype!r}")
     if call.chunk_size is not None and call.chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 or None, got {call.chunk_size}")
+    if call.images is not None and len(call.images) != len(prompts):
+        raise ValueError(f"images: give one source image per prompt ({len(prompts)}), got {len(call.images)}")
     if call.per_prompt and len(call.generator) != len(prompts):
         raise ValueError(f"generator: a list needs one generator per prompt ({len(prompts)}), "
                          f"got {len(call.generator)}")
@@ -514,6 +520,8 @@ def _sigmas(call: _Call) -> Tensor:
 def _encode_prompts(call: _Call) -> Any:
     if call.embeds is not None:
         return call.embeds
+    if call.images is not None:
+        return call.policy.encode_prompts(call.prompts, negative_prompt=call.negative_prompt, images=call.images)
     return call.policy.encode_prompts(call.prompts, negative_prompt=call.negative_prompt)
 
 

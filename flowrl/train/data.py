@@ -5,8 +5,12 @@ A source string is one of:
 * ``shapes:train`` / ``shapes:test``: the demo's scene grammar (:mod:`flowrl.demo.shapes`);
 * ``arithmetic:train`` / ``arithmetic:test`` (optionally ``arithmetic:train:3`` for 3-digit
   operands): verifiable problems with an ``answer`` column (:mod:`flowrl.demo.arithmetic`);
+* ``shapes_edit:train`` / ``shapes_edit:test`` (optionally ``shapes_edit:train:32`` for 32-px source
+  images; default 64): the demo's editing task (:mod:`flowrl.demo.shapes_edit`): an instruction, a
+  rendered source scene (``image``, a PNG path) and the target scene;
 * a ``.jsonl`` file: one JSON object per line with a ``prompt`` key and any other columns
-  (passed to reward functions);
+  (passed to reward functions); an ``image`` column is the prompt's source image for editing
+  models (a path, relative to the file's folder or absolute), checked when the file is read;
 * any other file: UTF-8 text, one prompt per line.
 
 Every record is a dict with at least ``prompt``.
@@ -34,7 +38,17 @@ def load_records(source: str, *, limit: Optional[int] = None, seed: int = 0) -> 
     kind, _, rest = source.partition(":")
     if kind in ("shapes", "arithmetic") and rest.split(":")[0] not in ("train", "test") and not Path(source).exists():
         raise UsageError(f"prompt source {source!r}: the {kind} split must be 'train' or 'test'")
-    if kind == "shapes" and rest in ("train", "test"):
+    if kind == "shapes_edit" and not Path(source).exists():
+        from flowrl.demo.shapes_edit import edit_records  # lazy: demo imports the library
+
+        parts = rest.split(":")
+        if parts[0] not in ("train", "test") or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise UsageError(f"prompt source {source!r}: expected shapes_edit:<train|test>[:<image side in px>]")
+        size = int(parts[1]) if len(parts) == 2 else 64
+        if size < 16:
+            raise UsageError(f"prompt source {source!r}: the image side must be >= 16 px, got {size}")
+        records = edit_records(parts[0], limit or 512, seed=seed, size=size)
+    elif kind == "shapes" and rest in ("train", "test"):
         from flowrl.demo import shapes  # lazy: demo imports the library, not the other way round
 
         # Balanced over the GenEval categories, like the held-out draw: the category pools differ in
@@ -80,8 +94,41 @@ def _read_jsonl(path: Path) -> List[Record]:
             raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise UsageError(f"{path}:{i}: each line must be an object with a string 'prompt'")
+        if "image" in rec:
+            rec["image"] = _source_image(path, i, rec["image"])
         out.append(rec)
     return out
+
+
+def _source_image(path: Path, line: int, value) -> str:
+    """The absolute path of a record's source image (relative paths from the JSONL's folder), checked
+    to exist and open as an image: a missing or unreadable one is one UsageError line naming it."""
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{path}:{line}: 'image' must be a path to the prompt's source image, got {value!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else (path.parent / p)
+    if not p.is_file():
+        raise UsageError(f"{path}:{line}: source image not found: {value}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise UsageError(f"{path}:{line}: source image {value} is not a readable image ({type(e).__name__})") from None
+    return str(p.resolve())
+
+
+def record_images(records) -> Optional[List[str]]:
+    """The source image of each record (editing data), or None when no record has one; a mix of
+    records with and without ``image`` is a UsageError."""
+    has = [r.get("image") is not None for r in records]
+    if not any(has):
+        return None
+    if not all(has):
+        raise UsageError(f"{has.count(False)} of {len(records)} prompts have no source image ('image'): "
+                         "an editing run needs one for every prompt")
+    return [r["image"] for r in records]
 
 
 def choose_prompts(num_records: int, count: int, seed: int, step: int) -> List[int]:

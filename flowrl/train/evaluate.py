@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import inspect
 import math
 import sys
 import time
@@ -95,6 +96,7 @@ class EvalResult:
     height: int = 0
     width: int = 0
     wall_clock_s: float = 0.0
+    sources: Optional[List[Any]] = None  # one source image per prompt (editing runs), else None
 
     @property
     def num_images(self) -> int:
@@ -197,11 +199,13 @@ def check_seeds(seeds: Union[int, Sequence[int]]) -> List[int]:
     return out
 
 
-def _score(reward: RewardLike, images: Tensor, prompts: List[str]) -> Tuple[Dict[str, Tensor], Tensor, Tensor, Dict[str, float]]:
+def _score(reward: RewardLike, images: Tensor, prompts: List[str],
+           sources: Optional[List[Any]] = None) -> Tuple[Dict[str, Tensor], Tensor, Tensor, Dict[str, float]]:
     """(components, total, valid, weights) of a :class:`scorers.multi.MultiReward` (anything returning
     a ``Rewards``) or of a plain scorer callable returning ``[N]`` scores (one component, weight 1,
-    named by its ``name`` attribute)."""
-    out = reward(images, prompts)
+    named by its ``name`` attribute). ``sources``: each row's source image (editing), given to the
+    reward as the ``image`` column, as training gives a record's columns."""
+    out = reward(images, prompts) if sources is None else reward(images, prompts, image=sources)
     n = len(prompts)
     if hasattr(out, "components") and hasattr(out, "total") and hasattr(out, "valid"):
         comps = {k: v.detach().to("cpu", torch.float32).reshape(-1) for k, v in out.components.items()}
@@ -222,8 +226,9 @@ def _evaluator_of(scorer: Any) -> Optional[Callable[[Any, List[str]], Mapping[st
     return fn if callable(fn) else None
 
 
-def _details(reward: RewardLike, images: Tensor, prompts: List[str]) -> Dict[str, float]:
-    """``"<scorer>/<key>"`` → number, from every scorer of ``reward`` that has an evaluator."""
+def _details(reward: RewardLike, images: Tensor, prompts: List[str], sources: Optional[List[Any]] = None) -> Dict[str, float]:
+    """``"<scorer>/<key>"`` → number, from every scorer of ``reward`` that has an evaluator (given each
+    row's source image as ``image=`` when there are sources and the evaluator takes them)."""
     scorers = getattr(reward, "scorers", None)
     if isinstance(scorers, Mapping):
         items = list(scorers.items())
@@ -235,7 +240,8 @@ def _details(reward: RewardLike, images: Tensor, prompts: List[str]) -> Dict[str
         if fn is None:
             continue
         try:
-            summary = fn(images, prompts)
+            takes_sources = sources is not None and "image" in inspect.signature(fn).parameters
+            summary = fn(images, prompts, image=sources) if takes_sources else fn(images, prompts)
         except (ValueError, TypeError, RuntimeError) as e:
             logger.warning("%s: no per-category numbers (%s: %s)", name, type(e).__name__, _first_line(e))
             continue
@@ -314,8 +320,9 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 def sample_batches(policy: Any, prompts: List[str], seeds: List[int], reward: RewardLike, *, num_steps: int,
                    height: int, width: int, guidance_scale: float, negative_prompt: str, batch_size: int,
-                   chunk_size: Optional[int], bar: Any = None) -> Iterator[_Batch]:
-    """Sample and score ``prompts × seeds`` in batches of whole prompts (about ``batch_size`` rows)."""
+                   chunk_size: Optional[int], bar: Any = None, sources: Optional[List[Any]] = None) -> Iterator[_Batch]:
+    """Sample and score ``prompts × seeds`` in batches of whole prompts (about ``batch_size`` rows);
+    ``sources``: one source image per prompt (editing models)."""
     from flowrl.flow.plan import eval_plan
     from flowrl.flow.sampler import sample
 
@@ -331,14 +338,16 @@ def sample_batches(policy: Any, prompts: List[str], seeds: List[int], reward: Re
             chunk = prompts[a:a + per_batch]
             row_prompts = [p for p in chunk for _ in seeds]
             row_seeds = [s for ss in all_seeds[a:a + per_batch] for s in ss]
+            row_sources = None if sources is None else [im for im in sources[a:a + per_batch] for _ in seeds]
             # every row is its own "prompt" with its own generator (the sampler takes one generator
             # per prompt): the noise of (prompt, seed) is manual_seed(seed)'s, whatever the batch
             gens = [torch.Generator("cpu").manual_seed(s) for s in row_seeds]
             r = sample(policy, row_prompts, plan, group_size=1, height=height, width=width,
                        guidance_scale=guidance_scale, generator=gens, negative_prompt=negative_prompt,
-                       store_means=False, chunk_size=min(chunk_size or rows_per_call, rows_per_call), progress=False)
+                       store_means=False, chunk_size=min(chunk_size or rows_per_call, rows_per_call), progress=False,
+                       **({} if row_sources is None else {"images": row_sources}))
             images = r.images.detach().to("cpu", torch.float32)
-            comps, total, valid, weights = _score(reward, images, row_prompts)
+            comps, total, valid, weights = _score(reward, images, row_prompts, row_sources)
             if bar is not None:
                 bar.update(len(row_prompts))
             yield _Batch(a * S, row_prompts, row_seeds, images, comps, total, valid,
@@ -369,6 +378,7 @@ def evaluate_policy(
     batch_size: int = 16,
     chunk_size: Optional[int] = None,
     progress: Optional[bool] = None,
+    images: Optional[Sequence[Any]] = None,
 ) -> EvalResult:
     """Sample every ``(prompt, seed)`` with the deterministic ``num_steps``-step ODE plan and score it.
 
@@ -378,8 +388,11 @@ def evaluate_policy(
     transformer call) beyond float rounding. ``reward``: a :class:`scorers.multi.MultiReward` or any
     scorer callable ``(images, prompts) -> [N]``. The transformer runs in eval mode (its previous
     mode is restored). ``progress``: tqdm bar over images (None: when stderr is a terminal).
+    ``images`` (editing models): one source image per prompt; kept in the result's ``sources``.
     """
     prompts = check_prompts(prompts)
+    if images is not None and (isinstance(images, (str, bytes)) or len(images) != len(prompts)):
+        raise ValueError(f"images: give one source image per prompt ({len(prompts)})")
     seeds = check_seeds(seeds)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
@@ -388,12 +401,14 @@ def evaluate_policy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1 or None, got {chunk_size!r}")
     t0 = time.perf_counter()
+    images_src = images
     bar = progress_bar(len(prompts) * len(seeds), "evaluating", progress)
     parts: List[_Batch] = []
     try:
         for b in sample_batches(policy, prompts, seeds, reward, num_steps=num_steps, height=height, width=width,
                           guidance_scale=float(guidance_scale), negative_prompt=negative_prompt,
-                          batch_size=batch_size, chunk_size=chunk_size, bar=bar):
+                          batch_size=batch_size, chunk_size=chunk_size, bar=bar,
+                          sources=None if images is None else list(images)):
             parts.append(b)
     finally:
         if bar is not None:
@@ -406,12 +421,14 @@ def evaluate_policy(
     means = {k: masked_mean(v, valid) for k, v in scores.items()}
     means["total"] = masked_mean(total, valid)
     row_prompts = [p for b in parts for p in b.prompts]
-    details = _details(reward, images, row_prompts)
+    row_sources = None if images_src is None else [im for im in images_src for _ in seeds]
+    details = _details(reward, images, row_prompts, row_sources)
     return EvalResult(
         prompts=prompts, seeds=seeds, images=images, scores=scores, total=total, valid=valid,
         weights=dict(parts[0].weights), means=means, details=details, nfe=sum(b.nfe for b in parts),
         num_steps=num_steps, guidance_scale=float(guidance_scale), height=int(images.shape[-2]),
         width=int(images.shape[-1]), wall_clock_s=time.perf_counter() - t0,
+        sources=None if images_src is None else list(images_src),
     )
 
 

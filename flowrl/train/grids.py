@@ -210,7 +210,8 @@ def side_by_side(base: EvalResult, tuned: EvalResult, labels: Tuple[str, str] = 
                  pairs_per_row: Optional[int] = None, font: Any = None):
     """Grid of image pairs, base left and tuned right, for the same prompts and seeds; captions give
     the prompt, the seed and each side's score (the tuned side with its change), and a header names
-    the two sides over every column."""
+    the two sides over every column. An editing evaluation (``sources``: a source image per prompt)
+    gets triples source | base | tuned."""
     from PIL import Image, ImageDraw
 
     if base.prompts != tuned.prompts or base.seeds != tuned.seeds:
@@ -224,27 +225,55 @@ def side_by_side(base: EvalResult, tuned: EvalResult, labels: Tuple[str, str] = 
     pairs_per_row = min(pairs_per_row, n)
     key, b_vals = base.headline()
     t_vals = tuned.total if key == "total" else tuned.scores[key]
-    images = torch.stack([x for i in range(n) for x in (base.images[i], tuned.images[i])])
-    captions = []
+    sources = source_images(tuned.sources or base.sources, len(base.seeds), base.images.shape[-2:])
+    k = 2 if sources is None else 3
+    names = tuple(labels) if sources is None else ("source", *labels)
+    images, captions = [], []
     for i, (p, s) in enumerate(zip(base.row_prompts(), base.row_seeds())):
         b, t = float(b_vals[i]), float(t_vals[i])
+        if sources is not None:
+            images.append(sources[i])
+            captions.append(f"{p}\nseed {s}")
+        images += [base.images[i], tuned.images[i]]
         captions.append(f"{p}\nseed {s}, {key} {format_score(b)}")
         captions.append(f"{p}\n{key} {format_score(t)} ({format_delta(t - b)})")
-    grid = image_grid(images, captions, ncols=2 * pairs_per_row, font=font)
+    grid = image_grid(torch.stack(images), captions, ncols=k * pairs_per_row, font=font)
     f = _font(font)
     header = line_height(f) + 2 * PAD
     out = Image.new("RGB", (grid.width, grid.height + header), BACKGROUND)
     out.paste(grid, (0, header))
     draw = ImageDraw.Draw(out)
-    cell_w = grid.width // (2 * pairs_per_row)
-    for c in range(2 * pairs_per_row):
-        text = labels[c % 2]
+    cell_w = grid.width // (k * pairs_per_row)
+    for c in range(k * pairs_per_row):
+        text = names[c % k]
         tw = _text_width(f, text)
         if tw > cell_w - 2 * PAD:
             text = _fit(text, f, cell_w - 2 * PAD)
             tw = _text_width(f, text)
         draw.text((c * cell_w + (cell_w - tw) / 2, PAD), text, fill=TEXT_COLOR, font=f)
     return out
+
+
+def source_images(sources: Optional[Sequence[Any]], per_prompt: int, hw: Sequence[int]) -> Optional[Tensor]:
+    """Each row's source image (``sources``: one per prompt, repeated over its ``per_prompt`` seeds) as a
+    [N, 3, H, W] tensor in [0, 1] resized to the grid's ``hw``; None when there are none."""
+    if not sources:
+        return None
+    from PIL import Image
+
+    from flowrl.flow.policy import load_image
+
+    h, w = int(hw[0]), int(hw[1])
+    rows = []
+    for src in sources:
+        im = load_image(src)
+        if isinstance(im, Tensor):
+            t = torch.nn.functional.interpolate(im.float().clamp(0, 1), size=(h, w), mode="bilinear", align_corners=False)[0]
+        else:
+            arr = torch.frombuffer(bytearray(im.resize((w, h), Image.BILINEAR).tobytes()), dtype=torch.uint8)
+            t = arr.reshape(h, w, 3).permute(2, 0, 1).float() / 255
+        rows += [t] * per_prompt
+    return torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------------------------

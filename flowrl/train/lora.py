@@ -56,12 +56,17 @@ WAN_TARGETS = [
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     "ffn.net.0.proj", "ffn.net.2",
 ]
+# FLUX.1 Kontext: Flow-Factory's default_target_modules of its Kontext adapter (X-GenGroup/Flow-Factory
+# src/flow_factory/models/flux/flux1_kontext.py @ a0b2bc5) with r=64, alpha=128 of its
+# examples/grpo/lora/flux1_kontext/default.yaml: the same modules as FLUX.1's.
+FLUX_KONTEXT_TARGETS = list(FLUX_TARGETS)
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
     "flux": {"rank": 64, "alpha": 128, "targets": FLUX_TARGETS},
     "flux2": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
     "flux2_klein": {"rank": 64, "alpha": 128, "targets": FLUX2_TARGETS},
+    "flux_kontext": {"rank": 64, "alpha": 128, "targets": FLUX_KONTEXT_TARGETS},
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
     "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
     "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},

@@ -53,6 +53,17 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
         raise UsageError(f"cannot load model.path {model_cfg.path!r} as a {where}: {str(e).splitlines()[0]}") from None
     if getattr(model_cfg, "shift", None) is not None:
         set_fixed_shift(policy, model_cfg.shift)
+    cfg_scale = getattr(model_cfg, "true_cfg_scale", None)
+    if cfg_scale is not None:
+        if not hasattr(policy, "true_cfg_scale"):
+            raise UsageError(f"model.true_cfg_scale: model family {model_cfg.family!r} has no true CFG "
+                             "(sample.guidance_scale is its guidance)")
+        policy.true_cfg_scale = float(cfg_scale)
+    size = getattr(model_cfg, "condition_image_size", None)
+    if size is not None:
+        if not hasattr(policy, "condition_image_size"):
+            raise UsageError(f"model.condition_image_size: model family {model_cfg.family!r} takes no source image")
+        policy.condition_image_size = int(size) or None  # 0: the image's own size
     return policy
 
 

@@ -172,6 +172,8 @@ def save_eval_result(path: Union[str, Path], step: int, result: EvalResult) -> P
             "means": result.means, "details": result.details, "nfe": result.nfe, "num_steps": result.num_steps,
             "guidance_scale": result.guidance_scale, "height": result.height, "width": result.width,
             "wall_clock_s": result.wall_clock_s, "scores": list(result.scores)}
+    if result.sources is not None and all(isinstance(x, str) for x in result.sources):
+        meta["sources"] = list(result.sources)  # editing: the source images' paths
     return atomic_write(path, save(tensors, metadata={"flowrl_eval": json.dumps(meta)}))
 
 
@@ -189,7 +191,7 @@ def load_eval_result(path: Union[str, Path]) -> Tuple[int, EvalResult]:
         scores={k: t[f"score/{k}"] for k in meta["scores"]}, total=t["total"], valid=t["valid"],
         weights=meta["weights"], means=meta["means"], details=meta["details"], nfe=meta["nfe"],
         num_steps=meta["num_steps"], guidance_scale=meta["guidance_scale"], height=meta["height"],
-        width=meta["width"], wall_clock_s=meta["wall_clock_s"])
+        width=meta["width"], wall_clock_s=meta["wall_clock_s"], sources=meta.get("sources"))
     return int(meta["step"]), result
 
 

@@ -24,6 +24,7 @@ from flowrl.inputs import UsageError, torch_dtype
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import resolve_reward, score_completions
 from flowrl.text.rollout import completion_mask_from_ids
+from flowrl.train.data import record_images
 from flowrl.train.evaluate import eval_settings, evaluate_policy
 from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
 from flowrl.train.model import apply_video_settings, build_flow_policy, load_lm, lora_meta
@@ -156,7 +157,7 @@ class FlowTask:
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
                     store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size, progress=False,
-                    store_means=self.learner.trains_steps)
+                    store_means=self.learner.trains_steps, images=record_images(records))
         per = ro.num_samples // len(keys)  # each row's stream keys (step, record, position, member)
         ro.row_keys = torch.tensor([[step, *k, j] for k in keys for j in range(per)], dtype=torch.long)
         return ro
@@ -214,7 +215,7 @@ class FlowTask:
         """The held-out evaluation with the settings ``flowrl sample`` uses (:func:`eval_settings`:
         evaluation steps, guidance, rows per call, ``sample.chunk_size``)."""
         return evaluate_policy(self.policy, [r["prompt"] for r in records], list(seeds), reward=self.reward_model(),
-                               **eval_settings(self.cfg))
+                               images=record_images(records), **eval_settings(self.cfg))
 
     def save_eval(self, run_dir: Path, step: int, res) -> Dict[str, Any]:
         """Grid + scores under ``eval/``, and the before/after comparison ``before_after/`` (grid.png,

@@ -24,6 +24,7 @@ FAMILIES: Dict[str, str] = {
     "flux2": "flowrl.flow.models.flux2:Flux2Policy",
     "flux2_klein": "flowrl.flow.models.flux2:Flux2KleinPolicy",
     "wan": "flowrl.flow.models.wan:WanPolicy",
+    "flux_kontext": "flowrl.flow.models.flux_kontext:FluxKontextPolicy",
 }
 
 
