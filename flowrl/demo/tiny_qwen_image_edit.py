@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["build_tiny_qwen_image_edit_pipeline", "tiny_qwen2_vl_processor"]
+__all__ = ["build_tiny_qwen_image_edit_pipeline", "tiny_qwen2_vl_processor", "tiny_qwen2_edit_tokenizer"]
 
 # QwenImageEditPipeline's system prompt (the words only: each becomes one token of the tiny vocabulary).
 _EDIT_SYSTEM = (
@@ -24,6 +24,18 @@ _EDIT_SYSTEM = (
     "requirements while maintaining consistency with the original input where appropriate."
 )
 _EDIT_WORDS = tuple(dict.fromkeys(re.findall(r" ?[A-Za-z]+", _EDIT_SYSTEM) + ["system", "user", "assistant"]))
+# Pieces Qwen's vocabulary holds as single tokens in that prompt (a contraction and punctuation runs).
+_EDIT_PIECES = ("'s", " (", "),")
+
+
+def tiny_qwen2_edit_tokenizer():
+    """The tiny byte-level BPE ``Qwen2Tokenizer`` (:func:`flowrl.demo.tiny_qwen_image.tiny_qwen2_tokenizer`) with
+    one token per word of the edit template and per piece of ``_EDIT_PIECES``: the template's prefix before the
+    vision tokens is then exactly ``prompt_template_encode_start_idx`` (64) tokens, as with Qwen's vocabulary,
+    so the pipeline keeps the image tokens and the user's prompt."""
+    from flowrl.demo.tiny_qwen_image import tiny_qwen2_tokenizer
+
+    return tiny_qwen2_tokenizer(_EDIT_WORDS + _EDIT_PIECES)
 
 
 def tiny_qwen2_vl_processor(tokenizer):
@@ -48,11 +60,11 @@ def build_tiny_qwen_image_edit_pipeline(seed: int = 0, **qwen_kwargs):
     from transformers import Qwen2_5_VLForConditionalGeneration  # heavy (see above)
 
     from flowrl.core.rng import stream_seed
-    from flowrl.demo.tiny_qwen_image import _text_encoder_config, build_tiny_qwen_image_pipeline, tiny_qwen2_tokenizer
+    from flowrl.demo.tiny_qwen_image import _text_encoder_config, build_tiny_qwen_image_pipeline
 
     base = build_tiny_qwen_image_pipeline(seed=seed, **qwen_kwargs)
     c = base.components
-    tok = tiny_qwen2_tokenizer(_EDIT_WORDS)
+    tok = tiny_qwen2_edit_tokenizer()
     te = c["text_encoder"].config.text_config
     cfg = _text_encoder_config(tok, te.hidden_size, te.num_hidden_layers, te.num_attention_heads)
     with torch.random.fork_rng(devices=[]):  # the edit vocabulary's encoder, under its own derived seed
