@@ -166,8 +166,25 @@ def test_source_image_conditions_prompt_and_velocity_per_row(policy, _small_area
         assert bool((e2.image_ids[..., 0] == 1).all()) and e2.image_ids[0, -1].tolist() == [1, 7, 15]
     with pytest.raises(ValueError, match="one source image per prompt"):
         policy.encode_prompts(PROMPTS, images=[a])
+    with pytest.raises(ValueError, match="needs a source image per prompt"):
+        policy.encode_prompts(PROMPTS)  # the template's image placeholder needs an image
     with pytest.raises(ValueError, match="guidance_scale must be finite"):
         policy.velocity(x, 0.5, e2, float("nan"))
+
+
+def test_tensor_source_image_encodes_as_its_pil_image(policy, _small_area):
+    """A [3, H, W] tensor in [0, 1] holding an 8-bit image encodes exactly as that PIL image (the VL processor
+    takes 8-bit pixels: tensors are converted first)."""
+    import numpy as np
+
+    a = _sources()[0]
+    t = torch.from_numpy(np.asarray(a, dtype=np.float32) / 255).permute(2, 0, 1)
+    with torch.no_grad():
+        e_pil = policy.encode_prompts(PROMPTS[:1], images=[a]).tensors()
+        e_t = policy.encode_prompts(PROMPTS[:1], images=[t]).tensors()
+    assert e_pil.keys() == e_t.keys()
+    for k in e_pil:
+        torch.testing.assert_close(e_t[k], e_pil[k], rtol=0, atol=0)
 
 
 def test_condition_size_follows_the_pipeline(policy):

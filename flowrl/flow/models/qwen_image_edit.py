@@ -54,7 +54,12 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
         return QwenImageEditPipeline
 
-    # ---- the source image ---------------------------------------------------------------------
+    # ---- prompts and the source image ----------------------------------------------------------
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompts alone cannot be encoded: the template holds an image placeholder that the VL processor fills."""
+        raise ValueError("model family 'qwen_image_edit' needs a source image per prompt: "
+                         "encode_prompts(prompts, images=[...]) (records with an 'image' column)")
 
     def condition_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) a ``height`` x ``width`` source image is resized to (see the class doc)."""
