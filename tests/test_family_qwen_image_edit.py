@@ -87,6 +87,18 @@ def test_make_tiny_gives_the_edit_policy(tiny_dir, policy):
     assert n < 300_000, n
 
 
+def test_tiny_builder_is_deterministic_per_seed(policy):
+    """Same seed, same weights (the make-tiny folder is seed 0); another seed, other weights; every component."""
+    from flowrl.demo.tiny_qwen_image_edit import build_tiny_qwen_image_edit_pipeline
+
+    same, other = build_tiny_qwen_image_edit_pipeline(seed=0), build_tiny_qwen_image_edit_pipeline(seed=1)
+    for name in ("transformer", "text_encoder", "vae"):
+        ref = getattr(policy.pipeline, name).state_dict()
+        a, b = getattr(same, name).state_dict(), getattr(other, name).state_dict()
+        assert all(torch.equal(a[k], ref[k]) for k in ref), name
+        assert any(not torch.equal(b[k], ref[k]) for k in ref if ref[k].is_floating_point()), name
+
+
 def test_tiny_tokenizer_drops_exactly_the_template_prefix(policy):
     """The edit template's system prefix is prompt_template_encode_start_idx (64) tokens, as with Qwen's vocabulary:
     the pipeline keeps the vision tokens, the instruction and the assistant turn."""
