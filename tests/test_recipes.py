@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
 TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_flux_kontext.yaml", "tiny_llm.yaml", "tiny_z_image.yaml",
-        "tiny_qwen_image.yaml", "tiny_flux2.yaml", "tiny_wan.yaml"}
+        "tiny_qwen_image.yaml", "tiny_flux2.yaml", "tiny_wan.yaml", "tiny_qwen_image_edit.yaml"}
 
 # Reward stand-ins: cheap, local, no checkpoint. A recipe with k rewards gets the first k, so the
 # multi-reward paths (normalize-then-sum, several components) are still exercised. (Not
@@ -119,7 +119,7 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
            f"sample.num_steps={_fewest_steps(cfg)}", "sample.eval_num_steps=2",
            f"sample.group_size={max(2, _leaves(cfg))}", f"sample.prompts_per_step={mb}",
            "data.train=shapes:train", "data.eval=shapes:test"]
-    if fam == "flux_kontext":  # editing: instructions over 32-px source scenes, at their own size
+    if fam in ("flux_kontext", "qwen_image_edit"):  # editing: instructions over 32-px source scenes, at their own size
         ov += ["data.train=shapes_edit:train:32", "data.eval=shapes_edit:test:32", "model.condition_image_size=0"]
     names = list(cfg.rewards)
     if not set(names) <= set(CHEAP_IMAGE):
@@ -415,6 +415,20 @@ PUBLISHED = {
         "loss.beta": 0.0, "train.learning_rate": 3e-4, "train.weight_decay": 1e-4, "train.num_minibatches": 2,
         "lora.rank": 64, "lora.alpha": 128, "ema.decay": 0.9, "ema.every": 4, "data.max_train_prompts": 1000,
         "rewards": {"pickscore": 1.0},
+    },
+    # yifan123/flow_grpo 9745241 (zhtmike/flow_grpo mirror), config/grpo.py counting_qwenimage_edit_8gpu + scripts/train_qwenimage_edit.py
+    "flow_grpo_qwen_image_edit.yaml": {
+        "model.family": "qwen_image_edit", "model.path": "Qwen/Qwen-Image-Edit", "model.condition_image_size": None,
+        "sample.height": 512, "sample.width": 512, "sample.num_steps": 10, "sample.eval_num_steps": 50,
+        "sample.guidance_scale": 4.0, "sample.negative_prompt": " ", "sample.group_size": 16,
+        "sample.prompts_per_step": 32, "sample.same_noise": False, "plan.kind": "random_window", "plan.sde": "flow_sde",
+        "plan.noise_level": 1.0, "plan.window.size": 9, "plan.window.range": [0, 9],
+        "loss.eps_low": 1e-4, "loss.beta": 0.0, "advantage.scale": "batch", "advantage.clip": 5.0,
+        "advantage.std_unbiased": False, "advantage.eps": 1e-4, "lora.enabled": True, "lora.rank": 64, "lora.alpha": 128,
+        "lora.init": "gaussian", "lora.targets": LORA_DEFAULTS["qwen_image_edit"]["targets"], "train.learning_rate": 3e-4,
+        "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0, "train.num_minibatches": 2, "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True, "ema.enabled": False, "seed": 42, "checkpoint_every": 60, "eval_every": 30,
+        "rewards": {"remote": 1.0},
     },
     "llm_grpo.yaml": {
         "model.family": "lm", "model.path": "Qwen/Qwen2.5-0.5B-Instruct", "sample.group_size": 8,

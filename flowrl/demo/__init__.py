@@ -20,4 +20,5 @@ TINY_BUILDERS = {
     "flux2_klein": "flowrl.demo.tiny_flux2:build_tiny_flux2_klein_pipeline",
     "wan": "flowrl.demo.tiny_wan:build_tiny_wan_pipeline",
     "flux_kontext": "flowrl.demo.tiny_flux_kontext:build_tiny_flux_kontext_pipeline",
+    "qwen_image_edit": "flowrl.demo.tiny_qwen_image_edit:build_tiny_qwen_image_edit_pipeline",
 }

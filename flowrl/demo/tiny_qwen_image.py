@@ -60,8 +60,8 @@ def tiny_qwen2_tokenizer(words=_TEMPLATE_WORDS):
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for w in sorted(dict.fromkeys(words), key=lambda w: (-len(w), w)):
-        if not re.fullmatch(r" ?[A-Za-z]+", w):
-            raise ValueError(f"words: expected ASCII letters with an optional leading space, got {w!r}")
+        if not re.fullmatch(r" ?[!-~]+", w):
+            raise ValueError(f"words: expected printable ASCII (no spaces) with an optional leading space, got {w!r}")
         parts = [b2u[b] for b in w.encode()]
         cur = parts[0]
         for nxt in parts[1:]:

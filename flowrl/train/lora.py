@@ -60,6 +60,9 @@ WAN_TARGETS = [
 # src/flow_factory/models/flux/flux1_kontext.py @ a0b2bc5) with r=64, alpha=128 of its
 # examples/grpo/lora/flux1_kontext/default.yaml: the same modules as FLUX.1's.
 FLUX_KONTEXT_TARGETS = list(FLUX_TARGETS)
+# Qwen-Image-Edit: flow_grpo's scripts/train_qwenimage_edit.py (yifan123/flow_grpo 9745241, read from the
+# zhtmike/flow_grpo mirror; r=64, alpha=128, Gaussian init): the same 12 modules as Qwen-Image's.
+QWEN_IMAGE_EDIT_TARGETS = list(QWEN_IMAGE_TARGETS)
 
 DEFAULTS = {
     "sd3": {"rank": 32, "alpha": 64, "targets": SD3_TARGETS},
@@ -70,6 +73,7 @@ DEFAULTS = {
     "lm": {"rank": 16, "alpha": 32, "targets": LM_TARGETS},
     "z_image": {"rank": 64, "alpha": 128, "targets": Z_IMAGE_TARGETS},
     "qwen_image": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_TARGETS},
+    "qwen_image_edit": {"rank": 64, "alpha": 128, "targets": QWEN_IMAGE_EDIT_TARGETS},
     "wan": {"rank": 64, "alpha": 128, "targets": WAN_TARGETS},  # Flow-Factory examples/grpo/lora/wan21/t2v.yaml
 }
 

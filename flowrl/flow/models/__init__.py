@@ -25,6 +25,7 @@ FAMILIES: Dict[str, str] = {
     "flux2_klein": "flowrl.flow.models.flux2:Flux2KleinPolicy",
     "wan": "flowrl.flow.models.wan:WanPolicy",
     "flux_kontext": "flowrl.flow.models.flux_kontext:FluxKontextPolicy",
+    "qwen_image_edit": "flowrl.flow.models.qwen_image_edit:QwenImageEditPolicy",
 }
 
 
