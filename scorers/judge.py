@@ -3,7 +3,8 @@
 
 For every image it POSTs to ``{url}/chat/completions`` (``temperature`` 0, an optional system
 message, a user message with the image as a PNG data URL and ``template`` with ``{prompt}``
-filled in) and reads ``choices[0].message.content``. The score is the number captured by
+filled in) and reads ``choices[0].message.content``. An edit (the metadata column ``image`` gives the
+row's source image) is judged with the source image first, then the edit, and ``edit_template``. The score is the number captured by
 ``pattern`` (group ``score``, else the first group, else the whole match; the last match counts)
 divided by ``scale``; the defaults read ``Final Score: x`` for x in 1..5 and divide by 5
 (UnifiedReward's point score, arXiv:2503.05236, as Flow-GRPO uses it). An answer with no match is
@@ -26,7 +27,14 @@ import torch
 from scorers._text import short
 from scorers.base import Scorer
 from scorers.registry import register
-from scorers.remote import RemoteScorerError, check_retry_options, check_url, encode_png_b64, request_json
+from scorers.remote import (
+    RemoteScorerError,
+    check_retry_options,
+    check_url,
+    encode_png_b64,
+    encode_source_b64,
+    request_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,14 @@ DEFAULT_TEMPLATE = (
     "colours, positions, text), and its visual quality (sharpness, anatomy, artefacts, composition). "
     "Explain briefly, then end with a line of the form 'Final Score: x', where x is an integer from "
     "1 (very poor) to 5 (excellent)."
+)
+# Instruction editing (a metadata column ``image`` holds each row's source image): the judge sees the source,
+# then the edit, and this text with the instruction as {prompt}.
+DEFAULT_EDIT_TEMPLATE = (
+    "The first image is a source image; the second was made by editing it with the instruction: \"{prompt}\".\n"
+    "Judge two things: how faithfully the edit carries out the instruction while keeping what the instruction "
+    "does not ask to change, and the visual quality of the edited image. Explain briefly, then end with a line "
+    "of the form 'Final Score: x', where x is an integer from 1 (very poor) to 5 (excellent)."
 )
 DEFAULT_PATTERN = r"(?i)final\s+score[\s:*]*([-+]?\d+(?:\.\d+)?)"
 DEFAULT_SCALE = 5.0
@@ -99,6 +115,8 @@ class VLMJudge(Scorer):
         model: the served model's name (as the endpoint lists it at ``/v1/models``).
         template: the user text, ``{prompt}`` replaced by the image's prompt (plain replacement, so
             other braces are kept as they are).
+        edit_template: the user text for a row with a source image (instruction editing), the
+            instruction as ``{prompt}``.
         system: optional system message.
         pattern: regular expression for the score (see :func:`parse_judge_score`).
         scale: the parsed number is divided by it (5 for UnifiedReward's 1..5 scores).
@@ -122,6 +140,7 @@ class VLMJudge(Scorer):
         model: str,
         *,
         template: str = DEFAULT_TEMPLATE,
+        edit_template: str = DEFAULT_EDIT_TEMPLATE,
         system: Optional[str] = None,
         pattern: str = DEFAULT_PATTERN,
         scale: float = DEFAULT_SCALE,
@@ -147,6 +166,8 @@ class VLMJudge(Scorer):
             raise ValueError("template must be a non-empty string with {prompt} where the prompt goes")
         if "{prompt}" not in template:
             log.warning("vlm_judge: the template has no {prompt}; the judge will not see the prompts")
+        if not isinstance(edit_template, str) or not edit_template:
+            raise ValueError("edit_template must be a non-empty string with {prompt} where the instruction goes")
         try:
             self.pattern = re.compile(pattern)
         except (re.error, TypeError) as e:
@@ -165,6 +186,7 @@ class VLMJudge(Scorer):
         self.url = f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
         self.model = model
         self.template = template
+        self.edit_template = edit_template
         self.system = system
         self.scale = float(scale)
         self.max_tokens = int(max_tokens)
@@ -184,25 +206,27 @@ class VLMJudge(Scorer):
         self.failed = 0
         self._lock = threading.Lock()
 
-    def build_request(self, image_b64: str, prompt: str) -> Dict[str, Any]:
-        """The chat-completions request body for one image (base64 PNG) and its prompt."""
+    def build_request(self, image_b64: str, prompt: str, source_b64: Optional[str] = None) -> Dict[str, Any]:
+        """The chat-completions request body for one image (base64 PNG) and its prompt; with ``source_b64``
+        (an edit's source image) the source comes first, then the edit, with ``edit_template``."""
         messages: List[Dict[str, Any]] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
+        shown = [source_b64, image_b64] if source_b64 is not None else [image_b64]
+        text = (self.edit_template if source_b64 is not None else self.template).replace("{prompt}", prompt)
         messages.append({
             "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
-                {"type": "text", "text": self.template.replace("{prompt}", prompt)},
-            ],
+            "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b}"}} for b in shown]
+            + [{"type": "text", "text": text}],
         })
         body = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
         body.update(self.extra_body)
         return body
 
-    def _judge_one(self, image: torch.Tensor, prompt: str) -> Tuple[float, str]:
-        """(score, answer text) for one image; raises RemoteScorerError when the request fails."""
-        payload = json.dumps(self.build_request(encode_png_b64(image), prompt)).encode("utf-8")
+    def _judge_one(self, image: torch.Tensor, prompt: str, source: Any = None) -> Tuple[float, str]:
+        """(score, answer text) for one image (and its source image, editing); raises RemoteScorerError
+        when the request fails."""
+        payload = json.dumps(self.build_request(encode_png_b64(image), prompt, encode_source_b64(source))).encode("utf-8")
         reply = request_json(
             self.url, payload, timeout=self.timeout, retries=self.retries, backoff=self.backoff,
             headers=self.headers, what="vlm_judge", trust_env=self.trust_env,
@@ -216,8 +240,12 @@ class VLMJudge(Scorer):
     def score_batch(self, images: torch.Tensor, prompts: List[str], **metadata) -> torch.Tensor:
         n = images.shape[0]
         images = images.detach().cpu()
+        sources = metadata.get("image")  # instruction editing: each row's source image (or None)
+        if sources is not None and (isinstance(sources, (str, bytes)) or len(sources) != n):
+            raise ValueError(f"vlm_judge: metadata['image'] must hold one source image per image ({n})")
         with ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="vlm_judge") as pool:
-            futures = [pool.submit(self._judge_one, images[i], prompts[i]) for i in range(n)]
+            futures = [pool.submit(self._judge_one, images[i], prompts[i], None if sources is None else sources[i])
+                       for i in range(n)]
             results = []
             for f in futures:
                 try:
@@ -280,7 +308,7 @@ def make_vlm_judge(
     if differentiable:
         raise ValueError("vlm_judge: differentiable=True is impossible, gradients do not cross HTTP")
     valid = {
-        "template", "system", "pattern", "scale", "max_tokens", "temperature", "concurrency", "timeout",
+        "template", "edit_template", "system", "pattern", "scale", "max_tokens", "temperature", "concurrency", "timeout",
         "retries", "backoff", "on_error", "api_key", "headers", "extra_body", "trust_env",
     }
     unknown = sorted(set(options) - valid)

@@ -79,7 +79,8 @@ class FakeChatEndpoint:
             if req.get("max_tokens") != expect_max_tokens:
                 errs.append(f"max_tokens {req.get('max_tokens')!r}")
             user = req["messages"][-1]
-            if user["role"] != "user" or [p["type"] for p in user["content"]] != ["image_url", "text"]:
+            layouts = (["image_url", "text"], ["image_url", "image_url", "text"])  # an image, or source + edit
+            if user["role"] != "user" or [p["type"] for p in user["content"]] not in layouts:
                 errs.append("user message layout")
             return errs
 
@@ -183,6 +184,26 @@ def test_custom_template_system_pattern_and_scale():
     assert req["messages"][0] == {"role": "system", "content": "You grade images."}
     assert req["messages"][1]["content"][1]["text"] in ("Rate 'cat' {not a field}", "Rate 'dog' {not a field}")
     assert req["top_p"] == 1.0
+
+
+def test_judge_sees_the_source_image_of_an_edit_first():
+    """Instruction editing: with a source image per row (metadata column ``image``) the judge gets the source,
+    then the edit, and the edit template with the instruction; a row without one is judged as an image."""
+    def answer(req, colour, k):
+        content = req["messages"][-1]["content"]
+        shown = [colour_of(c["image_url"]["url"]) for c in content if c["type"] == "image_url"]
+        score = {("green", "red"): 4, ("blue",): 2}.get(tuple(shown), 1)
+        return 200, {"choices": [{"message": {"content": f"Final Score: {score}"}}]}
+
+    with FakeChatEndpoint(answer=answer) as ep:
+        got = judge(ep.url, concurrency=1)(solid(["red", "blue"]), ["make the square red", "a blue square"],
+                                           image=[solid(["green"])[0], None])
+    assert torch.allclose(got, torch.tensor([0.8, 0.4]))
+    texts = {len(r["req"]["messages"][-1]["content"]): r["req"]["messages"][-1]["content"][-1]["text"] for r in ep.requests}
+    assert 'editing it with the instruction: "make the square red"' in texts[3]
+    assert texts[2].startswith('This image was generated from the text prompt: "a blue square"')
+    with pytest.raises(ValueError, match="one source image per image"):
+        judge(ep.url)(solid(["red", "blue"]), ["a", "b"], image=[None])
 
 
 def test_parse_judge_score():
