@@ -70,12 +70,12 @@ def build_policy(args):
 
 def decode_rows(policy, x, chunk):
     """``policy.decode`` of rows ``x`` in calls of at most ``chunk`` rows (None: all at once), concatenated."""
+    import torch  # in the measuring child only (see _child)
+
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk: must be an int >= 1 or None, got {chunk!r}")
     rows = x.shape[0]
     step = chunk or rows
-    import torch
-
     return torch.cat([policy.decode(x[a:a + step]) for a in range(0, rows, step)], dim=0)
 
 
