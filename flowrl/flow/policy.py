@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -639,6 +640,36 @@ class FlowPolicy:
         return (
             f"{type(self).__name__}(transformer={type(self.transformer).__name__} [{n:,} params], "
             f"device={self.device}, dtype={self.dtype}, frozen_dtype={self.frozen_dtype})"
+        )
+
+
+class PackedGrid:
+    """For families whose sampler layout is packed 2x2 latent patches ``[B, gh * gw, D]`` (FLUX.1, FLUX.2,
+    Qwen-Image): the token count and the patch grid of an image. The family gives ``_grid(height, width)``
+    and ``_grids`` (token count -> grid, filled by its ``latent_shape``)."""
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        gh, gw = self._grid(height, width)
+        return gh * gw
+
+    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The patch grid of packed latents with ``seq_len`` tokens: from ``height``/``width`` when given,
+        else from the last :meth:`latent_shape` call with that token count, else a square grid."""
+        if height is not None or width is not None:
+            if height is None or width is None:
+                raise ValueError("give both height and width, or neither")
+            gh, gw = self._grid(height, width)
+            if gh * gw != seq_len:
+                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
+            return gh, gw
+        if seq_len in self._grids:
+            return self._grids[seq_len]
+        r = math.isqrt(seq_len)
+        if r * r == seq_len:
+            return r, r
+        raise ValueError(
+            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
+            "first or pass height= and width="
         )
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowrl.flow.policy import FlowPolicy, PromptEmbeds
+from flowrl.flow.policy import FlowPolicy, PackedGrid, PromptEmbeds
 
 
-class FluxPolicy(FlowPolicy):
+class FluxPolicy(PackedGrid, FlowPolicy):
     """FLUX.1 (``FluxPipeline``): packed latents ``[B, h*w/4, 4C]`` (2x2 patches), guidance given to the
     transformer as an embedding (FLUX.1-dev is guidance-distilled: no negative branch); the
     transformer gets ``timestep = sigma`` (the pipeline passes ``t / 1000`` and the model scales by
@@ -61,28 +61,6 @@ class FluxPolicy(FlowPolicy):
         self._grids.move_to_end(gh * gw)
         c = int(self.transformer.config.in_channels)
         return (gh * gw, c)
-
-    def image_seq_len(self, height: int, width: int) -> int:
-        gh, gw = self._grid(height, width)
-        return gh * gw
-
-    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("give both height and width, or neither")
-            gh, gw = self._grid(height, width)
-            if gh * gw != seq_len:
-                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
-            return gh, gw
-        if seq_len in self._grids:
-            return self._grids[seq_len]
-        r = math.isqrt(seq_len)
-        if r * r == seq_len:
-            return r, r
-        raise ValueError(
-            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
-            "first or pass height= and width="
-        )
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
         from diffusers.utils.torch_utils import randn_tensor  # heavy: diffusers (see above)

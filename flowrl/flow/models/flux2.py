@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowrl.flow.policy import FlowPolicy, PromptEmbeds
+from flowrl.flow.policy import FlowPolicy, PackedGrid, PromptEmbeds
 
 
-class Flux2Policy(FlowPolicy):
+class Flux2Policy(PackedGrid, FlowPolicy):
     """FLUX.2-dev (``Flux2Pipeline``): packed latents ``[B, L, 4C]``, guidance as an embedding.
 
     ``height`` / ``width`` of :meth:`velocity` and :meth:`decode` default to the last
@@ -88,28 +88,6 @@ class Flux2Policy(FlowPolicy):
         while len(self._grids) > 64:
             self._grids.popitem(last=False)
         return (gh * gw, int(self.transformer.config.in_channels))
-
-    def image_seq_len(self, height: int, width: int) -> int:
-        gh, gw = self._grid(height, width)
-        return gh * gw
-
-    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("give both height and width, or neither")
-            gh, gw = self._grid(height, width)
-            if gh * gw != seq_len:
-                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
-            return gh, gw
-        if seq_len in self._grids:
-            return self._grids[seq_len]
-        r = math.isqrt(seq_len)
-        if r * r == seq_len:
-            return r, r
-        raise ValueError(
-            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
-            "first or pass height= and width="
-        )
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
         """``randn [batch, 4C, H/2f, W/2f]`` as the pipeline's ``prepare_latents`` draws it, then packed."""

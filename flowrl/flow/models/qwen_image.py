@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowrl.flow.policy import FlowPolicy, PromptEmbeds
+from flowrl.flow.policy import FlowPolicy, PackedGrid, PromptEmbeds
 
 
-class QwenImagePolicy(FlowPolicy):
+class QwenImagePolicy(PackedGrid, FlowPolicy):
     """Qwen-Image (``QwenImagePipeline``): an MMDiT over packed 2x2 latent patches ``[B, h*w/4, 4C]`` of
     a 3-D (video-format, one frame) VAE, conditioned on the last hidden states of Qwen2.5-VL.
 
@@ -86,30 +86,6 @@ class QwenImagePolicy(FlowPolicy):
         while len(self._grids) > 64:
             self._grids.popitem(last=False)
         return (gh * gw, int(self.transformer.config.in_channels))
-
-    def image_seq_len(self, height: int, width: int) -> int:
-        gh, gw = self._grid(height, width)
-        return gh * gw
-
-    def _grid_for(self, seq_len: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        """The patch grid of packed latents with ``seq_len`` tokens: from ``height``/``width`` when given,
-        else from the last :meth:`latent_shape` call with that token count, else a square grid."""
-        if height is not None or width is not None:
-            if height is None or width is None:
-                raise ValueError("give both height and width, or neither")
-            gh, gw = self._grid(height, width)
-            if gh * gw != seq_len:
-                raise ValueError(f"x has {seq_len} tokens but a {height}x{width} image has {gh * gw}")
-            return gh, gw
-        if seq_len in self._grids:
-            return self._grids[seq_len]
-        r = math.isqrt(seq_len)
-        if r * r == seq_len:
-            return r, r
-        raise ValueError(
-            f"cannot tell the image size of packed latents with {seq_len} tokens: call latent_shape(height, width) "
-            "first or pass height= and width="
-        )
 
     def initial_noise(self, batch, height, width, generator=None) -> Tensor:
         """``randn [B, 1, C, h, w]`` (the VAE's frame axis), packed: what ``prepare_latents`` draws."""
