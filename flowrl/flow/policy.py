@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
+from flowrl.flow import steps
 from flowrl.flow.schedule import sigmas_for_scheduler
 
 logger = logging.getLogger(__name__)
@@ -612,8 +613,11 @@ class FlowPolicy:
                 s = torch.full((batch,), float(sigma), device=self.device, dtype=torch.float32)
             except (TypeError, ValueError):
                 raise ValueError(f"sigma must be a float or a tensor, got {type(sigma).__name__}") from None
-        if not bool(((s >= 0) & (s <= 1)).all()):  # one device sync; NaN fails both comparisons
-            raise ValueError(f"sigma must lie in [0, 1], got {s.tolist()}")
+        host = steps.host_values(sigma)
+        # checked where that needs no device synchronisation (a float, a CPU tensor; as flow.steps checks
+        # sigmas): a sigma already on an accelerator is the sampler's or the learner's, from a checked schedule
+        if host is not None and not bool(((host >= 0) & (host <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError(f"sigma must lie in [0, 1], got {host.tolist()}")
         return s
 
     def velocity(self, x: Tensor, sigma: float | Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:

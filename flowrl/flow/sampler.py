@@ -441,6 +441,10 @@ class _State:
     bar: Any  # a tqdm bar, or None
     stored: list[_Stored] = field(default_factory=list)
     tree: Optional[_Tree] = None
+    # the plan's per-step flags and noise levels as Python values, read once: the step loop reads no tensor
+    # on the host (on an accelerator every such read waits for the device)
+    sde_flags: list[bool] = field(default_factory=list)
+    noise_levels: list[float] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -514,6 +518,8 @@ def _sigmas(call: _Call) -> Tensor:
     sigmas = call.policy.sigmas(S, call.height, call.width).detach().to("cpu", torch.float32)
     if sigmas.shape != (S + 1,):
         raise ValueError(f"plan: has {S} steps but policy.sigmas returned shape {tuple(sigmas.shape)}")
+    if not bool(((sigmas >= 0) & (sigmas <= 1)).all()):  # checked once here, on the host (the steps pass them on the device)
+        raise ValueError(f"policy.sigmas: must lie in [0, 1], got {sigmas.tolist()}")
     return sigmas
 
 
@@ -559,7 +565,9 @@ def _prepare(call: _Call, sigmas: Tensor, embeds: Any) -> _State:
     n_tail = sum(max(0, tail_sigmas(plan, sigmas, span.stop, g).numel() - 1) for g in plan.granularities)
     return _State(call, sigmas, embeds, span, factors, x, row_prompt, vel, _Deterministic(plan.ode_solver, vel),
                   bar=_progress_bar(span.stop + n_tail, call.progress),
-                  tree=_Tree.roots(row_prompt) if plan.is_tree else None)
+                  tree=_Tree.roots(row_prompt) if plan.is_tree else None,
+                  sde_flags=[bool(b) for b in plan.sde.tolist()],
+                  noise_levels=[float(a) for a in plan.noise_level.tolist()])
 
 
 def _start_noise(call: _Call, per_prompt: int) -> Tensor:
@@ -587,7 +595,7 @@ def _head_step(st: _State, i: int) -> None:
         st.x = _round(st.x, st.call.store_dtype)
     sig = st.full(st.sigmas[i])
     v = st.vel(st.x, sig)
-    if bool(st.call.plan.sde[i]):
+    if st.sde_flags[i]:
         _sde_step(st, i, v, sig)
     else:
         _ode_step(st, i, v, sig)
@@ -605,7 +613,7 @@ def _sde_step(st: _State, i: int, v: Tensor, sig: Tensor) -> None:
     if st.tree is not None:
         st.tree.grow(i, factor, st.row_prompt)
     sig, sig_n = st.full(st.sigmas[i]), st.full(st.sigmas[i + 1])
-    a = float(plan.noise_level[i])
+    a = st.noise_levels[i]
     noise = _per_prompt_noise(st.x, call.generator, call.num_prompts) if call.per_prompt else None
     drawn = sde_step(st.x, v, sig, sig_n, a, None if call.per_prompt else call.generator, kind=plan.sde_kind,
                      reduction=plan.reduction, noise=noise)

@@ -124,7 +124,7 @@ def _per_sample(value: SigmaLike, name: str, x: Tensor, dtype: torch.dtype) -> T
     )
 
 
-def _host_values(value: SigmaLike | None) -> Tensor | None:
+def host_values(value: SigmaLike | None) -> Tensor | None:
     """The value as a CPU float64 tensor if that needs no device synchronisation, else None."""
     if value is None:
         return None
@@ -135,8 +135,8 @@ def _host_values(value: SigmaLike | None) -> Tensor | None:
 
 def _check_sigma_pair(sigma: SigmaLike, sigma_next: SigmaLike) -> None:
     """Require 0 <= sigma_next < sigma <= 1 (for values that can be checked without a device sync)."""
-    s = _host_values(sigma)
-    sn = _host_values(sigma_next)
+    s = host_values(sigma)
+    sn = host_values(sigma_next)
     if s is not None and (bool(torch.any(s > 1.0)) or bool(torch.any(s <= 0.0)) or bool(torch.any(s.isnan()))):
         raise ValueError(f"sigma must lie in (0, 1], got {sigma}")
     if sn is not None and (bool(torch.any(sn < 0.0)) or bool(torch.any(sn.isnan()))):
@@ -253,7 +253,7 @@ def heun_step(
     v32 = velocity.to(dtype)
     x_euler = x32 + v32 * dt
     at_zero = sn == 0
-    sn_host = _host_values(sigma_next)
+    sn_host = host_values(sigma_next)
     all_zero = bool(torch.all(sn_host == 0)) if sn_host is not None else bool(torch.all(at_zero))
     if euler_at_zero and all_zero:
         return x_euler.to(x.dtype)
@@ -310,7 +310,7 @@ def dpm_solver_2m_step(
     if x0_pred_prev is not None:
         _check_same_shape(x, x0_pred_prev, "x", "x0_pred_prev")
         sp = _per_sample(sigma_prev, "sigma_prev", x, dtype)  # type: ignore[arg-type]
-        sp_host, s_host = _host_values(sigma_prev), _host_values(sigma)
+        sp_host, s_host = host_values(sigma_prev), host_values(sigma)
         if sp_host is not None and s_host is not None and bool(torch.any(sp_host <= s_host)):
             raise ValueError(f"sigma_prev must be larger than sigma, got sigma_prev={sigma_prev}, sigma={sigma}")
         lam = torch.log(alpha) - torch.log(s)
@@ -376,7 +376,7 @@ def sde_mean_std(
     sn = _per_sample(sigma_next, "sigma_next", x, dtype)
     a = _per_sample(noise_level, "noise_level", x, dtype)
     _check_sigma_pair(sigma, sigma_next)
-    a_host = _host_values(noise_level)
+    a_host = host_values(noise_level)
     if a_host is not None:
         if bool(torch.any(a_host < 0)) or bool(torch.any(a_host.isnan())):
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
@@ -449,7 +449,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduction: Redu
     sample = sample.to(dtype)
     mean = mean.to(dtype)
     std = std.to(dtype)
-    std_host = _host_values(std)
+    std_host = host_values(std)
     if std_host is not None and (bool(torch.any(std_host < 0)) or bool(torch.any(std_host.isnan()))):
         raise ValueError("std must be >= 0")
     deterministic = std == 0

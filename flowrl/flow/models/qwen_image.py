@@ -11,6 +11,25 @@ from torch import Tensor
 
 from flowrl.flow.policy import FlowPolicy, PackedGrid, PromptEmbeds
 
+_MASK_MEMO = 16  # masks whose extent is remembered (a rollout's chunks: cond + negative each)
+
+
+def mask_extent(mask: Tensor, memo: "OrderedDict[int, tuple[Tensor, int, int, bool]]") -> tuple[int, bool]:
+    """``(n, full)`` of a ``[B, S]`` 0/1 mask: ``n`` the longest row's token count, ``full`` whether the first
+    ``n`` columns hold no padding. Read from the device once per mask tensor (keyed by identity and
+    in-place version; ``memo`` holds the tensor so that its id is not reused), LRU of :data:`_MASK_MEMO`."""
+    key = id(mask)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        memo.move_to_end(key)
+        return hit[2], hit[3]
+    n = int(mask.sum(dim=1).max())
+    full = bool(mask[:, :n].all())
+    memo[key] = (mask, mask._version, n, full)
+    while len(memo) > _MASK_MEMO:
+        memo.popitem(last=False)
+    return n, full
+
 
 class QwenImagePolicy(PackedGrid, FlowPolicy):
     """Qwen-Image (``QwenImagePipeline``): an MMDiT over packed 2x2 latent patches ``[B, h*w/4, 4C]`` of
@@ -49,6 +68,7 @@ class QwenImagePolicy(PackedGrid, FlowPolicy):
         if cfg.get("use_additional_t_cond", False):
             raise ValueError("Qwen-Image transformers with use_additional_t_cond=True (layered) are not supported")
         self._grids: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq len -> (h/2, w/2) of latents
+        self._mask_extents: OrderedDict = OrderedDict()  # prompt masks read from the device (mask_extent)
 
     @classmethod
     def _pipeline_cls(cls):
@@ -102,15 +122,15 @@ class QwenImagePolicy(PackedGrid, FlowPolicy):
 
     # ---- the denoiser -----------------------------------------------------------------------
 
-    @staticmethod
-    def _trim(embeds: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _trim(self, embeds: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Drop the padding columns no row uses, and the mask when no padding is left (the pipeline
-        passes ``None`` for a batch of full rows)."""
+        passes ``None`` for a batch of full rows). What a mask needs (its longest row, whether padding is
+        left) is read from the device once per mask tensor and remembered (:func:`mask_extent`), so the
+        sampler's steps, which call with the same embedding tensors, do not wait for the device."""
         if mask is None:
             return embeds, None
-        n = int(mask.sum(dim=1).max())
-        embeds, mask = embeds[:, :n], mask[:, :n]
-        return embeds, (None if bool(mask.all()) else mask)
+        n, full = mask_extent(mask, self._mask_extents)
+        return embeds[:, :n], (None if full else mask[:, :n])
 
     def _call(self, x: Tensor, timestep: Tensor, embeds: Tensor, mask: Tensor | None, grid: tuple[int, int]) -> Tensor:
         embeds, mask = self._trim(embeds, mask)
