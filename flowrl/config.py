@@ -383,6 +383,8 @@ class ModelConfig:
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3: zero padding when there is no T5); null: the pipeline's default (256/512)
     shift: Optional[float] = None  # fixed sigma shift replacing the scheduler's (e.g. 3.0 for Flux as DanceGRPO/MixGRPO); null: the model's own
     true_cfg_scale: Optional[float] = None  # flux_kontext: the pipeline's true CFG, v_neg + s (v - v_neg) with sample.negative_prompt, when > 1 (two transformer calls per step); null: off
+    offload_text_encoders: bool = False  # keep the text encoders on the CPU between prompt encodings (cached prompts need none); frees their memory on the GPU
+    batched_cfg: bool = False  # qwen_image, wan: CFG's two branches in one transformer call on 2B rows (false: two calls, the pipeline's rounding)
     condition_image_size: Optional[int] = None  # editing families (flux_kontext): side in px of the square each source image is resized to; 0: the image's own size; null: the pipeline's choice (Kontext: its preferred resolution nearest the image's aspect)
 
     def validate(self) -> None:
@@ -422,6 +424,7 @@ class SampleConfig:
     same_noise: bool = False  # group members share their initial noise (DanceGRPO --init_same_noise)
     store_dtype: DTypeName = "float32"  # dtype of stored latents (log-probs are taken on the rounded values)
     chunk_size: Optional[int] = None  # at most this many rows per transformer call while sampling (null: all)
+    decode_chunk_size: Optional[int] = None  # at most this many rows per VAE decode of a rollout (null: chunk_size); a video VAE's memory grows with them
 
     def validate(self) -> None:
         for name in ("height", "width"):
@@ -431,8 +434,9 @@ class SampleConfig:
         for name in ("num_steps", "eval_num_steps", "group_size", "prompts_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1 or null, got {self.chunk_size}")
+        for name in ("chunk_size", "decode_chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 or null, got {getattr(self, name)}")
         check_number("guidance_scale", self.guidance_scale, ge=0)
 
 

@@ -312,6 +312,7 @@ def sample(
     chunk_size: Optional[int] = None,
     progress: Optional[bool] = None,
     images: Optional[Sequence[Any]] = None,
+    decode_chunk_size: Optional[int] = None,
 ) -> Rollout:
     """Sample ``group_size`` trajectories for each prompt following ``plan`` (no grad).
 
@@ -323,12 +324,14 @@ def sample(
     initial noise and ODE prefix (computed once per prompt). For tree plans ``group_size`` must be a
     multiple of ``plan.leaves``. ``store_dtype``: dtype of stored latents and means (log-probs are
     taken on the rounded values). ``chunk_size``: at most this many rows per velocity call.
+    ``decode_chunk_size``: at most this many rows per VAE decode (None: ``chunk_size``), the decode's peak
+    memory grows with its rows (a video VAE's most of all).
     ``progress``: show a tqdm bar over steps (None: only when stderr is a terminal). ``images``
     (editing models): one source image per prompt, passed to ``policy.encode_prompts(..., images=)``.
     """
     call = _Call(policy, prompts, plan, group_size, height, width, guidance_scale, generator, same_noise,
                  negative_prompt, store_dtype, decode, store_means, chunk_size, progress,
-                 images=None if images is None else list(images))
+                 images=None if images is None else list(images), decode_chunk_size=decode_chunk_size)
     _check_inputs(call)
     call = replace(call, prompts=list(prompts), guidance_scale=float(guidance_scale))
     with torch.no_grad():
@@ -357,6 +360,7 @@ class _Call:
     embeds: Any = None  # the prompts' embeddings when already encoded (a sweep encodes once)
     init_noise: Optional[Tensor] = None  # the initial rows (prompt-major) instead of a draw from ``generator``
     images: Optional[list] = None  # one source image per prompt (editing models), or None
+    decode_chunk_size: Optional[int] = None  # rows per VAE decode (None: chunk_size)
 
     @property
     def num_prompts(self) -> int:  # P
@@ -481,8 +485,10 @@ def _check_inputs(call: _Call) -> None:
         raise ValueError(f"height/width: must be positive, got {call.height}x{call.width}")
     if not isinstance(call.store_dtype, torch.dtype) or not call.store_dtype.is_floating_point:
         raise ValueError(f"store_dtype: must be a floating torch.dtype, got {call.store_dtype!r}")
-    if call.chunk_size is not None and call.chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1 or None, got {call.chunk_size}")
+    for name in ("chunk_size", "decode_chunk_size"):
+        value = getattr(call, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: must be an int >= 1 or None, got {value!r}")
     if call.images is not None and len(call.images) != len(prompts):
         raise ValueError(f"images: give one source image per prompt ({len(prompts)}), got {len(call.images)}")
     if call.per_prompt and len(call.generator) != len(prompts):
@@ -755,9 +761,9 @@ def _trained(st: _State, span_idx: Tensor) -> Tensor:
 
 def _decode(st: _State, finals: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The images of the first granularity ``[N, 3, H, W]`` and of all ``[N, n_granularities, 3, H, W]``,
-    decoded in chunks of ``chunk_size`` rows."""
+    decoded in chunks of ``decode_chunk_size`` (else ``chunk_size``) rows."""
     N, rows = st.call.num_rows, st.rows
-    chunk = st.call.chunk_size or rows
+    chunk = st.call.decode_chunk_size or st.call.chunk_size or rows
     decoded = []
     for f in finals:
         imgs = torch.cat([st.call.policy.decode(f[a:a + chunk]) for a in range(0, rows, chunk)], dim=0)

@@ -26,7 +26,8 @@ RESUMABLE = (
     "output_dir", "resume", "max_steps", "time_budget_s", "checkpoint_every", "eval_every", "eval_every_s",
     "train.keep_last", "train.progress", "train.tracker", "train.max_bad_steps", "train.max_update_ratio",
     "train.learning_rate", "train.weight_decay", "train.max_grad_norm",  # applied to the restored optimizer
-    "train.gradient_checkpointing", "sample.chunk_size", "text.chunk_size",  # memory only
+    "train.gradient_checkpointing", "sample.chunk_size", "sample.decode_chunk_size", "text.chunk_size",  # memory only
+    "model.offload_text_encoders",
     "model.device", "reward_options", "eval.", "data.eval",
 )
 

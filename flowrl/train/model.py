@@ -59,6 +59,13 @@ def build_flow_policy(model_cfg, device: Optional[str] = None):
             raise UsageError(f"model.true_cfg_scale: model family {model_cfg.family!r} has no true CFG "
                              "(sample.guidance_scale is its guidance)")
         policy.true_cfg_scale = float(cfg_scale)
+    if getattr(model_cfg, "batched_cfg", False):
+        if not hasattr(policy, "batched_cfg"):
+            raise UsageError(f"model.batched_cfg: model family {model_cfg.family!r} has no two-branch CFG to batch "
+                             "(sd3 batches its CFG always; flux is guidance-distilled)")
+        policy.batched_cfg = True
+    if getattr(model_cfg, "offload_text_encoders", False):
+        policy.offload_text_encoders("cpu")
     size = getattr(model_cfg, "condition_image_size", None)
     if size is not None:
         if not hasattr(policy, "condition_image_size"):

@@ -156,7 +156,8 @@ class FlowTask:
         ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
-                    store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size, progress=False,
+                    store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size,
+                    decode_chunk_size=c.sample.decode_chunk_size, progress=False,
                     store_means=self.learner.trains_steps, images=record_images(records))
         per = ro.num_samples // len(keys)  # each row's stream keys (step, record, position, member)
         ro.row_keys = torch.tensor([[step, *k, j] for k in keys for j in range(per)], dtype=torch.long)

@@ -72,6 +72,8 @@ class WanPolicy(FlowPolicy):
     _frozen_names = ("text_encoder", "vae")
     _uses_negative = True
     is_video = True
+    #: CFG's two branches in one transformer call on 2B rows (as QwenImagePolicy.batched_cfg); off: the pipeline's two calls
+    batched_cfg: bool = False
 
     def __init__(self, pipeline: Any, *, num_frames: int | None = None, expert: str = "transformer",
                  **kwargs: Any) -> None:
@@ -242,10 +244,15 @@ class WanPolicy(FlowPolicy):
     def _expert_call(self, module, x: Tensor, t: Tensor, e: PromptEmbeds, g: float) -> Tensor:
         """One expert on rows ``x`` at timesteps ``t``, with two-pass CFG as the pipeline when ``g > 1``."""
         ts = self._timestep(t, x)
+        if g > 1.0 and not e.has_negative:
+            raise ValueError("guidance_scale > 1 needs negative embeddings (encode_prompts gives them for Wan)")
+        if g > 1.0 and self.batched_cfg:  # both branches in one call (prompts are padded to one length: no mask)
+            v, v_u = module(hidden_states=torch.cat([x, x]), timestep=torch.cat([ts, ts]),
+                            encoder_hidden_states=torch.cat([e.prompt_embeds, e.negative_prompt_embeds]),
+                            return_dict=False)[0].chunk(2)
+            return (v_u + g * (v - v_u)).float()
         v = module(hidden_states=x, timestep=ts, encoder_hidden_states=e.prompt_embeds, return_dict=False)[0]
         if g > 1.0:
-            if not e.has_negative:
-                raise ValueError("guidance_scale > 1 needs negative embeddings (encode_prompts gives them for Wan)")
             v_u = module(hidden_states=x, timestep=ts, encoder_hidden_states=e.negative_prompt_embeds,
                          return_dict=False)[0]
             v = v_u + g * (v - v_u)  # in the transformer's dtype, as the pipeline
