@@ -317,6 +317,7 @@ class FlowPolicy:
         self.forward_module: Optional[torch.nn.Module] = None
         # where the text encoders wait between prompt encodings (offload_text_encoders); None: on ``device``
         self.text_encoder_home: Optional[torch.device] = None
+        self._encoders_loaded = False  # inside _text_encoders_loaded
 
         _place(pipeline.transformer, self.device, self.dtype)
         for name in self._frozen_names:
@@ -448,15 +449,17 @@ class FlowPolicy:
     def _text_encoders_loaded(self):
         """The text encoders on the policy's device for the duration (they return to their home after)."""
         home = self.text_encoder_home
-        if home is None:
+        if home is None or self._encoders_loaded:  # not offloaded, or loaded by an enclosing call
             yield
             return
         modules = list(self.text_encoders().values())
         for m in modules:
             m.to(self.device)
+        self._encoders_loaded = True
         try:
             yield
         finally:
+            self._encoders_loaded = False
             for m in modules:
                 m.to(home)
 
@@ -536,6 +539,13 @@ class FlowPolicy:
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         paired = images is not None and self._prompt_sees_image
+        wanted = [] if paired else prompts + ([negative_prompt] if self._uses_negative else [])
+        # one round trip of offloaded text encoders for the prompts and the negative prompt together
+        with self._text_encoders_loaded() if any(p not in self._cache for p in wanted) else contextlib.nullcontext():
+            return self._encode_rows(prompts, negative_prompt, images, paired)
+
+    def _encode_rows(self, prompts: list[str], negative_prompt: str, images, paired: bool) -> PromptEmbeds:
+        """The rows of :meth:`encode_prompts` (checked arguments), cached or encoded."""
         if paired:  # the text encoder reads the image too: one row per (prompt, image)
             rows = self._image_rows(images, len(prompts), prompts)
         else:
