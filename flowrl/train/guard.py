@@ -148,6 +148,8 @@ def weight_norm(params: Sequence[torch.Tensor]) -> float:
     one device synchronisation."""
     with torch.no_grad():
         norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in params]
+        # an FSDP2 shard's norm is a DTensor reduced over the processes: its value, replicated
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
         return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))) if norms else 0.0
 
 

@@ -60,7 +60,7 @@ from flowrl.train.lora import load_trainable_state_dict, trainable_state_dict
 from flowrl.train.metrics import mean, reward_metrics, update_metrics
 from flowrl.train.optim import warmup_scheduler
 from flowrl.train.preflight import preflight_warnings
-from flowrl.train.processes import Processes
+from flowrl.train.processes import Processes, check_requested_backend
 from flowrl.train.report import write_report
 from flowrl.train.runfolder import append_jsonl, atomic_write
 from flowrl.train.tasks import build_task
@@ -103,11 +103,13 @@ class Trainer:
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
+        check_requested_backend()  # before accelerate reads its plugins from the environment
         if accelerator is None:
             log_with = None if tc.tracker == "none" else tc.tracker
             project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
             accelerator = Accelerator(cpu=cfg.model.device == "cpu", mixed_precision=tc.mixed_precision,
                                       log_with=log_with, project_config=project)
+        check_requested_backend(accelerator)
         self.acc = accelerator
         self.procs = Processes(accelerator)
         self._lock = None
@@ -151,6 +153,8 @@ class Trainer:
         # dataloader split), which would make the LR (warm-up) depend on the number of processes.
         wrapped, self.optimizer = accelerator.prepare(self.task.module, self.optimizer)
         self.wrapped = wrapped
+        # FSDP2 shards in place, replacing each parameter by a DTensor parameter: read them again
+        self.params = [p for p in self.task.module.parameters() if p.requires_grad]
         self.local_grads = self.procs.world > 1 and isinstance(wrapped, DistributedDataParallel)  # see flowrl.train.processes
         self.task.set_forward_module(None if (wrapped is self.task.module or self.local_grads) else wrapped)
         self.ema = None

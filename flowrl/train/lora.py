@@ -109,8 +109,11 @@ def add_lora_to_transformer(transformer: torch.nn.Module, config, adapter_name: 
 
 
 def trainable_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Name -> tensor of every parameter that requires grad (LoRA or full fine-tuning)."""
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    """Name -> tensor of every parameter that requires grad (LoRA or full fine-tuning), whole: FSDP2's sharded
+    parameters are gathered, so every process must call it."""
+    from flowrl.train.processes import full_tensor
+
+    return {n: full_tensor(p.detach()) for n, p in module.named_parameters() if p.requires_grad}
 
 
 class WeightsMismatchError(UsageError):
@@ -152,7 +155,12 @@ def load_trainable_state_dict(module: torch.nn.Module, state: Dict[str, torch.Te
     check_weights_fit(params, state, source, target)
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(state[n].to(p.device, p.dtype))
+            value = state[n].to(p.device, p.dtype)
+            if hasattr(p, "placements"):  # an FSDP2 shard: this process's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
 
 
 def save_diffusers_lora(pipeline_cls, transformer: torch.nn.Module, out_dir, adapter_name: str = "default") -> Path:

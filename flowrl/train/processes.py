@@ -12,12 +12,56 @@ train which step, invalid samples, chunks), and a DDP forward run by the main pr
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Sequence
 
 import torch
 
+from flowrl.inputs import UsageError
+
 # per-minibatch loss statistics averaged over processes, weighted by each process's ``num_actions``
 MEAN_STATS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+DEEPSPEED_REFUSAL = (
+    "the accelerate config asks for DeepSpeed, which flowrl's loop does not run: DeepSpeed's engine takes the "
+    "optimizer step inside backward (and ZeRO-3 partitions the weights that the loop's update check, EMA and "
+    "checkpoints read), while a flowrl minibatch runs a data-dependent number of backward passes before one "
+    "checked step. Shard with FSDP2 instead: configs/accelerate/fsdp_<family>.yaml (fsdp_reshard_after_forward: "
+    "true shards as ZeRO-3, false as ZeRO-2)")
+
+
+def check_requested_backend(accelerator=None) -> None:
+    """Refuse (UsageError, one line) a distributed backend the accelerate config asks for that this run would not
+    get or that the loop cannot drive: DeepSpeed (see :data:`DEEPSPEED_REFUSAL`); FSDP where accelerate does not
+    run it (accelerate 1.x runs FSDP on accelerators only: on CPUs the same launch silently becomes plain data
+    parallel); FSDP version 1 (the loop's gradient and checkpoint handling is written for FSDP2's DTensors).
+    Called before the Accelerator is built (``accelerator`` None: the environment ``accelerate launch`` sets)
+    and after (its distributed type)."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise UsageError(DEEPSPEED_REFUSAL)
+    if accelerator is None:
+        return
+    kind = str(getattr(accelerator, "distributed_type", "")).split(".")[-1]
+    if kind == "DEEPSPEED":
+        raise UsageError(DEEPSPEED_REFUSAL)
+    if _env_flag("ACCELERATE_USE_FSDP") and kind != "FSDP":
+        raise UsageError(f"the accelerate config asks for FSDP, but accelerate runs this process as {kind} "
+                         f"(device {accelerator.device}): accelerate shards with FSDP on GPUs (and other accelerators) "
+                         "only, so this run would be plain data parallel. Run it on GPUs, or launch without the FSDP config")
+    if kind == "FSDP" and not getattr(accelerator, "is_fsdp2", False):
+        raise UsageError("the accelerate config asks for FSDP version 1; flowrl's loop runs FSDP2 only: set "
+                         "fsdp_config.fsdp_version: 2 (as configs/accelerate/fsdp_<family>.yaml)")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: an FSDP2 parameter (a sharded DTensor) gathered from every process (a collective: every
+    process must call it), any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t
 
 
 class Processes:
