@@ -4,7 +4,9 @@ peak table are what they say."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,14 @@ def test_arguments_are_checked(bench):
                 ["--model", "sdxl"]):
         with pytest.raises(SystemExit):
             bench["main"](bad)
+
+
+def test_gpu_check_script_runs_in_tiny_mode_on_cpu(tmp_path):
+    env = dict(os.environ, DEVICE="cpu", SCALE="tiny", MODELS="sd35m", LIMIT_FACTOR="10", OMP_NUM_THREADS="1",
+               EXTRA="--repeats 1 --skip attention decode_chunks precision training")
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "== scale_sd35m: exit 0" in out.stdout and "== deepspeed: exit 0" in out.stdout
+    assert "asks for DeepSpeed" in out.stdout  # the loop's one-line refusal
+    assert json.loads((tmp_path / "scale_sd35m.json").read_text())["rollout"]["rows"] == 4
