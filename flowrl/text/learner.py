@@ -75,8 +75,18 @@ class TextLearner:
     def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
         """Sample, then store the sampling policy's log-probs (and the reference's when KL is on),
         computed with the same chunking as the update so the first inner step is exactly on-policy."""
-        ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
-                      seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return self.add_logps(self.generate(prompts, group_size=group_size, seed=seed, prompt_keys=prompt_keys))
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
+        """The completions alone (no log-probs yet): what rewards need. :meth:`add_logps` completes
+        the rollout, after the sub-batches of a step are joined (:func:`concat_text_rollouts`)."""
+        return generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
+                        seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    @torch.no_grad()
+    def add_logps(self, ro: TextRollout) -> TextRollout:
+        """Store ``ro``'s old log-probs (and the reference's when KL is on), in place; returns ``ro``."""
         was = self.model.training
         self.model.eval()  # no dropout in log-probs; the update uses eval mode too
         try:

@@ -27,6 +27,7 @@ RESUMABLE = (
     "train.keep_last", "train.progress", "train.tracker", "train.max_bad_steps", "train.max_update_ratio",
     "train.learning_rate", "train.weight_decay", "train.max_grad_norm",  # applied to the restored optimizer
     "train.gradient_checkpointing", "sample.chunk_size", "text.chunk_size",  # memory only
+    "sample.rollout_chunks", "sample.overlap_rewards",  # speed only (sub-batches: float rounding of batched calls)
     "model.device", "reward_options", "eval.", "data.eval",
 )
 
