@@ -72,8 +72,14 @@ class Task(Protocol):
     def mask_actions(self, batch, mask: Tensor) -> None:
         """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
 
-    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
-        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics."""
+    def fill_old(self, batch, rows: Tensor) -> None:
+        """Before the first optimizer step: store the sampling policy's log-probs of ``rows`` where the
+        rollout did not (text: the rows after the first minibatch; flow: sampling stored them all)."""
+
+    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool) -> Dict[str, float]:
+        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics.
+        ``on_policy``: the weights are still those that sampled the batch (first optimizer step)."""
 
     def nfe(self, batch) -> int:
         """Model evaluations of the rollout (generated tokens for text)."""
@@ -217,7 +223,13 @@ class FlowTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
+    def fill_old(self, ro, rows: Tensor) -> None:
+        pass  # the sampler stores every trained transition's log-prob as it samples
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool = False) -> Dict[str, float]:
+        # the stored log-probs stay the old ones even on-policy (as Flow-GRPO): they are free, and the
+        # learner's on_policy mode would change today's numerics by the sampler/learner float drift
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
                                                epoch=epoch)
 
@@ -315,20 +327,19 @@ class TextTask:
         self.learner.forward_model = m
 
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """One generation for all ``records`` with its log-probs (:meth:`sample`, :meth:`join`)."""
+        """One generation for all ``records`` (:meth:`sample`, :meth:`join`)."""
         return self.join([self.sample(records, keys, step)])
 
     def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """The completions (no log-probs yet: :meth:`join`). Row j of the prompt with keys
+        """The completions (no log-probs: :meth:`join`). Row j of the prompt with keys
         ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
         return self.learner.generate([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
                                      seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
 
     def join(self, parts: Sequence):
-        """The sub-batches as one rollout (:func:`flowrl.text.rollout.concat_text_rollouts`), then the
-        old (and reference) log-probs of all its rows, with the update's chunking: the first inner
-        step is exactly on-policy whatever the sub-batches were."""
-        return self.learner.add_logps(concat_text_rollouts(parts, self.tokenizer.pad_token_id))
+        """The sub-batches as one rollout (:func:`flowrl.text.rollout.concat_text_rollouts`) with the
+        reference's log-probs of all its rows when KL is on; the old ones are left to :meth:`fill_old`."""
+        return self.learner.complete(concat_text_rollouts(parts, self.tokenizer.pad_token_id), old_logps=False)
 
     def score(self, ro, records: Sequence[Dict]):
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
@@ -350,8 +361,15 @@ class TextTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
-        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
+    def fill_old(self, ro, rows: Tensor) -> None:
+        """The rollout skipped the old log-prob pass (TRL's shortcut with one update per generation
+        batch): compute it now for the rows that are trained after the first optimizer step."""
+        self.learner.fill_old_logps(ro, rows)
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool = False) -> Dict[str, float]:
+        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
+                                               on_policy=on_policy)
 
     def nfe(self, ro) -> int:
         return int(ro.completion_mask.sum())  # generated tokens
