@@ -425,18 +425,23 @@ class SampleConfig:
     store_dtype: DTypeName = "float32"  # dtype of stored latents (log-probs are taken on the rounded values)
     chunk_size: Optional[int] = None  # at most this many rows per transformer call while sampling (null: all)
     decode_chunk_size: Optional[int] = None  # at most this many rows per VAE decode of a rollout (null: chunk_size); a video VAE's memory grows with them
+    rollout_chunks: int = 1  # a step's prompts (on each process) are sampled in this many sub-batches, one after the other, each scored on its own (images and text)
+    overlap_rewards: bool = False  # score a sub-batch in a worker thread while the next one samples (same numbers as false; needs rollout_chunks > 1 to overlap)
 
     def validate(self) -> None:
         for name in ("height", "width"):
             v = getattr(self, name)
             if v < 8 or v % 8:
                 raise ValueError(f"{name}: must be a positive multiple of 8, got {v}")
-        for name in ("num_steps", "eval_num_steps", "group_size", "prompts_per_step"):
+        for name in ("num_steps", "eval_num_steps", "group_size", "prompts_per_step", "rollout_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("chunk_size", "decode_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1 or null, got {getattr(self, name)}")
+        if self.rollout_chunks > self.prompts_per_step:
+            raise ValueError(f"rollout_chunks: {self.rollout_chunks} sub-batches of {self.prompts_per_step} prompts "
+                             f"(sample.prompts_per_step): a sub-batch holds at least one prompt")
         check_number("guidance_scale", self.guidance_scale, ge=0)
 
 

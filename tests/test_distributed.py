@@ -255,16 +255,20 @@ COMMON_TRAIN = {"learning_rate": 3e-4, "weight_decay": 0.0, "warmup_steps": 6, "
 STAT_TRACKING = {"stat_tracking": True, "stat_min_count": 0}  # advantage.*
 
 
-def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one_call", "sub_batches_overlapped"])
+def test_text_two_processes_equal_one(overlap, support, lm_dir, tmp_path):
     """Causal LM: 4 prompts x 4 completions per step, 2 minibatches (each split over the
     processes), 2 inner epochs, LR warm-up, per-prompt stat tracking, two reward columns and an
-    adaptive KL coefficient against the adapter-disabled reference."""
+    adaptive KL coefficient against the adapter-disabled reference. ``overlap``: each process samples
+    its prompts in 2 sub-batches and scores one while the next samples (``sample.rollout_chunks``,
+    ``sample.overlap_rewards``)."""
+    chunks = {"rollout_chunks": 2, "overlap_rewards": True} if overlap else {}
     cfg = {
         "seed": 3, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
         "time_budget_s": 1.0e6, "eval_every_s": 1.0e6,  # decisions on time, all-reduced each step (never reached)
         "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 0.5},
         "model": {"family": "lm", "path": str(lm_dir)},
-        "sample": {"group_size": 4, "prompts_per_step": 4},
+        "sample": {"group_size": 4, "prompts_per_step": 4, **chunks},
         "text": {"max_new_tokens": 6},
         "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
         "eval": {"num_prompts": 2, "at_start": False},

@@ -46,7 +46,7 @@ from flowrl.flow.steps import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "sample", "tail_sigmas"]
+__all__ = ["Rollout", "concat_rollouts", "sample", "tail_sigmas"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +169,69 @@ class Rollout:
         rebuild with ``PromptEmbeds.from_tensors``."""
         pidx = self.prompt_index if rows is None else self.prompt_index[torch.as_tensor(rows, dtype=torch.long)]
         return {k: v[pidx.to(v.device)] for k, v in self.embeds.items()}
+
+
+# fields every part of a concatenation must share (they describe the plan and the call, not a row)
+_SHARED_FIELDS = ("step_index", "granularities", "groups_per_prompt", "sde_kind", "reduction", "guidance_scale",
+                  "num_steps", "height", "width", "plan_kind")
+# per-row or per-node fields that hold node numbers (-1: none), shifted by the nodes of earlier parts
+_NODE_FIELDS = ("node_parent", "leaf_path", "step_node")
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """The rollouts of consecutive prompt sub-batches (each a full :func:`sample` call with the same
+    plan) as one rollout of all their prompts, rows in order: part 0's rows, then part 1's, ...
+
+    Per-row fields are concatenated; ``prompt_index`` and ``node_prompt`` are shifted by the prompts
+    of earlier parts, ``group_id`` by their groups (prompts x ``groups_per_prompt``), node numbers
+    (``node_parent``, ``leaf_path``, ``step_node``; -1 kept) by their nodes; prompts and prompt
+    embeddings are concatenated (embeddings of different sequence lengths padded to the longest with
+    their masks, :func:`flowrl.flow.policy.pad_rows`, as one call pads its prompts); ``nfe`` and
+    ``velocity_calls`` are summed. Fields that describe the plan (``step_index``, ``granularities``,
+    ``sde_kind``, ...) must be equal in every part: a ValueError names the first that is not, and a
+    field present in some parts and None in others."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: no rollout to concatenate")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for name in _SHARED_FIELDS:
+        a = getattr(first, name)
+        for j, r in enumerate(parts[1:], 1):
+            b = getattr(r, name)
+            same = torch.equal(a.cpu(), b.cpu()) if isinstance(a, Tensor) else a == b
+            if not same:
+                raise ValueError(f"parts: {name} of part {j} ({b!r}) differs from part 0's ({a!r}); "
+                                 "only rollouts of one plan and one sampling call's settings concatenate")
+    changes: dict[str, Any] = {}
+    for name in (*Rollout._ROW_FIELDS, "node_parent", "node_step", "node_prompt"):
+        values = [getattr(r, name) for r in parts]
+        if all(v is None for v in values):
+            continue
+        if any(v is None for v in values):
+            raise ValueError(f"parts: {name} is set in some parts and None in others")
+        changes[name] = values
+    p_off = g_off = n_off = 0
+    for j, r in enumerate(parts):  # shift the indices of part j past those of parts 0 .. j-1
+        for name, shift in (("prompt_index", p_off), ("node_prompt", p_off), ("group_id", g_off),
+                            *((n, n_off) for n in _NODE_FIELDS)):
+            if name in changes and shift:
+                v = changes[name][j]
+                changes[name][j] = torch.where(v >= 0, v + shift, v)
+        p_off += len(r.prompts)
+        g_off += len(r.prompts) * r.groups_per_prompt
+        n_off += 0 if r.node_parent is None else int(r.node_parent.shape[0])
+    cat = {name: torch.cat([v.to(values[0].device) for v in values], dim=0) for name, values in changes.items()}
+    from flowrl.flow.policy import pad_rows  # the padding rule of prompt embeddings (a light module)
+
+    keys = list(first.embeds)
+    if any(list(r.embeds) != keys for r in parts):
+        raise ValueError("parts: the prompt embeddings of the parts have different fields")
+    rows = [{k: r.embeds[k][i] for k in keys} for r in parts for i in range(len(r.prompts))]
+    embeds = {k: v.to(first.embeds[k].device) for k, v in pad_rows(rows).items()}
+    return replace(first, **cat, embeds=embeds, prompts=[p for r in parts for p in r.prompts],
+                   nfe=sum(r.nfe for r in parts), velocity_calls=sum(r.velocity_calls for r in parts))
 
 
 # --------------------------------------------------------------------------------------------------

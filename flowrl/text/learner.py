@@ -85,11 +85,23 @@ class TextLearner:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None,
                 old_logps: bool = True) -> TextRollout:
-        """Sample, then store the reference's log-probs when KL is on and, unless ``old_logps`` is
-        False, the sampling policy's (:meth:`fill_old_logps` on every row). Without them the caller
-        fills the rows it needs before its first optimizer step and marks that step ``on_policy``."""
-        ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
-                      seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        """Sample (:meth:`generate`), then :meth:`complete`: the reference's log-probs when KL is on and,
+        unless ``old_logps`` is False, the sampling policy's."""
+        return self.complete(self.generate(prompts, group_size=group_size, seed=seed, prompt_keys=prompt_keys),
+                             old_logps=old_logps)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
+        """The completions alone (no log-probs): what rewards need. :meth:`complete` adds the log-probs,
+        after the sub-batches of a step are joined (:func:`flowrl.text.rollout.concat_text_rollouts`)."""
+        return generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
+                        seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    @torch.no_grad()
+    def complete(self, ro: TextRollout, *, old_logps: bool = True) -> TextRollout:
+        """Store the reference's log-probs when KL is on and, unless ``old_logps`` is False, the sampling
+        policy's (:meth:`fill_old_logps` on every row); returns ``ro``. Without them the caller fills the
+        rows it needs before its first optimizer step and marks that step ``on_policy``."""
         if old_logps:
             self.fill_old_logps(ro, torch.arange(ro.num_samples))
         if self.needs_ref:

@@ -90,6 +90,50 @@ class TextRollout:
         )
 
 
+def concat_text_rollouts(parts: Sequence[TextRollout], pad_token_id: int) -> TextRollout:
+    """The rollouts of consecutive prompt sub-batches as one, rows in order: prompts left-padded and
+    completions right-padded with ``pad_token_id`` to the longest (masks 0 there, stored log-probs 0,
+    as :func:`generate` pads one batch); ``prompt_index`` shifted by the prompts of earlier parts.
+    Position ids follow the attention mask (:func:`token_logps`), so the padding moves no token."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: no rollout to concatenate")
+    if len(parts) == 1:
+        return parts[0]
+    for name in ("old_logps", "ref_logps"):
+        if len({getattr(r, name) is None for r in parts}) > 1:
+            raise ValueError(f"parts: {name} is set in some parts and None in others")
+    if len({bool(r.completions) for r in parts}) > 1:
+        raise ValueError("parts: completions' text is kept in some parts and not in others")
+    lp = max(r.prompt_ids.shape[1] for r in parts)
+    lc = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(t, width, value, left=False):
+        n = width - t.shape[1]
+        if n == 0:
+            return t
+        fill = torch.full((t.shape[0], n), value, dtype=t.dtype, device=t.device)
+        return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+    offsets, n = [], 0
+    for r in parts:
+        offsets.append(n)
+        n += int(r.prompt_index.max()) + 1 if r.num_samples else 0
+    logps = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
+                          else torch.cat([pad(getattr(r, name), lc, 0.0) for r in parts]))
+    return TextRollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, lp, pad_token_id, left=True) for r in parts]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, lp, 0, left=True) for r in parts]),
+        completion_ids=torch.cat([pad(r.completion_ids, lc, pad_token_id) for r in parts]),
+        completion_mask=torch.cat([pad(r.completion_mask, lc, 0) for r in parts]),
+        prompt_index=torch.cat([r.prompt_index + o for r, o in zip(parts, offsets)]),
+        truncated=torch.cat([r.truncated for r in parts]),
+        old_logps=logps("old_logps"), ref_logps=logps("ref_logps"),
+        completions=[c for r in parts for c in r.completions],
+        groups_per_prompt=parts[0].groups_per_prompt,
+    )
+
+
 def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """(mask, truncated): mask is 1 up to and including the first EOS of each row; rows without an
     EOS are ``truncated`` and keep every generated token."""

@@ -28,6 +28,7 @@ RESUMABLE = (
     "train.learning_rate", "train.weight_decay", "train.max_grad_norm",  # applied to the restored optimizer
     "train.gradient_checkpointing", "sample.chunk_size", "sample.decode_chunk_size", "text.chunk_size",  # memory only
     "model.offload_text_encoders",
+    "sample.rollout_chunks", "sample.overlap_rewards",  # speed only (sub-batches: float rounding of batched calls)
     "model.device", "reward_options", "eval.", "data.eval",
 )
 

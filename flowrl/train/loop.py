@@ -127,7 +127,8 @@ class Trainer:
         # advantage groups per prompt (K branch steps of a sweep, else 1) and how minibatches split them
         self.groups_per_prompt = cfg.plan.groups_per_prompt(cfg.sample.num_steps) if cfg.model.family != "lm" else 1
         self.mb_prompts, self.mb_branches = minibatch_split(tc.num_minibatches, self.groups_per_prompt, cfg.plan.singular.sweep_split)
-        local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
+        layout = local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
+        chunk_bounds(sum(len(mb) for mb in layout), cfg.sample.rollout_chunks)  # every sub-batch holds a prompt
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
         # the first and last evaluations' prompts; those in between are the first eval.num_prompts of them
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.ends_num_prompts or cfg.eval.num_prompts,
@@ -313,10 +314,7 @@ class Trainer:
         step = self._step_prompts()
         self.task.module.eval()
         weights = self._rollout_weights()
-        with weights:
-            batch = self.task.rollout(step.records, step.keys, self.step)
-        t_sample = time.time()
-        rewards, names, issues = self._score(batch, step.records)
+        batch, (rewards, names, issues), t_sample, scoring_busy = self._sample_and_score(step, weights)
         t_score = time.time()
         groups = self._groups(batch, step)
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
@@ -333,7 +331,7 @@ class Trainer:
             "zero_std_frac": float(adv_stats.get("zero_std_frac", float("nan"))),
             "filtered_samples": int(adv_stats.get("filtered_count", 0)),
             **update, "beta": beta, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
-            "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample,
+            "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample, "time/scoring_total": scoring_busy,
             "time/update": t_end - t_score, "time/step": t_end - t_start,
         }
         for issue in issues:
@@ -357,10 +355,58 @@ class Trainer:
             positions=positions, record_index=[chosen[pos] for pos in positions], per_block=len(layout[0]),
         )
 
-    def _score(self, batch, records):
-        """Rewards ``[N, R]`` (``[N, K, R]`` for granularities) with every non-finite value (NaN,
-        +inf, -inf) as NaN: that sample is invalid (advantage 0, masked); names; reward issues."""
-        rewards, names, info = self.task.score(batch, records)
+    def _sample_and_score(self, step: "_StepPrompts", weights):
+        """The step's batch and its rewards: ``(batch, (rewards, names, issues), t_sampled, scoring_s)``.
+
+        The prompts are sampled in ``sample.rollout_chunks`` contiguous sub-batches (:func:`chunk_bounds`),
+        one sampling call each, and joined into one batch (``task.join``); each sub-batch is scored on
+        its own, so the rewards are the same numbers whether scoring overlaps sampling or not. With
+        ``sample.overlap_rewards`` a sub-batch is scored in a worker thread while the next one samples
+        (a remote scorer's requests are in flight meanwhile); without, every sub-batch is scored after
+        sampling ended. ``t_sampled``: when sampling (and the join) ended; ``scoring_s``: the seconds the
+        scorer worked (``time/scoring_total``; ``time/scoring`` is the wait after sampling). An error
+        of the scorer is raised as it is, as soon as the loop sees it (between sub-batches)."""
+        bounds = chunk_bounds(len(step.records), self.cfg.sample.rollout_chunks)
+        busy = [0.0]
+
+        def score(part, records):
+            t = time.perf_counter()
+            try:
+                return self.task.score(part, records)
+            finally:
+                busy[0] += time.perf_counter() - t
+
+        pool = _ScoringWorker() if self.cfg.sample.overlap_rewards else None
+        try:
+            parts, pending = [], []
+            with weights:  # the weights that sample (:meth:`_rollout_weights`)
+                for a, b in bounds:
+                    part = self.task.sample(step.records[a:b], step.keys[a:b], self.step)
+                    parts.append(part)
+                    if pool is not None:
+                        pending.append(pool.submit(score, part, step.records[a:b]))
+                        pool.raise_failed(pending)
+                batch = self.task.join(parts)
+            t_sampled = time.time()
+            if pool is not None:
+                scored = [f.result() for f in pending]
+            else:
+                scored = [score(part, step.records[a:b]) for part, (a, b) in zip(parts, bounds)]
+        finally:
+            if pool is not None:
+                pool.close()
+        return batch, self._combine_scores(scored), t_sampled, busy[0]
+
+    def _combine_scores(self, scored):
+        """The sub-batches' ``task.score`` results as the step's: rewards ``[N, R]`` (``[N, K, R]`` for
+        granularities) with every non-finite value (NaN, +inf, -inf) as NaN: that sample is invalid
+        (advantage 0, masked); names; reward issues."""
+        names = scored[0][1]
+        for _, other, _ in scored[1:]:
+            if list(other) != list(names):
+                raise RuntimeError(f"task.score: reward names {list(other)} of a sub-batch differ from {list(names)}")
+        rewards = torch.cat([r for r, _, _ in scored], dim=0)
+        info = {"issues": [i for _, _, inf in scored for i in (inf.get("issues") or [])]}
         self._reward_names = names
         nonfinite = ~torch.isfinite(rewards)
         if bool(nonfinite.any()):
@@ -697,6 +743,52 @@ def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "
     raise UsageError(f"train.num_minibatches={M} with a sweep of {K} branch steps (plan.singular.choice: all): "
                      f"must divide {K} (minibatches of whole branch steps) or be a multiple of it "
                      f"(each branch step's prompts split further)")
+
+
+def chunk_bounds(n: int, chunks: int) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]``: ``n`` items in ``chunks`` contiguous sub-batches, sizes as even as
+    possible, the larger first (``torch.tensor_split``'s rule); a usage error when a sub-batch would
+    be empty (``sample.rollout_chunks`` above this process's prompts)."""
+    if chunks < 1 or chunks > n:
+        raise UsageError(f"sample.rollout_chunks={chunks}: this process samples {n} prompt(s) per step "
+                         f"(sample.prompts_per_step over the processes); use at most {n}")
+    q, r = divmod(n, chunks)
+    out, a = [], 0
+    for i in range(chunks):
+        b = a + q + (1 if i < r else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class _ScoringWorker:
+    """One worker thread that scores sub-batches in order while the caller samples the next one.
+
+    The thread runs with the caller's CUDA device (its current device is per thread); its scorer
+    calls share the device with sampling (one stream per device: kernels interleave, the scorer's
+    CPU work, a remote scorer's waiting and a scorer on another device overlap). Errors come back
+    from ``result()`` as the scorer raised them; :meth:`raise_failed` raises the first one early."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-score",
+                                        initializer=None if device is None else torch.cuda.set_device,
+                                        initargs=() if device is None else (device,))
+
+    def submit(self, fn, *args):
+        return self._pool.submit(fn, *args)
+
+    @staticmethod
+    def raise_failed(futures) -> None:
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                f.result()  # raises the scorer's exception
+
+    def close(self) -> None:
+        """Wait for the sub-batch being scored (a call cannot be interrupted), drop the queued ones."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int):

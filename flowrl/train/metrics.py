@@ -16,7 +16,7 @@ STEP_KEYS = (
     "step", "reward/total", "reward/total_std", "invalid_samples", "zero_std_frac", "filtered_samples",
     "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss",
     "ratio_min", "ratio_max", "grad_norm", "update_ratio", "skipped_optimizer_steps", "beta", "lr", "nfe",
-    "time/sampling", "time/scoring", "time/update", "time/step",
+    "time/sampling", "time/scoring", "time/scoring_total", "time/update", "time/step",
 )
 LOSS_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss")
 #: logged only by the forward-process objectives that compute them (:mod:`flowrl.flow.forward`)

@@ -19,11 +19,11 @@ from flowrl.flow.forward import ForwardLearner
 from flowrl.flow.learner import FlowLearner, reference_transformer
 from flowrl.core import rng
 from flowrl.flow.plan import build_plan, plan_generator
-from flowrl.flow.sampler import sample
+from flowrl.flow.sampler import concat_rollouts, sample as sample_rollout
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import resolve_reward, score_completions
-from flowrl.text.rollout import completion_mask_from_ids
+from flowrl.text.rollout import completion_mask_from_ids, concat_text_rollouts
 from flowrl.train.data import record_images
 from flowrl.train.evaluate import eval_settings, evaluate_policy
 from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
@@ -47,13 +47,19 @@ class Task(Protocol):
     def set_forward_module(self, m) -> None:
         """Route training forward passes through accelerate's wrapper ``m`` (None: the module)."""
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Sample ``group_size`` completions per record (no grad); ``keys`` (record index, position)
-        and ``step`` name each prompt's noise stream (:mod:`flowrl.core.rng`).
-        The batch has ``prompt_index``, ``groups_per_prompt`` and ``select(rows)``."""
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """Sample ``group_size`` completions per record (no grad) of one prompt sub-batch; ``keys``
+        (record index, position) and ``step`` name each prompt's noise stream (:mod:`flowrl.core.rng`),
+        so a prompt's samples do not depend on the sub-batch. The part can be scored (:meth:`score`)."""
+
+    def join(self, parts: Sequence):
+        """The step's batch from its sub-batches in order (:meth:`sample`); it has ``prompt_index``,
+        ``groups_per_prompt`` and ``select(rows)``. ``rollout`` = ``join([sample(...)])``."""
 
     def score(self, batch, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
-        """Rewards ``[N, R]`` (NaN: invalid), their names, ``{"issues": [...]}``."""
+        """Rewards ``[N, R]`` (NaN: invalid), their names, ``{"issues": [...]}`` of a sub-batch
+        (:meth:`sample`) or a batch; ``records`` are its prompts. May run in a worker thread while
+        the next sub-batch samples (``sample.overlap_rewards``)."""
 
     def tree_advantages(self, batch, total: Tensor, adv_cfg) -> Optional[Tuple[Tensor, Tensor]]:
         """``(advantages [N, T], valid [N])`` within each prompt's tree, or None for a batch of flat
@@ -153,13 +159,21 @@ class FlowTask:
 
     # -- rollout / reward ---------------------------------------------------------------------------
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """One sampling call for all ``records`` (:meth:`sample`)."""
+        return self.join([self.sample(records, keys, step)])
+
+    def join(self, parts: Sequence):
+        """Sub-batch rollouts as one (:func:`flowrl.flow.sampler.concat_rollouts`)."""
+        return concat_rollouts(parts)
+
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
         """Sample ``group_size`` trajectories for each record. The randomness of the prompt with
         keys ``(record, position)`` comes from ``rng.generator(seed, "sample", step, record, position)``,
         so a prompt's samples do not depend on which process samples it or what else is in the batch."""
         c = self.cfg
         plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
         gens = [rng.generator(c.seed, "sample", step, *k) for k in keys]
-        ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
+        ro = sample_rollout(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
                     store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size,
@@ -314,9 +328,19 @@ class TextTask:
         self.learner.forward_model = m
 
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
-        return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
-                                    seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys], old_logps=False)
+        """One generation for all ``records`` (:meth:`sample`, :meth:`join`)."""
+        return self.join([self.sample(records, keys, step)])
+
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+        """The completions (no log-probs: :meth:`join`). Row j of the prompt with keys
+        ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
+        return self.learner.generate([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
+                                     seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+
+    def join(self, parts: Sequence):
+        """The sub-batches as one rollout (:func:`flowrl.text.rollout.concat_text_rollouts`) with the
+        reference's log-probs of all its rows when KL is on; the old ones are left to :meth:`fill_old`."""
+        return self.learner.complete(concat_text_rollouts(parts, self.tokenizer.pad_token_id), old_logps=False)
 
     def score(self, ro, records: Sequence[Dict]):
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
