@@ -72,9 +72,10 @@ class TextLearner:
                            temperature=self.temperature, chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
-        """Sample, then store the sampling policy's log-probs (and the reference's when KL is on),
-        computed with the same chunking as the update so the first inner step is exactly on-policy."""
+    def rollout(self, prompts: Sequence[str], *, group_size, seed: int, prompt_keys=None) -> TextRollout:
+        """Sample (``group_size``: an int, or one per prompt), then store the sampling policy's log-probs
+        (and the reference's when KL is on), computed with the same chunking as the update so the first
+        inner step is exactly on-policy."""
         ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
                       seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         was = self.model.training

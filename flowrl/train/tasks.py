@@ -47,10 +47,12 @@ class Task(Protocol):
     def set_forward_module(self, m) -> None:
         """Route training forward passes through accelerate's wrapper ``m`` (None: the module)."""
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Sample ``group_size`` completions per record (no grad); ``keys`` (record index, position)
-        and ``step`` name each prompt's noise stream (:mod:`flowrl.core.rng`).
-        The batch has ``prompt_index``, ``groups_per_prompt`` and ``select(rows)``."""
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+                sizes: Optional[Sequence[int]] = None):
+        """Sample ``group_size`` completions per record (no grad), or ``sizes[i]`` for record i
+        (per-prompt budgets); ``keys`` (record index, position) and ``step`` name each prompt's noise
+        stream (:mod:`flowrl.core.rng`). The batch has ``prompt_index``, ``groups_per_prompt`` and
+        ``select(rows)``, its rows prompt-major."""
 
     def score(self, batch, records: Sequence[Dict]) -> Tuple[Tensor, List[str], Dict[str, Any]]:
         """Rewards ``[N, R]`` (NaN: invalid), their names, ``{"issues": [...]}``."""
@@ -146,20 +148,23 @@ class FlowTask:
         self.learner.set_old(old)
 
     # -- rollout / reward ---------------------------------------------------------------------------
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Sample ``group_size`` trajectories for each record. The randomness of the prompt with
-        keys ``(record, position)`` comes from ``rng.generator(seed, "sample", step, record, position)``,
-        so a prompt's samples do not depend on which process samples it or what else is in the batch."""
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+                sizes: Optional[Sequence[int]] = None):
+        """Sample ``group_size`` trajectories for each record (``sizes[i]`` for record i when given). The
+        randomness of the prompt with keys ``(record, position)`` comes from ``rng.generator(seed, "sample",
+        step, record, position)``, so a prompt's samples do not depend on which process samples it or what
+        else is in the batch."""
         c = self.cfg
         plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
         gens = [rng.generator(c.seed, "sample", step, *k) for k in keys]
-        ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
+        group = c.sample.group_size if sizes is None else [int(g) for g in sizes]
+        ro = sample(self.policy, [r["prompt"] for r in records], plan, group_size=group,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
                     store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size, progress=False,
                     store_means=self.learner.trains_steps, images=record_images(records))
-        per = ro.num_samples // len(keys)  # each row's stream keys (step, record, position, member)
-        ro.row_keys = torch.tensor([[step, *k, j] for k in keys for j in range(per)], dtype=torch.long)
+        per = [ro.num_samples // len(keys)] * len(keys) if sizes is None else group  # each row's stream keys
+        ro.row_keys = torch.tensor([[step, *k, j] for k, g in zip(keys, per) for j in range(g)], dtype=torch.long)
         return ro
 
     def reward_model(self):
@@ -300,9 +305,11 @@ class TextTask:
     def set_forward_module(self, m) -> None:
         self.learner.forward_model = m
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+                sizes: Optional[Sequence[int]] = None):
         """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
-        return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
+        group = self.cfg.sample.group_size if sizes is None else [int(g) for g in sizes]
+        return self.learner.rollout([r["prompt"] for r in records], group_size=group,
                                     seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
 
     def score(self, ro, records: Sequence[Dict]):
