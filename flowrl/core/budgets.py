@@ -90,7 +90,7 @@ class VadeConfig:
 
     def validate(self) -> None:
         for i, v in enumerate(self.prior):
-            check_number(f"prior[{i}]", v, gt=0)
+            check_number("prior", v, gt=0, why=f"item {i}")
         check_number("visit_decay", self.visit_decay, ge=0, le=1)
         check_number("step_decay", self.step_decay, ge=0, le=1)
 
@@ -116,7 +116,7 @@ class SingleStreamConfig:
         check_number("rho", self.rho, gt=0, le=1)
         check_number("explore", self.explore, ge=0)
         for i, v in enumerate(self.prior):
-            check_number(f"prior[{i}]", v, gt=0)
+            check_number("prior", v, gt=0, why=f"item {i}")
 
 
 @dataclass
