@@ -566,6 +566,7 @@ class EmaConfig:
 
 
 from flowrl.core.advantages import AdvantageConfig  # noqa: E402  (torch-only modules)
+from flowrl.core.budgets import BudgetConfig  # noqa: E402
 from flowrl.core.losses import LossConfig  # noqa: E402
 from flowrl.core.objectives import ObjectiveConfig  # noqa: E402
 from flowrl.flow.plan import PlanConfig  # noqa: E402
@@ -598,6 +599,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # prompt sources
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     video: VideoConfig = field(default_factory=VideoConfig)  # video models (Wan): frames, how image scorers score them
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # rollouts per prompt and which prompts a step draws
 
     @property
     def stat_tracker_applies(self) -> bool:
@@ -641,6 +643,7 @@ class RunConfig:
             raise ValueError("sample.same_noise: must be true for a singular sweep (plan.singular.choice: all): "
                              "every branch step starts from the prompt's one ODE trunk")
         self._validate_objective()
+        self._validate_budget()
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
             for b in self.plan.tree.branch_factors:
@@ -649,6 +652,31 @@ class RunConfig:
                 raise ValueError(f"sample.group_size: {self.sample.group_size} is not a multiple of the tree's "
                                  f"{leaves} leaves (plan.tree.branch_factors={self.plan.tree.branch_factors})")
 
+
+    def _validate_budget(self) -> None:
+        """What a rollout budget other than uniform needs: flat groups of one reward total per sample, and
+        group sizes that fit its bounds (single_stream: one sample per prompt, its own baseline)."""
+        b, g = self.budget, self.sample.group_size
+        if b.kind == "uniform":
+            return
+        if self.model.family != "lm" and (self.plan.kind == "tree" or self.plan.is_sweep or list(self.plan.granularities) != [1]):
+            raise ValueError(f"budget.kind: {b.kind} needs flat groups (no plan.kind tree, singular sweep or "
+                             "plan.granularities)")
+        if b.kind == "knapsack" and not b.knapsack.min_size <= g <= b.knapsack.max_size:
+            raise ValueError(f"sample.group_size: {g} must lie in [budget.knapsack.min_size, budget.knapsack.max_size] "
+                             f"= [{b.knapsack.min_size}, {b.knapsack.max_size}] (a prompt without a success rate gets it)")
+        if b.kind == "gvm" and b.gvm.min_size > g:
+            raise ValueError(f"budget.gvm.min_size: {b.gvm.min_size} is more than sample.group_size ({g}), the "
+                             "average a step can give")
+        if b.variable_sizes and self.objective.kind == "dgpo":
+            raise ValueError(f"budget.kind: {b.kind} gives groups of different sizes; objective.kind dgpo needs one "
+                             "group size")
+        if b.kind == "single_stream":
+            if g != 1:
+                raise ValueError(f"sample.group_size: budget.kind single_stream (SPO) samples one completion per "
+                                 f"prompt; set it to 1, got {g}")
+            if self.advantage.stat_tracking:
+                raise ValueError("advantage.stat_tracking: budget.kind single_stream has its own per-prompt baseline")
 
     def _validate_objective(self) -> None:
         """What the objective needs of the rest: a likelihood objective trains SDE steps, a forward one
@@ -733,7 +761,7 @@ MOVED = {
 
 
 #: sections added after checkpoints were first written: a checkpoint without them ran with their defaults
-ADDED_SECTIONS = ("objective", "video")
+ADDED_SECTIONS = ("objective", "video", "budget")
 
 
 def upgrade_keys(flat: Dict[str, Any]) -> Dict[str, Any]:

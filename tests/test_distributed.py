@@ -46,6 +46,13 @@ PLUGIN_SRC = textwrap.dedent(
         return [len(c) / 6.0 for c in completions]
 
 
+    def parity_digits(prompts, completions, **_):
+        """Text reward: 1 for prompts whose character codes sum to an odd number (always solved), plus
+        half the completion's digit fraction (spread within a group)."""
+        return [float(sum(map(ord, p)) % 2) + 0.5 * sum(ch.isdigit() for ch in c) / max(1, len(c))
+                for p, c in zip(prompts, completions)]
+
+
     def make_patch_brightness(device=None, dtype=None, checkpoint=None, **_):
         """Image scorer factory: mean pixel value of the top-left 8x8 patch (on the tiny random
         model it spreads about 20 times more over a group than the whole image's mean, so float
@@ -285,6 +292,37 @@ def test_text_two_processes_equal_one(overlap, support, lm_dir, tmp_path):
     change = m[1]["beta"] / m[0]["beta"] - 1.0  # the controller's step: err / horizon, |err| <= 0.2
     assert m[0]["beta"] == 0.05 and 0 < abs(change) < 0.2 / 5, "the KL controller's error was 0 or clipped: weak test"
     print(f"text: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
+          f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
+
+
+def test_text_budget_two_processes_equal_one(support, lm_dir, tmp_path):
+    """Per-prompt group sizes (``budget.kind: knapsack``, issue 20): the 4 training prompts, three always
+    solved and one never, get 4 rollouts each at step 1 and 2, 2, 2 and 10 at step 2, so in one minibatch
+    the two processes hold 10 and 2 rows (gathers pad, gradients average with the global normaliser)."""
+    from flowrl.train.data import load_records
+
+    cfg = {
+        "seed": 3, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        "rewards": {f"{PLUGIN}:parity_digits": 1.0},
+        "model": {"family": "lm", "path": str(lm_dir)},
+        "sample": {"group_size": 4, "prompts_per_step": 4},
+        "text": {"max_new_tokens": 6},
+        "data": {"train": "arithmetic:train", "eval": "arithmetic:test", "max_train_prompts": 4},
+        "eval": {"num_prompts": 2, "at_start": False},
+        "budget": {"kind": "knapsack", "min_history": 1},
+        "train": COMMON_TRAIN,
+    }
+    odd = [sum(map(ord, r["prompt"])) % 2 for r in load_records("arithmetic:train", limit=4, seed=3)]
+    assert sorted(odd) == [0, 1, 1, 1], "the test needs one unsolved prompt among the four"
+    config = write_config(cfg, tmp_path / "budget.yaml")
+    run_one_and_two(support, config, tmp_path)
+    d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-6, w_atol=1e-6)
+    m = metrics(tmp_path / "two")
+    assert [(x["budget/min_size"], x["budget/max_size"]) for x in m] == [(4, 4), (2, 10)]
+    rows = [len(json.loads(line)["adv"]) for r in (0, 1)
+            for line in (tmp_path / "two" / "probe" / f"adv-rank{r}.jsonl").read_text().splitlines()[1:]]
+    assert sorted(rows) == [4, 12], rows  # step 2: one process holds 10 + 2 rows, the other 2 + 2
+    print(f"text budget: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
           f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
 
 

@@ -111,7 +111,8 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
     ]
     mb = cfg.train.num_minibatches
     if fam == "lm":
-        ov += [f"sample.prompts_per_step={2 * mb}", "sample.group_size=4", "text.max_new_tokens=4",
+        group = 1 if cfg.budget.kind == "single_stream" else 4  # SPO samples one completion per prompt
+        ov += [f"sample.prompts_per_step={2 * mb}", f"sample.group_size={group}", "text.max_new_tokens=4",
                "data.train=arithmetic:train", "data.eval=arithmetic:test"]
         if signal_rewards:
             ov += ["rewards={test_digit_fraction: 1.0}"]
@@ -437,6 +438,46 @@ PUBLISHED = {
         "advantage.scale": "group", "advantage.eps": 1e-4, "rewards": {"first_number_match": 1.0},
     },
 }
+
+
+# issue 20, rollout budgets per prompt: the upstream values each preset's header names (file and commit)
+BUDGET_PRESETS = {
+    # liziniu/KnapsackRL ca5d5f5 examples/knapsack_trainer/run_knapsack_grpo_7b.sh + exploration_utils.py defaults
+    "methods_text/knapsack.yaml": {
+        "budget.kind": "knapsack", "budget.knapsack.min_size": 2, "budget.knapsack.max_size": 128,
+        "budget.history": 16, "budget.min_history": 8, "budget.knapsack.cost": "probability",
+        "budget.knapsack.confidence": 0.9, "budget.knapsack.fallback": True, "sample.group_size": 8,
+    },
+    "methods/knapsack.yaml": {"budget.kind": "knapsack", "budget.knapsack.min_size": 2, "budget.history": 16,
+                              "budget.min_history": 8, "plan.kind": "full", "sample.group_size": 8},
+    # RLHFlow/GVM d640a75 em/stage_2_calc_sample_size.py ScriptArguments defaults
+    "methods_text/gvm.yaml": {"budget.kind": "gvm", "budget.gvm.alpha": 1e-3, "budget.gvm.beta": 2.0,
+                              "budget.gvm.filter_threshold": 0.0},
+    "methods_text/vade.yaml": {"budget.kind": "vade", "budget.vade.prior": [1.0, 1.0]},  # no upstream code read
+    # LengSicong/MMR1 d8161a0 examples/mmr1.yaml
+    "methods_text/mmr1_vas.yaml": {"budget.kind": "mmr1", "budget.mmr1.mix": 0.5, "budget.mmr1.update_every": 4},
+    # verl-project/verl-recipe 48ea0a7 spo/spo_ray_trainer.py, spo/config/spo_trainer.yaml, spo/train.sh
+    "methods_text/single_stream.yaml": {
+        "budget.kind": "single_stream", "budget.single_stream.rho": 0.875, "budget.single_stream.explore": 0.05,
+        "budget.single_stream.prior": [0.5, 0.5], "sample.group_size": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_PRESETS))
+def test_budget_preset_matches_upstream(name):
+    """Each budget preset pins its upstream values and names its paper (and, but for VADE, the upstream
+    file and commit) in its header; the text presets keep the text demo's rollouts per step."""
+    path = ROOT / "configs" / name
+    cfg, text = _raw(path), path.read_text(encoding="utf-8")
+    wrong = {k: (_get(cfg, k), v) for k, v in BUDGET_PRESETS[name].items() if _get(cfg, k) != v}
+    assert not wrong, f"{name}: (preset, upstream) differ: {wrong}"
+    assert re.search(r"arXiv \d{4}\.\d{4,5}", text)
+    assert re.search(r"\b[0-9a-f]{7}\b", text) or cfg.budget.kind == "vade", "the header names the commit checked"
+    if name.startswith("methods_text/"):
+        base = _raw(ROOT / "configs" / "llm_demo.yaml")
+        assert cfg.sample.group_size * cfg.sample.prompts_per_step == base.sample.group_size * base.sample.prompts_per_step
+        assert cfg.model == base.model and cfg.data == base.data and cfg.loss == base.loss
 
 
 def _get(cfg, dotted: str):

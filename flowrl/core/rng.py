@@ -14,6 +14,7 @@ Keys: a purpose string first, then ints from outer to inner. The names in use::
     generator(seed, "sample", step, record, position)         # an image prompt's noise at a step
     generator(seed, "sample", step, record, position, row)    # one text row (group member) of it
     generator(seed, "minibatch", step, epoch)                 # the order of inner-epoch minibatches
+    generator(seed, "budget", kind, step)                     # a rollout budget's prompt draws (core.budgets)
     generator(seed, "pretrain", phase, step)                  # pretraining (demo.pretrain_image/_text)
     stream_seed(seed, "tiny", model, component)               # the weights of a tiny test model
 

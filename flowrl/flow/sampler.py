@@ -362,7 +362,7 @@ def sample(
     prompts: list[str],
     plan: Plan,
     *,
-    group_size: int,
+    group_size: int | Sequence[int],
     height: int,
     width: int,
     guidance_scale: float,
@@ -391,13 +391,25 @@ def sample(
     memory grows with its rows (a video VAE's most of all).
     ``progress``: show a tqdm bar over steps (None: only when stderr is a terminal). ``images``
     (editing models): one source image per prompt, passed to ``policy.encode_prompts(..., images=)``.
+
+    ``group_size`` may be a list of one size per prompt (per-prompt rollout budgets): the prompts of
+    one size are then sampled together, one call per size, from embeddings encoded once, and the rows
+    come back prompt-major in the prompts' order (:func:`_sample_sizes`). That needs a generator per
+    prompt (so a prompt's draws do not depend on its companions) and a flat plan (no tree, no sweep).
+    Equal sizes are the plain call.
     """
+    sizes = None
+    if not isinstance(group_size, int):
+        sizes = _group_sizes(group_size, prompts)
+        group_size = sizes[0] if len(set(sizes)) == 1 else max(sizes)
     call = _Call(policy, prompts, plan, group_size, height, width, guidance_scale, generator, same_noise,
                  negative_prompt, store_dtype, decode, store_means, chunk_size, progress,
                  images=None if images is None else list(images), decode_chunk_size=decode_chunk_size)
     _check_inputs(call)
     call = replace(call, prompts=list(prompts), guidance_scale=float(guidance_scale))
     with torch.no_grad():
+        if sizes is not None and len(set(sizes)) > 1:
+            return _sample_sizes(call, sizes)
         return _sample_sweep(call) if plan.sweep else _sample(call)
 
 
@@ -841,6 +853,57 @@ def _per_prompt_noise(x: Tensor, generators: Sequence[torch.Generator], num_prom
     per = x.shape[0] // num_prompts
     parts = [torch.randn((per, *x.shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in generators]
     return torch.cat(parts).to(x.device)
+
+
+# ---- per-prompt group sizes -------------------------------------------------------------------------
+
+
+def _group_sizes(group_size: Sequence[int], prompts: Sequence[str]) -> list[int]:
+    """A list ``group_size`` checked: one int >= 1 per prompt."""
+    sizes = list(group_size)
+    if len(sizes) != len(prompts) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in sizes):
+        raise ValueError(f"group_size: a list needs one int >= 1 per prompt ({len(prompts)}), got {group_size!r}")
+    return sizes
+
+
+def _sample_sizes(call: _Call, sizes: list[int]) -> Rollout:
+    """Prompts with different group sizes: one :func:`_sample` per distinct size (in order of first
+    appearance) over that size's prompts, their embeddings selected from one encoding of all the
+    prompts; then the rows ordered prompt-major as the prompts (``prompt_index`` and ``group_id`` the
+    prompt's position in ``call.prompts``, ``nfe`` and ``velocity_calls`` summed)."""
+    if not call.per_prompt:
+        raise ValueError("generator: per-prompt group sizes need one generator per prompt, so that a prompt's "
+                         "samples do not depend on which prompts share its call")
+    if call.plan.is_tree or call.plan.sweep:
+        raise ValueError("group_size: per-prompt group sizes need a flat plan (no tree, no singular sweep)")
+    embeds = _encode_prompts(call)
+    parts, members = [], []
+    for size in dict.fromkeys(sizes):
+        idx = [i for i, g in enumerate(sizes) if g == size]
+        sub = replace(call, prompts=[call.prompts[i] for i in idx], group_size=size,
+                      generator=[call.generator[i] for i in idx], embeds=embeds.select(idx), images=None)
+        parts.append(_sample(sub))
+        members.append(idx)
+    start = {}  # prompt -> (part, first row in that part)
+    for j, idx in enumerate(members):
+        for k, i in enumerate(idx):
+            start[i] = (j, k * sizes[i])
+    offsets = [0]
+    for r in parts[:-1]:
+        offsets.append(offsets[-1] + r.num_samples)
+    order = torch.tensor([offsets[start[i][0]] + start[i][1] + m for i in range(len(sizes)) for m in range(sizes[i])],
+                         dtype=torch.long)
+    rows = {}
+    for name in Rollout._ROW_FIELDS:
+        values = [getattr(r, name) for r in parts]
+        if all(v is not None for v in values):
+            cat = torch.cat(values, dim=0)
+            rows[name] = cat[order.to(cat.device)]
+    device = parts[0].prompt_index.device
+    prompt_index = torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
+    rows.update(prompt_index=prompt_index, group_id=prompt_index.clone())
+    return replace(parts[0], **rows, embeds=dict(embeds.tensors()), prompts=list(call.prompts),
+                   nfe=sum(r.nfe for r in parts), velocity_calls=sum(r.velocity_calls for r in parts))
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------

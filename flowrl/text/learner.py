@@ -83,15 +83,15 @@ class TextLearner:
                            temperature=self.temperature, chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None,
+    def rollout(self, prompts: Sequence[str], *, group_size, seed: int, prompt_keys=None,
                 old_logps: bool = True) -> TextRollout:
-        """Sample (:meth:`generate`), then :meth:`complete`: the reference's log-probs when KL is on and,
-        unless ``old_logps`` is False, the sampling policy's."""
+        """Sample (:meth:`generate`; ``group_size``: an int, or one per prompt), then :meth:`complete`: the
+        reference's log-probs when KL is on and, unless ``old_logps`` is False, the sampling policy's."""
         return self.complete(self.generate(prompts, group_size=group_size, seed=seed, prompt_keys=prompt_keys),
                              old_logps=old_logps)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
+    def generate(self, prompts: Sequence[str], *, group_size, seed: int, prompt_keys=None) -> TextRollout:
         """The completions alone (no log-probs): what rewards need. :meth:`complete` adds the log-probs,
         after the sub-batches of a step are joined (:func:`flowrl.text.rollout.concat_text_rollouts`)."""
         return generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,

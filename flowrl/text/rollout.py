@@ -12,7 +12,7 @@ no top-k/top-p renormalisation (TRL ``GRPOTrainer._get_per_token_logps_and_entro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -146,21 +146,23 @@ def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new_tokens: int, seed: int,
+def generate(model, tokenizer, prompts: Sequence[str], *, group_size: Union[int, Sequence[int]], max_new_tokens: int, seed: int,
              prompt_keys: Optional[Sequence] = None, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None) -> TextRollout:
     """Sample ``group_size`` completions for every prompt (rows grouped: prompt i -> rows
-    i*G .. i*G+G-1). Row j of prompt i draws from ``flowrl.core.rng.generator(seed, "sample", *key_i, j)``
+    i*G .. i*G+G-1), or ``group_size[i]`` for prompt i when it is a list (per-prompt budgets). Row j
+    of prompt i draws from ``flowrl.core.rng.generator(seed, "sample", *key_i, j)``
     where ``key_i`` is ``prompt_keys[i]``: a tuple of ints and strings, or one of them (default: the
     prompt text). The training loop's keys are ``(step, record index, position)``."""
-    if group_size < 1:
-        raise ValueError(f"group_size: must be >= 1, got {group_size}")
     if not prompts:
         raise ValueError("prompts: empty")
+    sizes = [group_size] * len(prompts) if isinstance(group_size, int) else [int(g) for g in group_size]
+    if len(sizes) != len(prompts) or min(sizes) < 1:
+        raise ValueError(f"group_size: must be >= 1 (or one such per prompt), got {group_size}")
     keys = list(prompt_keys) if prompt_keys is not None else list(prompts)
-    rows = [p for p in prompts for _ in range(group_size)]
+    rows = [p for p, g in zip(prompts, sizes) for _ in range(g)]
     keys = [k if isinstance(k, tuple) else (k,) for k in keys]
-    gens = [rng.generator(seed, "sample", *keys[i], j) for i in range(len(prompts)) for j in range(group_size)]
+    gens = [rng.generator(seed, "sample", *keys[i], j) for i in range(len(prompts)) for j in range(sizes[i])]
     enc = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -182,7 +184,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_n
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
     return TextRollout(
         prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), completion_ids=completion_ids.cpu(),
-        completion_mask=mask.cpu(), prompt_index=torch.arange(len(prompts)).repeat_interleave(group_size),
+        completion_mask=mask.cpu(), prompt_index=torch.arange(len(prompts)).repeat_interleave(torch.tensor(sizes)),
         truncated=truncated.cpu(), completions=texts,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -148,13 +148,20 @@ def choose_prompts(num_records: int, count: int, seed: int, step: int) -> List[i
     return out
 
 
-def local_layout(num_prompts: int, num_minibatches: int, world_size: int, rank: int) -> List[List[int]]:
+def local_layout(num_prompts: int, num_minibatches: int, world_size: int, rank: int,
+                 sizes: Optional[Sequence[int]] = None) -> List[List[int]]:
     """Which of a step's global prompt positions this process samples, per minibatch.
 
     Minibatch m holds the contiguous block m of the step's prompts; inside it, process r takes
     sub-block r. So every process trains the same number of groups in every minibatch, and the
     union over processes of minibatch m is the same set of groups whatever the number of
-    processes: the gradient of an optimizer step does not depend on it."""
+    processes: the gradient of an optimizer step does not depend on it.
+
+    ``sizes`` (each position's group size, when they differ: ``budget.kind`` knapsack or gvm): every
+    process still takes the same number of a block's prompts, whole, but dealt to even out the rows: the
+    block's prompts by size, largest first (ties: lower position), go to processes 0..W-1, then W-1..0,
+    and so on (a snake draft); each process keeps its prompts in position order. Equal sizes give the
+    contiguous sub-blocks above."""
     per_mb, rem = divmod(num_prompts, num_minibatches)
     if rem:
         raise UsageError(f"sample.prompts_per_step={num_prompts} is not divisible by train.num_minibatches={num_minibatches}")
@@ -162,4 +169,14 @@ def local_layout(num_prompts: int, num_minibatches: int, world_size: int, rank: 
     if rem:
         raise UsageError(f"each minibatch's {per_mb} prompts cannot be split evenly over {world_size} processes "
                          f"(make sample.prompts_per_step a multiple of num_minibatches x processes)")
-    return [[m * per_mb + rank * per_rank + j for j in range(per_rank)] for m in range(num_minibatches)]
+    if sizes is None or len(set(sizes)) <= 1 or world_size == 1:
+        return [[m * per_mb + rank * per_rank + j for j in range(per_rank)] for m in range(num_minibatches)]
+    if len(sizes) != num_prompts:
+        raise ValueError(f"sizes: one group size per prompt ({num_prompts}), got {len(sizes)}")
+    out = []
+    for m in range(num_minibatches):
+        block = sorted(range(m * per_mb, (m + 1) * per_mb), key=lambda i: (-int(sizes[i]), i))
+        mine = [pos for j, pos in enumerate(block)
+                if (j % world_size if (j // world_size) % 2 == 0 else world_size - 1 - j % world_size) == rank]
+        out.append(sorted(mine))
+    return out

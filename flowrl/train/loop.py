@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
 from flowrl.core import rng
 from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
+from flowrl.core.budgets import RolloutBudget, spo_advantages
 from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
 from flowrl.core.objectives import old_decay
 from flowrl.core.shadow import DecayedCopy
@@ -82,6 +83,9 @@ class _StepPrompts:
     positions: List[int]  # position of each in the step's global prompt list
     record_index: List[int]  # index of each in the training records
     per_block: int  # prompts per minibatch block on this process
+    sizes: List[int]  # the group size of each (budget: they may differ)
+    chosen: List[int]  # the record of every position of the step (all processes)
+    step_sizes: List[int]  # the group size of every position of the step (all processes)
 
 
 @dataclasses.dataclass
@@ -130,6 +134,9 @@ class Trainer:
         layout = local_layout(cfg.sample.prompts_per_step, self.mb_prompts, self.procs.world, self.procs.rank)  # validate early
         chunk_bounds(sum(len(mb) for mb in layout), cfg.sample.rollout_chunks)  # every sub-batch holds a prompt
         self.train_records = load_records(cfg.data.train, limit=cfg.data.max_train_prompts, seed=cfg.seed)
+        # which prompts each step draws and how many rollouts each gets (uniform: the epoch walk, group_size each)
+        self.budget = RolloutBudget(cfg.budget, num_records=len(self.train_records), prompts_per_step=cfg.sample.prompts_per_step,
+                                    group_size=cfg.sample.group_size, seed=cfg.seed)
         # the first and last evaluations' prompts; those in between are the first eval.num_prompts of them
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.ends_num_prompts or cfg.eval.num_prompts,
                                          seed=cfg.seed)
@@ -194,6 +201,7 @@ class Trainer:
             "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
             "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
+            "budget": self.budget.state_dict() if self.cfg.budget.kind != "uniform" else None,
         }
         path = None
         weights = trainable_state_dict(self.task.module)
@@ -292,6 +300,8 @@ class Trainer:
             self.tracker.load_state_dict(m["tracker"])
         if self.kl_ctl is not None and m.get("kl_ctl"):
             self.kl_ctl.load_state_dict(m["kl_ctl"])
+        if m.get("budget"):
+            self.budget.load_state_dict(m["budget"])
         restore_rng(ck["rng"])
         if self.procs.main:
             if path.parent == self.run_dir / "checkpoints":
@@ -334,6 +344,9 @@ class Trainer:
             "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample, "time/scoring_total": scoring_busy,
             "time/update": t_end - t_score, "time/step": t_end - t_start,
         }
+        if self.cfg.budget.kind != "uniform":  # the step's rollout budget over all processes
+            metrics.update({"budget/min_size": min(step.step_sizes), "budget/max_size": max(step.step_sizes),
+                            "budget/distinct_prompts": len(set(step.chosen))})
         for issue in issues:
             log.warning("step %d: reward issue: %s", self.step, issue)
         self.step += 1
@@ -345,14 +358,16 @@ class Trainer:
         step), this process's share of it in minibatch blocks (:func:`local_layout`), and each
         prompt's identity key at this step (its record index and position)."""
         cfg = self.cfg
-        P = cfg.sample.prompts_per_step
-        chosen = choose_prompts(len(self.train_records), P, cfg.seed, self.step)  # the same on every process
-        layout = local_layout(P, self.mb_prompts, self.procs.world, self.procs.rank)
+        P, n = cfg.sample.prompts_per_step, len(self.train_records)
+        # the same on every process: a function of the seed, the step and (budgets) gathered rewards
+        chosen, sizes = self.budget.choose(self.step, lambda count, step: choose_prompts(n, count, cfg.seed, step))
+        layout = local_layout(P, self.mb_prompts, self.procs.world, self.procs.rank, sizes=sizes)
         positions = [pos for mb in layout for pos in mb]
         return _StepPrompts(
             records=[self.train_records[chosen[pos]] for pos in positions],
             keys=[(chosen[pos], pos) for pos in positions],
             positions=positions, record_index=[chosen[pos] for pos in positions], per_block=len(layout[0]),
+            sizes=[sizes[pos] for pos in positions], chosen=list(chosen), step_sizes=list(sizes),
         )
 
     def _sample_and_score(self, step: "_StepPrompts", weights):
@@ -367,6 +382,7 @@ class Trainer:
         scorer worked (``time/scoring_total``; ``time/scoring`` is the wait after sampling). An error
         of the scorer is raised as it is, as soon as the loop sees it (between sub-batches)."""
         bounds = chunk_bounds(len(step.records), self.cfg.sample.rollout_chunks)
+        G = self.cfg.sample.group_size
         busy = [0.0]
 
         def score(part, records):
@@ -380,8 +396,9 @@ class Trainer:
         try:
             parts, pending = [], []
             with weights:  # the weights that sample (:meth:`_rollout_weights`)
-                for a, b in bounds:
-                    part = self.task.sample(step.records[a:b], step.keys[a:b], self.step)
+                for a, b in bounds:  # per-prompt sizes only when they differ from group_size (else today's call)
+                    sizes = None if all(g == G for g in step.sizes) else step.sizes[a:b]
+                    part = self.task.sample(step.records[a:b], step.keys[a:b], self.step, sizes)
                     parts.append(part)
                     if pool is not None:
                         pending.append(pool.submit(score, part, step.records[a:b]))
@@ -420,7 +437,7 @@ class Trainer:
         """Each row's advantage group (global: position in the step x K + branch), its tracker key
         (the prompt's identity x K + branch), and its minibatch block (prompt block, branch block)."""
         K = self.groups_per_prompt
-        prompt, branch = _row_groups(batch, len(step.positions), self.cfg.sample.group_size, K)
+        prompt, branch = _row_groups(batch, step.sizes, K)
         return _RowGroups(
             group=torch.tensor(step.positions, dtype=torch.long)[prompt] * K + branch,
             key=torch.tensor(step.record_index, dtype=torch.long)[prompt] * K + branch,
@@ -484,13 +501,23 @@ class Trainer:
             return adv.float(), {"keep": valid, "invalid_count": int((~valid).sum())}
         g_rewards = self.procs.gather(rewards.float())
         g_groups = self.procs.gather(row_group)
+        budget = cfg.budget.kind != "uniform"  # a rollout budget reads each row's prompt (row_key: K = 1)
+        keys = self.procs.gather(row_key).tolist() if (self.tracker is not None or budget) else None
         if rewards.ndim == 3:  # multi-granularity [N, K, R]
             adv, stats = multi_granularity_advantages(g_rewards, g_groups, adv_cfg)
+        elif cfg.budget.kind == "single_stream":  # SPO: the prompt's tracked value is the baseline
+            total = (g_rewards.double() * w).sum(-1)
+            valid = torch.isfinite(total)
+            adv = spo_advantages(total, self.budget.baseline(keys, self.step), valid)
+            stats = {"keep": valid, "invalid_count": int((~valid).sum()), "filtered_count": 0}
         else:
-            keys = self.procs.gather(row_key).tolist() if self.tracker is not None else None
-            adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
-        # this process's rows are the rank-th slice of the gathered tensors
-        sl = slice(self.procs.rank * n_local, (self.procs.rank + 1) * n_local)
+            adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker,
+                                            prompt_keys=keys if self.tracker is not None else None)
+        if budget:
+            self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1))
+        # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)
+        start = self.procs.row_offset(n_local)
+        sl = slice(start, start + n_local)
         stats = dict(stats)
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
@@ -791,16 +818,17 @@ class _ScoringWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _row_groups(batch, num_prompts: int, group_size: int, groups_per_prompt: int):
+def _row_groups(batch, sizes: List[int], groups_per_prompt: int):
     """``(local prompt, branch)`` of every row of a rollout: its ``prompt_index`` and, for a batch
-    with K > 1 groups per prompt (sweeps: ``group_id = prompt_index·K + branch``), its branch."""
+    with K > 1 groups per prompt (sweeps: ``group_id = prompt_index·K + branch``), its branch.
+    ``sizes``: the group size of each local prompt."""
     K = int(groups_per_prompt)
     got = int(batch.groups_per_prompt)
     if got != K:
         raise RuntimeError(f"rollout: {got} advantage groups per prompt, the run expects {K}")
     prompt = batch.prompt_index.detach().cpu().to(torch.long)
-    if prompt.numel() != num_prompts * group_size * K:
-        raise RuntimeError(f"rollout: {prompt.numel()} rows, expected {num_prompts} prompts x {K} groups x {group_size}")
+    if prompt.numel() != sum(sizes) * K:
+        raise RuntimeError(f"rollout: {prompt.numel()} rows, expected {K} groups x the group sizes {sizes}")
     if K == 1:
         return prompt, torch.zeros_like(prompt)
     branch = batch.group_id.detach().cpu().to(torch.long) - prompt * K

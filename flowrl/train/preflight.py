@@ -136,7 +136,7 @@ def preflight_warnings(cfg, *, train_prompts: Optional[Sequence[str]] = None,
         if tree:
             out.append("sample.group_size: 1 with plan.kind: tree: a one-leaf tree has no siblings to compare, so "
                        "every advantage is 0 and nothing will be learned")
-        elif adv.center == "group" and adv.ngrpo_max_reward is None and not tracker_used:
+        elif adv.center == "group" and adv.ngrpo_max_reward is None and not tracker_used and cfg.budget.kind != "single_stream":
             out.append("sample.group_size: 1 with advantage.center: group: each group holds one sample, which is its "
                        "own baseline, so every advantage is 0 and nothing will be learned (use group_size >= 2, "
                        "advantage.stat_tracking: true, or advantage.center: batch)")

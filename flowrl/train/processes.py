@@ -75,8 +75,28 @@ class Processes:
         self.device = accelerator.device
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Rows of ``t`` from every process, in rank order, on the CPU."""
-        return self.acc.gather(t.to(self.device)).cpu() if self.world > 1 else t
+        """Rows of ``t`` from every process, in rank order, on the CPU. Processes may hold different
+        numbers of rows (per-prompt group sizes, ``budget``): each pads to the largest, the padding
+        is dropped after the gather."""
+        if self.world == 1:
+            return t
+        counts = self.row_counts(t.shape[0])
+        if len(set(counts)) == 1:
+            return self.acc.gather(t.to(self.device)).cpu()
+        m = max(counts)
+        pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        g = self.acc.gather(torch.cat([t, pad]).to(self.device)).cpu()
+        return torch.cat([g[r * m:r * m + c] for r, c in enumerate(counts)])
+
+    def row_counts(self, n: int) -> List[int]:
+        """Every process's ``n`` (its number of rows), in rank order."""
+        if self.world == 1:
+            return [int(n)]
+        return self.acc.gather(torch.tensor([int(n)], dtype=torch.long, device=self.device)).cpu().tolist()
+
+    def row_offset(self, n: int) -> int:
+        """Where this process's ``n`` rows start in a :meth:`gather` of all processes' rows."""
+        return sum(self.row_counts(n)[:self.rank])
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over processes, on the CPU."""

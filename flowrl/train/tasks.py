@@ -47,10 +47,12 @@ class Task(Protocol):
     def set_forward_module(self, m) -> None:
         """Route training forward passes through accelerate's wrapper ``m`` (None: the module)."""
 
-    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Sample ``group_size`` completions per record (no grad) of one prompt sub-batch; ``keys``
-        (record index, position) and ``step`` name each prompt's noise stream (:mod:`flowrl.core.rng`),
-        so a prompt's samples do not depend on the sub-batch. The part can be scored (:meth:`score`)."""
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+               sizes: Optional[Sequence[int]] = None):
+        """Sample ``group_size`` completions per record (no grad) of one prompt sub-batch, or ``sizes[i]``
+        for record i (per-prompt budgets); ``keys`` (record index, position) and ``step`` name each
+        prompt's noise stream (:mod:`flowrl.core.rng`), so a prompt's samples do not depend on the
+        sub-batch. Rows prompt-major. The part can be scored (:meth:`score`)."""
 
     def join(self, parts: Sequence):
         """The step's batch from its sub-batches in order (:meth:`sample`); it has ``prompt_index``,
@@ -158,29 +160,33 @@ class FlowTask:
         self.learner.set_old(old)
 
     # -- rollout / reward ---------------------------------------------------------------------------
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+                sizes: Optional[Sequence[int]] = None):
         """One sampling call for all ``records`` (:meth:`sample`)."""
-        return self.join([self.sample(records, keys, step)])
+        return self.join([self.sample(records, keys, step, sizes)])
 
     def join(self, parts: Sequence):
         """Sub-batch rollouts as one (:func:`flowrl.flow.sampler.concat_rollouts`)."""
         return concat_rollouts(parts)
 
-    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """Sample ``group_size`` trajectories for each record. The randomness of the prompt with
-        keys ``(record, position)`` comes from ``rng.generator(seed, "sample", step, record, position)``,
-        so a prompt's samples do not depend on which process samples it or what else is in the batch."""
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+               sizes: Optional[Sequence[int]] = None):
+        """Sample ``group_size`` trajectories for each record (``sizes[i]`` for record i when given). The
+        randomness of the prompt with keys ``(record, position)`` comes from ``rng.generator(seed, "sample",
+        step, record, position)``, so a prompt's samples do not depend on which process samples it or what
+        else is in the batch."""
         c = self.cfg
         plan = build_plan(c.plan, c.sample.num_steps, step, plan_generator(c.seed, step))
         gens = [rng.generator(c.seed, "sample", step, *k) for k in keys]
-        ro = sample_rollout(self.policy, [r["prompt"] for r in records], plan, group_size=c.sample.group_size,
+        group = c.sample.group_size if sizes is None else [int(g) for g in sizes]
+        ro = sample_rollout(self.policy, [r["prompt"] for r in records], plan, group_size=group,
                     height=c.sample.height, width=c.sample.width, guidance_scale=c.sample.guidance_scale,
                     generator=gens, same_noise=c.sample.same_noise, negative_prompt=c.sample.negative_prompt,
                     store_dtype=torch_dtype(c.sample.store_dtype), chunk_size=c.sample.chunk_size,
                     decode_chunk_size=c.sample.decode_chunk_size, progress=False,
                     store_means=self.learner.trains_steps, images=record_images(records))
-        per = ro.num_samples // len(keys)  # each row's stream keys (step, record, position, member)
-        ro.row_keys = torch.tensor([[step, *k, j] for k in keys for j in range(per)], dtype=torch.long)
+        per = [ro.num_samples // len(keys)] * len(keys) if sizes is None else group  # each row's stream keys
+        ro.row_keys = torch.tensor([[step, *k, j] for k, g in zip(keys, per) for j in range(g)], dtype=torch.long)
         return ro
 
     def reward_model(self):
@@ -327,14 +333,17 @@ class TextTask:
     def set_forward_module(self, m) -> None:
         self.learner.forward_model = m
 
-    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
+    def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+                sizes: Optional[Sequence[int]] = None):
         """One generation for all ``records`` (:meth:`sample`, :meth:`join`)."""
-        return self.join([self.sample(records, keys, step)])
+        return self.join([self.sample(records, keys, step, sizes)])
 
-    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
-        """The completions (no log-probs: :meth:`join`). Row j of the prompt with keys
-        ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
-        return self.learner.generate([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
+    def sample(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
+               sizes: Optional[Sequence[int]] = None):
+        """The completions (no log-probs: :meth:`join`), ``sizes[i]`` for record i when given. Row j of
+        the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
+        group = self.cfg.sample.group_size if sizes is None else [int(g) for g in sizes]
+        return self.learner.generate([r["prompt"] for r in records], group_size=group,
                                      seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
 
     def join(self, parts: Sequence):
