@@ -302,8 +302,10 @@ class TextTask:
 
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
         """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
-        return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
-                                    seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+        ro = self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
+                                  seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+        ro.step = step
+        return ro
 
     def score(self, ro, records: Sequence[Dict]):
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
