@@ -38,6 +38,17 @@ def _ref_context(model, ref_model):
     raise ValueError("a KL term (beta > 0) needs a LoRA model (reference = adapter disabled) or a ref_model")
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """No dropout while log-probs are computed outside the update (which runs in eval mode too)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 class TextLearner:
     """Rollouts and minibatch gradients for a causal LM policy.
 
@@ -75,24 +86,36 @@ class TextLearner:
                            temperature=self.temperature, chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
-        """Sample, then store the sampling policy's log-probs (and the reference's when KL is on),
-        computed with the same chunking as the update so the first inner step is exactly on-policy."""
+    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None,
+                old_logps: bool = True) -> TextRollout:
+        """Sample, then store the reference's log-probs when KL is on and, unless ``old_logps`` is
+        False, the sampling policy's (:meth:`fill_old_logps` on every row). Without them the caller
+        fills the rows it needs before its first optimizer step and marks that step ``on_policy``."""
         ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
                       seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        was = self.model.training
-        self.model.eval()  # no dropout in log-probs; the update uses eval mode too
-        try:
-            ro.old_logps = self._logps(self.model, ro).cpu()
-            if self.needs_ref:
-                with _ref_context(self.model, self.ref_model):
-                    ro.ref_logps = self._logps(self.ref_model or self.model, ro).cpu()
-        finally:
-            self.model.train(was)
+        if old_logps:
+            self.fill_old_logps(ro, torch.arange(ro.num_samples))
+        if self.needs_ref:
+            with _eval_mode(self.model), _ref_context(self.model, self.ref_model):
+                ro.ref_logps = self._logps(self.ref_model or self.model, ro).cpu()
         return ro
 
+    @torch.no_grad()
+    def fill_old_logps(self, ro: TextRollout, rows: Tensor) -> None:
+        """Store the current (sampling) policy's token log-probs of ``rows`` in ``ro.old_logps``;
+        other rows stay NaN. Computed in eval mode (as the update) with the update's chunking, so on
+        a minibatch of the same rows the first inner step is exactly on-policy."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if ro.old_logps is None:
+            ro.old_logps = torch.full(ro.completion_ids.shape, float("nan"))
+        if rows.numel() == 0:
+            return
+        with _eval_mode(self.model):
+            ro.old_logps[rows] = self._logps(self.model, ro.select(rows)).cpu()
+
     def minibatch_gradient(self, ro: TextRollout, advantages: Tensor, *, normalizer, beta: Optional[float] = None,
-                           loss_scale: float = 1.0, backward: Optional[Callable[[Tensor, bool], None]] = None) -> Dict[str, float]:
+                           loss_scale: float = 1.0, backward: Optional[Callable[[Tensor, bool], None]] = None,
+                           on_policy: bool = False) -> Dict[str, float]:
         """Accumulate the gradient of the loss of minibatch ``ro`` (already the rows of one
         optimizer step on this process) into ``.grad``; returns summed statistics.
 
@@ -101,7 +124,13 @@ class TextLearner:
         multiplies each chunk's loss (e.g. the process count under DDP averaging is already in
         the normaliser; leave 1). ``backward(loss, last)`` defaults to ``loss.backward()``;
         ``last`` is True for the minibatch's final backward pass (where a data-parallel wrapper
-        should synchronise gradients; the others can run under ``no_sync``)."""
+        should synchronise gradients; the others can run under ``no_sync``).
+
+        ``on_policy``: the parameters are still those that sampled ``ro`` (the first optimizer step
+        of the first epoch): the recomputed log-probs, detached, are the old ones (ratio exactly 1,
+        as TRL does with one update per generation batch), so ``ro.old_logps`` is not needed."""
+        if not on_policy and (ro.old_logps is None or bool(torch.isnan(ro.old_logps[ro.completion_mask.bool()]).any())):
+            raise ValueError("rollout: old log-probs missing for an off-policy minibatch (fill_old_logps before the first update)")
         backward = backward or (lambda loss, last: loss.backward())
         model = self.forward_model or self.model
         n = ro.num_samples
@@ -120,8 +149,9 @@ class TextLearner:
             if entropy is not None:  # GTPO: filter / penalise each completion by its mean token entropy
                 adv = gtpo_entropy_advantages(adv, mean_token_entropy(entropy, mask), self.loss.entropy_max,
                                               self.loss.entropy_scale)
+            old = logps.detach() if on_policy else part.old_logps.to(device)
             loss, st = policy_loss(
-                logps, part.old_logps.to(device), adv, mask, self.loss,
+                logps, old, adv, mask, self.loss,
                 normalizer=normalizer, ref_logps=None if part.ref_logps is None else part.ref_logps.to(device), beta=beta,
                 step_weights=None if weights is None else weights[rows].to(device, logps.dtype),
             )

@@ -66,8 +66,14 @@ class Task(Protocol):
     def mask_actions(self, batch, mask: Tensor) -> None:
         """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
 
-    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
-        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics."""
+    def fill_old(self, batch, rows: Tensor) -> None:
+        """Before the first optimizer step: store the sampling policy's log-probs of ``rows`` where the
+        rollout did not (text: the rows after the first minibatch; flow: sampling stored them all)."""
+
+    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool) -> Dict[str, float]:
+        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics.
+        ``on_policy``: the weights are still those that sampled the batch (first optimizer step)."""
 
     def nfe(self, batch) -> int:
         """Model evaluations of the rollout (generated tokens for text)."""
@@ -203,7 +209,13 @@ class FlowTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
+    def fill_old(self, ro, rows: Tensor) -> None:
+        pass  # the sampler stores every trained transition's log-prob as it samples
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool = False) -> Dict[str, float]:
+        # the stored log-probs stay the old ones even on-policy (as Flow-GRPO): they are free, and the
+        # learner's on_policy mode would change today's numerics by the sampler/learner float drift
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
                                                epoch=epoch)
 
@@ -303,7 +315,7 @@ class TextTask:
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
         """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
         ro = self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
-                                  seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+                                  seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys], old_logps=False)
         ro.step = step
         return ro
 
@@ -327,8 +339,15 @@ class TextTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
-        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward)
+    def fill_old(self, ro, rows: Tensor) -> None:
+        """The rollout skipped the old log-prob pass (TRL's shortcut with one update per generation
+        batch): compute it now for the rows that are trained after the first optimizer step."""
+        self.learner.fill_old_logps(ro, rows)
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool = False) -> Dict[str, float]:
+        return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
+                                               on_policy=on_policy)
 
     def nfe(self, ro) -> int:
         return int(ro.completion_mask.sum())  # generated tokens
