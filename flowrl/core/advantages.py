@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.checks import check_number
-from flowrl.core.losses import linear_ramp
+from flowrl.core.losses import KEEP_SCOPES, check_keep_schedule, linear_ramp
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ _POST = ("none", "batch")
 _NAN_POLICIES = ("any", "all")
 _RISKS = ("none", "mvar")
 _CREDITS = ("uniform", "std")
-_KEEP_SCOPES = ("batch", "group")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,16 +154,8 @@ class AdvantageConfig:
             raise ValueError(f"risk_bundle: must be an int >= 1, got {self.risk_bundle!r}")
         if self.risk_credit not in _CREDITS:
             raise ValueError(f"risk_credit: must be one of {_CREDITS}, got {self.risk_credit!r}")
-        check_number("sample_keep", self.sample_keep, gt=0, le=1, none_ok=True, why="null: every sample")
-        check_number("sample_keep_end", self.sample_keep_end, gt=0, le=1, none_ok=True)
-        if self.sample_keep_end is not None and self.sample_keep is None:
-            raise ValueError("sample_keep_end: set sample_keep (the fraction at step 0) as well")
-        if not (isinstance(self.sample_keep_steps, int) and self.sample_keep_steps >= 0):
-            raise ValueError(f"sample_keep_steps: must be an int >= 0, got {self.sample_keep_steps!r}")
-        if self.sample_keep_end is not None and self.sample_keep_steps < 1:
-            raise ValueError("sample_keep_steps: must be >= 1 for a ramp to sample_keep_end")
-        if self.sample_keep_scope not in _KEEP_SCOPES:
-            raise ValueError(f"sample_keep_scope: must be one of {_KEEP_SCOPES}, got {self.sample_keep_scope!r}")
+        check_keep_schedule("sample_keep", self.sample_keep, self.sample_keep_end, self.sample_keep_steps,
+                            self.sample_keep_scope)
 
 
 def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
@@ -1046,8 +1037,8 @@ def variance_downsample(
     over the whole batch (``scope='batch'``) or within each group (``'group'``, the paper's D3S-I).
     Returns a bool ``[N]`` mask of the kept rows."""
     check_number("fraction", fraction, gt=0, le=1)
-    if scope not in _KEEP_SCOPES:
-        raise ValueError(f"scope: must be one of {_KEEP_SCOPES}, got {scope!r}")
+    if scope not in KEEP_SCOPES:
+        raise ValueError(f"scope: must be one of {KEEP_SCOPES}, got {scope!r}")
     adv = torch.as_tensor(advantages).detach().to(torch.float64).reshape(-1)
     index, num = _group_index(group_ids, adv.shape[0])
     units = torch.zeros_like(index) if scope == "batch" else index

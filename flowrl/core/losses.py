@@ -35,6 +35,7 @@ __all__ = [
     "LossConfig",
     "StepTerms",
     "aggregate",
+    "check_keep_schedule",
     "cispo_surrogate",
     "clipped_surrogate",
     "dcpo_clip_bounds",
@@ -66,7 +67,7 @@ _KL_RATIO = ("none", "token", "importance")
 _BETA_SCHEDULES = ("constant", "linear", "adaptive")
 _SCOPES = ("optimizer_batch", "micro_batch")
 _CLIP_BOUNDS = ("fixed", "dcpo")
-_KEEP_SCOPES = ("batch", "group")
+KEEP_SCOPES = ("batch", "group")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,16 +173,8 @@ class LossConfig:
         check_number("conflict_weight", self.conflict_weight, ge=0, none_ok=True, why="null: no conflict weighting")
         check_number("entropy_max", self.entropy_max, ge=0, none_ok=True, why="null: no entropy filter")
         check_number("entropy_scale", self.entropy_scale, ge=0)
-        check_number("token_keep", self.token_keep, gt=0, le=1, none_ok=True, why="null: every token")
-        check_number("token_keep_end", self.token_keep_end, gt=0, le=1, none_ok=True)
-        if self.token_keep_end is not None and self.token_keep is None:
-            raise ValueError("token_keep_end: set token_keep (the fraction at step 0) as well")
-        if not (isinstance(self.token_keep_steps, int) and self.token_keep_steps >= 0):
-            raise ValueError(f"token_keep_steps: must be an int >= 0, got {self.token_keep_steps!r}")
-        if self.token_keep_end is not None and self.token_keep_steps < 1:
-            raise ValueError("token_keep_steps: must be >= 1 for a ramp to token_keep_end")
-        if self.token_keep_scope not in _KEEP_SCOPES:
-            raise ValueError(f"token_keep_scope: must be one of {_KEEP_SCOPES}, got {self.token_keep_scope!r}")
+        check_keep_schedule("token_keep", self.token_keep, self.token_keep_end, self.token_keep_steps,
+                            self.token_keep_scope)
 
     @property
     def needs_entropy(self) -> bool:
@@ -900,6 +893,21 @@ def linear_ramp(step: int, start: float, end: float | None, steps: int) -> float
     if steps < 1:
         raise ValueError(f"steps: must be >= 1 for a ramp, got {steps!r}")
     return float(start + (end - start) * min(step / steps, 1.0))
+
+
+def check_keep_schedule(name: str, start: float | None, end: float | None, steps: int, scope: str) -> None:
+    """Check a D3S keep-fraction schedule held in the fields ``<name>``, ``<name>_end``, ``<name>_steps`` and
+    ``<name>_scope`` (fractions in (0, 1], a ramp needs a start and >= 1 step); ``ValueError("<field>: ...")``."""
+    check_number(name, start, gt=0, le=1, none_ok=True, why="null: keep all")
+    check_number(f"{name}_end", end, gt=0, le=1, none_ok=True)
+    if end is not None and start is None:
+        raise ValueError(f"{name}_end: set {name} (the fraction at step 0) as well")
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"{name}_steps: must be an int >= 0, got {steps!r}")
+    if end is not None and steps < 1:
+        raise ValueError(f"{name}_steps: must be >= 1 for a ramp to {name}_end")
+    if scope not in KEEP_SCOPES:
+        raise ValueError(f"{name}_scope: must be one of {KEEP_SCOPES}, got {scope!r}")
 
 
 def dcpo_clip_bounds(
