@@ -29,8 +29,7 @@ from flowrl.train.lora import DEFAULTS as LORA_DEFAULTS
 from scorers.registry import register as register_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
-           + sorted((ROOT / "configs" / "methods_text").glob("*.yaml")))
+CONFIGS = [p for d in ("", "methods", "methods_text") for p in sorted((ROOT / "configs" / d).glob("*.yaml"))]
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
 TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_flux_kontext.yaml", "tiny_llm.yaml", "tiny_z_image.yaml",
         "tiny_qwen_image.yaml", "tiny_flux2.yaml", "tiny_wan.yaml", "tiny_qwen_image_edit.yaml"}
