@@ -644,6 +644,7 @@ class RunConfig:
                              "every branch step starts from the prompt's one ODE trunk")
         self._validate_objective()
         self._validate_budget()
+        self._validate_variants()
         if self.plan.kind == "tree":  # the leaves of a tree: the product of its branch factors
             leaves = 1
             for b in self.plan.tree.branch_factors:
@@ -677,6 +678,21 @@ class RunConfig:
                                  f"prompt; set it to 1, got {g}")
             if self.advantage.stat_tracking:
                 raise ValueError("advantage.stat_tracking: budget.kind single_stream has its own per-prompt baseline")
+
+    def _validate_variants(self) -> None:
+        """DCPO / GTPO / D3S token terms need token probabilities, ids or entropies (the text path);
+        DCPO's and RiskPO's advantages and D3S's sample selection need flat groups."""
+        if self.model.family != "lm":
+            keys = self.loss.text_only_keys()
+            if keys:
+                raise ValueError(f"loss.{keys[0]}: works on tokens (their probabilities, ids or entropies) and exists "
+                                 f"for the text path only (model.family: lm), not for {self.model.family!r}")
+        adv = self.advantage
+        used = [k for k, on in (("smooth_tracking", adv.smooth_tracking), ("risk", adv.risk != "none"),
+                                ("sample_keep", adv.sample_keep is not None)) if on]
+        if used and not self.stat_tracker_applies:
+            raise ValueError(f"advantage.{used[0]}: needs flat groups; a tree plan or plan.granularities "
+                             "compute their advantages otherwise")
 
     def _validate_objective(self) -> None:
         """What the objective needs of the rest: a likelihood objective trains SDE steps, a forward one

@@ -480,6 +480,35 @@ def test_budget_preset_matches_upstream(name):
         assert cfg.model == base.model and cfg.data == base.data and cfg.loss == base.loss
 
 
+# the text presets (overlays of llm_demo.yaml): the method's values from the upstream code named in each header
+METHODS_TEXT = {
+    # lime-RL/DCPO 01787b0 recipe/dcpo/run_dcpo.sh + verl/trainer/ppo/core_algos.py
+    "dcpo.yaml": {"loss.clip_bounds": "dcpo", "loss.eps_low": 0.2, "loss.eps_high": 0.28, "loss.dual_clip": 10.0,
+                  "loss.beta": 0.0, "advantage.smooth_tracking": True, "advantage.std_unbiased": True},
+    # winstonsmith1897/GTPO 5d33811 config.yaml (gtpo_runtime) + gtpo/gtpo_training.py
+    "gtpo.yaml": {"loss.conflict_weight": 2.0, "loss.entropy_max": 0.7, "loss.entropy_scale": 0.1, "loss.beta": 0.0,
+                  "advantage.scale": "none", "train.num_iterations": 1},
+    # arXiv 2509.22115 (no code available to us: our reading of the paper's description)
+    "d3s.yaml": {"advantage.sample_keep": 0.5, "advantage.sample_keep_end": 1.0, "advantage.sample_keep_scope": "batch",
+                 "loss.token_keep": 0.5, "loss.token_keep_end": 1.0, "loss.token_keep_scope": "batch"},
+    # RTkenny/RiskPO 65ec40c scripts/run_qwen2.5_1.5b_MVaR_math.sh + verl/trainer/ppo/core_algos.py
+    "riskpo.yaml": {"advantage.risk": "mvar", "advantage.risk_alpha": 0.2, "advantage.risk_beta": 0.9,
+                    "advantage.risk_mix": 1.5, "advantage.risk_bundle": 5, "advantage.risk_credit": "std",
+                    "advantage.scale": "group", "advantage.eps": 1e-6, "loss.beta": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS_TEXT))
+def test_text_preset_keeps_its_upstream_values_and_the_demo(name):
+    cfg = _raw(ROOT / "configs" / "methods_text" / name)
+    wrong = {k: (_get(cfg, k), v) for k, v in METHODS_TEXT[name].items() if _get(cfg, k) != v}
+    assert not wrong, f"{name}: (preset, upstream) differ: {wrong}"
+    demo = _raw(ROOT / "configs" / "llm_demo.yaml")  # only the method changes: model, data, batch, optimiser stay
+    assert (cfg.model, cfg.data, cfg.sample, cfg.text, cfg.rewards) == (demo.model, demo.data, demo.sample, demo.text,
+                                                                         demo.rewards)
+    assert cfg.train.learning_rate == demo.train.learning_rate and cfg.output_dir != demo.output_dir
+
+
 def _get(cfg, dotted: str):
     obj = cfg
     for part in dotted.split("."):

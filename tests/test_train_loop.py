@@ -68,7 +68,7 @@ PLUGIN_SRC = textwrap.dedent(
 
 # metrics every step must log (issue 6: what Flow-GRPO users watch)
 STEP_KEYS = [
-    "step", "reward/total", "reward/total_std", "invalid_samples", "zero_std_frac", "clip_frac",
+    "step", "reward/total", "reward/total_std", "invalid_samples", "zero_std_frac", "downsampled_samples", "clip_frac",
     "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
     "ratio_first_min", "ratio_first_max", "grad_norm", "loss", "nfe", "lr", "skipped_optimizer_steps",
     "time/sampling", "time/scoring", "time/update", "time/step",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.checks import check_number
+from flowrl.core.losses import KEEP_SCOPES, check_keep_schedule, linear_ramp
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,19 @@ __all__ = [
     "AdvantageConfig",
     "GroupStats",
     "PerPromptStatTracker",
+    "SmoothStatTracker",
     "advantage_preset",
     "compute_advantages",
+    "dcpo_merge_stats",
+    "dcpo_smooth_advantages",
     "group_stats",
+    "max_variance_subset",
+    "mixed_var_advantages",
     "multi_granularity_advantages",
     "tree_node_advantages",
     "tree_node_values",
     "tree_transition_advantages",
+    "variance_downsample",
 ]
 
 _CENTERS = ("group", "batch", "none")
@@ -47,6 +54,8 @@ _SCALES = ("group", "batch", "none")
 _MULTI = ("sum_then_normalize", "normalize_then_sum")
 _POST = ("none", "batch")
 _NAN_POLICIES = ("any", "all")
+_RISKS = ("none", "mvar")
+_CREDITS = ("uniform", "std")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +84,18 @@ class AdvantageConfig:
     stat_tracking: bool = False  # Flow-GRPO/DDPO: baseline from each prompt's reward history across steps (PerPromptStatTracker)
     stat_buffer_size: int | None = 32  # rewards kept per prompt by the tracker (None: unbounded)
     stat_min_count: int = 0  # prompts with fewer tracked rewards use batch statistics (DDPO 16)
+    # DCPO, RiskPO, D3S (issue 20)
+    smooth_tracking: bool = False  # DCPO (2509.02333) smooth standardisation: mixes the step's and each prompt's cumulative z-scores
+    risk: str = "none"  # "mvar": RiskPO (2510.00911) mixed value-at-risk advantage over bundles of groups; "none": off
+    risk_alpha: float = 0.2  # RiskPO: lower quantile level alpha (the CVaR tail and the RVaR range start)
+    risk_beta: float = 0.9  # RiskPO: upper quantile level beta (the RVaR range end)
+    risk_mix: float = 1.5  # RiskPO: weight w of the CVaR term, A = (w CVaR + RVaR) / (w + 1); 0: RVaR only
+    risk_bundle: int = 5  # RiskPO: groups (prompts) per bundle; a bundle's k-th "paper" sums the k-th completion of each
+    risk_credit: str = "std"  # RiskPO: a paper's advantage to its completions: "uniform", or "std" (divided by the group's std)
+    sample_keep: float | None = None  # D3S (2509.22115): fraction of samples kept to maximise Var(A) at step 0; None: all
+    sample_keep_end: float | None = None  # D3S: the fraction reached after sample_keep_steps training steps (linear); None: constant
+    sample_keep_steps: int = 0  # D3S: length of that ramp in training steps
+    sample_keep_scope: str = "batch"  # D3S: select over the step's batch ("batch") or within each group ("group", D3S-I)
 
     def validate(self) -> "AdvantageConfig":
         """Raise ``ValueError("<field>: <reason>")`` on the first invalid field; return self."""
@@ -108,7 +129,33 @@ class AdvantageConfig:
             raise ValueError(f"ngrpo_num_virtual: must be an int >= 1, got {self.ngrpo_num_virtual!r}")
         check_number("zero_std_tol", self.zero_std_tol, ge=0)
         check_number("clip", self.clip, gt=0, none_ok=True, why="null: no clipping")
+        self._validate_variants()
         return self
+
+    def _validate_variants(self) -> None:
+        """The DCPO / RiskPO / D3S fields (their ``ValueError("<field>: ...")``)."""
+        if self.risk not in _RISKS:
+            raise ValueError(f"risk: must be one of {_RISKS}, got {self.risk!r}")
+        if self.smooth_tracking or self.risk != "none":
+            what = "smooth_tracking" if self.smooth_tracking else "risk"
+            if self.smooth_tracking and self.risk != "none":
+                raise ValueError("smooth_tracking: DCPO's standardisation and risk (RiskPO) are two different advantages; choose one")
+            if self.stat_tracking or self.ngrpo_max_reward is not None:
+                raise ValueError(f"{what}: cannot be combined with stat_tracking or ngrpo_max_reward (each replaces the baseline)")
+            if self.center != "group" or self.scale == "batch" or (self.smooth_tracking and self.scale != "group"):
+                raise ValueError(f"{what}: has its own group statistics; needs center 'group' and scale 'group'"
+                                 + (" or 'none'" if not self.smooth_tracking else ""))
+        for name in ("risk_alpha", "risk_beta"):
+            check_number(name, getattr(self, name), gt=0, lt=1)
+        if not self.risk_alpha < self.risk_beta:
+            raise ValueError(f"risk_alpha: must be below risk_beta ({self.risk_beta}), got {self.risk_alpha}")
+        check_number("risk_mix", self.risk_mix, ge=0)
+        if not (isinstance(self.risk_bundle, int) and self.risk_bundle >= 1):
+            raise ValueError(f"risk_bundle: must be an int >= 1, got {self.risk_bundle!r}")
+        if self.risk_credit not in _CREDITS:
+            raise ValueError(f"risk_credit: must be one of {_CREDITS}, got {self.risk_credit!r}")
+        check_keep_schedule("sample_keep", self.sample_keep, self.sample_keep_end, self.sample_keep_steps,
+                            self.sample_keep_scope)
 
 
 def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
@@ -441,9 +488,17 @@ def _check_tracker(
     cfg: AdvantageConfig, tracker: PerPromptStatTracker | None, prompt_keys: Sequence[Hashable] | None,
     n: int, num_r: int,
 ) -> None:
-    """A tracker needs one prompt key per sample, one normalised column and no NGRPO."""
+    """A tracker needs one prompt key per sample, one normalised column and no NGRPO; DCPO's
+    ``smooth_tracking`` needs a :class:`SmoothStatTracker`, and it and RiskPO need one column."""
+    if (cfg.smooth_tracking or cfg.risk != "none") and cfg.multi_reward == "normalize_then_sum" and num_r > 1:
+        raise ValueError("multi_reward: 'normalize_then_sum' with several rewards is not supported with "
+                         "smooth_tracking or risk (they standardise the summed reward)")
+    if cfg.smooth_tracking and not isinstance(tracker, SmoothStatTracker):
+        raise ValueError("tracker: smooth_tracking (DCPO) needs a SmoothStatTracker, the prompts' state across steps")
     if tracker is None:
         return
+    if isinstance(tracker, SmoothStatTracker) and not cfg.smooth_tracking:
+        raise ValueError("tracker: a SmoothStatTracker is used only with smooth_tracking")
     if prompt_keys is None or len(prompt_keys) != n:
         raise ValueError("prompt_keys: a tracker needs one prompt key per sample")
     if cfg.multi_reward == "normalize_then_sum" and num_r > 1:
@@ -517,8 +572,10 @@ def compute_advantages(
     rewards: Tensor,
     group_ids: Tensor,
     cfg: AdvantageConfig | None = None,
-    tracker: PerPromptStatTracker | None = None,
+    tracker: PerPromptStatTracker | SmoothStatTracker | None = None,
     prompt_keys: Sequence[Hashable] | None = None,
+    *,
+    step: int = 0,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Group-relative advantages (GRPO, arXiv 2402.03300) with the options of its descendants.
 
@@ -527,20 +584,25 @@ def compute_advantages(
     Multi-reward ``normalize_then_sum``:  A_i = sum_k w_k A_ik with A_ik the normalised k-th
     reward (MixGRPO ``advantage_aggr`` 2507.21802); ``post_norm='batch'`` then z-scores A over the
     batch (GDPO 2601.05242, TRL ``normalize_then_sum``).
-    Then: invalid samples -> 0, optional DAPO zero-variance filter (keep=False, A=0), optional clip.
+    ``smooth_tracking`` (DCPO, :func:`_smooth_column`, with a :class:`SmoothStatTracker`) or
+    ``risk='mvar'`` (RiskPO, :func:`mixed_var_advantages`) replace the group z-score.
+    Then: invalid samples -> 0, optional DAPO zero-variance filter (keep=False, A=0), optional clip,
+    optional D3S down-sampling (:func:`variance_downsample`; keep=False, A=0 for the rows left out).
 
     Args:
         rewards: ``[N]`` or ``[N, R]``; a non-finite value (NaN, +inf, -inf) marks an invalid
             reward, the same for all three (see ``cfg.nan_policy``).
         group_ids: ``[N]`` integer group ids (a prompt's samples share an id).
         cfg: options (default: TRL-style group z-score).
-        tracker: per-prompt history (Flow-GRPO); requires ``prompt_keys``.
+        tracker: per-prompt history (Flow-GRPO, :class:`PerPromptStatTracker`) or cumulative
+            statistics (DCPO, :class:`SmoothStatTracker`); requires ``prompt_keys``.
         prompt_keys: ``N`` hashable prompt identifiers used as the tracker's keys.
+        step: the training step, for the D3S keep-fraction schedule.
 
     Returns:
         ``(advantages [N], stats)`` with stats ``keep`` (bool [N]: valid and not filtered),
         ``num_groups``, ``zero_std_count``, ``zero_std_frac``, ``filtered_count``,
-        ``invalid_count``, ``clipped_count``, ``reward_mean``, ``reward_std``,
+        ``invalid_count``, ``clipped_count``, ``downsampled_count``, ``reward_mean``, ``reward_std``,
         ``reward_std_mean`` (mean within-group std) and, with a tracker, ``tracked_prompts``.
     """
     cfg = (cfg or AdvantageConfig()).validate()
@@ -555,7 +617,14 @@ def compute_advantages(
     # multi-reward combination, centring and scaling
     logged = _weighted_total(r2, col_nan, w, valid)
     if cfg.multi_reward == "sum_then_normalize" or num_r == 1:
-        adv, gs = _normalize_column(logged, valid, group_ids, cfg, tracker, prompt_keys)
+        if cfg.smooth_tracking:
+            assert isinstance(tracker, SmoothStatTracker) and prompt_keys is not None
+            adv, gs = _smooth_column(logged, valid, group_ids, cfg, tracker, prompt_keys)
+        elif cfg.risk != "none":
+            gs = group_stats(logged, group_ids, valid, unbiased=cfg.std_unbiased, zero_std_tol=cfg.zero_std_tol)
+            adv = mixed_var_advantages(logged, group_ids, valid, cfg)
+        else:
+            adv, gs = _normalize_column(logged, valid, group_ids, cfg, tracker, prompt_keys)
         zero_var = gs.zero_var
     else:
         adv, zero_var, gs = _normalize_then_sum(r2, col_nan, valid, w, group_ids, cfg)
@@ -568,7 +637,14 @@ def compute_advantages(
         keep = keep & ~zero_var
         adv = torch.where(zero_var, torch.zeros_like(adv), adv)
     adv, clipped = _clip_advantages(adv, cfg.clip)
-    counts = {"filtered_count": filtered, "invalid_count": invalid, "clipped_count": clipped}
+    dropped = torch.zeros(n, dtype=torch.bool, device=r2.device)
+    if cfg.sample_keep is not None:  # D3S: keep the subset with the largest Var(A)
+        frac = linear_ramp(step, cfg.sample_keep, cfg.sample_keep_end, cfg.sample_keep_steps)
+        chosen = variance_downsample(adv, group_ids, keep, frac, cfg.sample_keep_scope)
+        dropped, keep = keep & ~chosen, keep & chosen
+        adv = torch.where(chosen, adv, torch.zeros_like(adv))
+    counts = {"filtered_count": filtered, "invalid_count": invalid, "clipped_count": clipped,
+              "downsampled_count": dropped}
     stats = _advantage_stats(keep, counts, logged, valid, group_ids, gs, zero_var, cfg)
     if tracker is not None:
         stats["tracked_prompts"] = len(tracker)
@@ -766,3 +842,211 @@ def multi_granularity_advantages(
         "invalid_count": int((~keep).sum().item()),
     }
     return total.to(out_dtype), stats
+
+
+# --------------------------------------------------------------------------------------------
+# DCPO's smooth standardisation, RiskPO's mixed value-at-risk, D3S's sample selection
+# --------------------------------------------------------------------------------------------
+
+
+class SmoothStatTracker:
+    """Per-prompt cumulative reward statistics for DCPO's smooth advantage standardisation (arXiv 2509.02333).
+
+    Holds ``(mean, std, times)`` per prompt key: the statistics merged over the ``times`` steps in
+    which the prompt was sampled (:func:`dcpo_merge_stats`). Plain Python state, so
+    ``state_dict()`` / ``load_state_dict()`` round-trip exactly for resume; keys must be ``str``
+    or ``int`` to be serialised.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[Hashable, tuple[float, float, int]] = {}
+
+    def __len__(self) -> int:
+        """Number of prompts with statistics."""
+        return len(self._state)
+
+    def get(self, key: Hashable) -> tuple[float, float, int]:
+        """``(mean, std, times)`` of a prompt; ``(0.0, 0.0, 0)`` if never seen."""
+        return self._state.get(key, (0.0, 0.0, 0))
+
+    def set(self, key: Hashable, mean: float, std: float, times: int) -> None:
+        self._state[key] = (float(mean), float(std), int(times))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state: ``{"keys", "stats"}`` (stats: ``[mean, std, times]`` per key)."""
+        for key in self._state:
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"keys: only str/int prompt keys can be serialised, got {type(key).__name__}")
+        return {"keys": list(self._state), "stats": [list(v) for v in self._state.values()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore exactly what :meth:`state_dict` returned."""
+        if set(state) != {"keys", "stats"} or len(state["keys"]) != len(state["stats"]):
+            raise ValueError("state: expected 'keys' and 'stats' of equal length")
+        self._state = {}
+        for key, (mean, std, times) in zip(state["keys"], state["stats"]):
+            self.set(key, mean, std, times)
+
+
+def dcpo_merge_stats(mean_old: float, std_old: float, times: int, mean_new: float, std_new: float) -> tuple[float, float]:
+    """DCPO's cumulative statistics after one more step (lime-RL/DCPO ``get_mean_std``), each step one unit:
+
+        t = 0:  (mu_new, sigma_new)
+        t > 0:  mu = (t mu_old + mu_new) / (t + 1),
+                sigma^2 = (t sigma_old^2 + sigma_new^2 + t / (t + 1) (mu_new - mu_old)^2) / (t + 1)
+    (the pooled moments of t + 1 equally weighted steps), t = the steps counted so far.
+    """
+    if times < 0:
+        raise ValueError(f"times: must be >= 0, got {times!r}")
+    if times == 0:
+        return float(mean_new), float(std_new)
+    t = float(times)
+    mean = (t * mean_old + mean_new) / (t + 1.0)
+    var = (t * std_old**2 + std_new**2 + t / (t + 1.0) * (mean_new - mean_old) ** 2) / (t + 1.0)
+    return float(mean), math.sqrt(var)
+
+
+def dcpo_smooth_advantages(
+    r: Tensor, mean_new: float, std_new: float, mean_cum: float, std_cum: float, n: int
+) -> Tensor:
+    """DCPO's smooth advantage standardisation (SAS, arXiv 2509.02333) of one group's rewards.
+
+    z_new = (r - mu_new) / sigma_new and z_cum = (r - mu_cum) / sigma_cum (0 where the std is 0),
+    n = the number of steps the prompt was sampled in, this one included:
+        SA_new = (n - 1)/n z_new + 1/n z_cum,   SA_cum = 1/n z_new + (n - 1)/n z_cum,
+        A = SA_new if |SA_new| < |SA_cum| else SA_cum.
+    At n = 1 A is the plain z-score; a group of equal rewards seen before gets z_cum / n, not 0.
+    """
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n!r}")
+    r = torch.as_tensor(r, dtype=torch.float64)
+    z_new = (r - mean_new) / std_new if std_new > 0 else torch.zeros_like(r)
+    z_cum = (r - mean_cum) / std_cum if std_cum > 0 else torch.zeros_like(r)
+    sa_new = z_cum / n + (1.0 - 1.0 / n) * z_new
+    sa_cum = z_new / n + (1.0 - 1.0 / n) * z_cum
+    return torch.where(sa_new.abs() < sa_cum.abs(), sa_new, sa_cum)
+
+
+def _smooth_column(
+    r: Tensor, valid: Tensor, group_ids: Tensor, cfg: AdvantageConfig, tracker: SmoothStatTracker,
+    prompt_keys: Sequence[Hashable],
+) -> tuple[Tensor, GroupStats]:
+    """DCPO advantages of one reward column: each group against its step statistics and its prompt's
+    cumulative ones (:func:`dcpo_smooth_advantages`); the tracker then holds the merged statistics.
+    Groups are taken in group-id order (a prompt sampled twice in one step is merged twice, in order)."""
+    gs = group_stats(r, group_ids, valid, unbiased=cfg.std_unbiased, zero_std_tol=cfg.zero_std_tol)
+    adv = torch.zeros_like(r)
+    for g in range(gs.num_groups):
+        rows = ((gs.index == g) & valid).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        keys = {prompt_keys[i] for i in rows.tolist()}
+        if len(keys) != 1:
+            raise ValueError(f"prompt_keys: the rows of a group must share one prompt key, got {sorted(map(str, keys))}")
+        key = keys.pop()
+        mean_new, std_new = float(gs.mean[rows[0]]), float(gs.std[rows[0]])
+        mean_old, std_old, times = tracker.get(key)
+        mean_cum, std_cum = dcpo_merge_stats(mean_old, std_old, times, mean_new, std_new)
+        adv[rows] = dcpo_smooth_advantages(r[rows], mean_new, std_new, mean_cum, std_cum, times + 1).to(adv.device)
+        tracker.set(key, mean_cum, std_cum, times + 1)
+    return adv, gs
+
+
+def mixed_var_advantages(r: Tensor, group_ids: Tensor, valid: Tensor, cfg: AdvantageConfig) -> Tensor:
+    """RiskPO's mixed value-at-risk advantage (arXiv 2510.00911; RTkenny/RiskPO
+    ``compute_grpo_bundle_rvar_outcome_advantage_quantile_tracking``).
+
+    Groups, in group-id order, form bundles of ``risk_bundle``; the k-th "paper" of a bundle takes
+    the k-th valid completion of each of its groups (k < the smallest valid count) and scores
+    S_k = the sum of their rewards. With q_a, q_b the alpha / beta quantiles of the bundle's S
+    (linear interpolation) and eps = ``cfg.eps``:
+        RVaR_k = ((S_k - q_a)^+ - (S_k - q_b)^+ + q_a - q_b) / (beta - alpha + eps)   (= (clamp(S_k, q_a, q_b) - q_b) / ...)
+        CVaR_k = -(q_a - S_k)^+ / (alpha + eps)
+        A_k = (w CVaR_k + RVaR_k) / (w + 1),  w = ``risk_mix``;  then / (std(S) + eps) with scale 'group'
+    (std Bessel-corrected; 1 for a bundle of one paper). Each completion of paper k gets A_k, or with
+    ``risk_credit='std'`` A_k / (sigma_g + eps), sigma_g its group's reward std (1 if below 1e-3 or
+    undefined). Every A <= 0: the worse papers are pushed down, those at or above q_b get 0. Completions
+    outside every paper (invalid, or beyond the smallest count) get 0. Returned in float64.
+    """
+    v = torch.as_tensor(r).detach().to(torch.float64)
+    index, num_groups = _group_index(group_ids, v.shape[0])
+    ok = valid.to(torch.bool) & torch.isfinite(v)
+    members = [(index == g).logical_and(ok).nonzero().flatten() for g in range(num_groups)]
+    adv = torch.zeros_like(v)
+    eps, a, b, w = cfg.eps, cfg.risk_alpha, cfg.risk_beta, cfg.risk_mix
+    for start in range(0, num_groups, cfg.risk_bundle):
+        groups = members[start:start + cfg.risk_bundle]
+        n_papers = min(int(m.numel()) for m in groups)
+        if n_papers == 0:
+            continue
+        papers = torch.stack([m[:n_papers] for m in groups], dim=1)  # [papers, groups]: row indices
+        s = v[papers].sum(1)
+        if n_papers == 1:
+            q_a = q_b = s[0]
+            sd = torch.ones((), dtype=torch.float64)
+        else:
+            q_a, q_b = torch.quantile(s, a), torch.quantile(s, b)
+            sd = s.std()
+        rvar = (torch.minimum(torch.maximum(s, q_a), q_b) - q_b) / (b - a + eps)  # = (S - q_a)^+ - (S - q_b)^+ + q_a - q_b
+        cvar = -(q_a - s).clamp(min=0) / (a + eps)
+        a_paper = (w * cvar + rvar) / (w + 1.0)
+        if cfg.scale == "group" and bool(sd + eps > 0):  # (equal scores with eps 0: every A_k is 0 already)
+            a_paper = a_paper / (sd + eps)
+        for j, m in enumerate(groups):
+            credit = 1.0
+            if cfg.risk_credit == "std":
+                g_sd = v[m].std() if m.numel() > 1 else torch.tensor(float("nan"), dtype=torch.float64)
+                credit = 1.0 / ((g_sd if bool(g_sd > 1e-3) else 1.0) + eps)
+            adv[papers[:, j]] = a_paper * credit
+    return adv
+
+
+def max_variance_subset(values: Tensor, k: int) -> Tensor:
+    """The k of n values whose (population or sample) variance is largest, as a bool mask.
+
+    Such a subset always consists of the j largest and the k - j smallest values for some j (the
+    spread sum (x - mean)^2 is convex in each chosen value, so a chosen value with unchosen ones on
+    both sides can be swapped for one of them without loss), so the k + 1 candidates are tried;
+    ties go to the smallest j. D3S's sample-level selection (arXiv 2509.22115).
+    """
+    v = torch.as_tensor(values).detach().to(torch.float64).reshape(-1)
+    n = v.shape[0]
+    if not (isinstance(k, int) and 0 <= k):
+        raise ValueError(f"k: must be an int >= 0, got {k!r}")
+    chosen = torch.zeros(n, dtype=torch.bool, device=v.device)
+    if k >= n:
+        return ~chosen
+    order = torch.argsort(v, stable=True)
+    s = v[order]
+    best_j, best = 0, -1.0
+    for j in range(k + 1):
+        sub = torch.cat([s[:k - j], s[n - j:]])
+        spread = float(((sub - sub.mean()) ** 2).sum()) if k else 0.0
+        if spread > best:
+            best_j, best = j, spread
+    chosen[order[:k - best_j]] = True
+    chosen[order[n - best_j:]] = True
+    return chosen
+
+
+def variance_downsample(
+    advantages: Tensor, group_ids: Tensor, eligible: Tensor, fraction: float, scope: str = "batch"
+) -> Tensor:
+    """D3S's sample-level down-sampling (arXiv 2509.22115): among the ``eligible`` rows, keep the subset
+    that maximises Var(A) (:func:`max_variance_subset`), of size k = max(min(n, 2), floor(fraction n + 1/2))
+    over the whole batch (``scope='batch'``) or within each group (``'group'``, the paper's D3S-I).
+    Returns a bool ``[N]`` mask of the kept rows."""
+    check_number("fraction", fraction, gt=0, le=1)
+    if scope not in KEEP_SCOPES:
+        raise ValueError(f"scope: must be one of {KEEP_SCOPES}, got {scope!r}")
+    adv = torch.as_tensor(advantages).detach().to(torch.float64).reshape(-1)
+    index, num = _group_index(group_ids, adv.shape[0])
+    units = torch.zeros_like(index) if scope == "batch" else index
+    elig = eligible.to(torch.bool).to(adv.device)
+    keep = torch.zeros_like(elig)
+    for u in torch.unique(units[elig]).tolist():
+        rows = ((units == u) & elig).nonzero().flatten()
+        n = rows.numel()
+        k = max(min(n, 2), int(math.floor(fraction * n + 0.5)))
+        keep[rows[max_variance_subset(adv[rows], k)]] = True
+    return keep

@@ -35,20 +35,27 @@ __all__ = [
     "LossConfig",
     "StepTerms",
     "aggregate",
+    "check_keep_schedule",
     "cispo_surrogate",
     "clipped_surrogate",
+    "dcpo_clip_bounds",
     "dt_reweight",
     "gaussian_mean_kl",
+    "gtpo_conflict_weights",
+    "gtpo_entropy_advantages",
     "kl_coefficient",
     "kl_penalty",
+    "linear_ramp",
     "log_importance_weights",
     "loss_normalizers",
     "loss_preset",
     "mean_sq_diff",
+    "mean_token_entropy",
     "noise_aware_weights",
     "policy_loss",
     "ratio_normalized_log_ratio",
     "sapo_surrogate",
+    "top_fraction_mask",
     "velocity_kl",
 ]
 
@@ -59,6 +66,8 @@ _KL_ESTIMATORS = ("k1", "k2", "k3", "latent", "velocity")
 _KL_RATIO = ("none", "token", "importance")
 _BETA_SCHEDULES = ("constant", "linear", "adaptive")
 _SCOPES = ("optimizer_batch", "micro_batch")
+_CLIP_BOUNDS = ("fixed", "dcpo")
+KEEP_SCOPES = ("batch", "group")
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +102,15 @@ class LossConfig:
     beta_steps: int = 0  # "linear": ramp length in optimizer steps
     kl_target: float | None = None  # "adaptive": target KL per step
     kl_horizon: int = 10000  # "adaptive": controller horizon (Ziegler et al. 1909.08593)
+    # token-level variants of the text path (need token probabilities, ids or entropies: text only)
+    clip_bounds: str = "fixed"  # "fixed": [1 - eps_low, 1 + eps_high]; "dcpo": DCPO (2509.02333) bounds from pi_old(token)
+    conflict_weight: float | None = None  # GTPO (2508.03772): weight of conflict tokens in A>0 completions (0 in A<0 ones); None: off
+    entropy_max: float | None = None  # GTPO: a completion whose mean token entropy exceeds this gets A = 0; None: off
+    entropy_scale: float = 0.0  # GTPO: A <- A - entropy_scale * the completion's mean token entropy
+    token_keep: float | None = None  # D3S (2509.22115): fraction of tokens kept by |A| * entropy at step 0; None: all
+    token_keep_end: float | None = None  # D3S: the fraction reached after token_keep_steps training steps (linear); None: token_keep
+    token_keep_steps: int = 0  # D3S: length of that ramp in training steps
+    token_keep_scope: str = "batch"  # D3S: tokens ranked over this process's minibatch ("batch") or within each group ("group")
 
     @property
     def eps_high_value(self) -> float:
@@ -143,7 +161,31 @@ class LossConfig:
                 raise ValueError("kl_target: required (> 0) for beta_schedule='adaptive'")
             if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
                 raise ValueError("kl_horizon: must be an int >= 1")
+        self._validate_text_variants()
         return self
+
+    def _validate_text_variants(self) -> None:
+        """The DCPO / GTPO / D3S fields (their ``ValueError("<field>: ...")``)."""
+        if self.clip_bounds not in _CLIP_BOUNDS:
+            raise ValueError(f"clip_bounds: must be one of {_CLIP_BOUNDS}, got {self.clip_bounds!r}")
+        if self.clip_bounds == "dcpo" and (self.surrogate != "clip" or self.ratio_level != "token"):
+            raise ValueError("clip_bounds: 'dcpo' bounds each token's ratio: needs surrogate 'clip' and ratio_level 'token'")
+        check_number("conflict_weight", self.conflict_weight, ge=0, none_ok=True, why="null: no conflict weighting")
+        check_number("entropy_max", self.entropy_max, ge=0, none_ok=True, why="null: no entropy filter")
+        check_number("entropy_scale", self.entropy_scale, ge=0)
+        check_keep_schedule("token_keep", self.token_keep, self.token_keep_end, self.token_keep_steps,
+                            self.token_keep_scope)
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss needs per-token entropies of the policy (GTPO's filter, D3S's token selection)."""
+        return self.entropy_max is not None or self.entropy_scale != 0 or self.token_keep is not None
+
+    def text_only_keys(self) -> list[str]:
+        """The set fields that need token probabilities, ids or entropies (the text path only)."""
+        keys = ["clip_bounds"] if self.clip_bounds != "fixed" else []
+        keys += [k for k in ("conflict_weight", "entropy_max", "token_keep") if getattr(self, k) is not None]
+        return keys + (["entropy_scale"] if self.entropy_scale != 0 else [])
 
 
 def loss_preset(name: str, **overrides: Any) -> LossConfig:
@@ -652,14 +694,28 @@ def _ratio_norm(
     return lr, terms.dt_abs
 
 
-def _surrogate(w: Tensor, adv: Tensor, logps: Tensor, cfg: LossConfig) -> Tensor:
+def _ratio_bounds(cfg: LossConfig, old_logps: Tensor) -> tuple[Tensor | float, Tensor | float]:
+    """``(lower, upper)`` bounds of the clipped ratio: ``1 - eps_low, 1 + eps_high``, or DCPO's per-token
+    bounds from pi_old (:func:`dcpo_clip_bounds`, capped at ``max(dual_clip, 10)`` as upstream)."""
+    if cfg.clip_bounds == "dcpo":
+        return dcpo_clip_bounds(old_logps, cfg.eps_low, cfg.eps_high_value, max(cfg.dual_clip or 0.0, 10.0))
+    return 1.0 - cfg.eps_low, 1.0 + cfg.eps_high_value
+
+
+def _surrogate(
+    w: Tensor, adv: Tensor, logps: Tensor, cfg: LossConfig, bounds: tuple[Tensor | float, Tensor | float],
+) -> Tensor:
     """The per-action policy term of ``cfg.surrogate``, broadcast to ``logps``' shape.
 
-    clip:  -min(min(w, delta) A, clip(w, 1 - eps_low, 1 + eps_high) A)   (:func:`clipped_surrogate`)
+    clip:  -min(min(w, delta) A, clip(w, 1 - eps_low, 1 + eps_high) A)   (:func:`clipped_surrogate`;
+           ``clip_bounds='dcpo'``: clip(w, lo_t, hi_t) with DCPO's ``bounds``)
     cispo: -sg(min(w, eps_high)) A log pi                                (:func:`cispo_surrogate`)
     sapo:  -(4/tau) sigmoid(tau (w - 1)) A                               (:func:`sapo_surrogate`)
     """
-    if cfg.surrogate == "clip":
+    if cfg.surrogate == "clip" and cfg.clip_bounds == "dcpo":
+        lo, hi = bounds
+        pol = clipped_surrogate(w, adv, 1.0 - lo, hi - 1.0, cfg.delta, cfg.dual_clip)  # exact: lo in [1/2, 1], hi >= 1
+    elif cfg.surrogate == "clip":
         pol = clipped_surrogate(w, adv, cfg.eps_low, cfg.eps_high_value, cfg.delta, cfg.dual_clip)
     elif cfg.surrogate == "cispo":
         pol = cispo_surrogate(w, adv, logps, cfg.eps_high_value)
@@ -717,10 +773,11 @@ def _reference_kl(
 
 def _loss_stats(
     cfg: LossConfig, m: Tensor, w: Tensor, adv: Tensor, log_ratio: Tensor, kl: Tensor | None, beta: float,
+    bounds: tuple[Tensor | float, Tensor | float],
 ) -> dict[str, Tensor]:
     """Detached float64 statistics over the unmasked actions (sequence ratio: non-empty rows).
 
-    clip_frac_low: w < 1 - eps_low and A < 0; clip_frac_high: w > 1 + eps_high and A > 0 (sequence
+    clip_frac_low: w < lower bound (1 - eps_low) and A < 0; clip_frac_high: w > upper bound (1 + eps_high) and A > 0 (sequence
     ratio: A = the row's mean advantage); approx_kl: mean (log w)^2 / 2 (as Flow-GRPO logs);
     approx_kl_k3: mean w - 1 - log w; ratio_mean/std/min/max of w.
     """
@@ -731,8 +788,8 @@ def _loss_stats(
         if cfg.ratio_level == "sequence":
             ab = _row_mean(torch.where(m, ab, torch.zeros_like(ab)), m)
             smask = m.any(-1, keepdim=True)
-        low = (wb < 1.0 - cfg.eps_low) & (ab < 0)
-        high = (wb > 1.0 + cfg.eps_high_value) & (ab > 0)
+        low = (wb < bounds[0]) & (ab < 0)
+        high = (wb > bounds[1]) & (ab > 0)
         rs = _masked_stats(wb, smask)
         lr = log_ratio.detach()
         dev = w.device
@@ -803,7 +860,8 @@ def policy_loss(
     lr, dt_abs = _ratio_norm(raw_lr, m, cfg, step_terms)
     w = torch.exp(_row_mean(lr, m) if cfg.ratio_level == "sequence" else lr)
     # per-action policy term and KL
-    pol = _reweight_steps(_surrogate(w, adv, logps, cfg), step_weights, dt_abs)
+    bounds = _ratio_bounds(cfg, old_logps)
+    pol = _reweight_steps(_surrogate(w, adv, logps, cfg, bounds), step_weights, dt_abs)
     kl = _reference_kl(cfg, logps, ref_logps, m, raw_lr, w, step_terms, beta_now)
     # aggregation with the explicit normaliser (linear, so the KL part can be reported apart)
     pol_loss = aggregate(pol, m, cfg.aggregation, norm)
@@ -814,4 +872,180 @@ def policy_loss(
         kl_loss = torch.zeros((), dtype=pol_loss.dtype, device=pol_loss.device)
         loss = pol_loss
     totals = {"loss": loss.detach(), "policy_loss": pol_loss.detach(), "kl_loss": kl_loss.detach()}
-    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now)}
+    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now, bounds)}
+
+
+# --------------------------------------------------------------------------------------------
+# token-level variants of the text path: DCPO bounds, GTPO conflict tokens and entropy filter,
+# D3S token selection (pure functions; the text learner calls them)
+# --------------------------------------------------------------------------------------------
+
+
+def linear_ramp(step: int, start: float, end: float | None, steps: int) -> float:
+    """A value that moves linearly from ``start`` (step 0) to ``end`` (step ``steps`` and after).
+
+    v(step) = start + (end - start) * min(step / steps, 1); ``end=None``: constant ``start``.
+    """
+    if step < 0:
+        raise ValueError(f"step: must be >= 0, got {step!r}")
+    if end is None:
+        return float(start)
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1 for a ramp, got {steps!r}")
+    return float(start + (end - start) * min(step / steps, 1.0))
+
+
+def check_keep_schedule(name: str, start: float | None, end: float | None, steps: int, scope: str) -> None:
+    """Check a D3S keep-fraction schedule held in the fields ``<name>``, ``<name>_end``, ``<name>_steps`` and
+    ``<name>_scope`` (fractions in (0, 1], a ramp needs a start and >= 1 step); ``ValueError("<field>: ...")``."""
+    check_number(name, start, gt=0, le=1, none_ok=True, why="null: keep all")
+    check_number(f"{name}_end", end, gt=0, le=1, none_ok=True)
+    if end is not None and start is None:
+        raise ValueError(f"{name}_end: set {name} (the fraction at step 0) as well")
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"{name}_steps: must be an int >= 0, got {steps!r}")
+    if end is not None and steps < 1:
+        raise ValueError(f"{name}_steps: must be >= 1 for a ramp to {name}_end")
+    if scope not in KEEP_SCOPES:
+        raise ValueError(f"{name}_scope: must be one of {KEEP_SCOPES}, got {scope!r}")
+
+
+def dcpo_clip_bounds(
+    old_logps: Tensor, eps_low: float, eps_high: float, cap: float = 10.0
+) -> tuple[Tensor, Tensor]:
+    """DCPO's dynamic-adaptive ratio bounds (arXiv 2509.02333), per token from q = pi_old(token).
+
+    Bounding |(w - 1) w q| (the token's share of the importance-sampling variance) gives
+        lo = 1/2 + 1/2 sqrt(max(1 - 4 eps_low / q, 0)),   hi = min(1/2 + 1/2 sqrt(1 + 4 eps_high / q), cap)
+    so rare tokens (small q) may move further than likely ones (lo -> 1 - eps_low, hi -> 1 + eps_high
+    as q -> 1 only to first order). lo lies in [1/2, 1]. lime-RL/DCPO ``get_clip_low_high`` caps hi
+    at max(clip_ratio_c, 10).
+    """
+    q = torch.exp(old_logps)
+    lo = 0.5 + 0.5 * torch.sqrt((1.0 - 4.0 * eps_low / q).clamp(min=0.0))
+    hi = (0.5 + 0.5 * torch.sqrt(1.0 + 4.0 * eps_high / q)).clamp(max=cap)
+    return lo, hi
+
+
+def _runs_from_start(conflict: Tensor) -> Tensor:
+    """The leading run of True of each row ([N, T] bool): True up to the first False."""
+    return torch.cumprod(conflict.to(torch.int64), dim=1).bool()
+
+
+def _conflicts_at_same_position(ids: Tensor, valid: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """[n, T] bool: token t of row i (valid) also stands at position t of some valid A>0 row and
+    of some valid A<0 row of the same group (row i counts itself)."""
+    same = (ids.unsqueeze(1) == ids.unsqueeze(0)) & valid.unsqueeze(1) & valid.unsqueeze(0)  # [i, j, t]
+    in_pos = (same & pos.view(1, -1, 1)).any(1)
+    in_neg = (same & neg.view(1, -1, 1)).any(1)
+    return in_pos & in_neg & valid
+
+
+def gtpo_conflict_weights(
+    ids: Tensor, mask: Tensor, advantages: Tensor, group_ids: Tensor, weight: float = 2.0
+) -> tuple[Tensor, Tensor]:
+    """GTPO's conflict-token weights (arXiv 2508.03772; winstonsmith1897/GTPO ``build_conflict_mask``).
+
+    Within a group, a token of a completion with A != 0 is a conflict token when the same token id
+    stands at the same position in an A > 0 and in an A < 0 completion, counting only the run of such
+    tokens from the first token on (prefix), and likewise aligned from the end (suffix: the same id at
+    the same distance from each completion's last token). Per token
+        delta = weight (conflict, A > 0) | 0 (conflict, A < 0) | 1 (otherwise), one factor per direction,
+    so a token in both runs of an A > 0 completion gets weight^2, as upstream. Completions with A = 0
+    keep delta = 1. n_conflict is what upstream divides each completion's loss by: it ORs the prefix
+    run with the suffix run *in end-aligned coordinates*, which counts max(prefix length, suffix
+    length) rather than their union; at least 1 for A != 0, 0 for A = 0.
+
+    Args:
+        ids: ``[N, T]`` completion token ids (right-padded); mask: ``[N, T]`` its real tokens.
+        advantages: ``[N]`` (the sign decides); group_ids: ``[N]`` (a group's rows may sit anywhere).
+    Returns:
+        ``(delta [N, T] float64 (0 where masked), n_conflict [N] int64)``.
+    """
+    n, t_len = ids.shape
+    if mask.shape != ids.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} differs from ids {tuple(ids.shape)}")
+    adv = torch.as_tensor(advantages).detach().reshape(-1)
+    if adv.shape[0] != n or torch.as_tensor(group_ids).shape != (n,):
+        raise ValueError(f"advantages, group_ids: need one value per row ({n})")
+    check_number("weight", weight, ge=0)
+    m = mask.to(torch.bool)
+    delta = m.to(torch.float64)
+    n_conf = torch.zeros(n, dtype=torch.int64, device=ids.device)
+    lengths = m.sum(1)
+    # each row's tokens aligned from its end: column j holds the token j places before the last one
+    j = torch.arange(t_len, device=ids.device).unsqueeze(0)
+    rev_index = (lengths.unsqueeze(1) - 1 - j).clamp(min=0)
+    rev_ids, rev_valid = ids.gather(1, rev_index), j < lengths.unsqueeze(1)
+    for g in torch.unique(torch.as_tensor(group_ids)):
+        rows = (torch.as_tensor(group_ids) == g).nonzero().flatten().to(ids.device)
+        pos, neg = adv[rows] > 0, adv[rows] < 0
+        active = pos | neg
+        if not active.any():
+            continue
+        fwd = _runs_from_start(_conflicts_at_same_position(ids[rows], m[rows], pos, neg))
+        bwd_rev = _runs_from_start(_conflicts_at_same_position(rev_ids[rows], rev_valid[rows], pos, neg))
+        bwd = bwd_rev.gather(1, rev_index[rows]) & m[rows]  # back to positions (t <-> length - 1 - t)
+        sign_w = torch.where(pos, weight, 0.0).to(torch.float64).unsqueeze(1)
+        d = torch.where(fwd, sign_w, 1.0) * torch.where(bwd, sign_w, 1.0) * m[rows]
+        delta[rows] = torch.where(active.unsqueeze(1), d, delta[rows])
+        count = torch.maximum(fwd.sum(1), bwd_rev.sum(1)).clamp(min=1)
+        n_conf[rows] = torch.where(active, count, torch.zeros_like(count))
+    return delta, n_conf
+
+
+def mean_token_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
+    """Each completion's mean token entropy over its real tokens: sum_t m H / max(1, sum_t m) -> ``[N]``."""
+    m = mask.to(entropy.dtype)
+    return (entropy * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def gtpo_entropy_advantages(
+    advantages: Tensor, mean_entropy: Tensor, entropy_max: float | None, scale: float
+) -> Tensor:
+    """GTPO's entropy filter and penalty on sequence advantages (arXiv 2508.03772):
+
+        A'_i = A_i - scale * H_i   if H_i <= entropy_max (or no threshold)
+        A'_i = 0                   otherwise,
+    with H_i the completion's mean token entropy. As upstream, a completion with A = 0 and low
+    entropy gets A' = -scale * H_i (an entropy-lowering push).
+    """
+    adv = torch.as_tensor(advantages)
+    h = torch.as_tensor(mean_entropy, dtype=adv.dtype, device=adv.device)
+    shaped = adv - scale * h
+    if entropy_max is None:
+        return shaped
+    return torch.where(h <= entropy_max, shaped, torch.zeros_like(shaped))
+
+
+def _top_count(n: Tensor, fraction: float) -> Tensor:
+    """k = floor(fraction * n + 1/2), at least 1 where n >= 1 (a count per selection unit)."""
+    k = torch.floor(n.to(torch.float64) * fraction + 0.5).to(torch.int64)
+    return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(k))
+
+
+def top_fraction_mask(scores: Tensor, mask: Tensor, fraction: float, group_ids: Tensor | None = None) -> Tensor:
+    """D3S token selection (arXiv 2509.22115): keep the ``fraction`` of the unmasked tokens with the
+    highest score (D3S: |A_it| * H_it), over all rows or, with ``group_ids``, within each group.
+
+    A unit of n tokens keeps k = floor(fraction n + 1/2) >= 1 of them; ties go to the earlier token
+    (row-major order). Returns a bool ``[N, T]`` mask (False where ``mask`` is).
+    """
+    check_number("fraction", fraction, gt=0, le=1)
+    m = mask.to(torch.bool)
+    if scores.shape != m.shape:
+        raise ValueError(f"scores: shape {tuple(scores.shape)} differs from mask {tuple(m.shape)}")
+    units = torch.zeros(m.shape[0], dtype=torch.int64, device=m.device) if group_ids is None else torch.as_tensor(group_ids)
+    keep = torch.zeros_like(m)
+    flat_keep = keep.view(-1)
+    for u in torch.unique(units):
+        rows = (units == u).nonzero().flatten()
+        sub = m[rows]
+        idx = (rows.unsqueeze(1) * m.shape[1] + torch.arange(m.shape[1], device=m.device)).reshape(-1)[sub.reshape(-1)]
+        k = int(_top_count(sub.sum(), fraction))
+        if k == 0:
+            continue
+        vals = scores.reshape(-1)[idx].detach().to(torch.float64)
+        order = torch.argsort(-vals, stable=True)
+        flat_keep[idx[order[:k]]] = True
+    return keep

@@ -19,7 +19,10 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowrl.core.losses import LossConfig, policy_loss
+from flowrl.core.losses import (
+    LossConfig, gtpo_conflict_weights, gtpo_entropy_advantages, linear_ramp, mean_token_entropy, policy_loss,
+    top_fraction_mask,
+)
 from flowrl.core.reference import adapters_disabled, has_adapters
 from flowrl.core.stats import merge_stats
 from flowrl.text.rollout import TextRollout, generate, token_logps
@@ -145,17 +148,54 @@ class TextLearner:
         n = ro.num_samples
         parts = []
         device = next(self.model.parameters()).device
+        weights = self.token_weights(ro, advantages, model)
+        chunk_entropy = self.loss.entropy_max is not None or self.loss.entropy_scale != 0
         for s in range(0, n, self.chunk_size):
             rows = torch.arange(s, min(n, s + self.chunk_size))
             part = ro.select(rows)
-            logps = token_logps(model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
-                                temperature=self.temperature, chunk_size=None)
+            out = token_logps(model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
+                              temperature=self.temperature, chunk_size=None, with_entropy=chunk_entropy)
+            logps, entropy = out if chunk_entropy else (out, None)
             mask = part.completion_mask.to(device)
+            adv = advantages[rows].to(device)
+            if entropy is not None:  # GTPO: filter / penalise each completion by its mean token entropy
+                adv = gtpo_entropy_advantages(adv, mean_token_entropy(entropy, mask), self.loss.entropy_max,
+                                              self.loss.entropy_scale)
             old = logps.detach() if on_policy else part.old_logps.to(device)
             loss, st = policy_loss(
-                logps, old, advantages[rows].to(device), mask, self.loss,
+                logps, old, adv, mask, self.loss,
                 normalizer=normalizer, ref_logps=None if part.ref_logps is None else part.ref_logps.to(device), beta=beta,
+                step_weights=None if weights is None else weights[rows].to(device, logps.dtype),
             )
             backward(loss * loss_scale, s + self.chunk_size >= n)
             parts.append(({**{k: float(v) for k, v in st.items()}, "loss": float(loss.detach())}, float(mask.sum())))
         return merge_stats(parts)
+
+    def token_weights(self, ro: TextRollout, advantages: Tensor, model=None) -> Optional[Tensor]:
+        """``[N, T]`` weights on the policy term of minibatch ``ro`` (None: all 1), from its whole groups:
+        GTPO's conflict weights divided by each completion's conflict count
+        (:func:`flowrl.core.losses.gtpo_conflict_weights`) and D3S's token selection, the fraction
+        ``linear_ramp(ro.step, token_keep, token_keep_end, token_keep_steps)`` of the tokens with the
+        highest |A| x entropy (:func:`flowrl.core.losses.top_fraction_mask`; dropped tokens weigh 0 and
+        stay in the normaliser). The entropies come from one extra forward pass without grad over the
+        minibatch (the ranking needs all of them before the first chunk's backward)."""
+        cfg, w = self.loss, None
+        mask = ro.completion_mask.bool()
+        adv = advantages.detach().cpu()
+        if cfg.conflict_weight is not None:
+            if adv.ndim != 1:
+                raise ValueError("advantages: GTPO's conflict weights need one advantage per completion ([N])")
+            delta, n_conf = gtpo_conflict_weights(ro.completion_ids, mask, adv, ro.prompt_index, cfg.conflict_weight)
+            w = delta / n_conf.clamp(min=1).unsqueeze(1).to(delta.dtype)
+        frac = None if cfg.token_keep is None else linear_ramp(ro.step, cfg.token_keep, cfg.token_keep_end,
+                                                               cfg.token_keep_steps)
+        if frac is not None and frac < 1.0:
+            with torch.no_grad():
+                _, entropy = token_logps(model or self.model, ro.input_ids(), ro.attention_mask(),
+                                         ro.completion_ids.shape[1], temperature=self.temperature,
+                                         chunk_size=self.chunk_size, with_entropy=True)
+            score = adv.to(torch.float64).reshape(adv.shape[0], -1).abs() * entropy.cpu().to(torch.float64)
+            groups = ro.prompt_index if cfg.token_keep_scope == "group" else None
+            keep = top_fraction_mask(score, mask, frac, groups).to(torch.float64)
+            w = keep if w is None else w * keep
+        return w

@@ -67,6 +67,7 @@ class TextRollout:
     ref_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the reference policy (KL)
     completions: List[str] = field(default_factory=list)  # decoded text (for reward functions)
     groups_per_prompt: int = 1  # advantage groups per prompt (one: a prompt's G completions)
+    step: int = 0  # the training step that sampled it (for schedules over steps, e.g. D3S's token fraction)
 
     @property
     def num_samples(self) -> int:
@@ -87,6 +88,7 @@ class TextRollout:
             prompt_index=self.prompt_index[rows], truncated=self.truncated[rows],
             old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
             completions=[self.completions[i] for i in rows.tolist()] if self.completions else [],
+            step=self.step,
         )
 
 
@@ -130,7 +132,7 @@ def concat_text_rollouts(parts: Sequence[TextRollout], pad_token_id: int) -> Tex
         truncated=torch.cat([r.truncated for r in parts]),
         old_logps=logps("old_logps"), ref_logps=logps("ref_logps"),
         completions=[c for r in parts for c in r.completions],
-        groups_per_prompt=parts[0].groups_per_prompt,
+        groups_per_prompt=parts[0].groups_per_prompt, step=parts[0].step,
     )
 
 
@@ -190,15 +192,17 @@ def generate(model, tokenizer, prompts: Sequence[str], *, group_size: Union[int,
 
 
 def token_logps(model, input_ids: Tensor, attention_mask: Tensor, num_completion_tokens: int, *,
-                temperature: float = 1.0, chunk_size: Optional[int] = None) -> Tensor:
+                temperature: float = 1.0, chunk_size: Optional[int] = None, with_entropy: bool = False):
     """Log-probs ``[N, Lc]`` of the last ``num_completion_tokens`` tokens of each row:
     ``log_softmax(logits_t / temperature)[token_{t+1}]``, computed ``chunk_size`` rows at a time
     (the graph is kept when grad is enabled). Position ids follow the attention mask, so left
-    padding does not shift positions."""
+    padding does not shift positions. ``with_entropy``: also the entropy of each position's
+    distribution, ``H_t = -sum_v p_v log p_v`` of the same ``softmax(logits_t / temperature)``
+    (detached, ``[N, Lc]``), returned as ``(logps, entropy)``."""
     n = input_ids.shape[0]
     chunk = n if not chunk_size else int(chunk_size)
     device = next(model.parameters()).device
-    outs = []
+    outs, ents = [], []
     for s in range(0, n, chunk):
         ids = input_ids[s:s + chunk].to(device)
         am = attention_mask[s:s + chunk].to(device)
@@ -206,6 +210,10 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, num_completion
         logits = model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=num_completion_tokens + 1).logits
         logits = logits[:, :-1, :].float() / temperature
         targets = ids[:, -num_completion_tokens:]
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        outs.append(lp)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        outs.append(logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+        if with_entropy:  # entr(p) = -p log p, 0 at p = 0 (a -inf logit gives no NaN)
+            ents.append(torch.special.entr(logp_all.detach().exp()).sum(-1))
+    if with_entropy:
+        return torch.cat(outs, dim=0), torch.cat(ents, dim=0)
     return torch.cat(outs, dim=0)

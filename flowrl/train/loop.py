@@ -43,7 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
 from flowrl.core import rng
-from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
+from flowrl.core.advantages import (
+    PerPromptStatTracker, SmoothStatTracker, compute_advantages, multi_granularity_advantages,
+)
 from flowrl.core.budgets import RolloutBudget, spo_advantages
 from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
 from flowrl.core.objectives import old_decay
@@ -176,6 +178,8 @@ class Trainer:
             self.task.set_old_policy(self.old)
         self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
                         if cfg.advantage.stat_tracking else None)
+        if cfg.advantage.smooth_tracking:  # DCPO: each prompt's cumulative reward statistics
+            self.tracker = SmoothStatTracker()
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
         self.step = 0
         self.optimizer_steps = 0
@@ -340,6 +344,7 @@ class Trainer:
             "step": self.step + 1, **rew,
             "zero_std_frac": float(adv_stats.get("zero_std_frac", float("nan"))),
             "filtered_samples": int(adv_stats.get("filtered_count", 0)),
+            "downsampled_samples": int(adv_stats.get("downsampled_count", 0)),
             **update, "beta": beta, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
             "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample, "time/scoring_total": scoring_busy,
             "time/update": t_end - t_score, "time/step": t_end - t_start,
@@ -512,7 +517,7 @@ class Trainer:
             stats = {"keep": valid, "invalid_count": int((~valid).sum()), "filtered_count": 0}
         else:
             adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker,
-                                            prompt_keys=keys if self.tracker is not None else None)
+                                            prompt_keys=keys if self.tracker is not None else None, step=self.step)
         if budget:
             self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1))
         # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)

@@ -14,6 +14,7 @@ import torch
 
 STEP_KEYS = (
     "step", "reward/total", "reward/total_std", "invalid_samples", "zero_std_frac", "filtered_samples",
+    "downsampled_samples",  # D3S: samples left out by advantage.sample_keep
     "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss",
     "ratio_min", "ratio_max", "grad_norm", "update_ratio", "skipped_optimizer_steps", "beta", "lr", "nfe",
     "time/sampling", "time/scoring", "time/scoring_total", "time/update", "time/step",

@@ -343,8 +343,10 @@ class TextTask:
         """The completions (no log-probs: :meth:`join`), ``sizes[i]`` for record i when given. Row j of
         the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
         group = self.cfg.sample.group_size if sizes is None else [int(g) for g in sizes]
-        return self.learner.generate([r["prompt"] for r in records], group_size=group,
-                                     seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+        ro = self.learner.generate([r["prompt"] for r in records], group_size=group,
+                                   seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+        ro.step = step
+        return ro
 
     def join(self, parts: Sequence):
         """The sub-batches as one rollout (:func:`flowrl.text.rollout.concat_text_rollouts`) with the
