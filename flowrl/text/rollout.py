@@ -67,6 +67,7 @@ class TextRollout:
     ref_logps: Optional[Tensor] = None  # [N, Lc] log-probs under the reference policy (KL)
     completions: List[str] = field(default_factory=list)  # decoded text (for reward functions)
     groups_per_prompt: int = 1  # advantage groups per prompt (one: a prompt's G completions)
+    teacher_logps: Optional[Tensor] = None  # [N, Lc] log-probs under a teacher model (KDRL)
 
     @property
     def num_samples(self) -> int:
@@ -87,6 +88,7 @@ class TextRollout:
             prompt_index=self.prompt_index[rows], truncated=self.truncated[rows],
             old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
             completions=[self.completions[i] for i in rows.tolist()] if self.completions else [],
+            teacher_logps=pick(self.teacher_logps),
         )
 
 

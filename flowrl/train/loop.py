@@ -43,8 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
 from flowrl.core import rng
-from flowrl.core.advantages import PerPromptStatTracker, compute_advantages, multi_granularity_advantages
-from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
+from flowrl.core.advantages import (
+    DynamicRewardWeights, PerPromptStatTracker, compute_advantages, multi_granularity_advantages, unlikely_advantages,
+)
+from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers, teacher_coefficient
 from flowrl.core.objectives import old_decay
 from flowrl.core.shadow import DecayedCopy
 from flowrl.inputs import UsageError, writable_dir
@@ -165,6 +167,7 @@ class Trainer:
         self.tracker = (PerPromptStatTracker(cfg.advantage.stat_buffer_size, cfg.advantage.stat_min_count)
                         if cfg.advantage.stat_tracking else None)
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
+        self._setup_variants(cfg)
         self.step = 0
         self.optimizer_steps = 0
         self.bad_in_row = 0
@@ -174,6 +177,15 @@ class Trainer:
         self.wall_before = 0.0  # wall clock of earlier (resumed) segments
         self.first_eval: Optional[Dict[str, float]] = None
         self.last_eval: Optional[Dict[str, float]] = None
+
+    def _setup_variants(self, cfg: RunConfig) -> None:
+        """Dynamic reward weights (their state is checkpointed) and the processes a task's loss may
+        need to sum over (DisCO's batch-wide KL and group count)."""
+        adv = cfg.advantage
+        self.reward_weights = (DynamicRewardWeights(list(cfg.rewards), list(cfg.rewards.values()), adv.dynamic_weights_reg,
+                                                    adv.dynamic_weights_every) if adv.dynamic_weights else None)
+        if hasattr(self.task, "set_processes"):
+            self.task.set_processes(self.procs.sum if self.procs.world > 1 else None, self.procs.world)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -189,6 +201,7 @@ class Trainer:
             "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
             "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
+            "reward_weights": self.reward_weights.state_dict() if self.reward_weights else None,
         }
         path = None
         weights = trainable_state_dict(self.task.module)
@@ -287,6 +300,8 @@ class Trainer:
             self.tracker.load_state_dict(m["tracker"])
         if self.kl_ctl is not None and m.get("kl_ctl"):
             self.kl_ctl.load_state_dict(m["kl_ctl"])
+        if self.reward_weights is not None and m.get("reward_weights"):
+            self.reward_weights.load_state_dict(m["reward_weights"])
         restore_rng(ck["rng"])
         if self.procs.main:
             if path.parent == self.run_dir / "checkpoints":
@@ -301,6 +316,49 @@ class Trainer:
             return float(self.kl_ctl.value)
         return kl_coefficient(self.optimizer_steps, self.cfg.loss)
 
+    def _teacher_beta(self) -> Dict[str, float]:
+        """``{"teacher_beta": value}`` at this optimizer step when a teacher is set (KDRL), else ``{}``."""
+        if not self.cfg.model.teacher:
+            return {}
+        return {"teacher_beta": teacher_coefficient(self.optimizer_steps, self.cfg.loss)}
+
+    def _update_reward_weights(self, batch, rewards: torch.Tensor, row_group: torch.Tensor, beta: float) -> Dict[str, float]:
+        """Dynamic reward weighting (Lu et al., arXiv 2509.11452, gradient-based): for each reward alone,
+        its advantages and the policy gradient of the step's whole batch at the current weights,
+        clipped to ``train.max_grad_norm``; the weights then follow the gradients' influences
+        (:class:`flowrl.core.advantages.DynamicRewardWeights`). One extra backward pass per reward
+        and step; nothing is applied to the model. Returns the step's weights and influences."""
+        if self.reward_weights is None:
+            return {}
+        cfg, names = self.cfg, list(self._reward_names)
+        n_local = rewards.shape[0]
+        g_rewards, g_groups = self.procs.gather(rewards.float()), self.procs.gather(row_group)
+        sl = slice(self.procs.rank * n_local, (self.procs.rank + 1) * n_local)
+        single = dataclasses.replace(cfg.advantage, reward_weights=None, dynamic_weights=False)
+        reduce_fn = self.procs.sum if self.procs.world > 1 else None
+        rows = torch.arange(n_local)
+        grads = []
+        for k in range(len(names)):
+            adv_k, st = compute_advantages(g_rewards[:, k], g_groups, single)
+            adv_k, keep = adv_k[sl].float(), st["keep"][sl]
+            mask = self.task.action_mask(batch, adv_k, keep).bool()
+            sub = self.task.select(batch, rows)
+            norm = loss_normalizers(mask, cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
+            self.task.mask_actions(sub, mask)
+            self._gradient(sub, adv_k, norm, beta, 0)
+            self.acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)  # upstream clips each gradient too
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                                    for p in self.params]))
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.procs.all_true(all(bool(torch.isfinite(g).all()) for g in grads)):
+            log.warning("step %d: a reward's gradient is not finite; the reward weights are not updated", self.step)
+            influence = [float("nan")] * len(names)
+        else:
+            influence = self.reward_weights.step(names, grads, self.scheduler.get_last_lr()[0])
+        weights = self.reward_weights.weights_for(names)
+        return {**{f"reward_weight/{n}": w for n, w in zip(names, weights)},
+                **{f"reward_influence/{n}": s for n, s in zip(names, influence)}}
+
     # -------------------------------------------------------------------------------- one step
     def train_step(self) -> Dict[str, Any]:
         """One step of the algorithm: rollout (no grad) -> rewards -> advantages -> K inner epochs
@@ -314,8 +372,9 @@ class Trainer:
         rewards, names, issues = self._score(batch, step.records)
         t_score = time.time()
         groups = self._groups(batch, step)
+        beta, teacher_beta = self._beta(), self._teacher_beta()  # (the teacher's: at the step's first update)
+        weight_metrics = self._update_reward_weights(batch, rewards, groups.group, beta)
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
-        beta = self._beta()
         update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta)
         self._update_old()
         nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
@@ -327,7 +386,7 @@ class Trainer:
             "step": self.step + 1, **rew,
             "zero_std_frac": float(adv_stats.get("zero_std_frac", float("nan"))),
             "filtered_samples": int(adv_stats.get("filtered_count", 0)),
-            **update, "beta": beta, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
+            **update, "beta": beta, **teacher_beta, **weight_metrics, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
             "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample,
             "time/update": t_end - t_score, "time/step": t_end - t_start,
         }
@@ -418,7 +477,9 @@ class Trainer:
         cfg = self.cfg
         n_local = rewards.shape[0]
         adv_cfg = cfg.advantage
-        if adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
+        if self.reward_weights is not None:  # dynamic reward weighting: the weights as updated this step
+            adv_cfg = dataclasses.replace(adv_cfg, reward_weights=self.reward_weights.weights_for(self._reward_names))
+        elif adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
             adv_cfg = dataclasses.replace(adv_cfg, reward_weights=tuple(float(cfg.rewards[n]) for n in self._reward_names))
         w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
         tree = self.task.tree_advantages(batch, (rewards.double() * w).sum(-1), adv_cfg)
@@ -431,18 +492,20 @@ class Trainer:
             adv, stats = multi_granularity_advantages(g_rewards, g_groups, adv_cfg)
         else:
             keys = self.procs.gather(row_key).tolist() if self.tracker is not None else None
-            adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
+            if adv_cfg.unlikely_penalty > 0:  # Rewarding the unlikely: ranks by the sampling policy's likelihoods
+                seq = self.procs.gather(self.task.sequence_logps(batch).double())
+                adv, stats = unlikely_advantages(g_rewards, seq, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
+            else:
+                adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=keys)
         # this process's rows are the rank-th slice of the gathered tensors
         sl = slice(self.procs.rank * n_local, (self.procs.rank + 1) * n_local)
         stats = dict(stats)
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
 
-    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int):
-        """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
-        gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
-        Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
-        tc = self.cfg.train
+    def _gradient(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int) -> Dict[str, float]:
+        """The minibatch's gradient in ``.grad`` (zeroed first), averaged over processes under DDP;
+        returns the task's loss statistics."""
         self.optimizer.zero_grad(set_to_none=True)
 
         def backward(loss, last=True, _w=self.wrapped):
@@ -455,9 +518,18 @@ class Trainer:
                 self.acc.backward(loss)
 
         with self.acc.autocast():
-            st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward, epoch=epoch)
+            st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward, epoch=epoch,
+                                              **self._teacher_beta())
         if self.local_grads:
             self.procs.average_gradients(self.params)
+        return st
+
+    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int):
+        """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
+        gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
+        Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
+        tc = self.cfg.train
+        st = self._gradient(sub, adv, normalizer, beta, epoch)
         gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         gn = float(gn) if gn is not None else float("nan")
         # every process must take the same decision, or the replicas drift apart
