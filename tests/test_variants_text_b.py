@@ -267,6 +267,18 @@ def test_disco_two_pass_gradient_equals_the_loss_gradient_for_any_chunking():
     learner.reduce_fn, learner.world = (lambda t: 2 * t), 2
     learner.minibatch_gradient(ro, adv, normalizer=1.0)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), want, atol=1e-6, rtol=1e-4)
+    # a rollout without old log-probs (its first update on-policy) is scored against the current policy
+    learner = _disco_learner(model, tok, 5)
+    grads = []
+    with torch.no_grad():
+        current = token_logps(model, ro.input_ids(), ro.attention_mask(), ro.completion_ids.shape[1], chunk_size=5)
+    for old in (None, current):
+        ro.old_logps = old
+        model.zero_grad()
+        st = learner.minibatch_gradient(ro, adv, normalizer=1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        assert st["kl"] == 0.0 and st["ratio_min"] == st["ratio_max"] == 1.0
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_disco_refuses_what_it_does_not_combine_with():
@@ -375,7 +387,7 @@ def _trainer(preset: Path, out: Path, overrides: List[str]):
     from flowrl.train.loop import Trainer
 
     base = [f"output_dir={out}", "train.tracker=none", "train.progress=false", "max_steps=2",
-            "sample.prompts_per_step=4", "sample.group_size=4", "text.max_new_tokens=4", "eval.num_prompts=2",
+            "sample.prompts_per_step=2", "sample.group_size=4", "text.max_new_tokens=3", "eval.num_prompts=1",
             "eval.at_start=false", "checkpoint_every=1", "eval_every=2"]
     return Trainer(load_run_config(preset, base + overrides))
 
@@ -413,6 +425,23 @@ def test_dynamic_weights_resume_exactly(tiny, tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_dynamic_weights_on_the_image_path(tmp_path):
+    from flowrl.demo.tiny_image import save_tiny
+    from flowrl.train.loop import Trainer
+
+    sd3 = save_tiny("sd3", tmp_path / "sd3")
+    cfg = load_run_config(ROOT / "configs" / "tiny_sd3.yaml", [
+        f"model.path={sd3}", f"output_dir={tmp_path / 'run'}", "resume=none", "max_steps=1", "train.tracker=none",
+        "train.progress=false", "eval.at_start=false", "eval.num_prompts=1", "eval.seeds=[0]", "sample.eval_num_steps=2",
+        "rewards={jpeg_compressibility: 2.0, jpeg_incompressibility: 1.0}", "advantage.dynamic_weights=true"])
+    Trainer(cfg).run()
+    m = _metrics(tmp_path / "run")[0]
+    # opposite rewards: exactly opposite advantages and gradients g and -g, so both influences
+    # <g, g - g> are exactly 0 and the weights (2/3, 1/3) stay; the update itself (total r/3) has a gradient
+    assert m["reward_influence/jpeg_compressibility"] == m["reward_influence/jpeg_incompressibility"] == 0.0
+    assert abs(m["reward_weight/jpeg_compressibility"] - 2 / 3) < 1e-15 and m["grad_norm"] > 0
+
+
 def test_dynamic_weights_config_errors():
     with pytest.raises(ConfigError, match="advantage.dynamic_weights: weighs several rewards"):
         load_run_config(ROOT / "configs" / "tiny_llm.yaml", ["advantage.dynamic_weights=true"])
@@ -443,7 +472,7 @@ def test_preset_trains_two_steps_and_changes_the_weights(name, tiny, tmp_path):
     if name == "kdrl":
         ov.append(f"model.teacher={tiny[1]}")
     if name == "disco":
-        ov.append("sample.prompts_per_step=8")  # 4 minibatches of 2 prompts
+        ov.append("sample.prompts_per_step=4")  # 4 minibatches of 1 prompt
     tr = _trainer(preset, tmp_path / name, ov)
     before = {n: p.detach().clone() for n, p in tr.task.module.named_parameters()}
     summary = tr.run()

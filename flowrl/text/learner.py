@@ -170,15 +170,14 @@ class TextLearner:
         cfg = self.loss
         n, lc = ro.num_samples, ro.completion_ids.shape[1]
         reduce = self.reduce_fn or (lambda t: t)
-        if ro.old_logps is None:
-            raise ValueError("old_logps: DisCO's score and KL need the rollout's log-probs (TextRollout.old_logps)")
         mask = ro.completion_mask.bool().to(device)
-        old = ro.old_logps.to(device)
         group = torch.unique(ro.prompt_index, return_inverse=True)[1].to(device)
         adv = advantages.detach().to(device)
         with torch.no_grad():
             lp = token_logps(model, ro.input_ids(), ro.attention_mask(), lc, temperature=self.temperature,
                              chunk_size=self.chunk_size)
+            # a rollout without old log-probs is updated on-policy: the sampling policy is the current one
+            old = lp if ro.old_logps is None else ro.old_logps.to(device)
             scores = sequence_scores(lp, old, mask, cfg.disco_score)
             tok_kl = self._disco_token_kl(lp, old, mask)
             counts = reduce(torch.stack([tok_kl.double().sum(), mask.sum().double(),
@@ -196,7 +195,7 @@ class TextLearner:
             logps = token_logps(model, part.input_ids(), part.attention_mask(), lc, temperature=self.temperature,
                                 chunk_size=None)
             m = part.completion_mask.bool().to(device)
-            o = part.old_logps.to(device)
+            o = old[rows.to(device)]
             sc = sequence_scores(logps, o, m, cfg.disco_score)
             kl_sum = self._disco_token_kl(logps, o, m).sum()
             surrogate = (c_s[rows.to(device)].to(logps.dtype) * sc).sum() + c_k.to(logps.dtype) * kl_sum / tokens
