@@ -78,10 +78,18 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
 
 def eval_rows(run_dir: Path, step: int) -> List[float]:
     """The total reward of every image (prompt-major rows) of a run's evaluation at ``step``, read from
-    ``eval/step-N/scores.csv`` (empty if it is missing)."""
+    ``eval/step-N/scores.csv``, or of every completion of a text run (``samples.jsonl``, the rewards
+    weighted as in its ``config.yaml``); empty if missing."""
     import csv
 
-    path = run_dir / "eval" / f"step-{step:08d}" / "scores.csv"
+    d = run_dir / "eval" / f"step-{step:08d}"
+    if (d / "samples.jsonl").is_file():  # a text run: one record per held-out prompt, one column per reward
+        import yaml
+
+        weights = yaml.safe_load((run_dir / "config.yaml").read_text())["rewards"]
+        recs = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+        return [sum(w * float(r[n]) for n, w in weights.items()) for r in recs]
+    path = d / "scores.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -190,17 +198,19 @@ def _steps_or_seconds(text: str):
         raise argparse.ArgumentTypeError(f"expected a number of steps (20) or of seconds (30s), got {text!r}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, *, methods_dir: Path = METHODS_DIR, reference: str = REFERENCE, out: str = "runs/methods",
+         labels: Optional[Dict[str, str]] = None, description: Optional[str] = None) -> int:
+    """The bench's command line; the keywords are another bench's defaults (``bench/text_methods.py``)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds per method and seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="*", default=None, help="preset names (default: every configs/methods/*.yaml)")
     ap.add_argument("--eval-every", type=_steps_or_seconds, default=5,
                     help="steps between evaluations, or seconds of training time with an s (30s: every method is "
                          "evaluated at the same times, however long its steps)")
-    ap.add_argument("--out", default="runs/methods")
-    ap.add_argument("--methods-dir", default=str(METHODS_DIR), help="folder of method presets (YAML overlays)")
-    ap.add_argument("--reference", default=REFERENCE, help="the method whose final reward the others must reach")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--methods-dir", default=str(methods_dir), help="folder of method presets (YAML overlays)")
+    ap.add_argument("--reference", default=reference, help="the method whose final reward the others must reach")
     ap.add_argument("--reference-from", default=None, metavar="JSON",
                     help="read the reference's runs from an earlier table's methods.json instead of training it "
                          "(its final reward is the target; e.g. to evaluate the fast methods more often over a "
@@ -255,7 +265,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{', '.join(map(str, sources))}: no {ref!r} runs")
         if args.merge:
             (out / "methods.json").write_text(json.dumps(results, indent=1))
-        return report(results, ref, out, args.budget)
+        return report(results, ref, out, args.budget, **(labels or {}))
     jobs = [(m, s) for m in methods for s in args.seeds]
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(args.seeds)} seeds), {args.jobs} at a time, "
           f"{threads or 'default'} thread(s) each, {args.budget:.0f} s of training each", flush=True)
@@ -277,7 +287,7 @@ def main(argv=None) -> int:
     if args.speed_from:
         results = at_speed_of(results, json.loads(Path(args.speed_from).read_text()), skip=ref if ref_runs else None)
     (out / "methods.json").write_text(json.dumps(results, indent=1))
-    return report(results, ref, out, args.budget)
+    return report(results, ref, out, args.budget, **(labels or {}))
 
 
 def at_speed_of(results: Dict[str, List[Dict]], table: Dict[str, List[Dict]], skip: Optional[str] = None):
@@ -358,7 +368,8 @@ def mean_curve(cs: List[Dict], grid: List[float]) -> tuple:
     return [statistics.mean(v) for v in vals], [_se(v) for v in vals]
 
 
-def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -> int:
+def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float,
+           what: str = "held-out shapes reward", title: str = "Every method on equal compute (demo model, CPU)") -> int:
     """Print the table of ``results`` (method -> one curve per seed) and save ``out/methods.png``.
 
     Columns: the held-out reward at the budget as mean ± standard error over seeds, the evaluation's own
@@ -436,8 +447,8 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float) -
                         alpha=0.15, step="post", lw=0)
     ax.axhline(target, color="k", ls=":", lw=1)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel(f"held-out shapes reward (mean ± s.e. over {seeds} seeds)")
-    ax.set_title("Every method on equal compute (demo model, CPU)")
+    ax.set_ylabel(f"{what} (mean ± s.e. over {seeds} seeds)")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "methods.png", dpi=120)

@@ -115,6 +115,25 @@ def test_methods_bench_runs_on_a_tiny_budget_and_reuses_its_runs(tmp_path, capsy
           code="--reference-from reads 'flow_grpo': leave it out of --methods")
 
 
+def test_text_methods_bench_reads_text_evaluations(tmp_path, capsys, monkeypatch):
+    """bench/text_methods.py: the text presets on a tiny LM (1 s each); the reference is grpo and the
+    curve's rows are the held-out completions' exact match (samples.jsonl)."""
+    from flowrl.demo.tiny_text import save_tiny_lm
+
+    lm = save_tiny_lm(tmp_path / "lm", seed=0)
+    out = tmp_path / "text_methods"
+    monkeypatch.setattr(sys, "argv", ["bench/text_methods.py", "--budget", "1", "--eval-every", "1", "--threads", "1",
+                                      "--out", str(out), f"model.path={lm}", "eval.num_prompts=4",
+                                      "sample.prompts_per_step=2"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "bench" / "text_methods.py"), run_name="__main__")
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "grpo" in printed and "x ref time" in printed
+    (c,) = json.loads((out / "methods.json").read_text())["grpo"]
+    assert c["eval_images"] == 4 and all(0.0 <= r <= 1.0 for r in c["reward"])
+
+
 def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_path, capsys):
     """The table's figures on made-up curves: mean ± standard error over seeds, how many seeds reached the
     reference's final mean and when (mean over those), and the ratio to the reference's time."""

@@ -1,4 +1,5 @@
-"""Every shipped recipe (``configs/*.yaml``, ``configs/methods/*.yaml``) stays loadable and buildable.
+"""Every shipped recipe (``configs/*.yaml``, ``configs/methods/*.yaml``, ``configs/methods_text/*.yaml``) stays
+loadable and buildable.
 
 Each config is loaded through :func:`flowrl.config.load_run_config` with its model replaced by a tiny
 randomly initialised stand-in of the same family (``flowrl.demo.tiny_image.save_tiny`` /
@@ -28,7 +29,7 @@ from flowrl.train.lora import DEFAULTS as LORA_DEFAULTS
 from scorers.registry import register as register_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+CONFIGS = [p for d in ("", "methods", "methods_text") for p in sorted((ROOT / "configs" / d).glob("*.yaml"))]
 IDS = [str(p.relative_to(ROOT / "configs")) for p in CONFIGS]
 TINY = {"tiny_sd3.yaml", "tiny_flux.yaml", "tiny_flux_kontext.yaml", "tiny_llm.yaml", "tiny_z_image.yaml",
         "tiny_qwen_image.yaml", "tiny_flux2.yaml", "tiny_wan.yaml", "tiny_qwen_image_edit.yaml"}
@@ -112,6 +113,8 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
     if fam == "lm":
         ov += [f"sample.prompts_per_step={2 * mb}", "sample.group_size=4", "text.max_new_tokens=4",
                "data.train=arithmetic:train", "data.eval=arithmetic:test"]
+        if cfg.model.teacher:  # KDRL: the tiny LM is its own teacher (same tokenizer)
+            ov += [f"model.teacher={models['lm']}"]
         if signal_rewards:
             ov += ["rewards={test_digit_fraction: 1.0}"]
         return ov

@@ -298,8 +298,11 @@ def test_sigkill_and_resume_is_exact(kind, plugin_dir, tmp_path):
     assert after_ckpt, f"no kill landed right after a checkpoint: {segments}"
     sigterm = [s for s in segments if s.get("signal") == "SIGTERM" and s["killed"]]
     assert sigterm, f"no SIGTERM landed: {segments}"
-    for s in after_ckpt + sigterm:  # the next segment resumed exactly where this one left off
-        nxt = segments[s["index"] + 1]
+    for s in after_ckpt + sigterm:  # the next segment that got going resumed exactly where this one left off
+        # (a restart killed during its start-up, before the resume point, touched nothing: line 292; on a
+        # loaded machine the start-up kill aimed at the end of the run can land there)
+        later = segments[s["index"] + 1:]
+        nxt = next(x for x in later if x["resume_logged"] or not x["killed"])
         assert nxt["ckpt_before"] == s["ckpt_after"] and nxt["resumed_at"] == s["ckpt_after"], (s, nxt)
     # prompts of the steps after that checkpoint were also used before it (in the killed process)
     from flowrl.train.data import choose_prompts

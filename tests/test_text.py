@@ -91,6 +91,34 @@ def test_one_update_is_on_policy_first_and_changes_the_model(preset):
     assert changed > 0
 
 
+def test_on_policy_update_needs_no_old_logprob_pass():
+    """TRL's shortcut: with the sampling weights, the update's own detached log-probs are the old
+    ones. The gradient equals the one against a separate old pass with the same chunking (same
+    process: bit-exact), and an off-policy minibatch without old log-probs is refused."""
+    model, tok = build_tiny_lm(seed=2)
+    learner = TextLearner(model, tok, loss_preset("grpo"), max_new_tokens=5, chunk_size=3)
+    ro = learner.rollout(["3+4=", "9+9="], group_size=3, seed=0, old_logps=False)
+    assert ro.old_logps is None
+    adv = torch.randn(ro.num_samples)
+    norm = loss_normalizers(ro.completion_mask, "seq-mean-token-mean")
+    with pytest.raises(ValueError, match="old log-probs missing"):
+        learner.minibatch_gradient(ro, adv, normalizer=norm)
+    grads = []
+    for on_policy in (True, False):
+        model.zero_grad()
+        if not on_policy:
+            learner.fill_old_logps(ro, torch.arange(ro.num_samples))
+        st = learner.minibatch_gradient(ro, adv, normalizer=norm, on_policy=on_policy)
+        assert st["ratio_min"] == 1.0 and st["ratio_max"] == 1.0
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+    # rows not filled stay NaN; a minibatch of the filled rows only is accepted off-policy
+    ro2 = learner.rollout(["3+4=", "9+9="], group_size=3, seed=0, old_logps=False)
+    learner.fill_old_logps(ro2, torch.tensor([3, 4, 5]))
+    assert torch.isnan(ro2.old_logps[:3]).all() and torch.equal(ro2.old_logps[3:], ro.old_logps[3:])
+    learner.minibatch_gradient(ro2.select([3, 4, 5]), adv[3:], normalizer=norm)
+
+
 def test_chunking_does_not_change_the_gradient():
     model, tok = build_tiny_lm(seed=1)
     ro = TextLearner(model, tok, loss_preset("grpo"), max_new_tokens=5).rollout(["3+4=", "9+9="], group_size=3, seed=0)

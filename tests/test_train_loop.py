@@ -267,6 +267,32 @@ def test_text_two_steps_and_resume(lm_dir, tmp_path, caplog):
     assert summary["nfe"] == sum(m["nfe"] for m in read_metrics(run))
 
 
+@pytest.mark.parametrize("minibatches,epochs,filled_rows", [(1, 1, 0), (2, 1, 4), (1, 2, 8)])
+def test_text_skips_the_old_logprob_pass_on_policy(lm_dir, tmp_path, monkeypatch, minibatches, epochs, filled_rows):
+    """The rollout computes no old log-probs; the loop fills them only for the rows trained after
+    the first optimizer step (a second epoch trains every row again: all are filled). One
+    minibatch, one epoch: the same weights, bit for bit (same process), as with a separate old pass
+    over every row (the behaviour before)."""
+    from flowrl.train.loop import Trainer
+    from flowrl.train.tasks import TextTask
+
+    filled = []
+    real_fill = TextTask.fill_old
+    monkeypatch.setattr(TextTask, "fill_old", lambda self, ro, rows: (filled.append(rows.numel()), real_fill(self, ro, rows)))
+    over = dict(checkpoint_every=2, eval_every=10, sample={"prompts_per_step": 2},
+                train={"num_minibatches": minibatches, "num_iterations": epochs})
+    run_inprocess(text_config(lm_dir, tmp_path / "skip", **over), tmp_path, "skip.yaml")
+    assert filled == [filled_rows] * 2  # per step (2 prompts x 4 completions)
+    if filled_rows == 0:
+        monkeypatch.setattr(TextTask, "fill_old", real_fill)
+        full = lambda self, *a, on_policy=True, **k: _inner(self, *a, on_policy=False, **k)  # noqa: E731
+        _inner = Trainer._inner_updates
+        monkeypatch.setattr(Trainer, "_inner_updates", full)
+        run_inprocess(text_config(lm_dir, tmp_path / "full", **over), tmp_path, "full.yaml")
+        a, b = ckpt_weights(tmp_path / "skip", 2), ckpt_weights(tmp_path / "full", 2)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_flow_two_steps_and_resume(sd3_dir, tmp_path, caplog):
     run = tmp_path / "run"
     name = f"{PLUGIN}:make_brightness"

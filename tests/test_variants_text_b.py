@@ -267,7 +267,7 @@ def test_disco_two_pass_gradient_equals_the_loss_gradient_for_any_chunking():
     learner.reduce_fn, learner.world = (lambda t: 2 * t), 2
     learner.minibatch_gradient(ro, adv, normalizer=1.0)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), want, atol=1e-6, rtol=1e-4)
-    # a rollout without old log-probs (its first update on-policy) is scored against the current policy
+    # the on-policy first update (the rollout may skip old log-probs) is scored against the current policy
     learner = _disco_learner(model, tok, 5)
     grads = []
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_disco_two_pass_gradient_equals_the_loss_gradient_for_any_chunking():
     for old in (None, current):
         ro.old_logps = old
         model.zero_grad()
-        st = learner.minibatch_gradient(ro, adv, normalizer=1.0)
+        st = learner.minibatch_gradient(ro, adv, normalizer=1.0, on_policy=old is None)
         grads.append(torch.cat([p.grad.flatten() for p in params]))
         assert st["kl"] == 0.0 and st["ratio_min"] == st["ratio_max"] == 1.0
     assert torch.equal(grads[0], grads[1])

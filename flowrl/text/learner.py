@@ -38,6 +38,17 @@ def _ref_context(model, ref_model):
     raise ValueError("a KL term (beta > 0) needs a LoRA model (reference = adapter disabled) or a ref_model")
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """No dropout while log-probs are computed outside the update (which runs in eval mode too)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 class TextLearner:
     """Rollouts and minibatch gradients for a causal LM policy.
 
@@ -83,43 +94,50 @@ class TextLearner:
                            temperature=self.temperature, chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None) -> TextRollout:
-        """Sample, then store the sampling policy's log-probs (and the reference's when KL is on),
-        computed with the same chunking as the update so the first inner step is exactly on-policy."""
+    def rollout(self, prompts: Sequence[str], *, group_size: int, seed: int, prompt_keys=None,
+                old_logps: bool = True) -> TextRollout:
+        """Sample, then store the reference's log-probs when KL is on and, unless ``old_logps`` is
+        False, the sampling policy's (:meth:`fill_old_logps` on every row). Without them the caller
+        fills the rows it needs before its first optimizer step and marks that step ``on_policy``."""
         ro = generate(self.model, self.tokenizer, prompts, group_size=group_size, max_new_tokens=self.max_new_tokens,
                       seed=seed, prompt_keys=prompt_keys, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        was = self.model.training
-        self.model.eval()  # no dropout in log-probs; the update uses eval mode too
-        try:
-            ro.old_logps = self._logps(self.model, ro).cpu()
-            if self.needs_ref:
-                with _ref_context(self.model, self.ref_model):
-                    ro.ref_logps = self._logps(self.ref_model or self.model, ro).cpu()
-            if self.teacher_model is not None:
-                ro.teacher_logps = self._logps(self.teacher_model, ro).cpu()
-        finally:
-            self.model.train(was)
+        if old_logps:
+            self.fill_old_logps(ro, torch.arange(ro.num_samples))
+        if self.needs_ref:
+            with _eval_mode(self.model), _ref_context(self.model, self.ref_model):
+                ro.ref_logps = self._logps(self.ref_model or self.model, ro).cpu()
+        if self.teacher_model is not None:
+            ro.teacher_logps = self._logps(self.teacher_model, ro).cpu()
         return ro
 
     @torch.no_grad()
-    def sequence_logps(self, ro: TextRollout) -> Tensor:
-        """``[N]`` each completion's mean token log-prob under the sampling policy (the rollout's
-        ``old_logps``; computed and stored when the rollout skipped them). Call before any update
-        of the rollout. Rewarding the unlikely ranks a group's members by it."""
+    def fill_old_logps(self, ro: TextRollout, rows: Tensor) -> None:
+        """Store the current (sampling) policy's token log-probs of ``rows`` in ``ro.old_logps``;
+        other rows stay NaN. Computed in eval mode (as the update) with the update's chunking, so on
+        a minibatch of the same rows the first inner step is exactly on-policy."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
         if ro.old_logps is None:
-            was = self.model.training
-            self.model.eval()
-            try:
-                ro.old_logps = self._logps(self.model, ro).cpu()
-            finally:
-                self.model.train(was)
+            ro.old_logps = torch.full(ro.completion_ids.shape, float("nan"))
+        if rows.numel() == 0:
+            return
+        with _eval_mode(self.model):
+            ro.old_logps[rows] = self._logps(self.model, ro.select(rows)).cpu()
+
+    @torch.no_grad()
+    def sequence_logps(self, ro: TextRollout) -> Tensor:
+        """``[N]`` each completion's mean token log-prob under the sampling policy (``ro.old_logps``;
+        the rows the rollout skipped are filled first, :meth:`fill_old_logps`). Call before any
+        update of the rollout. Rewarding the unlikely ranks a group's members by it."""
         m = ro.completion_mask.bool()
+        missing = torch.ones(ro.num_samples, dtype=torch.bool) if ro.old_logps is None else \
+            torch.isnan(torch.where(m, ro.old_logps, torch.zeros(()))).any(1)
+        self.fill_old_logps(ro, missing.nonzero().flatten())
         lp = torch.where(m, ro.old_logps.to(torch.float64), torch.zeros((), dtype=torch.float64))
         return lp.sum(1) / m.sum(1).clamp(min=1).to(torch.float64)
 
     def minibatch_gradient(self, ro: TextRollout, advantages: Tensor, *, normalizer, beta: Optional[float] = None,
                            loss_scale: float = 1.0, backward: Optional[Callable[[Tensor, bool], None]] = None,
-                           teacher_beta: Optional[float] = None) -> Dict[str, float]:
+                           on_policy: bool = False, teacher_beta: Optional[float] = None) -> Dict[str, float]:
         """Accumulate the gradient of the loss of minibatch ``ro`` (already the rows of one
         optimizer step on this process) into ``.grad``; returns summed statistics.
 
@@ -128,24 +146,31 @@ class TextLearner:
         multiplies each chunk's loss (e.g. the process count under DDP averaging is already in
         the normaliser; leave 1). ``backward(loss, last)`` defaults to ``loss.backward()``;
         ``last`` is True for the minibatch's final backward pass (where a data-parallel wrapper
-        should synchronise gradients; the others can run under ``no_sync``). ``teacher_beta`` is
-        KDRL's current teacher coefficient (None: ``loss.teacher_beta``). DisCO ignores
-        ``normalizer`` (:meth:`_disco_gradient`)."""
+        should synchronise gradients; the others can run under ``no_sync``).
+
+        ``on_policy``: the parameters are still those that sampled ``ro`` (the first optimizer step
+        of the first epoch): the recomputed log-probs, detached, are the old ones (ratio exactly 1,
+        as TRL does with one update per generation batch), so ``ro.old_logps`` is not needed.
+        ``teacher_beta`` is KDRL's current teacher coefficient (None: ``loss.teacher_beta``). DisCO
+        ignores ``normalizer`` (:meth:`_disco_gradient`)."""
+        if not on_policy and (ro.old_logps is None or bool(torch.isnan(ro.old_logps[ro.completion_mask.bool()]).any())):
+            raise ValueError("rollout: old log-probs missing for an off-policy minibatch (fill_old_logps before the first update)")
         backward = backward or (lambda loss, last: loss.backward())
         model = self.forward_model or self.model
         n = ro.num_samples
         parts = []
         device = next(self.model.parameters()).device
         if self.loss.surrogate == "disco":
-            return self._disco_gradient(ro, advantages, model, device, loss_scale, backward)
+            return self._disco_gradient(ro, advantages, model, device, loss_scale, backward, on_policy)
         for s in range(0, n, self.chunk_size):
             rows = torch.arange(s, min(n, s + self.chunk_size))
             part = ro.select(rows)
             logps = token_logps(model, part.input_ids(), part.attention_mask(), part.completion_ids.shape[1],
                                 temperature=self.temperature, chunk_size=None)
             mask = part.completion_mask.to(device)
+            old = logps.detach() if on_policy else part.old_logps.to(device)
             loss, st = policy_loss(
-                logps, part.old_logps.to(device), advantages[rows].to(device), mask, self.loss,
+                logps, old, advantages[rows].to(device), mask, self.loss,
                 normalizer=normalizer, ref_logps=None if part.ref_logps is None else part.ref_logps.to(device), beta=beta,
                 teacher_logps=None if part.teacher_logps is None else part.teacher_logps.to(device), teacher_beta=teacher_beta,
             )
@@ -155,7 +180,7 @@ class TextLearner:
 
     # -- DisCO ---------------------------------------------------------------------------------------
     def _disco_gradient(self, ro: TextRollout, advantages: Tensor, model, device, loss_scale: float,
-                        backward: Callable[[Tensor, bool], None]) -> Dict[str, float]:
+                        backward: Callable[[Tensor, bool], None], on_policy: bool) -> Dict[str, float]:
         """The gradient of DisCO's loss (:func:`flowrl.core.losses.disco_loss`) over this optimizer
         minibatch, in two passes so that chunking and processes do not change it.
 
@@ -176,8 +201,7 @@ class TextLearner:
         with torch.no_grad():
             lp = token_logps(model, ro.input_ids(), ro.attention_mask(), lc, temperature=self.temperature,
                              chunk_size=self.chunk_size)
-            # a rollout without old log-probs is updated on-policy: the sampling policy is the current one
-            old = lp if ro.old_logps is None else ro.old_logps.to(device)
+            old = lp if on_policy else ro.old_logps.to(device)  # on-policy: the sampling policy is the current one
             scores = sequence_scores(lp, old, mask, cfg.disco_score)
             tok_kl = self._disco_token_kl(lp, old, mask)
             counts = reduce(torch.stack([tok_kl.double().sum(), mask.sum().double(),

@@ -322,7 +322,8 @@ class Trainer:
             return {}
         return {"teacher_beta": teacher_coefficient(self.optimizer_steps, self.cfg.loss)}
 
-    def _update_reward_weights(self, batch, rewards: torch.Tensor, row_group: torch.Tensor, beta: float) -> Dict[str, float]:
+    def _update_reward_weights(self, batch, rewards: torch.Tensor, row_group: torch.Tensor, beta: float,
+                               on_policy: bool) -> Dict[str, float]:
         """Dynamic reward weighting (Lu et al., arXiv 2509.11452, gradient-based): for each reward alone,
         its advantages and the policy gradient of the step's whole batch at the current weights,
         clipped to ``train.max_grad_norm``; the weights then follow the gradients' influences
@@ -337,6 +338,8 @@ class Trainer:
         single = dataclasses.replace(cfg.advantage, reward_weights=None, dynamic_weights=False)
         reduce_fn = self.procs.sum if self.procs.world > 1 else None
         rows = torch.arange(n_local)
+        if not on_policy:  # sampled by other weights (an old policy): the gradients need the old log-probs
+            self.task.fill_old(batch, rows)
         grads = []
         for k in range(len(names)):
             adv_k, st = compute_advantages(g_rewards[:, k], g_groups, single)
@@ -345,7 +348,7 @@ class Trainer:
             sub = self.task.select(batch, rows)
             norm = loss_normalizers(mask, cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
             self.task.mask_actions(sub, mask)
-            self._gradient(sub, adv_k, norm, beta, 0)
+            self._gradient(sub, adv_k, norm, beta, 0, on_policy=on_policy)
             self.acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)  # upstream clips each gradient too
             grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
                                     for p in self.params]))
@@ -366,16 +369,17 @@ class Trainer:
         t_start = time.time()
         step = self._step_prompts()
         self.task.module.eval()
-        with self._rollout_weights():
+        weights = self._rollout_weights()
+        with weights:
             batch = self.task.rollout(step.records, step.keys, self.step)
         t_sample = time.time()
         rewards, names, issues = self._score(batch, step.records)
         t_score = time.time()
         groups = self._groups(batch, step)
         beta, teacher_beta = self._beta(), self._teacher_beta()  # (the teacher's: at the step's first update)
-        weight_metrics = self._update_reward_weights(batch, rewards, groups.group, beta)
+        weight_metrics = self._update_reward_weights(batch, rewards, groups.group, beta, on_policy=weights is _NO_SWAP)
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
-        update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta)
+        update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta, on_policy=weights is _NO_SWAP)
         self._update_old()
         nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
         self.total_nfe += nfe
@@ -435,10 +439,12 @@ class Trainer:
             block=prompt // step.per_block, branch_block=branch // (K // self.mb_branches),
         )
 
-    def _inner_updates(self, batch, adv: torch.Tensor, keep: torch.Tensor, groups: "_RowGroups", beta: float) -> Dict[str, Any]:
+    def _inner_updates(self, batch, adv: torch.Tensor, keep: torch.Tensor, groups: "_RowGroups", beta: float,
+                       on_policy: bool = True) -> Dict[str, Any]:
         """``train.num_iterations`` epochs over the rollout, each ``num_minibatches`` optimizer
         steps on blocks of rows in a seeded order (branch blocks in step order for sweeps); returns
-        :func:`update_metrics`."""
+        :func:`update_metrics`. ``on_policy``: the trained weights sampled the batch, so the first
+        optimizer step needs no separate old log-prob pass (:meth:`Task.fill_old` skips its rows)."""
         cfg, tc = self.cfg, self.cfg.train
         mask = self.task.action_mask(batch, adv, keep).bool()
         reduce_fn = self.procs.sum if self.procs.world > 1 else None
@@ -448,22 +454,26 @@ class Trainer:
         grad_norms: List[float] = []
         update_ratios: List[float] = []
         skipped = 0
+        blocks = []  # (epoch, rows) of each optimizer step, in order
         for epoch in range(tc.num_iterations):
             perm = torch.randperm(self.mb_prompts, generator=rng.generator(cfg.seed, "minibatch", self.step, epoch)).tolist()
             for c in range(self.mb_branches):  # branch blocks in step order
                 for b in perm:
-                    rows = ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()
-                    sub = self.task.select(batch, rows)
-                    norm = loss_normalizers(mask[rows], agg, world_size=self.procs.world, reduce_fn=reduce_fn)
-                    self.task.mask_actions(sub, mask[rows])
-                    out = self._optimizer_step(sub, adv[rows], norm, beta, epoch)
-                    if out is None:
-                        skipped += 1
-                        continue
-                    st, gn, ratio = out
-                    loss_stats.append(st)
-                    grad_norms.append(gn)
-                    update_ratios.append(ratio)
+                    blocks.append((epoch, ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()))
+        later = torch.cat([rows for _, rows in blocks[1 if on_policy else 0:]] + [blocks[0][1][:0]]).unique()
+        self.task.fill_old(batch, later)
+        for i, (epoch, rows) in enumerate(blocks):
+            sub = self.task.select(batch, rows)
+            norm = loss_normalizers(mask[rows], agg, world_size=self.procs.world, reduce_fn=reduce_fn)
+            self.task.mask_actions(sub, mask[rows])
+            out = self._optimizer_step(sub, adv[rows], norm, beta, epoch, on_policy=on_policy and i == 0)
+            if out is None:
+                skipped += 1
+                continue
+            st, gn, ratio = out
+            loss_stats.append(st)
+            grad_norms.append(gn)
+            update_ratios.append(ratio)
         self.bad_in_row = self.bad_in_row + 1 if skipped else 0
         loss_stats = self.procs.global_stats(loss_stats)
         if self.kl_ctl is not None and loss_stats:
@@ -503,9 +513,10 @@ class Trainer:
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
 
-    def _gradient(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int) -> Dict[str, float]:
+    def _gradient(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int,
+                  on_policy: bool = False) -> Dict[str, float]:
         """The minibatch's gradient in ``.grad`` (zeroed first), averaged over processes under DDP;
-        returns the task's loss statistics."""
+        returns the task's loss statistics. ``on_policy``: the weights still are those that sampled it."""
         self.optimizer.zero_grad(set_to_none=True)
 
         def backward(loss, last=True, _w=self.wrapped):
@@ -519,17 +530,17 @@ class Trainer:
 
         with self.acc.autocast():
             st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward, epoch=epoch,
-                                              **self._teacher_beta())
+                                              on_policy=on_policy, **self._teacher_beta())
         if self.local_grads:
             self.procs.average_gradients(self.params)
         return st
 
-    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int):
+    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int, on_policy: bool = False):
         """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
         gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
         Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
         tc = self.cfg.train
-        st = self._gradient(sub, adv, normalizer, beta, epoch)
+        st = self._gradient(sub, adv, normalizer, beta, epoch, on_policy=on_policy)
         gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         gn = float(gn) if gn is not None else float("nan")
         # every process must take the same decision, or the replicas drift apart
@@ -554,7 +565,7 @@ class Trainer:
         optimizer steps on (DiffusionNFT: always; DGPO: after its switch step), else the trained ones."""
         start = self.cfg.objective.old.sample_from
         if self.old is None or start is None or self.optimizer_steps < start:
-            return contextlib.nullcontext()
+            return _NO_SWAP
         return self.old.swapped()
 
     def _update_old(self) -> None:
@@ -731,6 +742,9 @@ def passed_multiple(before: float, after: float, every: Optional[float]) -> bool
     """Whether ``(before, after]`` holds a multiple of ``every`` (None: never): a step that carried
     training time past the next ``eval_every_s`` mark."""
     return every is not None and math.floor(after / every) > math.floor(before / every)
+
+
+_NO_SWAP = contextlib.nullcontext()  # the rollout is sampled by the trained weights themselves
 
 
 def minibatch_split(num_minibatches: int, groups_per_prompt: int, split: str = "branch") -> tuple:

@@ -66,8 +66,14 @@ class Task(Protocol):
     def mask_actions(self, batch, mask: Tensor) -> None:
         """Restrict the actions the loss sees to ``mask`` (invalid samples masked out)."""
 
-    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
-        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics."""
+    def fill_old(self, batch, rows: Tensor) -> None:
+        """Before the first optimizer step: store the sampling policy's log-probs of ``rows`` where the
+        rollout did not (text: the rows after the first minibatch; flow: sampling stored them all)."""
+
+    def minibatch_gradient(self, batch, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool) -> Dict[str, float]:
+        """Accumulate the policy loss's gradient of a minibatch (of inner epoch ``epoch``); its statistics.
+        ``on_policy``: the weights are still those that sampled the batch (first optimizer step)."""
 
     def nfe(self, batch) -> int:
         """Model evaluations of the rollout (generated tokens for text)."""
@@ -203,7 +209,13 @@ class FlowTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
-    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int) -> Dict[str, float]:
+    def fill_old(self, ro, rows: Tensor) -> None:
+        pass  # the sampler stores every trained transition's log-prob as it samples
+
+    def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
+                           on_policy: bool = False) -> Dict[str, float]:
+        # the stored log-probs stay the old ones even on-policy (as Flow-GRPO): they are free, and the
+        # learner's on_policy mode would change today's numerics by the sampler/learner float drift
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
                                                epoch=epoch)
 
@@ -329,7 +341,7 @@ class TextTask:
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int):
         """Row j of the prompt with keys ``(record, position)``: ``rng.generator(seed, "sample", step, record, position, j)``."""
         return self.learner.rollout([r["prompt"] for r in records], group_size=self.cfg.sample.group_size,
-                                    seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys])
+                                    seed=self.cfg.seed, prompt_keys=[(step, *k) for k in keys], old_logps=False)
 
     def score(self, ro, records: Sequence[Dict]):
         prompts = [records[i]["prompt"] for i in ro.prompt_index.tolist()]
@@ -351,10 +363,15 @@ class TextTask:
     def select(self, ro, rows: Tensor):
         return ro.select(rows)
 
+    def fill_old(self, ro, rows: Tensor) -> None:
+        """The rollout skipped the old log-prob pass (TRL's shortcut with one update per generation
+        batch): compute it now for the rows that are trained after the first optimizer step."""
+        self.learner.fill_old_logps(ro, rows)
+
     def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
-                           teacher_beta: Optional[float] = None) -> Dict[str, float]:
+                           on_policy: bool = False, teacher_beta: Optional[float] = None) -> Dict[str, float]:
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
-                                               teacher_beta=teacher_beta)
+                                               on_policy=on_policy, teacher_beta=teacher_beta)
 
     def nfe(self, ro) -> int:
         return int(ro.completion_mask.sum())  # generated tokens
