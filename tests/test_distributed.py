@@ -284,6 +284,35 @@ def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
           f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
 
 
+def test_text_variants_two_processes_equal_one(support, lm_dir, tmp_path):
+    """DisCO (its log-sum-exp over a group's negatives, its KL hinge over the whole optimizer batch: summed
+    over the processes) with dynamic reward weights (one gradient per reward, averaged over the processes):
+    4 prompts x 4 completions, 2 minibatches (each split over the processes), 2 inner epochs."""
+    cfg = {
+        "seed": 5, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 1.0},
+        "model": {"family": "lm", "path": str(lm_dir)},
+        "sample": {"group_size": 4, "prompts_per_step": 4},
+        "text": {"max_new_tokens": 6},
+        "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
+        "eval": {"num_prompts": 2, "at_start": False},
+        "loss": {"surrogate": "disco", "disco_tau": 2.0, "disco_delta": 1e-7, "disco_beta": 1e3, "disco_kl": "k3"},
+        "train": COMMON_TRAIN,
+        "advantage": {"dynamic_weights": True, "dynamic_weights_reg": 1e-4},
+    }
+    config = write_config(cfg, tmp_path / "variants.yaml")
+    run_one_and_two(support, config, tmp_path)
+    d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-5, w_atol=1e-6)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1[-1]["clip_frac"] > 0, "degenerate test: the KL hinge never acted"  # (DisCO: KL > disco_delta)
+    for x, y in zip(m1, m2):
+        for k in (k for k in x if k.startswith("reward_weight/")):
+            # the float32 gradients are summed in another order: influences agree to ~1e-7 relative
+            assert y[k] == pytest.approx(x[k], abs=1e-6), (x["step"], k)
+    assert m1[-1]["reward_weight/flowrl_disttest_plugin:digit_fraction"] != 0.5, "degenerate test: fixed weights"
+    print(f"text variants: max |adv diff| {d['adv']:.3g}, max |weight diff| {d['weights']:.3g}")
+
+
 def test_flow_two_processes_equal_one(support, sd3_dir, tmp_path):
     """SD3 flow policy (LoRA): 4 prompts x 4 images per step, 2 minibatches, 2 inner epochs,
     LR warm-up, per-prompt stat tracking, CFG, DanceGRPO-style per-sample random subsets of
