@@ -255,19 +255,22 @@ COMMON_TRAIN = {"learning_rate": 3e-4, "weight_decay": 0.0, "warmup_steps": 6, "
 STAT_TRACKING = {"stat_tracking": True, "stat_min_count": 0}  # advantage.*
 
 
+def _text_run(lm_dir: Path) -> Dict[str, Any]:
+    """What the text runs share: the tiny LM, 4 prompts x 4 completions of 6 tokens, 2 steps, no checkpoint before the end."""
+    return {"max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+            "model": {"family": "lm", "path": str(lm_dir)}, "sample": {"group_size": 4, "prompts_per_step": 4},
+            "text": {"max_new_tokens": 6}, "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
+            "eval": {"num_prompts": 2, "at_start": False}}
+
+
 def test_text_two_processes_equal_one(support, lm_dir, tmp_path):
     """Causal LM: 4 prompts x 4 completions per step, 2 minibatches (each split over the
     processes), 2 inner epochs, LR warm-up, per-prompt stat tracking, two reward columns and an
     adaptive KL coefficient against the adapter-disabled reference."""
     cfg = {
-        "seed": 3, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        **_text_run(lm_dir), "seed": 3,
         "time_budget_s": 1.0e6, "eval_every_s": 1.0e6,  # decisions on time, all-reduced each step (never reached)
         "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 0.5},
-        "model": {"family": "lm", "path": str(lm_dir)},
-        "sample": {"group_size": 4, "prompts_per_step": 4},
-        "text": {"max_new_tokens": 6},
-        "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
-        "eval": {"num_prompts": 2, "at_start": False},
         # kl_target near the measured KL of step 1 (about 1.3e-5), so the controller's error is not clipped
         "loss": {"beta": 0.05, "beta_schedule": "adaptive", "kl_target": 1.2e-5, "kl_horizon": 5},
         "train": COMMON_TRAIN,
@@ -289,13 +292,8 @@ def test_text_variants_two_processes_equal_one(support, lm_dir, tmp_path):
     over the processes) with dynamic reward weights (one gradient per reward, averaged over the processes):
     4 prompts x 4 completions, 2 minibatches (each split over the processes), 2 inner epochs."""
     cfg = {
-        "seed": 5, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        **_text_run(lm_dir), "seed": 5,
         "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 1.0},
-        "model": {"family": "lm", "path": str(lm_dir)},
-        "sample": {"group_size": 4, "prompts_per_step": 4},
-        "text": {"max_new_tokens": 6},
-        "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
-        "eval": {"num_prompts": 2, "at_start": False},
         "loss": {"surrogate": "disco", "disco_tau": 2.0, "disco_delta": 1e-7, "disco_beta": 1e3, "disco_kl": "k3"},
         "train": COMMON_TRAIN,
         "advantage": {"dynamic_weights": True, "dynamic_weights_reg": 1e-4},
