@@ -386,6 +386,7 @@ class ModelConfig:
     offload_text_encoders: bool = False  # keep the text encoders on the CPU between prompt encodings (cached prompts need none); frees their memory on the GPU
     batched_cfg: bool = False  # qwen_image, wan: CFG's two branches in one transformer call on 2B rows (false: two calls, the pipeline's rounding)
     condition_image_size: Optional[int] = None  # editing families (flux_kontext): side in px of the square each source image is resized to; 0: the image's own size; null: the pipeline's choice (Kontext: its preferred resolution nearest the image's aspect)
+    teacher: Optional[str] = None  # lm only, KDRL: a causal LM (hub id or folder) sharing the tokenizer; loss.teacher_beta weighs KL(policy || teacher); null: none
 
     def validate(self) -> None:
         from flowrl.flow.models import FAMILIES
@@ -397,6 +398,8 @@ class ModelConfig:
             raise ValueError(f"family: unknown model family {self.family!r}{hint}; known: {', '.join(known)}")
         if self.frozen_dtype is not None and self.family == "lm":
             raise ValueError("frozen_dtype: only image models have frozen parts")
+        if self.teacher is not None and self.family != "lm":
+            raise ValueError("teacher: a teacher model (KDRL) is for causal LMs (family lm); image runs have none")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: must be >= 1, got {self.max_sequence_length}")
         check_number("shift", self.shift, gt=0, none_ok=True)
@@ -693,6 +696,37 @@ class RunConfig:
         if used and not self.stat_tracker_applies:
             raise ValueError(f"advantage.{used[0]}: needs flat groups; a tree plan or plan.granularities "
                              "compute their advantages otherwise")
+        # KDRL needs a teacher, DisCO and the unlikeliness reward a causal LM, dynamic reward weights several
+        # rewards and flat groups
+        lm, loss = self.model.family == "lm", self.loss
+        if (self.model.teacher is not None) != (loss.teacher_beta > 0):
+            raise ValueError("model.teacher: KDRL needs both a teacher (model.teacher) and its weight loss.teacher_beta > 0; "
+                             f"got teacher={self.model.teacher!r}, teacher_beta={loss.teacher_beta}")
+        if loss.surrogate == "disco":
+            if not lm:
+                raise ValueError("loss.surrogate: 'disco' scores completions by their token log-probs; it is for causal LMs "
+                                 "(family lm)")
+            if self.sample.group_size < 2:
+                raise ValueError("sample.group_size: DisCO contrasts the positives and negatives of a group; it needs >= 2")
+        if adv.unlikely_penalty > 0 and not lm:
+            raise ValueError("advantage.unlikely_penalty: ranks completions by their likelihood under the sampling policy; "
+                             "it is for causal LMs (an image step's Gaussian log-prob of its own sample measures only the "
+                             "noise drawn, not how likely the image is)")
+        if adv.dynamic_weights:
+            if len(self.rewards) < 2:
+                raise ValueError("advantage.dynamic_weights: weighs several rewards; 'rewards' names one")
+            if not all(w > 0 for w in self.rewards.values()):
+                raise ValueError(f"rewards: dynamic reward weights start from positive weights, got {dict(self.rewards)}")
+            if adv.reward_weights is not None:
+                raise ValueError("advantage.reward_weights: with dynamic_weights the weights start from 'rewards' and then "
+                                 "follow the gradients; leave reward_weights null")
+            if not self.stat_tracker_applies:
+                raise ValueError("advantage.dynamic_weights: needs flat groups (no plan.kind tree, plan.granularities [1])")
+            if adv.stat_tracking:
+                raise ValueError("advantage.dynamic_weights: cannot be combined with advantage.stat_tracking (each reward's "
+                                 "own advantages would enter the tracker's history)")
+            if adv.unlikely_penalty > 0:
+                raise ValueError("advantage.dynamic_weights: not combined with advantage.unlikely_penalty")
 
     def _validate_objective(self) -> None:
         """What the objective needs of the rest: a likelihood objective trains SDE steps, a forward one

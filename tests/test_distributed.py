@@ -262,6 +262,14 @@ COMMON_TRAIN = {"learning_rate": 3e-4, "weight_decay": 0.0, "warmup_steps": 6, "
 STAT_TRACKING = {"stat_tracking": True, "stat_min_count": 0}  # advantage.*
 
 
+def _text_run(lm_dir: Path) -> Dict[str, Any]:
+    """What the text runs share: the tiny LM, 4 prompts x 4 completions of 6 tokens, 2 steps, no checkpoint before the end."""
+    return {"max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+            "model": {"family": "lm", "path": str(lm_dir)}, "sample": {"group_size": 4, "prompts_per_step": 4},
+            "text": {"max_new_tokens": 6}, "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
+            "eval": {"num_prompts": 2, "at_start": False}}
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["one_call", "sub_batches_overlapped"])
 def test_text_two_processes_equal_one(overlap, support, lm_dir, tmp_path):
     """Causal LM: 4 prompts x 4 completions per step, 2 minibatches (each split over the
@@ -271,14 +279,10 @@ def test_text_two_processes_equal_one(overlap, support, lm_dir, tmp_path):
     ``sample.overlap_rewards``)."""
     chunks = {"rollout_chunks": 2, "overlap_rewards": True} if overlap else {}
     cfg = {
-        "seed": 3, "max_steps": 2, "checkpoint_every": 100, "eval_every": 100, "resume": "none",
+        **_text_run(lm_dir), "seed": 3,
         "time_budget_s": 1.0e6, "eval_every_s": 1.0e6,  # decisions on time, all-reduced each step (never reached)
         "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 0.5},
-        "model": {"family": "lm", "path": str(lm_dir)},
         "sample": {"group_size": 4, "prompts_per_step": 4, **chunks},
-        "text": {"max_new_tokens": 6},
-        "data": {"train": "arithmetic:train", "eval": "arithmetic:test"},
-        "eval": {"num_prompts": 2, "at_start": False},
         # kl_target near the measured KL of step 1 (about 1.3e-5), so the controller's error is not clipped
         "loss": {"beta": 0.05, "beta_schedule": "adaptive", "kl_target": 1.2e-5, "kl_horizon": 5},
         "train": COMMON_TRAIN,
@@ -324,6 +328,30 @@ def test_text_budget_two_processes_equal_one(support, lm_dir, tmp_path):
     assert sorted(rows) == [4, 12], rows  # step 2: one process holds 10 + 2 rows, the other 2 + 2
     print(f"text budget: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
           f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
+
+
+def test_text_variants_two_processes_equal_one(support, lm_dir, tmp_path):
+    """DisCO (its log-sum-exp over a group's negatives, its KL hinge over the whole optimizer batch: summed
+    over the processes) with dynamic reward weights (one gradient per reward, averaged over the processes):
+    4 prompts x 4 completions, 2 minibatches (each split over the processes), 2 inner epochs."""
+    cfg = {
+        **_text_run(lm_dir), "seed": 5,
+        "rewards": {f"{PLUGIN}:digit_fraction": 1.0, f"{PLUGIN}:length_bonus": 1.0},
+        "loss": {"surrogate": "disco", "disco_tau": 2.0, "disco_delta": 1e-7, "disco_beta": 1e3, "disco_kl": "k3"},
+        "train": COMMON_TRAIN,
+        "advantage": {"dynamic_weights": True, "dynamic_weights_reg": 1e-4},
+    }
+    config = write_config(cfg, tmp_path / "variants.yaml")
+    run_one_and_two(support, config, tmp_path)
+    d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-5, w_atol=1e-6)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1[-1]["clip_frac"] > 0, "degenerate test: the KL hinge never acted"  # (DisCO: KL > disco_delta)
+    for x, y in zip(m1, m2):
+        for k in (k for k in x if k.startswith("reward_weight/")):
+            # the float32 gradients are summed in another order: influences agree to ~1e-7 relative
+            assert y[k] == pytest.approx(x[k], abs=1e-6), (x["step"], k)
+    assert m1[-1]["reward_weight/flowrl_disttest_plugin:digit_fraction"] != 0.5, "degenerate test: fixed weights"
+    print(f"text variants: max |adv diff| {d['adv']:.3g}, max |weight diff| {d['weights']:.3g}")
 
 
 def test_flow_two_processes_equal_one(support, sd3_dir, tmp_path):

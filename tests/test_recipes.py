@@ -114,6 +114,8 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
         group = 1 if cfg.budget.kind == "single_stream" else 4  # SPO samples one completion per prompt
         ov += [f"sample.prompts_per_step={2 * mb}", f"sample.group_size={group}", "text.max_new_tokens=4",
                "data.train=arithmetic:train", "data.eval=arithmetic:test"]
+        if cfg.model.teacher:  # KDRL: the tiny LM is its own teacher (same tokenizer)
+            ov += [f"model.teacher={models['lm']}"]
         if signal_rewards:
             ov += ["rewards={test_digit_fraction: 1.0}"]
         return ov

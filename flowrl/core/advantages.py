@@ -15,6 +15,7 @@ non-finite reward marks an invalid sample: excluded from every statistic, advant
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdvantageConfig",
+    "DynamicRewardWeights",
     "GroupStats",
     "PerPromptStatTracker",
     "SmoothStatTracker",
@@ -39,14 +41,19 @@ __all__ = [
     "compute_advantages",
     "dcpo_merge_stats",
     "dcpo_smooth_advantages",
+    "gradient_influence",
     "group_stats",
     "max_variance_subset",
     "mixed_var_advantages",
     "multi_granularity_advantages",
+    "reward_weight_update",
     "tree_node_advantages",
     "tree_node_values",
     "tree_transition_advantages",
     "variance_downsample",
+    "unlikeliness_ranks",
+    "unlikeliness_rewards",
+    "unlikely_advantages",
 ]
 
 _CENTERS = ("group", "batch", "none")
@@ -96,6 +103,11 @@ class AdvantageConfig:
     sample_keep_end: float | None = None  # D3S: the fraction reached after sample_keep_steps training steps (linear); None: constant
     sample_keep_steps: int = 0  # D3S: length of that ramp in training steps
     sample_keep_scope: str = "batch"  # D3S: select over the step's batch ("batch") or within each group ("group", D3S-I)
+    # -- 2025 variants (text: the rollout's sequence likelihoods; any path: per-reward gradients) --
+    unlikely_penalty: float = 0.0  # Rewarding the unlikely (2506.02355): r <- r (1 - penalty * rank / G), rank by likelihood; 0: off
+    dynamic_weights: bool = False  # dynamic reward weighting (2509.11452): reward weights follow each reward's gradient influence
+    dynamic_weights_reg: float = 1e-5  # its regularisation: w <- softmax(log w + lr * influence / reg) (upstream regularization_factor)
+    dynamic_weights_every: int = 1  # steps whose influences are averaged per weight update (upstream weight_accumulation_steps)
 
     def validate(self) -> "AdvantageConfig":
         """Raise ``ValueError("<field>: <reason>")`` on the first invalid field; return self."""
@@ -156,6 +168,14 @@ class AdvantageConfig:
             raise ValueError(f"risk_credit: must be one of {_CREDITS}, got {self.risk_credit!r}")
         check_keep_schedule("sample_keep", self.sample_keep, self.sample_keep_end, self.sample_keep_steps,
                             self.sample_keep_scope)
+        # unlikeliness reward, dynamic reward weights
+        check_number("unlikely_penalty", self.unlikely_penalty, ge=0, le=1,
+                     why="a reward keeps at least 1 - penalty of its value")
+        if not isinstance(self.dynamic_weights, bool):
+            raise ValueError(f"dynamic_weights: must be true or false, got {self.dynamic_weights!r}")
+        check_number("dynamic_weights_reg", self.dynamic_weights_reg, gt=0)
+        if not (isinstance(self.dynamic_weights_every, int) and self.dynamic_weights_every >= 1):
+            raise ValueError(f"dynamic_weights_every: must be an int >= 1, got {self.dynamic_weights_every!r}")
 
 
 def advantage_preset(name: str, **overrides: Any) -> AdvantageConfig:
@@ -606,6 +626,8 @@ def compute_advantages(
         ``reward_std_mean`` (mean within-group std) and, with a tracker, ``tracked_prompts``.
     """
     cfg = (cfg or AdvantageConfig()).validate()
+    if cfg.unlikely_penalty:
+        raise ValueError("unlikely_penalty: needs the rollout's sequence log-likelihoods; call unlikely_advantages")
     r2, out_dtype = _reward_matrix(rewards)
     n, num_r = r2.shape
     w = _reward_weights(cfg, num_r, r2.device)
@@ -1050,3 +1072,175 @@ def variance_downsample(
         k = max(min(n, 2), int(math.floor(fraction * n + 0.5)))
         keep[rows[max_variance_subset(adv[rows], k)]] = True
     return keep
+# 2025 variants: the unlikeliness reward (He et al.) and dynamic reward weights (Lu et al.)
+# --------------------------------------------------------------------------------------------
+
+
+def unlikeliness_ranks(seq_logps: Tensor, group_ids: Tensor) -> Tensor:
+    """rank_i / G_g: each row's likelihood rank within its group over the group's size (float64 ``[N]``).
+
+    rank 0 is the group's least likely row (smallest ``seq_logps``), G - 1 its most likely; ties keep
+    row order (a stable sort; upstream's ``argsort(argsort(x))`` leaves their order unspecified).
+    He, Fried, Welleck, "Rewarding the Unlikely" (arXiv 2506.02355).
+    """
+    lp = torch.as_tensor(seq_logps).detach().to(torch.float64)
+    if lp.ndim != 1:
+        raise ValueError(f"seq_logps: must have shape [N], got {tuple(lp.shape)}")
+    n = lp.shape[0]
+    if not bool(torch.isfinite(lp).all()):
+        raise ValueError("seq_logps: must be finite (a row's mean token log-prob under the sampling policy)")
+    index, num_groups = _group_index(group_ids, n)
+    index = index.to(lp.device)
+    by_lp = torch.sort(lp, stable=True).indices
+    order = by_lp[torch.sort(index[by_lp], stable=True).indices]  # rows by group, then by likelihood
+    size = torch.zeros(num_groups, dtype=torch.long, device=lp.device).index_add_(0, index, torch.ones_like(index))
+    start = torch.cumsum(size, 0) - size
+    rank = torch.empty(n, dtype=torch.long, device=lp.device)
+    rank[order] = torch.arange(n, device=lp.device) - start[index[order]]
+    return rank.to(torch.float64) / size[index].to(torch.float64)
+
+
+def unlikeliness_rewards(rewards: Tensor, seq_logps: Tensor, group_ids: Tensor, penalty: float) -> Tensor:
+    """The unlikeliness reward (He, Fried, Welleck, arXiv 2506.02355): r_i <- r_i (1 - penalty * rank_i / G).
+
+    ``rank_i / G`` from :func:`unlikeliness_ranks` (0 for the least likely member of a group). With
+    0/1 rewards only correct samples change: the more likely a correct sample was under the sampling
+    policy, the less it earns. Every reward column is scaled (a weighted sum is scaled the same way);
+    NaN stays NaN. Returned in float64, the shape of ``rewards``.
+    """
+    check_number("penalty", penalty, ge=0)
+    r = torch.as_tensor(rewards).detach().to(torch.float64)
+    if r.ndim not in (1, 2) or r.shape[0] != torch.as_tensor(seq_logps).shape[0]:
+        raise ValueError(f"rewards: must have shape [N] or [N, R] with N = len(seq_logps), got {tuple(r.shape)}")
+    factor = 1.0 - penalty * unlikeliness_ranks(seq_logps, group_ids).to(r.device)
+    return r * (factor if r.ndim == 1 else factor.unsqueeze(1))
+
+
+def unlikely_advantages(
+    rewards: Tensor,
+    seq_logps: Tensor,
+    group_ids: Tensor,
+    cfg: AdvantageConfig,
+    tracker: PerPromptStatTracker | None = None,
+    prompt_keys: Sequence[Hashable] | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """:func:`compute_advantages` of the unlikeliness rewards (:func:`unlikeliness_rewards`, ``cfg.unlikely_penalty``).
+
+    As the authors' trainer (``_compute_advantages``, ``verl/trainer/ppo/ray_lean_trainer.py``) the
+    group statistics are those of the penalised rewards, while the zero-variance filter
+    (``filter_zero_std``, upstream ``advantage_threshold``) judges the raw rewards: a group that is
+    all correct is dropped although its penalised rewards differ.
+    """
+    cfg = cfg.validate()
+    plain = dataclasses.replace(cfg, unlikely_penalty=0.0)
+    penalised = unlikeliness_rewards(rewards, seq_logps, group_ids, cfg.unlikely_penalty)
+    adv, stats = compute_advantages(penalised, group_ids, dataclasses.replace(plain, filter_zero_std=False),
+                                    tracker=tracker, prompt_keys=prompt_keys)
+    if cfg.filter_zero_std:
+        _, raw = compute_advantages(torch.as_tensor(rewards).detach().to(torch.float64), group_ids, plain)
+        filtered = stats["keep"] & ~raw["keep"]
+        adv = torch.where(filtered, torch.zeros_like(adv), adv)
+        stats = {**stats, "keep": stats["keep"] & ~filtered, "filtered_count": int(filtered.sum()),
+                 "zero_std_count": raw["zero_std_count"], "zero_std_frac": raw["zero_std_frac"]}
+    out_dtype = rewards.dtype if torch.as_tensor(rewards).is_floating_point() else torch.float32
+    return adv.to(out_dtype), stats
+
+
+def gradient_influence(grads: Sequence[Tensor]) -> Tensor:
+    """s_k = sum_j <g_k, g_j>: how much reward k's policy gradient agrees with all of them (float64 ``[K]``).
+
+    The row sums of the Gram matrix G G^T of the per-reward gradients (Lu et al., "Learning to
+    Optimize Multi-Objective Alignment Through Dynamic Reward Weighting", arXiv 2509.11452;
+    ``scores_mat.sum(dim=-1)`` in ``verl/trainer/ppo/ray_trainer_optimization.py``). Computed as
+    <g_k, sum_j g_j> in float64, one gradient at a time.
+    """
+    if len(grads) == 0:
+        raise ValueError("grads: need at least one gradient")
+    flat = [torch.as_tensor(g).detach().reshape(-1) for g in grads]
+    if any(f.shape != flat[0].shape for f in flat):
+        raise ValueError("grads: every gradient must have the same number of elements")
+    total = torch.zeros_like(flat[0], dtype=torch.float64)
+    for f in flat:
+        total += f.to(torch.float64)
+    return torch.stack([torch.dot(f.to(torch.float64), total) for f in flat]).cpu()
+
+
+def reward_weight_update(weights: Tensor, influence: Tensor, lr: float, reg: float) -> Tensor:
+    """w <- softmax(log w + lr * s / reg): the multiplicative weight update of Lu et al. (arXiv 2509.11452).
+
+    ``s`` from :func:`gradient_influence`, ``lr`` the policy's current learning rate, ``reg`` the
+    regularisation (upstream ``regularization_factor``). Weights stay positive and sum to 1.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    s = torch.as_tensor(influence, dtype=torch.float64)
+    if w.ndim != 1 or s.shape != w.shape:
+        raise ValueError(f"influence: must have the weights' shape {tuple(w.shape)}, got {tuple(s.shape)}")
+    if not bool((w > 0).all()):
+        raise ValueError("weights: must all be > 0 (their logarithm is taken)")
+    check_number("lr", lr, ge=0)
+    check_number("reg", reg, gt=0)
+    return torch.softmax(torch.log(w) + lr * s / reg, dim=0)
+
+
+class DynamicRewardWeights:
+    """Reward weights updated online from the per-reward policy gradients (arXiv 2509.11452).
+
+    Each step the caller computes, for every reward k alone, the advantages and the clipped policy
+    gradient g_k, and calls :meth:`step` with them and the learning rate; the influences
+    s_k = sum_j <g_k, g_j> are accumulated and, every ``every`` steps, averaged and applied with
+    :func:`reward_weight_update`. The initial weights are normalised to sum 1 (upstream requires it).
+    State is plain Python for an exact resume (:meth:`state_dict`).
+    """
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float], reg: float, every: int = 1) -> None:
+        if len(names) != len(weights) or len(names) < 2:
+            raise ValueError(f"weights: need one weight per reward and at least two rewards, got {dict(zip(names, weights))}")
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in weights):
+            raise ValueError(f"weights: dynamic reward weights start from positive weights, got {list(weights)}")
+        check_number("reg", reg, gt=0)
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every: must be an int >= 1, got {every!r}")
+        self.names = list(names)
+        total = float(sum(weights))
+        self.weights = [float(x) / total for x in weights]
+        self.reg = float(reg)
+        self.every = every
+        self.count = 0
+        self.influence = [0.0] * len(self.names)
+
+    def weights_for(self, names: Sequence[str]) -> tuple[float, ...]:
+        """The current weights in the order of ``names`` (the reward columns)."""
+        if sorted(names) != sorted(self.names):
+            raise ValueError(f"names: the rewards {list(names)} are not the weighted ones {self.names}")
+        return tuple(self.weights[self.names.index(n)] for n in names)
+
+    def step(self, names: Sequence[str], grads: Sequence[Tensor], lr: float) -> tuple[float, ...]:
+        """Add this step's influences (``grads[k]``: reward ``names[k]``'s gradient); every ``every``
+        calls update the weights. Returns the influences of this step, in ``names`` order."""
+        if len(names) != len(grads):
+            raise ValueError(f"grads: {len(grads)} gradients for {len(names)} rewards")
+        s = gradient_influence(grads).tolist()
+        for n, v in zip(names, s):
+            self.influence[self.names.index(n)] += v
+        self.count += 1
+        if self.count % self.every == 0:
+            mean = torch.tensor(self.influence, dtype=torch.float64) / self.every
+            self.weights = reward_weight_update(torch.tensor(self.weights, dtype=torch.float64), mean, lr, self.reg).tolist()
+            self.influence = [0.0] * len(self.names)
+        return tuple(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for an exact resume."""
+        return {"names": list(self.names), "weights": list(self.weights), "reg": self.reg, "every": self.every,
+                "count": self.count, "influence": list(self.influence)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for name in ("names", "weights", "count", "influence"):
+            if name not in state:
+                raise ValueError(f"state: missing entry {name!r}")
+        if list(state["names"]) != self.names:
+            raise ValueError(f"state: saved for the rewards {state['names']}, this run has {self.names}")
+        self.weights = [float(x) for x in state["weights"]]
+        self.count = int(state["count"])
+        self.influence = [float(x) for x in state["influence"]]

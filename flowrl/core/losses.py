@@ -39,6 +39,8 @@ __all__ = [
     "cispo_surrogate",
     "clipped_surrogate",
     "dcpo_clip_bounds",
+    "disco_loss",
+    "disco_objective",
     "dt_reweight",
     "gaussian_mean_kl",
     "gtpo_conflict_weights",
@@ -56,11 +58,14 @@ __all__ = [
     "ratio_normalized_log_ratio",
     "sapo_surrogate",
     "top_fraction_mask",
+    "sequence_scores",
+    "squared_hinge_penalty",
+    "teacher_coefficient",
     "velocity_kl",
 ]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "token-sum")
-_SURROGATES = ("clip", "cispo", "sapo")
+_SURROGATES = ("clip", "cispo", "sapo", "disco")
 _RATIO_LEVELS = ("token", "sequence")
 _KL_ESTIMATORS = ("k1", "k2", "k3", "latent", "velocity")
 _KL_RATIO = ("none", "token", "importance")
@@ -68,6 +73,7 @@ _BETA_SCHEDULES = ("constant", "linear", "adaptive")
 _SCOPES = ("optimizer_batch", "micro_batch")
 _CLIP_BOUNDS = ("fixed", "dcpo")
 KEEP_SCOPES = ("batch", "group")
+_DISCO_SCORES = ("log_likelihood", "likelihood_ratio")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +117,17 @@ class LossConfig:
     token_keep_end: float | None = None  # D3S: the fraction reached after token_keep_steps training steps (linear); None: token_keep
     token_keep_steps: int = 0  # D3S: length of that ramp in training steps
     token_keep_scope: str = "batch"  # D3S: tokens ranked over this process's minibatch ("batch") or within each group ("group")
+    # -- DisCO (2505.12366; surrogate "disco", text only): its own group loss, see disco_loss --
+    disco_score: str = "log_likelihood"  # s(o): "log_likelihood" (mean token log pi, upstream logL) or "likelihood_ratio" (mean token w, Lratio)
+    disco_tau: float | None = 10.0  # temperature of the log-sum-exp over a group's negatives; None: their plain mean (DisCO-b)
+    disco_delta: float = 1e-4  # KL budget delta of the constraint KL(pi_old || pi_theta) <= delta
+    disco_beta: float = 1e3  # squared-hinge penalty weight: beta/2 * max(KL - delta, 0)^2
+    disco_kl: str = "k1"  # estimator of the constraint's KL: "k1" (upstream ppo_kl_type 'kl') or "k3" ('low_var_kl')
+    # -- KDRL (2506.02208, text only): a reverse KL to a teacher model beside the reference KL --
+    teacher_beta: float = 0.0  # coefficient of KL(pi_theta || pi_teacher) (model.teacher); 0: off
+    teacher_kl_estimator: str = "k2"  # "k1", "k2" (KDRL's choice) or "k3", on the student's own samples
+    teacher_beta_end: float | None = None  # anneal teacher_beta linearly to this over teacher_beta_steps optimizer steps; None: constant
+    teacher_beta_steps: int = 0  # length of that ramp in optimizer steps
 
     @property
     def eps_high_value(self) -> float:
@@ -162,6 +179,7 @@ class LossConfig:
             if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
                 raise ValueError("kl_horizon: must be an int >= 1")
         self._validate_text_variants()
+        self._validate_disco_and_teacher()
         return self
 
     def _validate_text_variants(self) -> None:
@@ -186,6 +204,27 @@ class LossConfig:
         keys = ["clip_bounds"] if self.clip_bounds != "fixed" else []
         keys += [k for k in ("conflict_weight", "entropy_max", "token_keep") if getattr(self, k) is not None]
         return keys + (["entropy_scale"] if self.entropy_scale != 0 else [])
+
+    def _validate_disco_and_teacher(self) -> None:
+        """The fields of DisCO and KDRL."""
+        if self.disco_score not in _DISCO_SCORES:
+            raise ValueError(f"disco_score: must be one of {_DISCO_SCORES}, got {self.disco_score!r}")
+        check_number("disco_tau", self.disco_tau, gt=0, none_ok=True, why="null: mean over the negatives (DisCO-b)")
+        check_number("disco_delta", self.disco_delta, ge=0)
+        check_number("disco_beta", self.disco_beta, ge=0)
+        if self.disco_kl not in ("k1", "k3"):
+            raise ValueError(f"disco_kl: must be 'k1' or 'k3', got {self.disco_kl!r}")
+        if self.surrogate == "disco" and (self.beta != 0 or self.beta_schedule != "constant"):
+            raise ValueError("beta: DisCO bounds KL(pi_old || pi_theta) with its own squared hinge (disco_delta, "
+                             "disco_beta) and runs without a reference KL, as upstream; set beta to 0")
+        check_number("teacher_beta", self.teacher_beta, ge=0)
+        if self.teacher_kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"teacher_kl_estimator: must be 'k1', 'k2' or 'k3', got {self.teacher_kl_estimator!r}")
+        check_number("teacher_beta_end", self.teacher_beta_end, ge=0, none_ok=True, why="null: constant teacher_beta")
+        if self.teacher_beta_end is not None and not (isinstance(self.teacher_beta_steps, int) and self.teacher_beta_steps >= 1):
+            raise ValueError("teacher_beta_steps: must be an int >= 1 when teacher_beta_end is set")
+        if self.surrogate == "disco" and self.teacher_beta > 0:
+            raise ValueError("teacher_beta: the teacher KL (KDRL) is a term of the clipped-surrogate losses, not of DisCO")
 
 
 def loss_preset(name: str, **overrides: Any) -> LossConfig:
@@ -826,6 +865,8 @@ def policy_loss(
     step_terms: StepTerms | None = None,
     step_weights: Tensor | None = None,
     beta: float | None = None,
+    teacher_logps: Tensor | None = None,
+    teacher_beta: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO-family policy loss for one micro-batch; see the module docstring for the pipeline.
 
@@ -842,6 +883,10 @@ def policy_loss(
         step_weights: ``[N, T]``/``[T]``/``[N, 1]`` weights on the policy term (e.g.
             :func:`noise_aware_weights`); the KL term is not reweighted.
         beta: the current KL coefficient (from a schedule); ``None`` = ``cfg.beta``.
+        teacher_logps: ``[N, T]`` a teacher's log-probs of the same tokens: adds
+            ``teacher_beta * KL(pi_theta || pi_teacher)`` (KDRL, :func:`_teacher_kl_term`).
+        teacher_beta: the current teacher coefficient (:func:`teacher_coefficient`); ``None`` =
+            ``cfg.teacher_beta``.
 
     Returns:
         ``(loss, stats)``: a scalar loss; stats (detached 0-dim tensors, over the unmasked
@@ -851,6 +896,8 @@ def policy_loss(
         ``approx_kl_k3`` (mean w - 1 - log w), ``ratio_mean/std/min/max``, ``num_actions``.
     """
     cfg.validate()
+    if cfg.surrogate == "disco":
+        raise ValueError("surrogate: 'disco' is a loss over groups, not per action: use disco_loss")
     adv, norm, m, beta_now = _checked_inputs(logps, old_logps, advantages, mask, normalizer, beta, cfg)
     logps, old_logps, adv, step_terms, step_weights = _zero_masked(
         m, logps, old_logps, adv, step_terms, step_weights
@@ -871,8 +918,9 @@ def policy_loss(
     else:
         kl_loss = torch.zeros((), dtype=pol_loss.dtype, device=pol_loss.device)
         loss = pol_loss
+    loss, teacher_stats = _teacher_kl_term(loss, cfg, logps, teacher_logps, m, norm, teacher_beta)
     totals = {"loss": loss.detach(), "policy_loss": pol_loss.detach(), "kl_loss": kl_loss.detach()}
-    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now, bounds)}
+    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now, bounds), **teacher_stats}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1049,3 +1097,149 @@ def top_fraction_mask(scores: Tensor, mask: Tensor, fraction: float, group_ids: 
         order = torch.argsort(-vals, stable=True)
         flat_keep[idx[order[:k]]] = True
     return keep
+    return loss, {**totals, **_loss_stats(cfg, m, w, adv, raw_lr, kl, beta_now), **teacher_stats}
+
+
+# --------------------------------------------------------------------------------------------
+# 2025 variants: KDRL's teacher KL, DisCO's discriminative objective
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_coefficient(step: int, cfg: LossConfig) -> float:
+    """KDRL's teacher coefficient at an optimizer step (Xu et al., arXiv 2506.02208).
+
+    ``teacher_beta``, or with ``teacher_beta_end`` the linear ramp
+    teacher_beta + (teacher_beta_end - teacher_beta) * min(step / teacher_beta_steps, 1).
+    The paper anneals 5e-3 -> 1e-3; that the ramp is linear is our reading (no code was released).
+    """
+    cfg.validate()
+    if step < 0:
+        raise ValueError(f"step: must be >= 0, got {step!r}")
+    if cfg.teacher_beta_end is None:
+        return cfg.teacher_beta
+    frac = min(step / cfg.teacher_beta_steps, 1.0)
+    return cfg.teacher_beta + (cfg.teacher_beta_end - cfg.teacher_beta) * frac
+
+
+def _teacher_kl_term(
+    loss: Tensor, cfg: LossConfig, logps: Tensor, teacher_logps: Tensor | None, m: Tensor, norm: Tensor,
+    teacher_beta: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``loss + tb * aggregate(KL_est(pi_theta || pi_teacher))`` and its statistics (KDRL, arXiv 2506.02208).
+
+    The estimator (:func:`kl_penalty`, ``cfg.teacher_kl_estimator``; KDRL prefers k2 = (log pi -
+    log pi_T)^2 / 2, whose gradient is the reverse KL's on the student's own samples) is aggregated
+    like the policy term. Beside the reference KL, not instead of it.
+    """
+    tb = cfg.teacher_beta if teacher_beta is None else float(teacher_beta)
+    if not (math.isfinite(tb) and tb >= 0):
+        raise ValueError(f"teacher_beta: must be a finite number >= 0, got {teacher_beta!r}")
+    if teacher_logps is None:
+        if tb != 0:
+            raise ValueError("teacher_logps: required with teacher_beta != 0 (KDRL's teacher KL)")
+        return loss, {}
+    if teacher_logps.shape != logps.shape:
+        raise ValueError(f"teacher_logps: shape {tuple(teacher_logps.shape)} differs from logps {tuple(logps.shape)}")
+    safe = torch.where(m, teacher_logps.to(logps.dtype), torch.zeros_like(logps))
+    kl = kl_penalty(logps, safe, cfg.teacher_kl_estimator)
+    t_loss = aggregate(kl, m, cfg.aggregation, norm)
+    stats = {"teacher_kl": _masked_mean(kl, m), "teacher_kl_loss": t_loss.detach(),
+             "teacher_beta": torch.tensor(tb, dtype=torch.float64, device=logps.device)}
+    return (loss + tb * t_loss if tb != 0 else loss), stats
+
+
+def sequence_scores(logps: Tensor, old_logps: Tensor, mask: Tensor, kind: str = "log_likelihood") -> Tensor:
+    """DisCO's score of each completion, ``[N, T] -> [N]`` (Li et al., arXiv 2505.12366).
+
+    log_likelihood:   s_i = sum_t m log pi(o_it) / sum_t m               (upstream ``disco_logL``)
+    likelihood_ratio: s_i = sum_t m exp(log pi - log pi_old) / sum_t m    (upstream ``disco_Lratio``)
+    Rows without an unmasked token score 0.
+    """
+    if logps.shape != old_logps.shape or logps.shape != mask.shape or logps.ndim != 2:
+        raise ValueError(f"logps, old_logps, mask: must share one shape [N, T], got {tuple(logps.shape)}, "
+                         f"{tuple(old_logps.shape)}, {tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    if kind == "log_likelihood":
+        x = torch.where(m, logps, torch.zeros_like(logps))
+    elif kind == "likelihood_ratio":
+        lr = torch.where(m, logps - old_logps.to(logps.dtype), torch.zeros_like(logps))
+        x = torch.where(m, torch.exp(lr), torch.zeros_like(logps))
+    else:
+        raise ValueError(f"kind: must be one of {_DISCO_SCORES}, got {kind!r}")
+    return _row_mean(x, m).squeeze(1)
+
+
+def disco_objective(
+    scores: Tensor, advantages: Tensor, group_index: Tensor, tau: float | None, num_groups: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """DisCO's objective per group (Li et al., arXiv 2505.12366): ``(J [Q], valid [Q])``.
+
+    J_q = mean_{i in q, A_i > 0} s_i - tau log mean_{j in q, A_j < 0} exp(s_j / tau)
+    (``tau=None``: minus the plain mean of the negatives' scores, DisCO-b). Positives and negatives
+    are the rows above and below their group's mean reward (advantage sign): with 0/1 rewards exactly
+    upstream's ``reward == 1`` / ``reward == 0``. A group without both has J = 0, valid False.
+    Differentiable in ``scores``. Upstream's ``neg_logmeanexp`` is ``S / sg(S)`` with S the sum of
+    exponentials: its value is ~1 (not the log-mean-exp), its gradient the log-mean-exp's; we
+    return the log-mean-exp itself, whose gradient is the same.
+    """
+    s = scores
+    a = torch.as_tensor(advantages).detach().to(s.device)
+    idx = torch.as_tensor(group_index, dtype=torch.long, device=s.device)
+    if s.ndim != 1 or a.shape != s.shape or idx.shape != s.shape:
+        raise ValueError(f"scores, advantages, group_index: must each have shape [N], got {tuple(s.shape)}, "
+                         f"{tuple(a.shape)}, {tuple(idx.shape)}")
+    q = int(idx.max().item()) + 1 if num_groups is None and idx.numel() else int(num_groups or 0)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= q):
+        raise ValueError(f"group_index: entries must lie in [0, {q})")
+    pos, neg = a > 0, a < 0
+    zeros = torch.zeros(q, dtype=s.dtype, device=s.device)
+    n_pos = zeros.index_add(0, idx, pos.to(s.dtype))
+    n_neg = zeros.index_add(0, idx, neg.to(s.dtype))
+    valid = (n_pos > 0) & (n_neg > 0)
+    mean_pos = zeros.index_add(0, idx, torch.where(pos, s, torch.zeros_like(s))) / n_pos.clamp(min=1)
+    if tau is None:
+        neg_term = zeros.index_add(0, idx, torch.where(neg, s, torch.zeros_like(s))) / n_neg.clamp(min=1)
+    else:
+        z = s / tau
+        lowest = torch.full_like(zeros, -torch.finfo(s.dtype).max)
+        top = lowest.scatter_reduce(0, idx, torch.where(neg, z, torch.full_like(z, lowest[0])).detach(), reduce="amax")
+        top = torch.where(n_neg > 0, top, torch.zeros_like(top))
+        e = torch.where(neg, torch.exp(torch.where(neg, z - top[idx], torch.zeros_like(z))), torch.zeros_like(z))
+        sum_e = zeros.index_add(0, idx, e)
+        sum_e = torch.where(n_neg > 0, sum_e, torch.ones_like(sum_e))
+        neg_term = tau * (top + torch.log(sum_e / n_neg.clamp(min=1)))
+    j = torch.where(valid, mean_pos - neg_term, torch.zeros_like(mean_pos))
+    return j, valid
+
+
+def squared_hinge_penalty(kl: Tensor, delta: float, beta: float) -> Tensor:
+    """DisCO's KL constraint as a penalty: (beta / 2) max(KL - delta, 0)^2 (arXiv 2505.12366).
+
+    Its gradient beta max(KL - delta, 0) grad KL is upstream's ``max(beta (KL - delta), 0).detach() * KL``
+    (whose value is not the penalty's).
+    """
+    return 0.5 * beta * torch.clamp(kl - delta, min=0.0) ** 2
+
+
+def disco_loss(
+    scores: Tensor, kl: Tensor, advantages: Tensor, group_index: Tensor, cfg: LossConfig, *, num_groups: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DisCO's loss (Li et al., arXiv 2505.12366; Optimization-AI/DisCO ``compute_policy_loss_disco_*``):
+
+        L = -(1 / num_groups) sum_q J_q  +  (disco_beta / 2) max(KL - disco_delta, 0)^2
+
+    ``scores`` from :func:`sequence_scores`, J_q from :func:`disco_objective` (``cfg.disco_tau``),
+    ``kl`` the token mean of KL(pi_old || pi_theta) over the optimizer batch (``cfg.disco_kl``).
+    ``num_groups`` counts every group of the optimizer batch, also those without both positives and
+    negatives (upstream's ``num_questions``). No clipping. Returns ``(L, stats)``.
+    """
+    if not (isinstance(num_groups, int) and num_groups >= 1):
+        raise ValueError(f"num_groups: must be an int >= 1, got {num_groups!r}")
+    j, valid = disco_objective(scores, advantages, group_index, cfg.disco_tau)
+    objective = j.sum() / num_groups
+    penalty = squared_hinge_penalty(kl, cfg.disco_delta, cfg.disco_beta)
+    loss = -objective + penalty
+    stats = {"policy_loss": (-objective).detach(), "kl": kl.detach(), "kl_loss": penalty.detach(),
+             "disco_valid_groups": valid.sum().detach().to(torch.float64),
+             "clip_frac": (kl.detach() > cfg.disco_delta).to(torch.float64)}
+    return loss, stats

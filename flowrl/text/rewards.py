@@ -115,3 +115,14 @@ def digit_accuracy(prompts, completions, answer=None, **_) -> List[float]:
         extra = max(0, len(c) - len(a))
         out.append(max(0.0, (hits - extra) / len(a)))
     return out
+
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+@register_reward("integer_format")
+def integer_format(prompts, completions, **_) -> List[float]:
+    """1.0 when the completion, stripped, is one integer numeral (``-?\\d+``), else 0.0: a format
+    reward that needs no answer (the arithmetic demo's counterpart of a "well-formed answer" reward,
+    e.g. for dynamic reward weighting beside ``exact_match``)."""
+    return [1.0 if _INTEGER.fullmatch(c.strip()) else 0.0 for c in completions]

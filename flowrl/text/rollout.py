@@ -68,6 +68,7 @@ class TextRollout:
     completions: List[str] = field(default_factory=list)  # decoded text (for reward functions)
     groups_per_prompt: int = 1  # advantage groups per prompt (one: a prompt's G completions)
     step: int = 0  # the training step that sampled it (for schedules over steps, e.g. D3S's token fraction)
+    teacher_logps: Optional[Tensor] = None  # [N, Lc] log-probs under a teacher model (KDRL)
 
     @property
     def num_samples(self) -> int:
@@ -89,6 +90,7 @@ class TextRollout:
             old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
             completions=[self.completions[i] for i in rows.tolist()] if self.completions else [],
             step=self.step,
+            teacher_logps=pick(self.teacher_logps),
         )
 
 

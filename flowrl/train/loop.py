@@ -44,10 +44,11 @@ from torch.nn.parallel import DistributedDataParallel
 from flowrl.config import ConfigError, RunConfig, dump, flat_dict, load_run_config, to_dict
 from flowrl.core import rng
 from flowrl.core.advantages import (
-    PerPromptStatTracker, SmoothStatTracker, compute_advantages, multi_granularity_advantages,
+    DynamicRewardWeights, PerPromptStatTracker, SmoothStatTracker, compute_advantages, multi_granularity_advantages,
+    unlikely_advantages,
 )
 from flowrl.core.budgets import RolloutBudget, spo_advantages
-from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers
+from flowrl.core.losses import AdaptiveKLController, kl_coefficient, loss_normalizers, teacher_coefficient
 from flowrl.core.objectives import old_decay
 from flowrl.core.shadow import DecayedCopy
 from flowrl.inputs import UsageError, writable_dir
@@ -181,6 +182,7 @@ class Trainer:
         if cfg.advantage.smooth_tracking:  # DCPO: each prompt's cumulative reward statistics
             self.tracker = SmoothStatTracker()
         self.kl_ctl = AdaptiveKLController.from_config(cfg.loss) if cfg.loss.beta_schedule == "adaptive" else None
+        self._setup_variants(cfg)
         self.step = 0
         self.optimizer_steps = 0
         self.bad_in_row = 0
@@ -190,6 +192,15 @@ class Trainer:
         self.wall_before = 0.0  # wall clock of earlier (resumed) segments
         self.first_eval: Optional[Dict[str, float]] = None
         self.last_eval: Optional[Dict[str, float]] = None
+
+    def _setup_variants(self, cfg: RunConfig) -> None:
+        """Dynamic reward weights (their state is checkpointed) and the processes a task's loss may
+        need to sum over (DisCO's batch-wide KL and group count)."""
+        adv = cfg.advantage
+        self.reward_weights = (DynamicRewardWeights(list(cfg.rewards), list(cfg.rewards.values()), adv.dynamic_weights_reg,
+                                                    adv.dynamic_weights_every) if adv.dynamic_weights else None)
+        if hasattr(self.task, "set_processes"):
+            self.task.set_processes(self.procs.sum if self.procs.world > 1 else None, self.procs.world)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -206,6 +217,7 @@ class Trainer:
             "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
             "budget": self.budget.state_dict() if self.cfg.budget.kind != "uniform" else None,
+            "reward_weights": self.reward_weights.state_dict() if self.reward_weights else None,
         }
         path = None
         weights = trainable_state_dict(self.task.module)
@@ -306,6 +318,8 @@ class Trainer:
             self.kl_ctl.load_state_dict(m["kl_ctl"])
         if m.get("budget"):
             self.budget.load_state_dict(m["budget"])
+        if self.reward_weights is not None and m.get("reward_weights"):
+            self.reward_weights.load_state_dict(m["reward_weights"])
         restore_rng(ck["rng"])
         if self.procs.main:
             if path.parent == self.run_dir / "checkpoints":
@@ -320,6 +334,53 @@ class Trainer:
             return float(self.kl_ctl.value)
         return kl_coefficient(self.optimizer_steps, self.cfg.loss)
 
+    def _teacher_beta(self) -> Dict[str, float]:
+        """``{"teacher_beta": value}`` at this optimizer step when a teacher is set (KDRL), else ``{}``."""
+        if not self.cfg.model.teacher:
+            return {}
+        return {"teacher_beta": teacher_coefficient(self.optimizer_steps, self.cfg.loss)}
+
+    def _update_reward_weights(self, batch, rewards: torch.Tensor, row_group: torch.Tensor, beta: float,
+                               on_policy: bool) -> Dict[str, float]:
+        """Dynamic reward weighting (Lu et al., arXiv 2509.11452, gradient-based): for each reward alone,
+        its advantages and the policy gradient of the step's whole batch at the current weights,
+        clipped to ``train.max_grad_norm``; the weights then follow the gradients' influences
+        (:class:`flowrl.core.advantages.DynamicRewardWeights`). One extra backward pass per reward
+        and step; nothing is applied to the model. Returns the step's weights and influences."""
+        if self.reward_weights is None:
+            return {}
+        cfg, names = self.cfg, list(self._reward_names)
+        n_local = rewards.shape[0]
+        g_rewards, g_groups = self.procs.gather(rewards.float()), self.procs.gather(row_group)
+        start = self.procs.row_offset(n_local)  # this process's rows (processes may hold different numbers)
+        sl = slice(start, start + n_local)
+        single = dataclasses.replace(cfg.advantage, reward_weights=None, dynamic_weights=False)
+        reduce_fn = self.procs.sum if self.procs.world > 1 else None
+        rows = torch.arange(n_local)
+        if not on_policy:  # sampled by other weights (an old policy): the gradients need the old log-probs
+            self.task.fill_old(batch, rows)
+        grads = []
+        for k in range(len(names)):
+            adv_k, st = compute_advantages(g_rewards[:, k], g_groups, single)
+            adv_k, keep = adv_k[sl].float(), st["keep"][sl]
+            mask = self.task.action_mask(batch, adv_k, keep).bool()
+            sub = self.task.select(batch, rows)
+            norm = loss_normalizers(mask, cfg.loss.aggregation, world_size=self.procs.world, reduce_fn=reduce_fn)
+            self.task.mask_actions(sub, mask)
+            self._gradient(sub, adv_k, norm, beta, 0, on_policy=on_policy)
+            self.acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)  # upstream clips each gradient too
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                                    for p in self.params]))
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.procs.all_true(all(bool(torch.isfinite(g).all()) for g in grads)):
+            log.warning("step %d: a reward's gradient is not finite; the reward weights are not updated", self.step)
+            influence = [float("nan")] * len(names)
+        else:
+            influence = self.reward_weights.step(names, grads, self.scheduler.get_last_lr()[0])
+        weights = self.reward_weights.weights_for(names)
+        return {**{f"reward_weight/{n}": w for n, w in zip(names, weights)},
+                **{f"reward_influence/{n}": s for n, s in zip(names, influence)}}
+
     # -------------------------------------------------------------------------------- one step
     def train_step(self) -> Dict[str, Any]:
         """One step of the algorithm: rollout (no grad) -> rewards -> advantages -> K inner epochs
@@ -331,8 +392,9 @@ class Trainer:
         batch, (rewards, names, issues), t_sample, scoring_busy = self._sample_and_score(step, weights)
         t_score = time.time()
         groups = self._groups(batch, step)
+        beta, teacher_beta = self._beta(), self._teacher_beta()  # (the teacher's: at the step's first update)
+        weight_metrics = self._update_reward_weights(batch, rewards, groups.group, beta, on_policy=weights is _NO_SWAP)
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
-        beta = self._beta()
         update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta, on_policy=weights is _NO_SWAP)
         self._update_old()
         nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
@@ -345,7 +407,7 @@ class Trainer:
             "zero_std_frac": float(adv_stats.get("zero_std_frac", float("nan"))),
             "filtered_samples": int(adv_stats.get("filtered_count", 0)),
             "downsampled_samples": int(adv_stats.get("downsampled_count", 0)),
-            **update, "beta": beta, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
+            **update, "beta": beta, **teacher_beta, **weight_metrics, "lr": self.scheduler.get_last_lr()[0], "nfe": nfe,
             "time/sampling": t_sample - t_start, "time/scoring": t_score - t_sample, "time/scoring_total": scoring_busy,
             "time/update": t_end - t_score, "time/step": t_end - t_start,
         }
@@ -497,7 +559,9 @@ class Trainer:
         cfg = self.cfg
         n_local = rewards.shape[0]
         adv_cfg = cfg.advantage
-        if adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
+        if self.reward_weights is not None:  # dynamic reward weighting: the weights as updated this step
+            adv_cfg = dataclasses.replace(adv_cfg, reward_weights=self.reward_weights.weights_for(self._reward_names))
+        elif adv_cfg.reward_weights is None:  # the run's reward weights, in the order of the reward columns
             adv_cfg = dataclasses.replace(adv_cfg, reward_weights=tuple(float(cfg.rewards[n]) for n in self._reward_names))
         w = torch.tensor([cfg.rewards[n] for n in self._reward_names], dtype=torch.float64)
         tree = self.task.tree_advantages(batch, (rewards.double() * w).sum(-1), adv_cfg)
@@ -516,8 +580,13 @@ class Trainer:
             adv = spo_advantages(total, self.budget.baseline(keys, self.step), valid)
             stats = {"keep": valid, "invalid_count": int((~valid).sum()), "filtered_count": 0}
         else:
-            adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker,
-                                            prompt_keys=keys if self.tracker is not None else None, step=self.step)
+            tracked = keys if self.tracker is not None else None
+            if adv_cfg.unlikely_penalty > 0:  # Rewarding the unlikely: ranks by the sampling policy's likelihoods
+                seq = self.procs.gather(self.task.sequence_logps(batch).double())
+                adv, stats = unlikely_advantages(g_rewards, seq, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=tracked)
+            else:
+                adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=tracked,
+                                                step=self.step)
         if budget:
             self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1))
         # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)
@@ -527,11 +596,10 @@ class Trainer:
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
 
-    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int, on_policy: bool = False):
-        """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
-        gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
-        Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
-        tc = self.cfg.train
+    def _gradient(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int,
+                  on_policy: bool = False) -> Dict[str, float]:
+        """The minibatch's gradient in ``.grad`` (zeroed first), averaged over processes under DDP;
+        returns the task's loss statistics. ``on_policy``: the weights still are those that sampled it."""
         self.optimizer.zero_grad(set_to_none=True)
 
         def backward(loss, last=True, _w=self.wrapped):
@@ -545,9 +613,17 @@ class Trainer:
 
         with self.acc.autocast():
             st = self.task.minibatch_gradient(sub, adv, normalizer=normalizer, beta=beta, backward=backward, epoch=epoch,
-                                              on_policy=on_policy)
+                                              on_policy=on_policy, **self._teacher_beta())
         if self.local_grads:
             self.procs.average_gradients(self.params)
+        return st
+
+    def _optimizer_step(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int, on_policy: bool = False):
+        """One minibatch: gradient, (DDP) averaging, clipping; then, if every process's loss and
+        gradient are finite, the optimizer step, the weight check, the LR schedule and EMA.
+        Returns ``(loss stats, grad norm, update ratio)``, or None when the step was skipped."""
+        tc = self.cfg.train
+        st = self._gradient(sub, adv, normalizer, beta, epoch, on_policy=on_policy)
         gn = self.acc.clip_grad_norm_(self.params, tc.max_grad_norm)
         gn = float(gn) if gn is not None else float("nan")
         # every process must take the same decision, or the replicas drift apart

@@ -2,8 +2,9 @@
 
 Every step logs :data:`STEP_KEYS`, plus ``reward/<name>`` and ``reward/<name>_std`` per reward,
 ``ratio_first_min`` / ``ratio_first_max`` (the first minibatch's ratio range: exactly 1 on-policy)
-when the loss reports ratios, and ``eval/<name>`` at evaluation steps. Means skip NaN; rewards are
-taken over all processes.
+when the loss reports ratios, and ``eval/<name>`` at evaluation steps; ``teacher_beta`` with a teacher
+(KDRL), ``reward_weight/<name>`` and ``reward_influence/<name>`` with dynamic reward weights. Means
+skip NaN; rewards are taken over all processes.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ STEP_KEYS = (
     "time/sampling", "time/scoring", "time/scoring_total", "time/update", "time/step",
 )
 LOSS_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "kl", "ratio_mean", "policy_loss", "loss")
-#: logged only by the forward-process objectives that compute them (:mod:`flowrl.flow.forward`)
-OBJECTIVE_MEANS = ("old_kl", "dpo_accuracy")
+#: logged only by the objectives that compute them: the forward-process ones (:mod:`flowrl.flow.forward`),
+#: KDRL's teacher KL and DisCO's groups with both positives and negatives (:mod:`flowrl.text.learner`)
+OBJECTIVE_MEANS = ("old_kl", "dpo_accuracy", "teacher_kl", "disco_valid_groups")
 
 
 def mean(xs: Sequence[Optional[float]]) -> float:

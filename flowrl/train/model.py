@@ -109,13 +109,14 @@ def set_fixed_shift(policy, shift: float) -> None:
                                                         shift_terminal=None)
 
 
-def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu"):
-    """(model, tokenizer) from a hub id or a local folder (the same code for both); left padding."""
+def load_lm(path: str, *, dtype: Optional[torch.dtype] = None, device: str = "cpu", key: str = "model.path"):
+    """(model, tokenizer) from a hub id or a local folder (the same code for both); left padding.
+    ``key`` names the config key in errors (``model.teacher`` for KDRL's teacher)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, only for LM runs
 
     p = Path(path)
     if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").is_file():
-        raise UsageError(f"model.path {path!r} is not a transformers model folder (no config.json)")
+        raise UsageError(f"{key} {path!r} is not a transformers model folder (no config.json)")
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if tok.pad_token is None:

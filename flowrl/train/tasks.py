@@ -308,7 +308,25 @@ class TextTask:
         if not cfg.lora.enabled and (cfg.loss.beta > 0 or cfg.loss.beta_schedule != "constant"):
             ref, _ = load_lm(cfg.model.path, dtype=torch_dtype(cfg.model.dtype), device=str(device))
         self.learner = TextLearner(self.model, tok, cfg.loss, max_new_tokens=tc.max_new_tokens, temperature=tc.temperature,
-                                   top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref)
+                                   top_k=tc.top_k, top_p=tc.top_p, chunk_size=tc.chunk_size, ref_model=ref,
+                                   teacher_model=self._load_teacher(tok))
+
+    def _load_teacher(self, tok):
+        """KDRL's teacher (``model.teacher``), frozen, or None. Its token log-probs are compared with
+        the student's token by token, so it must share the tokenizer: same vocabulary, same ids."""
+        path = self.cfg.model.teacher
+        if not path:
+            return None
+        teacher, t_tok = load_lm(path, dtype=torch_dtype(self.cfg.model.dtype), device=str(self.device), key="model.teacher")
+        same = t_tok.get_vocab() == tok.get_vocab() and (t_tok.eos_token_id, t_tok.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+        if not same:
+            raise UsageError(f"model.teacher: {path!r} has another tokenizer than model.path {self.cfg.model.path!r} "
+                             f"({len(t_tok.get_vocab())} vs {len(tok.get_vocab())} tokens, or other ids); KDRL compares "
+                             "token log-probs, so the teacher must share the student's tokenizer")
+        n_out = teacher.get_output_embeddings().weight.shape[0]
+        if n_out < len(tok):
+            raise UsageError(f"model.teacher: its output layer has {n_out} rows for a tokenizer of {len(tok)} tokens")
+        return teacher
 
     def _setup_trainable(self, model):
         from peft import get_peft_model  # heavy: peft (imports transformers), only for LM LoRA runs
@@ -332,6 +350,14 @@ class TextTask:
 
     def set_forward_module(self, m) -> None:
         self.learner.forward_model = m
+
+    def set_processes(self, reduce_fn, world: int) -> None:
+        """The loop's sum over processes and their number (DisCO's batch-wide counts)."""
+        self.learner.reduce_fn, self.learner.world = reduce_fn, int(world)
+
+    def sequence_logps(self, ro) -> Tensor:
+        """``[N]`` each completion's mean token log-prob under the sampling policy (Rewarding the unlikely)."""
+        return self.learner.sequence_logps(ro)
 
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
                 sizes: Optional[Sequence[int]] = None):
@@ -379,9 +405,9 @@ class TextTask:
         self.learner.fill_old_logps(ro, rows)
 
     def minibatch_gradient(self, ro, advantages: Tensor, *, normalizer, beta, backward, epoch: int,
-                           on_policy: bool = False) -> Dict[str, float]:
+                           on_policy: bool = False, teacher_beta: Optional[float] = None) -> Dict[str, float]:
         return self.learner.minibatch_gradient(ro, advantages, normalizer=normalizer, beta=beta, backward=backward,
-                                               on_policy=on_policy)
+                                               on_policy=on_policy, teacher_beta=teacher_beta)
 
     def nfe(self, ro) -> int:
         return int(ro.completion_mask.sum())  # generated tokens
