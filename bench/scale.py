@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import statistics
@@ -896,14 +895,19 @@ def main(argv=None) -> int:
         ap.error("--memory-rows: two different row counts >= 1")
     if args.repeats < 1 or args.train_steps < 1:
         ap.error("--repeats and --train-steps must be >= 1")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
     import diffusers
     import transformers
 
+    # quiet libraries while it runs, their levels restored after (main also runs in-process: tests)
+    levels = (diffusers.utils.logging.get_verbosity(), transformers.logging.get_verbosity())
     diffusers.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    res = run_bench(args)
+    try:
+        res = run_bench(args)
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
     print(format_table(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
