@@ -41,7 +41,7 @@ METHODS_DIR = ROOT / "configs" / "methods"
 REFERENCE = "flow_grpo"
 
 
-def curve(run_dir: Path) -> Dict[str, List[float]]:
+def curve(run_dir: Path, metric: str = "total") -> Dict[str, List[float]]:
     """(training seconds, held-out total reward) at every evaluation of a run, plus per-step figures.
 
     ``reward`` is each evaluation's mean over the rows every evaluation of the run shares: with
@@ -57,9 +57,9 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
         t_at[int(m["step"])] = t
     by_step = {}
     for e in evals:  # the last record of a step wins (re-evaluation after a resume)
-        by_step[int(e["step"])] = float(e["means"]["total"])
+        by_step[int(e["step"])] = float(e["means"][metric])
     xs = sorted(by_step)
-    rows = {s: eval_rows(run_dir, s) for s in xs}
+    rows = {s: eval_rows(run_dir, s, metric) for s in xs}
     shared = min((len(r) for r in rows.values() if r), default=0)
     return {
         "time": [t_at.get(s, t) for s in xs],
@@ -76,10 +76,10 @@ def curve(run_dir: Path) -> Dict[str, List[float]]:
     }
 
 
-def eval_rows(run_dir: Path, step: int) -> List[float]:
+def eval_rows(run_dir: Path, step: int, metric: str = "total") -> List[float]:
     """The total reward of every image (prompt-major rows) of a run's evaluation at ``step``, read from
     ``eval/step-N/scores.csv``, or of every completion of a text run (``samples.jsonl``, the rewards
-    weighted as in its ``config.yaml``); empty if missing."""
+    weighted as in its ``config.yaml``); ``metric``: one reward's column instead of the total; empty if missing."""
     import csv
 
     d = run_dir / "eval" / f"step-{step:08d}"
@@ -88,12 +88,14 @@ def eval_rows(run_dir: Path, step: int) -> List[float]:
 
         weights = yaml.safe_load((run_dir / "config.yaml").read_text())["rewards"]
         recs = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+        if metric != "total":
+            return [float(r[metric]) for r in recs]
         return [sum(w * float(r[n]) for n, w in weights.items()) for r in recs]
     path = d / "scores.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [float(r["total"]) for r in csv.DictReader(f)]
+        return [float(r[metric]) for r in csv.DictReader(f)]
 
 
 def time_to_reach(c: Dict[str, List[float]], target: float) -> float:
@@ -150,7 +152,7 @@ def finished_run(run_dir: Path, cmd: List[str]) -> Optional[float]:
 
 
 def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, extra: List[str],
-            threads: Optional[int] = None, reuse: bool = False) -> Dict:
+            threads: Optional[int] = None, reuse: bool = False, metric: str = "total") -> Dict:
     """Train one preset with one seed in a subprocess (its log in ``<run>.log``) and return its curve.
     ``reuse``: a finished run of the very same command is read instead of trained again."""
     run_dir = out / f"{preset.stem}-seed{seed}"
@@ -161,7 +163,7 @@ def run_one(preset: Path, seed: int, budget: float, eval_every: int, out: Path, 
         note = ""
     else:
         note = f" (reused {run_dir})"
-    c = curve(run_dir)
+    c = curve(run_dir, metric)
     c["wall_s"] = wall
     c["budget_s"] = budget
     print(f"  {preset.stem:22s} seed {seed}: {c['steps']} steps, held-out {_end(c, 'start'):.3f} -> {_end(c, 'final'):.3f}"
@@ -199,7 +201,7 @@ def _steps_or_seconds(text: str):
 
 
 def main(argv=None, *, methods_dir: Path = METHODS_DIR, reference: str = REFERENCE, out: str = "runs/methods",
-         labels: Optional[Dict[str, str]] = None, description: Optional[str] = None) -> int:
+         labels: Optional[Dict[str, str]] = None, description: Optional[str] = None, metric: str = "total") -> int:
     """The bench's command line; the keywords are another bench's defaults (``bench/text_methods.py``)."""
     ap = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds per method and seed")
@@ -235,6 +237,8 @@ def main(argv=None, *, methods_dir: Path = METHODS_DIR, reference: str = REFEREN
                     help="after --seeds, add seeds one at a time to each method whose final mean has a standard "
                          "error over seeds above this (e.g. 0.01), up to --max-seeds")
     ap.add_argument("--max-seeds", type=int, default=8, help="the most seeds --target-se gives a method")
+    ap.add_argument("--metric", default=metric,
+                    help="the held-out number compared: 'total' (the weighted rewards) or one reward's name")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
@@ -275,7 +279,7 @@ def main(argv=None, *, methods_dir: Path = METHODS_DIR, reference: str = REFEREN
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         while jobs:
             futures = {(m, s): pool.submit(run_one, presets[m], s, args.budget, args.eval_every, out, args.overrides,
-                                           threads, args.reuse)
+                                           threads, args.reuse, args.metric)
                        for m, s in jobs}
             for (m, s), f in futures.items():
                 results[m].append(dict(f.result(), seed=s))
