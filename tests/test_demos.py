@@ -123,6 +123,7 @@ def test_text_methods_bench_reads_text_evaluations(tmp_path, capsys, monkeypatch
     lm = save_tiny_lm(tmp_path / "lm", seed=0)
     out = tmp_path / "text_methods"
     monkeypatch.setattr(sys, "argv", ["bench/text_methods.py", "--budget", "1", "--eval-every", "1", "--threads", "1",
+                                      "--methods", "grpo",  # the reference alone: every preset took 6 minutes
                                       "--out", str(out), f"model.path={lm}", "eval.num_prompts=4",
                                       "sample.prompts_per_step=2", "train.num_minibatches=1"])  # (disco: 4 of 32)
     with pytest.raises(SystemExit) as e:
