@@ -532,8 +532,8 @@ class Trainer:
             for c in range(self.mb_branches):  # branch blocks in step order
                 for b in perm:
                     blocks.append((epoch, ((groups.block == b) & (groups.branch_block == c)).nonzero().flatten()))
-        later = torch.cat([rows for _, rows in blocks[1 if on_policy else 0:]] + [blocks[0][1][:0]]).unique()
-        self.task.fill_old(batch, later)
+        later = [rows for _, rows in blocks[1 if on_policy else 0:]]  # rows trained after the first optimizer step
+        self.task.fill_old(batch, torch.cat(later).unique() if later else torch.zeros(0, dtype=torch.long))
         for i, (epoch, rows) in enumerate(blocks):
             sub = self.task.select(batch, rows)
             norm = loss_normalizers(mask[rows], agg, world_size=self.procs.world, reduce_fn=reduce_fn)
