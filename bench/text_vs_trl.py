@@ -117,7 +117,6 @@ def run_flowrl(s: dict, budget: float, work: Path, gate: Gate) -> dict:
 
 
 def run_trl(s: dict, budget: float, work: Path, gate: Gate) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -166,7 +165,6 @@ def run_trl(s: dict, budget: float, work: Path, gate: Gate) -> dict:
     trainer.model.save_pretrained(out)
     trainer.processing_class.save_pretrained(out)
     del trainer
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"step_s": budget_cb.times, "peak_rss_mib": peak, "model_dir": str(out)}
 
 
