@@ -241,6 +241,9 @@ def main(argv=None, *, methods_dir: Path = METHODS_DIR, reference: str = REFEREN
                     help="the held-out number compared: 'total' (the weighted rewards) or one reward's name")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value applied to every method (e.g. eval.num_prompts=12)")
     args = ap.parse_args(argv)
+    if args.methods:  # `--methods a b key=value` : argparse gives the trailing overrides to --methods
+        args.overrides += [m for m in args.methods if "=" in m]
+        args.methods = [m for m in args.methods if "=" not in m]
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
     methods_dir = Path(args.methods_dir)

@@ -72,8 +72,8 @@ def test_methods_bench_runs_on_a_tiny_budget_and_reuses_its_runs(tmp_path, capsy
     base = ["bench/methods.py", "--budget", "1", "--eval-every", "1", "--jobs", "2", "--threads", "1",
             "eval.num_prompts=2", "eval.seeds=[0]", "sample.prompts_per_step=1", "sample.eval_num_steps=4"]
 
-    def bench(*extra, code=0):
-        monkeypatch.setattr(sys, "argv", base + list(extra))
+    def bench(*extra, code=0, argv=base):
+        monkeypatch.setattr(sys, "argv", argv + list(extra))
         with pytest.raises(SystemExit) as e:
             runpy.run_path(str(bench_path), run_name="__main__")
         assert e.value.code == code
@@ -92,7 +92,8 @@ def test_methods_bench_runs_on_a_tiny_budget_and_reuses_its_runs(tmp_path, capsy
     record = json.loads((out / "flow_grpo-seed0" / "bench_run.json").read_text())
     assert record["wall_s"] == first["flow_grpo"][0]["wall_s"] and "seed=0" in record["command"]
 
-    printed = bench("--out", str(out), "--methods", "flow_grpo", "window_tree_guard", "--reuse")  # read, not trained
+    # read, not trained; an override typed after --methods is still an override (same command as before)
+    printed = bench("--out", str(out), "--reuse", "--methods", "flow_grpo", "window_tree_guard", base[-1], argv=base[:-1])
     assert printed.count("reused") == 2
     again = json.loads((out / "methods.json").read_text())
     for m in first:
