@@ -669,6 +669,9 @@ class RunConfig:
         if b.kind == "knapsack" and not b.knapsack.min_size <= g <= b.knapsack.max_size:
             raise ValueError(f"sample.group_size: {g} must lie in [budget.knapsack.min_size, budget.knapsack.max_size] "
                              f"= [{b.knapsack.min_size}, {b.knapsack.max_size}] (a prompt without a success rate gets it)")
+        if b.kind == "gvm" and b.gvm.grad_norms != "none" and self.model.family != "lm":
+            raise ValueError("budget.gvm.grad_norms: 'embedding' differentiates -log pi(y) of a completion with respect "
+                             "to the token embeddings of a causal LM (family lm); an image step has no such table")
         if b.kind == "gvm" and b.gvm.min_size > g:
             raise ValueError(f"budget.gvm.min_size: {b.gvm.min_size} is more than sample.group_size ({g}), the "
                              "average a step can give")

@@ -278,6 +278,76 @@ def test_vade_prefers_uncertain_prompts():
     assert sum(c < 10 for c in picked) <= 5 and len(picked) == 50
 
 
+def test_success_history_values_average_the_successes_of_the_rate_window():
+    """history 4: a visit of 2 reads the last 4 outcomes (rate and values); a visit of 4 reads itself;
+    values of failures and NaN values are not averaged; no success in the window gives 0."""
+    h = SuccessHistory(history=4, min_history=1)
+    h.observe(0, [1, 0], [2.0, 9.0])
+    h.observe(0, [1, 1], [4.0, float("nan")])
+    valid, rate = h.rates([0, 1])
+    assert valid.tolist() == [True, False] and rate.tolist() == [0.75, 0.0]
+    assert h.values([0, 1]).tolist() == [3.0, 0.0]  # (2 + 4) / 2; record 1 never seen
+    h.observe(0, [0, 1, 1, 0], [1.0, 5.0, 7.0, 1.0])  # a whole window: the visit alone
+    assert h.rates([0])[1].tolist() == [0.5] and h.values([0]).tolist() == [6.0]
+    h.observe(0, [0, 0, 0, 0])
+    assert h.values([0]).tolist() == [0.0]
+    g = SuccessHistory(history=4)
+    g.load_state_dict(json.loads(json.dumps(h.state_dict())))
+    assert g.values([0]).tolist() == [0.0] and g.rates([0])[1].tolist() == [0.0]
+    with pytest.raises(ValueError, match="values: one per outcome"):
+        h.observe(1, [1, 0], [1.0])
+
+
+def test_gvm_budget_shares_by_the_gradient_norms_of_successes():
+    """Two prompts, both right half the time (p = 0.5); the successes of prompt 0 have gradient norm 1 and
+    those of prompt 1 norm 3: with grad_norms the 8 rollouts beyond the minimum go 1 : 3 (2 and 6), without
+    them evenly (4 and 4)."""
+    sizes = {}
+    for mode in ("none", "embedding"):
+        cfg = BudgetConfig(kind="gvm", min_history=1)
+        cfg.gvm.grad_norms = mode
+        b = RolloutBudget(cfg, num_records=2, prompts_per_step=2, group_size=5, seed=0)
+        chosen, first = b.choose(0, _walk(2, 0))
+        assert first == [5, 5]
+        rows = [c for c in chosen for _ in range(4)]
+        ok = torch.tensor([1.0, 0.0] * 4, dtype=torch.float64)
+        norms = torch.tensor([1.0 + 2 * r if o else 50.0 for r, o in zip(rows, ok.tolist())], dtype=torch.float64)
+        b.observe(0, rows, ok, grad_norms=norms)  # failures' norms (50) are not read
+        chosen, got = b.choose(1, _walk(2, 0))
+        sizes[mode] = dict(zip(chosen, got))
+    assert sizes["none"] == {0: 5, 1: 5} and sizes["embedding"] == {0: 3, 1: 7}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_grad_norms_equal_one_backward_per_row(tied, lm_dir):
+    """The batched per-row norms (left-padded prompts, completions ending early) against GVM's way: each row
+    alone, unpadded, ``autograd.grad(-sum log pi, E)``; float64, so they agree to rounding (tied: the
+    output projection's part included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flowrl.text.rollout import embedding_grad_norms, generate, token_logps
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(lm_dir, tie_word_embeddings=tied).double().eval()
+    E = model.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is E) == tied
+    ro = generate(model, tok, ["1+2=", "12+34=", "5="], group_size=2, max_new_tokens=4, seed=2)
+    ids, am, cm = ro.input_ids(), ro.attention_mask(), ro.completion_mask
+    assert (am == 0).any() and (cm.sum(1) < cm.shape[1]).any(), "the case needs padding on both sides"
+    got = embedding_grad_norms(model, ids, am, cm, temperature=0.7, chunk_size=4)
+    want = []
+    for r in range(ids.shape[0]):
+        row = ids[r][am[r].bool()][None]
+        with torch.enable_grad():
+            lp = token_logps(model, row, torch.ones_like(row), int(cm[r].sum()), temperature=0.7)
+            (g,) = torch.autograd.grad(-lp.sum(), E)
+        want.append(float(torch.linalg.vector_norm(g)))
+    assert E.grad is None
+    # float64 throughout; the sums run in other orders (padding, chunks): a few ulps per term
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e3 * F64_EPS, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # layout over processes
 # --------------------------------------------------------------------------------------------------
@@ -376,11 +446,17 @@ def test_text_rollout_with_one_group_size_per_prompt(lm_dir):
     (["budget.kind=gvm", "budget.gvm.min_size=9"], "budget.gvm.min_size"),
     (["budget.knapsack.cost=linear"], "budget.knapsack.cost"),
     (["budget.vade.visit_decay=1.5"], "budget.vade.visit_decay"),
+    (["budget.gvm.grad_norms=lm_head"], "budget.gvm.grad_norms"),
 ])
 def test_budget_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_run_config(ROOT / "configs" / "llm_demo.yaml", overrides)
     assert str(e.value).startswith(key), str(e.value)
+
+
+def test_gvm_grad_norms_are_for_causal_lms():
+    with pytest.raises(ConfigError, match="budget.gvm.grad_norms: 'embedding'"):
+        load_run_config(ROOT / "configs" / "methods" / "gvm.yaml", ["budget.gvm.grad_norms=embedding"])
 
 
 def test_budget_needs_flat_groups_on_the_image_path():
@@ -411,6 +487,9 @@ def _text_run(lm_dir, out, kind, steps, extra=()):
           "train.num_minibatches=2", "train.deterministic=true", "seed=5", *extra]
     if kind == "single_stream":
         ov.append("sample.group_size=1")
+    if kind == "gvm_grad":  # GVM with its gradient norms
+        ov[ov.index("budget.kind=gvm_grad")] = "budget.kind=gvm"
+        ov.append("budget.gvm.grad_norms=embedding")
     tr = Trainer(load_run_config(ROOT / "configs" / "llm_demo.yaml", ov))
     tr.run()
     return tr
@@ -453,7 +532,7 @@ def test_knapsack_sizes_in_sub_batches_overlapping_rewards(lm_dir, tmp_path):
     assert all(torch.equal(w["false"][k], w["true"][k]) for k in w["false"])
 
 
-@pytest.mark.parametrize("kind", ["knapsack", "gvm", "vade", "mmr1", "single_stream"])
+@pytest.mark.parametrize("kind", ["knapsack", "gvm", "gvm_grad", "vade", "mmr1", "single_stream"])
 def test_resumed_budget_run_equals_an_uninterrupted_one(kind, lm_dir, tmp_path):
     """4 steps straight against 2 steps, then a new Trainer resuming from the step-2 checkpoint for 2
     more: the same weights, bit for bit, and the same logged metrics (the budget's state is in the

@@ -73,8 +73,12 @@ class GvmConfig:
     beta: float = 2.0  # b of the same formula
     min_size: int = 1  # rollouts of a prompt with a known success rate before the proportional share
     filter_threshold: float = 0.0  # > 0: prompts with p above it get no proportional share (upstream filter_threshold)
+    grad_norms: str = "none"  # none (every G_i = 1) | embedding (G_i: mean gradient norm of -log pi(y) on the input
+    # embeddings over the prompt's successes, upstream act_params=embed_tokens; causal LMs only, one extra backward)
 
     def validate(self) -> None:
+        if self.grad_norms not in ("none", "embedding"):
+            raise ValueError(f"grad_norms: must be 'none' or 'embedding', got {self.grad_norms!r}")
         check_number("alpha", self.alpha, ge=0)
         check_number("beta", self.beta)
         if self.min_size < 1:
@@ -457,36 +461,56 @@ class SuccessHistory:
     with ``epoch_estimation`` and ``robust_epoch_estimation`` on): after a visit with outcomes ``o``, the
     rate is ``mean(o)`` when ``len(o) >= history``, else the mean of the prompt's last ``history``
     outcomes; the estimate is valid once ``min_history`` outcomes were recorded. Only the last
-    ``history`` outcomes are kept (all the estimate reads)."""
+    ``history`` outcomes are kept (all the estimate reads).
+
+    ``values`` (optional, one per outcome, NaN where none): a per-sample quantity averaged over the
+    same outcomes as the rate, successes only (GVM's ``G_i``: 0 when none of them succeeded)."""
 
     def __init__(self, history: int = 16, min_history: int = 8):
         self.history, self.min_history = int(history), int(min_history)
-        self._state: Dict[int, List[Any]] = {}  # key -> [count, rate, deque of recent outcomes]
+        # key -> [count, rate, deque of recent outcomes, value mean, deque of recent values]
+        self._state: Dict[int, List[Any]] = {}
 
-    def observe(self, key: int, outcomes: Sequence[float]) -> None:
+    def observe(self, key: int, outcomes: Sequence[float], values: Optional[Sequence[float]] = None) -> None:
         outs = [float(o) for o in outcomes]
         if not outs:
             return
-        count, _, recent = self._state.get(int(key), [0, 0.0, deque(maxlen=self.history)])
+        vals = [float("nan")] * len(outs) if values is None else [float(v) for v in values]
+        if len(vals) != len(outs):
+            raise ValueError(f"values: one per outcome ({len(outs)}), got {len(vals)}")
+        count, _, recent, _, recent_v = self._state.get(
+            int(key), [0, 0.0, deque(maxlen=self.history), 0.0, deque(maxlen=self.history)])
         recent.extend(outs)
-        rate = sum(outs) / len(outs) if len(outs) >= self.history else sum(recent) / len(recent)
-        self._state[int(key)] = [count + len(outs), rate, recent]
+        recent_v.extend(vals)
+        window = (outs, vals) if len(outs) >= self.history else (list(recent), list(recent_v))
+        rate = sum(window[0]) / len(window[0])
+        won = [v for o, v in zip(*window) if o > 0 and math.isfinite(v)]
+        self._state[int(key)] = [count + len(outs), rate, recent, sum(won) / len(won) if won else 0.0, recent_v]
+
+    def values(self, keys: Sequence[int]) -> Tensor:
+        """``[P]`` float64: each prompt's value mean over its successes (0 for a prompt never seen)."""
+        return torch.tensor([float(self._state[int(k)][3]) if int(k) in self._state else 0.0 for k in keys],
+                            dtype=torch.float64)
 
     def rates(self, keys: Sequence[int]) -> Tuple[Tensor, Tensor]:
         """``(valid [P] bool, rate [P] float64)``; a prompt never seen has rate 0."""
         valid, rate = [], []
         for k in keys:
-            count, r, _ = self._state.get(int(k), [0, 0.0, None])
+            count, r = self._state.get(int(k), [0, 0.0])[:2]
             valid.append(count >= self.min_history)
             rate.append(r)
         return torch.tensor(valid, dtype=torch.bool), torch.tensor(rate, dtype=torch.float64)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"keys": list(self._state), "values": [[c, r, list(q)] for c, r, q in self._state.values()]}
+        return {"keys": list(self._state),
+                "values": [[c, r, list(q), g, list(qv)] for c, r, q, g, qv in self._state.values()]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._state = {int(k): [int(c), float(r), deque((float(x) for x in q), maxlen=self.history)]
-                       for k, (c, r, q) in zip(state["keys"], state["values"])}
+        def entry(c, r, q, g=0.0, qv=None):  # checkpoints before per-sample values: none recorded
+            qv = [float("nan")] * len(q) if qv is None else qv
+            return [int(c), float(r), deque((float(x) for x in q), maxlen=self.history), float(g),
+                    deque((float(x) for x in qv), maxlen=self.history)]
+        self._state = {int(k): entry(*v) for k, v in zip(state["keys"], state["values"])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,8 +559,9 @@ class RolloutBudget:
                                         confidence=c.confidence, fallback=c.fallback)
         else:
             c = self.cfg.gvm
+            g = self.history.values(chosen) if c.grad_norms != "none" else None
             sizes = gvm_allocation(p, valid, P * G, G, min_size=c.min_size, alpha=c.alpha, beta=c.beta,
-                                   filter_threshold=c.filter_threshold)
+                                   filter_threshold=c.filter_threshold, grad_norms=g)
         return chosen, [int(s) for s in sizes]
 
     def _generator(self, step: int) -> torch.Generator:
@@ -584,18 +609,23 @@ class RolloutBudget:
         a, b = self.beta.params(records, step)
         return a / (a + b)
 
-    def observe(self, step: int, records: Sequence[int], totals: Tensor) -> None:
+    def observe(self, step: int, records: Sequence[int], totals: Tensor, grad_norms: Optional[Tensor] = None) -> None:
         """The step's rows (all processes): each row's record index and weighted total reward (NaN:
-        invalid, skipped). One visit per record, its rows in order."""
+        invalid, skipped). One visit per record, its rows in order. ``grad_norms`` (gvm with
+        ``grad_norms: embedding``): each row's gradient norm, NaN where not computed."""
         t = torch.as_tensor(totals, dtype=torch.float64).reshape(-1).tolist()
+        gn = [float("nan")] * len(t) if grad_norms is None else \
+            torch.as_tensor(grad_norms, dtype=torch.float64).reshape(-1).tolist()
         per: Dict[int, List[float]] = {}
-        for r, v in zip(records, t):
+        per_g: Dict[int, List[float]] = {}
+        for r, v, g in zip(records, t, gn):
             if math.isfinite(v):
                 per.setdefault(int(r), []).append(v)
+                per_g.setdefault(int(r), []).append(g)
         thr = self.cfg.success_threshold
         for r, vals in per.items():
             if self.history is not None:
-                self.history.observe(r, [1.0 if v >= thr else 0.0 for v in vals])
+                self.history.observe(r, [1.0 if v >= thr else 0.0 for v in vals], per_g[r])
             elif self.cfg.kind == "vade":
                 s = sum(1 for v in vals if v >= thr)
                 self.beta.observe(r, s, len(vals) - s, step)

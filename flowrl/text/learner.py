@@ -28,7 +28,7 @@ from flowrl.core.losses import (
 )
 from flowrl.core.reference import adapters_disabled, has_adapters
 from flowrl.core.stats import merge_stats
-from flowrl.text.rollout import TextRollout, generate, token_logps
+from flowrl.text.rollout import TextRollout, embedding_grad_norms, generate, token_logps
 
 
 def _ref_context(model, ref_model):
@@ -149,6 +149,17 @@ class TextLearner:
         self.fill_old_logps(ro, missing.nonzero().flatten())
         lp = torch.where(m, ro.old_logps.to(torch.float64), torch.zeros((), dtype=torch.float64))
         return lp.sum(1) / m.sum(1).clamp(min=1).to(torch.float64)
+
+    def embedding_grad_norms(self, ro: TextRollout, rows: Tensor) -> Tensor:
+        """``[len(rows)]`` float64: GVM-RAFT's ``G`` of each of those completions under the current policy
+        (:func:`flowrl.text.rollout.embedding_grad_norms`, in eval mode with the update's chunking)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.numel() == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        sub = ro.select(rows)
+        with _eval_mode(self.model):
+            return embedding_grad_norms(self.model, sub.input_ids(), sub.attention_mask(), sub.completion_mask,
+                                        temperature=self.temperature, chunk_size=self.chunk_size)
 
     def minibatch_gradient(self, ro: TextRollout, advantages: Tensor, *, normalizer, beta: Optional[float] = None,
                            loss_scale: float = 1.0, backward: Optional[Callable[[Tensor, bool], None]] = None,

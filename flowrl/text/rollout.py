@@ -219,3 +219,46 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, num_completion
     if with_entropy:
         return torch.cat(outs, dim=0), torch.cat(ents, dim=0)
     return torch.cat(outs, dim=0)
+
+
+def embedding_grad_norms(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *,
+                         temperature: float = 1.0, chunk_size: Optional[int] = None) -> Tensor:
+    """``[N]`` float64: per row, ``||d(-sum_t log pi(y_t)) / dE||_F`` over its completion tokens, ``E`` the
+    model's input embedding matrix, the ``G_i`` of GVM-RAFT (arXiv 2505.02391; RLHFlow/GVM d640a75
+    ``em/stage_2_calc_acceptRates_grads.py`` ``calc_grad_logp`` with ``act_params=embed_tokens``: one
+    backward per sample). Here one backward per chunk: rows do not interact, so a row's gradient of ``E`` is
+    its own ``dL/d(inputs_embeds)`` added onto its tokens' rows, plus ``(dL/dlogits)^T h`` (the output
+    projection's input ``h``) when the output projection is ``E`` itself (tied embeddings), as
+    ``autograd.grad(loss, E)`` of one row gives. Log-probs as :func:`token_logps` (``logits / temperature``);
+    the model's parameter gradients are not touched."""
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and out.weight is emb.weight
+    n, lc = input_ids.shape[0], completion_mask.shape[1]
+    chunk = n if not chunk_size else int(chunk_size)
+    device = emb.weight.device
+    norms = []
+    for s in range(0, n, chunk):
+        ids = input_ids[s:s + chunk].to(device)
+        am = attention_mask[s:s + chunk].to(device)
+        cm = completion_mask[s:s + chunk].to(device)
+        x = emb(ids).detach().requires_grad_(True)
+        seen = {}
+        hook = out.register_forward_hook(lambda m, a, o: seen.update(h=a[0], o=o)) if tied else None
+        try:
+            with torch.enable_grad():
+                logits = model(inputs_embeds=x, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                               logits_to_keep=lc + 1).logits
+                logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)
+                taken = logp.gather(-1, ids[:, -lc:].unsqueeze(-1)).squeeze(-1)
+                loss = -(taken * cm).sum()
+                grads = torch.autograd.grad(loss, [x, seen["o"]] if tied else [x])
+        finally:
+            if hook is not None:
+                hook.remove()
+        for r in range(ids.shape[0]):  # this row's gradient of E, [V, H]
+            g = torch.zeros(emb.weight.shape, dtype=torch.float64, device=device)
+            g.index_add_(0, ids[r], grads[0][r].double())
+            if tied:
+                g += grads[1][r].double().transpose(0, 1) @ seen["h"][r].detach().double()
+            norms.append(torch.linalg.vector_norm(g))
+    return torch.stack(norms).cpu() if norms else torch.zeros(0, dtype=torch.float64)

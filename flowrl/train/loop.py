@@ -588,13 +588,25 @@ class Trainer:
                 adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=tracked,
                                                 step=self.step)
         if budget:
-            self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1))
+            self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1), grad_norms=self._gvm_grad_norms(rewards, w, batch))
         # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)
         start = self.procs.row_offset(n_local)
         sl = slice(start, start + n_local)
         stats = dict(stats)
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
+
+    def _gvm_grad_norms(self, rewards, w: torch.Tensor, batch) -> Optional[torch.Tensor]:
+        """GVM's per-row gradient norms (``budget.gvm.grad_norms``) of this step's successes, gathered over
+        processes (NaN on the other rows); None when the run does not use them."""
+        b = self.cfg.budget
+        if b.kind != "gvm" or b.gvm.grad_norms == "none":
+            return None
+        total = (rewards.double() * w).sum(-1)
+        rows = (total >= b.success_threshold).nonzero().flatten()
+        local = torch.full((total.shape[0],), float("nan"), dtype=torch.float64)
+        local[rows] = self.task.embedding_grad_norms(batch, rows)
+        return self.procs.gather(local)
 
     def _gradient(self, sub, adv: torch.Tensor, normalizer, beta: float, epoch: int,
                   on_policy: bool = False) -> Dict[str, float]:

@@ -359,6 +359,10 @@ class TextTask:
         """``[N]`` each completion's mean token log-prob under the sampling policy (Rewarding the unlikely)."""
         return self.learner.sequence_logps(ro)
 
+    def embedding_grad_norms(self, ro, rows: Tensor) -> Tensor:
+        """``[len(rows)]`` GVM's per-sample gradient norms of those rows (``budget.gvm.grad_norms``)."""
+        return self.learner.embedding_grad_norms(ro, rows)
+
     def rollout(self, records: Sequence[Dict], keys: Sequence[Tuple[int, int]], step: int,
                 sizes: Optional[Sequence[int]] = None):
         """One generation for all ``records`` (:meth:`sample`, :meth:`join`)."""
