@@ -432,9 +432,11 @@ def report(results: Dict[str, List[Dict]], ref: str, out: Path, budget: float,
         print(f"WARNING: {line}")
     if ref_improved:
         best = min(rows, key=lambda r: (r[2], -r[1]))
-        if math.isfinite(best[2]):
+        if math.isfinite(best[2]) and ref_time > 0:
             print(f"fastest to {ref}'s final reward on every seed: {best[0]} ({best[2]:.0f} s vs {ref_time:.0f} s, "
                   f"{best[2] / ref_time:.2f}x)")
+        elif ref_time == 0:  # the reference's seeds started at or above its final mean: no time to compare
+            print(f"{ref}'s seeds reached its final mean at their first evaluation, so no time ratio is given")
     best_final = max(rows, key=lambda r: r[1])
     print(f"highest held-out reward at the budget: {best_final[0]} ({best_final[1]:.3f} ± {best_final[3]:.3f})")
 

@@ -163,6 +163,26 @@ def test_methods_report_gives_standard_errors_and_who_reached_the_reference(tmp_
     assert mu == pytest.approx([0.5, (0.6 + 0.5 + 0.5) / 3, 0.66]) and s[0] == 0.0
 
 
+def test_methods_report_when_the_reference_starts_at_its_final(tmp_path, capsys):
+    """A reference that barely improves (mean 0.5 -> 0.51) with seeds starting at 0.52 and 0.50: those
+    starting above its final mean reach it at 0 s, so the table gives times but no ratio (once a division
+    by zero)."""
+    bench = runpy.run_path(str(ROOT / "bench" / "methods.py"), run_name="bench_methods")
+
+    def c(times, rewards):
+        return {"time": times, "reward": rewards, "steps": len(times), "s_per_step": 1.0, "nfe_per_step": 10.0,
+                "eval_se": 0.01, "budget_s": 100.0}
+
+    results = {"flow_grpo": [c([0, 100], [0.52, 0.52]), c([0, 100], [0.52, 0.51]), c([0, 100], [0.46, 0.5])],
+               "other": [c([0, 50, 100], [0.52, 0.55, 0.6]), c([0, 50, 100], [0.52, 0.53, 0.6]),
+                         c([0, 50, 100], [0.46, 0.56, 0.6])]}
+    assert bench["report"](results, "flow_grpo", tmp_path, 100.0) == 0
+    out = capsys.readouterr().out
+    assert "reached its final mean at their first evaluation, so no time ratio is given" in out
+    other = next(line for line in out.splitlines() if line.startswith("other "))
+    assert "17 s (3/3)" in other and other.rstrip().endswith("-")  # (0 + 0 + 50) / 3
+
+
 def test_methods_curve_reads_the_rows_every_evaluation_shares(tmp_path):
     """With eval.ends_num_prompts the first and last evaluations hold more images than those between: the
     curve reads the shared (first) rows of each, start and final all rows of theirs."""
