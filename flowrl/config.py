@@ -684,6 +684,9 @@ class RunConfig:
                                  f"prompt; set it to 1, got {g}")
             if self.advantage.stat_tracking:
                 raise ValueError("advantage.stat_tracking: budget.kind single_stream has its own per-prompt baseline")
+            if b.single_stream.rho_type == "kl" and self.model.family != "lm":
+                raise ValueError("budget.single_stream.rho_type: 'kl' measures how far the token log-probs of a prompt's "
+                                 "previous completion drifted; it is for causal LMs (family lm); use 'constant'")
 
     def _validate_variants(self) -> None:
         """DCPO / GTPO / D3S token terms need token probabilities, ids or entropies (the text path);

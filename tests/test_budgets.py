@@ -17,7 +17,7 @@ from flowrl.config import ConfigError, load_run_config
 from flowrl.core.budgets import (
     BetaTracker, BudgetConfig, RolloutBudget, SuccessHistory, gvm_allocation, gvm_weights, information_gain,
     knapsack_allocation, knapsack_value, mmr1_weights, round_preserving_sum, sample_beta, spo_advantages,
-    spo_prompt_weights,
+    spo_kl_rho, spo_prompt_weights,
 )
 from flowrl.core.budgets import _knapsack_dp
 from flowrl.text.rewards import register_reward
@@ -181,6 +181,22 @@ def test_spo_tracker_and_advantages_by_hand():
     std = math.sqrt(0.875 / 2) + 1e-8  # + eps, as upstream
     assert adv.tolist() == pytest.approx([0.25 / std, -0.75 / std, 0.5 / std, 0.0], rel=8 * F64_EPS)
     assert spo_prompt_weights(torch.tensor([0.5, 1.0], dtype=torch.float64)).tolist() == pytest.approx([0.55, 0.05], rel=4 * F64_EPS)
+
+
+def test_spo_kl_rho_by_hand():
+    """D = masked mean |old - new|: row 0 (3 tokens, changes 0.03, 0.06, 0.09) D = 0.06, rho = 2^-1 = 0.5 -> 0.875;
+    row 1 (1 token, change 0.006) D = 0.006, rho = 2^-0.1 = 0.933; row 2 unchanged: rho 1 -> 0.96. A visit's
+    decay replaces visit_decay: (0.5, 0.5) -> (0.933 x 0.5 + 1, 0.933 x 0.5)."""
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 7.0, 7.0], [-0.2, -0.3, 0.0]], dtype=torch.float64)
+    new = old - torch.tensor([[0.03, -0.06, 0.09], [0.006, 1.0, 1.0], [0.0, 0.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    rho, D = spo_kl_rho(old, new, mask)
+    assert D.tolist() == pytest.approx([0.06, 0.006, 0.0], rel=16 * F64_EPS, abs=F64_EPS)
+    assert rho.tolist() == pytest.approx([0.875, 2 ** -0.1, 0.96], rel=16 * F64_EPS)
+    t = BetaTracker((0.5, 0.5), visit_decay=0.875, anchor="zero")
+    t.observe(1, 1.0, 0.0, step=0, decay=float(rho[1]))
+    a, b = t.params([1], step=1)
+    assert a.tolist() == pytest.approx([2 ** -0.1 * 0.5 + 1], rel=4 * F64_EPS) and b.tolist() == pytest.approx([2 ** -0.1 * 0.5], rel=4 * F64_EPS)
 
 
 def test_mmr1_weights_and_information_gain_by_hand():
@@ -348,6 +364,31 @@ def test_embedding_grad_norms_equal_one_backward_per_row(tied, lm_dir):
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e3 * F64_EPS, atol=0)
 
 
+def test_spo_drift_scores_the_previous_response_with_the_policy_now(lm_dir):
+    """TextTask.spo_drift: a row whose prompt has no previous response has D = 0 (rho 0.96); a previous
+    response whose stored log-probs are the policy's own has D ~ 0; stored log-probs 0.006 below on each
+    token give D = 0.006 (rho = 2^-0.1), whichever prompt the response came from (it is scored as stored)."""
+    from flowrl.text.rollout import rollout_from_tokens
+    from flowrl.train.tasks import TextTask
+
+    cfg = load_run_config(ROOT / "configs" / "methods_text" / "single_stream.yaml",
+                          [f"model.path={lm_dir}", "text.max_new_tokens=4"])
+    task = TextTask(cfg, torch.device("cpu"))
+    ro = task.learner.generate(["1+2=", "12+34=", "5="], group_size=1, seed=2)
+    _, _, entries = task.spo_drift(ro, [None] * 3)
+    prompt, response, lps = entries[1]
+    assert response == ro.completion_ids[1][ro.completion_mask[1].bool()].tolist() and len(lps) == len(response)
+    mine = task.learner.policy_logps(rollout_from_tokens([prompt], [response], task.tokenizer.pad_token_id))[0]
+    # float32 log-probs of the same tokens in another padding layout: a few float32 ulps apart
+    assert torch.allclose(torch.tensor(lps), mine[:len(lps)], rtol=0, atol=64 * torch.finfo(torch.float32).eps)
+    shifted = (prompt, response, [x - 0.006 for x in lps])
+    rho, D, again = task.spo_drift(ro, [None, entries[1], shifted])
+    assert D[0] == 0.0 and rho[0] == 0.96
+    assert float(D[1]) < 1e-5 and float(rho[1]) == 0.96
+    assert float(D[2]) == pytest.approx(0.006, abs=1e-5) and float(rho[2]) == pytest.approx(2 ** -0.1, abs=1e-3)
+    assert again == entries  # the step's own entries do not depend on the previous ones
+
+
 # --------------------------------------------------------------------------------------------------
 # layout over processes
 # --------------------------------------------------------------------------------------------------
@@ -447,6 +488,8 @@ def test_text_rollout_with_one_group_size_per_prompt(lm_dir):
     (["budget.knapsack.cost=linear"], "budget.knapsack.cost"),
     (["budget.vade.visit_decay=1.5"], "budget.vade.visit_decay"),
     (["budget.gvm.grad_norms=lm_head"], "budget.gvm.grad_norms"),
+    (["budget.single_stream.rho_type=adaptive"], "budget.single_stream.rho_type"),
+    (["budget.single_stream.rho_clip=[0.9, 0.8]"], "budget.single_stream.rho_clip"),
 ])
 def test_budget_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -454,9 +497,11 @@ def test_budget_config_errors_name_the_key(overrides, key):
     assert str(e.value).startswith(key), str(e.value)
 
 
-def test_gvm_grad_norms_are_for_causal_lms():
+def test_gvm_grad_norms_and_spo_kl_rho_are_for_causal_lms():
     with pytest.raises(ConfigError, match="budget.gvm.grad_norms: 'embedding'"):
         load_run_config(ROOT / "configs" / "methods" / "gvm.yaml", ["budget.gvm.grad_norms=embedding"])
+    with pytest.raises(ConfigError, match="budget.single_stream.rho_type: 'kl'"):
+        load_run_config(ROOT / "configs" / "methods" / "single_stream.yaml", ["budget.single_stream.rho_type=kl"])
 
 
 def test_budget_needs_flat_groups_on_the_image_path():
@@ -490,6 +535,9 @@ def _text_run(lm_dir, out, kind, steps, extra=()):
     if kind == "gvm_grad":  # GVM with its gradient norms
         ov[ov.index("budget.kind=gvm_grad")] = "budget.kind=gvm"
         ov.append("budget.gvm.grad_norms=embedding")
+    if kind == "single_stream_kl":  # SPO with the adaptive decay
+        ov[ov.index("budget.kind=single_stream_kl")] = "budget.kind=single_stream"
+        ov += ["sample.group_size=1", "budget.single_stream.rho_type=kl"]
     tr = Trainer(load_run_config(ROOT / "configs" / "llm_demo.yaml", ov))
     tr.run()
     return tr
@@ -532,7 +580,7 @@ def test_knapsack_sizes_in_sub_batches_overlapping_rewards(lm_dir, tmp_path):
     assert all(torch.equal(w["false"][k], w["true"][k]) for k in w["false"])
 
 
-@pytest.mark.parametrize("kind", ["knapsack", "gvm", "gvm_grad", "vade", "mmr1", "single_stream"])
+@pytest.mark.parametrize("kind", ["knapsack", "gvm", "gvm_grad", "vade", "mmr1", "single_stream", "single_stream_kl"])
 def test_resumed_budget_run_equals_an_uninterrupted_one(kind, lm_dir, tmp_path):
     """4 steps straight against 2 steps, then a new Trainer resuming from the step-2 checkpoint for 2
     more: the same weights, bit for bit, and the same logged metrics (the budget's state is in the
@@ -551,6 +599,10 @@ def test_resumed_budget_run_equals_an_uninterrupted_one(kind, lm_dir, tmp_path):
     assert all(math.isfinite(m["loss"]) for m in got)
     if kind == "knapsack":
         assert any(m["budget/max_size"] > m["budget/min_size"] for m in got), "sizes never differed: weak test"
+    if kind == "single_stream_kl":  # step 1 sees every prompt first (rho 0.96); later ones revisit (6 prompts, 4 a step)
+        assert got[0]["budget/spo_rho"] == 0.96 and got[0]["budget/spo_drift"] == 0.0
+        assert any(m["budget/spo_drift"] > 0 for m in got[1:])
+        assert len(ref.budget.responses) > 4 and cut.budget.responses == ref.budget.responses
 
 
 def test_knapsack_trains_the_tiny_image_model(sd3_dir, tmp_path):

@@ -330,6 +330,31 @@ def test_text_budget_two_processes_equal_one(support, lm_dir, tmp_path):
           f"max |weight diff| {d['weights']:.3g} (largest LoRA B {d['moved']:.3g})")
 
 
+def test_text_spo_kl_two_processes_equal_one(support, lm_dir, tmp_path):
+    """SPO with the adaptive decay (``budget.single_stream.rho_type: kl``): every prompt every step, so steps
+    2 and 3 score each prompt's previous completion (held by whichever process sampled it, gathered to all)
+    with the updated policy; decays, drifts, advantages and weights equal one process's."""
+    cfg = {
+        **_text_run(lm_dir), "seed": 3, "max_steps": 3,
+        "rewards": {f"{PLUGIN}:digit_fraction": 1.0},
+        "sample": {"group_size": 1, "prompts_per_step": 8},
+        "data": {"train": "arithmetic:train", "eval": "arithmetic:test", "max_train_prompts": 8},
+        "budget": {"kind": "single_stream", "single_stream": {"rho_type": "kl"}},
+        "train": {**COMMON_TRAIN, "learning_rate": 3e-3},  # drifts large enough to move rho off its clip
+    }
+    config = write_config(cfg, tmp_path / "spo.yaml")
+    run_one_and_two(support, config, tmp_path)
+    d = compare_runs(tmp_path / "one", tmp_path / "two", r_atol=0.0, adv_atol=1e-6, w_atol=1e-6)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1[0]["budget/spo_rho"] == m2[0]["budget/spo_rho"] == 0.96  # every prompt seen for the first time
+    for x, y in zip(m1[1:], m2[1:]):
+        assert x["budget/spo_drift"] > 0
+        assert y["budget/spo_drift"] == pytest.approx(x["budget/spo_drift"], rel=1e-4)
+        assert y["budget/spo_rho"] == pytest.approx(x["budget/spo_rho"], rel=1e-5)
+    print(f"text SPO kl: max |reward diff| {d['rewards']:.3g}, max |adv diff| {d['adv']:.3g}, "
+          f"max |weight diff| {d['weights']:.3g}, drift {[x['budget/spo_drift'] for x in m1]}")
+
+
 def test_text_variants_two_processes_equal_one(support, lm_dir, tmp_path):
     """DisCO (its log-sum-exp over a group's negatives, its KL hinge over the whole optimizer batch: summed
     over the processes) with dynamic reward weights (one gradient per reward, averaged over the processes):

@@ -38,7 +38,7 @@ from flowrl.core.checks import check_number
 __all__ = [
     "BUDGET_KINDS", "BetaTracker", "BudgetConfig", "RolloutBudget", "SuccessHistory", "gvm_allocation",
     "gvm_weights", "information_gain", "knapsack_allocation", "knapsack_value", "mmr1_weights",
-    "round_preserving_sum", "sample_beta", "spo_advantages", "spo_prompt_weights",
+    "round_preserving_sum", "sample_beta", "spo_advantages", "spo_kl_rho", "spo_prompt_weights",
 ]
 
 BUDGET_KINDS = ("uniform", "knapsack", "gvm", "vade", "mmr1", "single_stream")
@@ -113,10 +113,19 @@ class Mmr1Config:
 @dataclass
 class SingleStreamConfig:
     rho: float = 0.875  # decay of a prompt's value tracker per visit: a <- rho a + r, b <- rho b + (1 - r) (rho.type constant)
+    rho_type: str = "constant"  # constant (rho) | kl: rho = clip(2^(-D / kl_half), rho_clip), D the drift of the
+    # prompt's previous response's token log-probs (upstream rho.type kl; causal LMs only, two extra forward passes)
+    rho_clip: Tuple[float, float] = (0.875, 0.96)  # kl: (rho.clip_lower, upstream's fixed upper 0.96)
+    kl_half: float = 0.06  # kl: the drift D that halves rho (upstream D_half)
     explore: float = 0.05  # prompt weight sqrt(p(1-p)) + this (EXPLORATION_EPSILON)
     prior: Tuple[float, float] = (0.5, 0.5)  # (a, b) of a prompt never seen (upstream offline_N = 0)
 
     def validate(self) -> None:
+        if self.rho_type not in ("constant", "kl"):
+            raise ValueError(f"rho_type: must be 'constant' or 'kl', got {self.rho_type!r}")
+        if not 0 < self.rho_clip[0] <= self.rho_clip[1] <= 1:
+            raise ValueError(f"rho_clip: need 0 < low <= high <= 1, got {tuple(self.rho_clip)}")
+        check_number("kl_half", self.kl_half, gt=0)
         check_number("rho", self.rho, gt=0, le=1)
         check_number("explore", self.explore, ge=0)
         for i, v in enumerate(self.prior):
@@ -411,9 +420,9 @@ class BetaTracker:
         t = torch.tensor(ab, dtype=torch.float64).reshape(len(ab), 2)
         return t[:, 0], t[:, 1]
 
-    def observe(self, key: int, successes: float, failures: float, step: int) -> None:
-        """One visit of prompt ``key`` at ``step``."""
-        a, b = self._decayed(int(key), step, self.visit_decay)
+    def observe(self, key: int, successes: float, failures: float, step: int, decay: Optional[float] = None) -> None:
+        """One visit of prompt ``key`` at ``step`` (``decay``: this visit's instead of ``visit_decay``)."""
+        a, b = self._decayed(int(key), step, self.visit_decay if decay is None else float(decay))
         self._state[int(key)] = [a + float(successes), b + float(failures), int(step)]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -436,6 +445,19 @@ def spo_advantages(rewards: Tensor, baseline: Tensor, valid: Tensor, eps: float 
         return torch.zeros_like(r)
     std = x.std() if x.numel() > 1 else torch.zeros((), dtype=torch.float64)
     return torch.where(ok, (a - x.mean()) / (std + eps), torch.zeros_like(r))
+
+
+def spo_kl_rho(old_logps: Tensor, new_logps: Tensor, mask: Tensor, *, half: float = 0.06,
+               clip: Tuple[float, float] = (0.875, 0.96)) -> Tuple[Tensor, Tensor]:
+    """SPO's adaptive decay (verl-recipe 48ea0a7 ``spo/spo_ray_trainer.py`` ``_get_spo_rho``, ``rho.type kl``):
+    the drift ``D = mean_t |log pi_old(y_t) - log pi_new(y_t)|`` over the response tokens of the prompt's
+    previous response (``old``: stored after that visit's update, ``new``: the policy now), and
+    ``rho = clip(2^(-D / half), clip)``. ``[M, L]`` inputs; returns ``(rho, D)`` float64 ``[M]``."""
+    m = torch.as_tensor(mask).to(torch.float64)
+    diff = (torch.as_tensor(old_logps, dtype=torch.float64) - torch.as_tensor(new_logps, dtype=torch.float64)).abs()
+    D = (diff * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    rho = torch.pow(torch.tensor(2.0, dtype=torch.float64), -D / float(half)).clamp(float(clip[0]), float(clip[1]))
+    return rho, D
 
 
 def spo_prompt_weights(p_hat: Tensor, explore: float = 0.05) -> Tensor:
@@ -538,6 +560,14 @@ class RolloutBudget:
         else:
             self.beta = None
         self.mmr1_weights: Optional[List[float]] = None  # the weights in use (recomputed every update_every steps)
+        # SPO rho kl: each prompt's last response (prompt tokens, response tokens, their log-probs after that
+        # visit's update), the same on every process; checkpointed as tensors (:meth:`tensor_state`)
+        self.responses: Dict[int, Tuple[List[int], List[int], List[float]]] = {}
+
+    @property
+    def spo_kl(self) -> bool:
+        """SPO with the adaptive decay: the loop scores each prompt's previous response after the update."""
+        return self.cfg.kind == "single_stream" and self.cfg.single_stream.rho_type == "kl"
 
     # -- the step's choice -----------------------------------------------------------------------
     def choose(self, step: int, walk: Walk) -> Tuple[List[int], List[int]]:
@@ -609,10 +639,12 @@ class RolloutBudget:
         a, b = self.beta.params(records, step)
         return a / (a + b)
 
-    def observe(self, step: int, records: Sequence[int], totals: Tensor, grad_norms: Optional[Tensor] = None) -> None:
+    def observe(self, step: int, records: Sequence[int], totals: Tensor, grad_norms: Optional[Tensor] = None,
+                decays: Optional[Dict[int, float]] = None) -> None:
         """The step's rows (all processes): each row's record index and weighted total reward (NaN:
         invalid, skipped). One visit per record, its rows in order. ``grad_norms`` (gvm with
-        ``grad_norms: embedding``): each row's gradient norm, NaN where not computed."""
+        ``grad_norms: embedding``): each row's gradient norm, NaN where not computed. ``decays`` (SPO rho
+        kl): each record's decay of this visit."""
         t = torch.as_tensor(totals, dtype=torch.float64).reshape(-1).tolist()
         gn = [float("nan")] * len(t) if grad_norms is None else \
             torch.as_tensor(grad_norms, dtype=torch.float64).reshape(-1).tolist()
@@ -630,7 +662,34 @@ class RolloutBudget:
                 s = sum(1 for v in vals if v >= thr)
                 self.beta.observe(r, s, len(vals) - s, step)
             elif self.cfg.kind == "single_stream":
-                self.beta.observe(r, sum(vals), sum(1.0 - v for v in vals), step)
+                self.beta.observe(r, sum(vals), sum(1.0 - v for v in vals), step,
+                                  decay=None if decays is None else decays[r])
+
+    def remember(self, records: Sequence[int], entries: Sequence[Tuple[List[int], List[int], List[float]]]) -> None:
+        """SPO rho kl: each record's response of this step (the last one when a record has several)."""
+        for r, e in zip(records, entries):
+            self.responses[int(r)] = (list(map(int, e[0])), list(map(int, e[1])), list(map(float, e[2])))
+
+    def tensor_state(self) -> Optional[Dict[str, Tensor]]:
+        """The remembered responses as flat tensors (their size grows with the prompts seen), or None."""
+        if not self.spo_kl:
+            return None
+        keys = list(self.responses)
+        vals = [self.responses[k] for k in keys]
+        return {"keys": torch.tensor(keys, dtype=torch.long),
+                "prompt_lens": torch.tensor([len(v[0]) for v in vals], dtype=torch.long),
+                "response_lens": torch.tensor([len(v[1]) for v in vals], dtype=torch.long),
+                "prompt_ids": torch.tensor([t for v in vals for t in v[0]], dtype=torch.long),
+                "response_ids": torch.tensor([t for v in vals for t in v[1]], dtype=torch.long),
+                "logps": torch.tensor([x for v in vals for x in v[2]], dtype=torch.float32)}
+
+    def load_tensor_state(self, state: Dict[str, Tensor]) -> None:
+        pl, rl = state["prompt_lens"].tolist(), state["response_lens"].tolist()
+        pids = state["prompt_ids"].split(pl) if pl else []
+        rids = state["response_ids"].split(rl) if rl else []
+        lps = state["logps"].split(rl) if rl else []
+        self.responses = {int(k): (p.tolist(), r.tolist(), lp.tolist())
+                          for k, p, r, lp in zip(state["keys"].tolist(), pids, rids, lps)}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": self.cfg.kind,

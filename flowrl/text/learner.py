@@ -150,6 +150,14 @@ class TextLearner:
         lp = torch.where(m, ro.old_logps.to(torch.float64), torch.zeros((), dtype=torch.float64))
         return lp.sum(1) / m.sum(1).clamp(min=1).to(torch.float64)
 
+    @torch.no_grad()
+    def policy_logps(self, ro: TextRollout) -> Tensor:
+        """``[N, Lc]`` token log-probs of ``ro`` under the current policy (eval mode, the update's chunking;
+        0 on masked positions)."""
+        with _eval_mode(self.model):
+            lp = self._logps(self.model, ro).cpu()
+        return torch.where(ro.completion_mask.bool(), lp, torch.zeros((), dtype=lp.dtype))
+
     def embedding_grad_norms(self, ro: TextRollout, rows: Tensor) -> Tensor:
         """``[len(rows)]`` float64: GVM-RAFT's ``G`` of each of those completions under the current policy
         (:func:`flowrl.text.rollout.embedding_grad_norms`, in eval mode with the update's chunking)."""

@@ -138,6 +138,31 @@ def concat_text_rollouts(parts: Sequence[TextRollout], pad_token_id: int) -> Tex
     )
 
 
+def rollout_from_tokens(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                        pad_token_id: int) -> TextRollout:
+    """A rollout of the given (prompt tokens, response tokens) pairs, one row each: prompts left-padded,
+    responses right-padded with ``pad_token_id`` (masks 0 there), as :func:`generate` lays a batch out."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"responses: one per prompt ({len(prompts)}), got {len(responses)}")
+    n = len(prompts)
+    lp = max([len(p) for p in prompts], default=0)
+    lc = max([len(r) for r in responses] + [1])
+    prompt_ids = torch.full((n, lp), int(pad_token_id), dtype=torch.long)
+    prompt_mask = torch.zeros((n, lp), dtype=torch.long)
+    completion_ids = torch.full((n, lc), int(pad_token_id), dtype=torch.long)
+    completion_mask = torch.zeros((n, lc), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if len(p):
+            prompt_ids[i, lp - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            prompt_mask[i, lp - len(p):] = 1
+        if len(r):
+            completion_ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            completion_mask[i, :len(r)] = 1
+    return TextRollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                       completion_mask=completion_mask, prompt_index=torch.arange(n),
+                       truncated=torch.zeros(n, dtype=torch.bool))
+
+
 def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """(mask, truncated): mask is 1 up to and including the first EOS of each row; rows without an
     EOS are ``truncated`` and keep every generated token."""

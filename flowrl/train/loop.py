@@ -140,6 +140,7 @@ class Trainer:
         # which prompts each step draws and how many rollouts each gets (uniform: the epoch walk, group_size each)
         self.budget = RolloutBudget(cfg.budget, num_records=len(self.train_records), prompts_per_step=cfg.sample.prompts_per_step,
                                     group_size=cfg.sample.group_size, seed=cfg.seed)
+        self._spo_pending = None  # SPO rho kl: (keys, totals) of the step, observed after its update
         # the first and last evaluations' prompts; those in between are the first eval.num_prompts of them
         self.eval_records = load_records(cfg.data.eval, limit=cfg.eval.ends_num_prompts or cfg.eval.num_prompts,
                                          seed=cfg.seed)
@@ -205,6 +206,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         tensor_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        budget_tensors = self.budget.tensor_state()
+        if budget_tensors is not None:
+            tensor_state["budget"] = budget_tensors
         if self.ema is not None:
             tensor_state["ema"] = self.ema.state_dict()
         if self.old is not None:
@@ -216,7 +220,7 @@ class Trainer:
             "wall_clock_s": self.wall_before + (time.time() - self._t0), "first_eval": self.first_eval,
             "last_eval": self.last_eval, "tracker": self.tracker.state_dict() if self.tracker else None,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None, "config": to_dict(self.cfg),
-            "budget": self.budget.state_dict() if self.cfg.budget.kind != "uniform" else None,
+            "budget": self.budget.state_dict() if self.cfg.budget.kind != "uniform" else None,  # (+ tensor_state)
             "reward_weights": self.reward_weights.state_dict() if self.reward_weights else None,
         }
         path = None
@@ -318,6 +322,8 @@ class Trainer:
             self.kl_ctl.load_state_dict(m["kl_ctl"])
         if m.get("budget"):
             self.budget.load_state_dict(m["budget"])
+        if self.budget.spo_kl and "budget" in ck["tensor_state"]:
+            self.budget.load_tensor_state(ck["tensor_state"]["budget"])
         if self.reward_weights is not None and m.get("reward_weights"):
             self.reward_weights.load_state_dict(m["reward_weights"])
         restore_rng(ck["rng"])
@@ -396,6 +402,7 @@ class Trainer:
         weight_metrics = self._update_reward_weights(batch, rewards, groups.group, beta, on_policy=weights is _NO_SWAP)
         adv, adv_stats = self._advantages(rewards, batch, groups.group, groups.key)
         update = self._inner_updates(batch, adv, adv_stats["keep"], groups, beta, on_policy=weights is _NO_SWAP)
+        update.update(self._spo_after_update(batch, groups))
         self._update_old()
         nfe = self.procs.sum_int(self.task.nfe(batch))  # model evaluations (generated tokens for text)
         self.total_nfe += nfe
@@ -587,7 +594,9 @@ class Trainer:
             else:
                 adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=tracked,
                                                 step=self.step)
-        if budget:
+        if self.budget.spo_kl:  # SPO rho kl: observed after the update (_spo_after_update), whose drift sets rho
+            self._spo_pending = (keys, (g_rewards.double() * w).sum(-1))
+        elif budget:
             self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1), grad_norms=self._gvm_grad_norms(rewards, w, batch))
         # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)
         start = self.procs.row_offset(n_local)
@@ -595,6 +604,22 @@ class Trainer:
         stats = dict(stats)
         stats["keep"] = stats.pop("keep")[sl]
         return adv[sl].float(), stats
+
+    def _spo_after_update(self, batch, groups: "_RowGroups") -> Dict[str, float]:
+        """SPO with ``rho_type: kl`` (verl-recipe ``_get_spo_rho``, after the actor update): each prompt's
+        previous response is scored by the updated policy, its drift sets the prompt's decay, then the
+        step's rewards are observed and its responses remembered. Returns the step's mean rho and drift."""
+        if not self.budget.spo_kl:
+            return {}
+        keys, totals = self._spo_pending
+        self._spo_pending = None
+        local = groups.key.tolist()
+        rho, drift, entries = self.task.spo_drift(batch, [self.budget.responses.get(k) for k in local])
+        rho, drift = self.procs.gather(rho), self.procs.gather(drift)
+        decays = dict(zip(keys, rho.tolist()))  # a prompt drawn twice: its last row's
+        self.budget.observe(self.step, keys, totals, decays=decays)
+        self.budget.remember(keys, self.procs.gather_objects(entries))
+        return {"budget/spo_rho": float(rho.mean()), "budget/spo_drift": float(drift.mean())}
 
     def _gvm_grad_norms(self, rewards, w: torch.Tensor, batch) -> Optional[torch.Tensor]:
         """GVM's per-row gradient norms (``budget.gvm.grad_norms``) of this step's successes, gathered over

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -87,6 +87,14 @@ class Processes:
         pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         g = self.acc.gather(torch.cat([t, pad]).to(self.device)).cpu()
         return torch.cat([g[r * m:r * m + c] for r, c in enumerate(counts)])
+
+    def gather_objects(self, items: Sequence[Any]) -> List[Any]:
+        """Picklable ``items`` of every process, joined in rank order."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(items)))
 
     def row_counts(self, n: int) -> List[int]:
         """Every process's ``n`` (its number of rows), in rank order."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowrl.core.advantages import tree_transition_advantages
+from flowrl.core.budgets import spo_kl_rho
 from flowrl.flow.forward import ForwardLearner
 from flowrl.flow.learner import FlowLearner, reference_transformer
 from flowrl.core import rng
@@ -23,7 +24,7 @@ from flowrl.flow.sampler import concat_rollouts, sample as sample_rollout
 from flowrl.inputs import UsageError, torch_dtype
 from flowrl.text.learner import TextLearner
 from flowrl.text.rewards import resolve_reward, score_completions
-from flowrl.text.rollout import completion_mask_from_ids, concat_text_rollouts
+from flowrl.text.rollout import completion_mask_from_ids, concat_text_rollouts, rollout_from_tokens
 from flowrl.train.data import record_images
 from flowrl.train.evaluate import eval_settings, evaluate_policy
 from flowrl.train.lora import add_lora_to_transformer, lora_config, lora_targets_present, save_diffusers_lora
@@ -358,6 +359,32 @@ class TextTask:
     def sequence_logps(self, ro) -> Tensor:
         """``[N]`` each completion's mean token log-prob under the sampling policy (Rewarding the unlikely)."""
         return self.learner.sequence_logps(ro)
+
+    def spo_drift(self, ro, previous: Sequence[Optional[Tuple[List[int], List[int], List[float]]]]):
+        """SPO rho kl, after the step's update: ``(rho [N], D [N], entries)``. ``D`` is the drift of each row's
+        prompt's previous response (``previous[i]``: prompt tokens, response tokens, their log-probs after that
+        visit's update) under the policy now, by :func:`flowrl.core.budgets.spo_kl_rho`; a prompt without one
+        compares this row's response with itself (upstream: ``D = 0``). ``entries``: each row's (prompt
+        tokens, response tokens, log-probs now), what the next visit compares."""
+        s = self.cfg.budget.single_stream
+        pad = self.tokenizer.pad_token_id
+        now = self.learner.policy_logps(ro)
+        entries = []
+        for i in range(ro.num_samples):
+            pm, cm = ro.prompt_mask[i].bool(), ro.completion_mask[i].bool()
+            entries.append((ro.prompt_ids[i][pm].tolist(), ro.completion_ids[i][cm].tolist(), now[i][cm].tolist()))
+        seen = [i for i, p in enumerate(previous) if p is not None]
+        old = new = mask = torch.zeros((ro.num_samples, 1), dtype=torch.float64)  # D = 0 where no previous response
+        if seen:
+            past = rollout_from_tokens([previous[i][0] for i in seen], [previous[i][1] for i in seen], pad)
+            old = torch.zeros((ro.num_samples, past.completion_ids.shape[1]), dtype=torch.float64)
+            new, mask = old.clone(), old.clone()
+            for i in seen:
+                old[i, :len(previous[i][2])] = torch.tensor(previous[i][2], dtype=torch.float64)
+            new[seen] = self.learner.policy_logps(past).double()
+            mask[seen] = past.completion_mask.double()
+        rho, D = spo_kl_rho(old, new, mask, half=s.kl_half, clip=s.rho_clip)
+        return rho, D, entries
 
     def embedding_grad_norms(self, ro, rows: Tensor) -> Tensor:
         """``[len(rows)]`` GVM's per-sample gradient norms of those rows (``budget.gvm.grad_norms``)."""
