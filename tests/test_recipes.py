@@ -121,7 +121,8 @@ def tiny_overrides(path: Path, models: Dict[str, str], out_dir: Path, *, signal_
         return ov
     ov += ["model.frozen_dtype=null", "sample.height=32", "sample.width=32", "sample.chunk_size=null",
            f"sample.num_steps={_fewest_steps(cfg)}", "sample.eval_num_steps=2",
-           f"sample.group_size={max(2, _leaves(cfg))}", f"sample.prompts_per_step={mb}",
+           f"sample.group_size={1 if cfg.budget.kind == 'single_stream' else max(2, _leaves(cfg))}",
+           f"sample.prompts_per_step={mb}",
            "data.train=shapes:train", "data.eval=shapes:test"]
     if fam in ("flux_kontext", "qwen_image_edit"):  # editing: instructions over 32-px source scenes, at their own size
         ov += ["data.train=shapes_edit:train:32", "data.eval=shapes_edit:test:32", "model.condition_image_size=0"]
