@@ -135,8 +135,7 @@ class TextLearner:
             ro.old_logps = torch.full(ro.completion_ids.shape, float("nan"))
         if rows.numel() == 0:
             return
-        with _eval_mode(self.model):
-            ro.old_logps[rows] = self._logps(self.model, ro.select(rows)).cpu()
+        ro.old_logps[rows] = self._policy_logps(ro.select(rows))
 
     @torch.no_grad()
     def sequence_logps(self, ro: TextRollout) -> Tensor:
@@ -150,12 +149,16 @@ class TextLearner:
         lp = torch.where(m, ro.old_logps.to(torch.float64), torch.zeros((), dtype=torch.float64))
         return lp.sum(1) / m.sum(1).clamp(min=1).to(torch.float64)
 
+    def _policy_logps(self, ro: TextRollout) -> Tensor:
+        """``[N, Lc]`` token log-probs of ``ro`` under the current policy, on the CPU: in eval mode (as the
+        update) with the update's chunking."""
+        with _eval_mode(self.model):
+            return self._logps(self.model, ro).cpu()
+
     @torch.no_grad()
     def policy_logps(self, ro: TextRollout) -> Tensor:
-        """``[N, Lc]`` token log-probs of ``ro`` under the current policy (eval mode, the update's chunking;
-        0 on masked positions)."""
-        with _eval_mode(self.model):
-            lp = self._logps(self.model, ro).cpu()
+        """:meth:`_policy_logps` with 0 on masked positions (what SPO's drift compares)."""
+        lp = self._policy_logps(ro)
         return torch.where(ro.completion_mask.bool(), lp, torch.zeros((), dtype=lp.dtype))
 
     def embedding_grad_norms(self, ro: TextRollout, rows: Tensor) -> Tensor:

@@ -579,12 +579,12 @@ class Trainer:
         g_groups = self.procs.gather(row_group)
         budget = cfg.budget.kind != "uniform"  # a rollout budget reads each row's prompt (row_key: K = 1)
         keys = self.procs.gather(row_key).tolist() if (self.tracker is not None or budget) else None
+        g_total = (g_rewards.double() * w).sum(-1) if budget else None  # each row's weighted total (flat groups)
         if rewards.ndim == 3:  # multi-granularity [N, K, R]
             adv, stats = multi_granularity_advantages(g_rewards, g_groups, adv_cfg)
         elif cfg.budget.kind == "single_stream":  # SPO: the prompt's tracked value is the baseline
-            total = (g_rewards.double() * w).sum(-1)
-            valid = torch.isfinite(total)
-            adv = spo_advantages(total, self.budget.baseline(keys, self.step), valid)
+            valid = torch.isfinite(g_total)
+            adv = spo_advantages(g_total, self.budget.baseline(keys, self.step), valid)
             stats = {"keep": valid, "invalid_count": int((~valid).sum()), "filtered_count": 0}
         else:
             tracked = keys if self.tracker is not None else None
@@ -595,9 +595,9 @@ class Trainer:
                 adv, stats = compute_advantages(g_rewards, g_groups, adv_cfg, tracker=self.tracker, prompt_keys=tracked,
                                                 step=self.step)
         if self.budget.spo_kl:  # SPO rho kl: observed after the update (_spo_after_update), whose drift sets rho
-            self._spo_pending = (keys, (g_rewards.double() * w).sum(-1))
+            self._spo_pending = (keys, g_total)
         elif budget:
-            self.budget.observe(self.step, keys, (g_rewards.double() * w).sum(-1), grad_norms=self._gvm_grad_norms(rewards, w, batch))
+            self.budget.observe(self.step, keys, g_total, grad_norms=self._gvm_grad_norms(rewards, w, batch))
         # this process's rows are its slice of the gathered tensors (processes may hold different numbers of rows)
         start = self.procs.row_offset(n_local)
         sl = slice(start, start + n_local)
