@@ -600,7 +600,8 @@ def test_resumed_budget_run_equals_an_uninterrupted_one(kind, lm_dir, tmp_path):
     if kind == "knapsack":
         assert any(m["budget/max_size"] > m["budget/min_size"] for m in got), "sizes never differed: weak test"
     if kind == "single_stream_kl":  # step 1 sees every prompt first (rho 0.96); later ones revisit (6 prompts, 4 a step)
-        assert got[0]["budget/spo_rho"] == 0.96 and got[0]["budget/spo_drift"] == 0.0
+        # the step's mean of four rho of exactly 0.96: the summation order may round the last bits
+        assert got[0]["budget/spo_rho"] == pytest.approx(0.96, rel=4 * F64_EPS) and got[0]["budget/spo_drift"] == 0.0
         assert any(m["budget/spo_drift"] > 0 for m in got[1:])
         assert len(ref.budget.responses) > 4 and cut.budget.responses == ref.budget.responses
 
